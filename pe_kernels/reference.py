@@ -1,0 +1,226 @@
+"""The `torch` backend: the ATen reference of every op (cuDNN on GPU, native kernels on CPU).
+
+This file is the numerical oracle and the fallback. Every other backend (triton/, cuda/) implements the
+same functions with the same arguments and must agree with these within the error budget of DESIGN.md.
+
+The kernel family (one grouped convolution with a prologue and an epilogue)::
+
+    x'   = act_in(x * in_scale[c] + in_shift[c])                 prologue; the conv's zero padding stays zero
+    acc  = conv(x', w, stride, padding, dilation, groups) + bias[k]
+    y    = act_out(acc * out_scale[k] + out_shift[k] + residual)  epilogue, stored in x.dtype, channels_last
+    stats[0, k] = sum_{n,p,q} acc,  stats[1, k] = sum_{n,p,q} acc**2   (optional, fp32)
+
+BatchNorm (training) from those statistics, with n = N*P*Q::
+
+    mean = stats[0] / n,  var = stats[1] / n - mean**2   (biased),  invstd = 1 / sqrt(var + eps)
+    scale = weight * invstd,  shift = bias - mean * scale
+    running_mean += f * (mean - running_mean),  running_var += f * (var * n / (n - 1) - running_var)
+
+Apply (the BN tail of a residual block when `residual_scale` is given)::
+
+    out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
+
+Dtypes: activations and weights in fp16, bf16, fp32 or fp64; per-channel vectors (scales, shifts,
+statistics) in fp32 (fp64 when the activations are fp64). All 4-D outputs are channels_last.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "param_dtype",
+    "conv_fused",
+    "conv_fused_backward",
+    "bn_finalize",
+    "bn_running_update",
+    "bn_apply",
+    "bn_apply_backward",
+]
+
+# Order of the gradients returned by conv_fused_backward.
+CONV_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "out_scale", "out_shift", "residual")
+# Order of the gradients returned by bn_apply_backward.
+APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residual_shift")
+
+
+def param_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """dtype of per-channel vectors and statistics: fp64 for fp64 activations, fp32 otherwise."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
+
+
+def channels_last_like(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """Copy `value` into a fresh channels_last tensor (the strides the fake implementations promise)."""
+    out = torch.empty(value.shape, dtype=dtype, device=value.device, memory_format=torch.channels_last)
+    out.copy_(value)
+    return out
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                     stride, padding, dilation, groups):
+    """Differentiable composition of ATen ops; returns (acc in fp32/fp64, y before the downcast)."""
+    acc_dtype = param_dtype(x.dtype)
+    if in_scale is not None or in_shift is not None or in_relu:
+        xp = x.to(acc_dtype)
+        if in_scale is not None:
+            xp = xp * _per_channel(in_scale)
+        if in_shift is not None:
+            xp = xp + _per_channel(in_shift)
+        if in_relu:
+            xp = torch.relu(xp)
+        xp = xp.to(x.dtype)
+    else:
+        xp = x
+    acc = F.conv2d(xp, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups).to(acc_dtype)
+    if bias is not None:
+        acc = acc + _per_channel(bias.to(acc_dtype))
+    z = acc
+    if out_scale is not None:
+        z = z * _per_channel(out_scale)
+    if out_shift is not None:
+        z = z + _per_channel(out_shift)
+    if residual is not None:
+        z = z + residual.to(acc_dtype)
+    if out_relu:
+        z = torch.relu(z)
+    return acc, z
+
+
+def _stats(acc: Tensor) -> Tensor:
+    return torch.stack([acc.sum(dim=(0, 2, 3)), (acc * acc).sum(dim=(0, 2, 3))])
+
+
+def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+               in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor],
+               out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+               compute_stats: bool) -> tuple[Tensor, Tensor]:
+    """Grouped conv with prologue/epilogue (module docstring). Returns (y, stats).
+
+    x (N, C, H, W); weight (K, C/groups, R, S); bias, out_scale, out_shift (K,); in_scale, in_shift (C,);
+    residual (N, K, P, Q). y is channels_last in x.dtype; stats is (2, K) fp32 when compute_stats, else (0,).
+    """
+    acc, z = _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+                              out_relu, stride, padding, dilation, groups)
+    y = channels_last_like(z, x.dtype)
+    stats = _stats(acc) if compute_stats else acc.new_empty((0,))
+    return y, stats.contiguous()
+
+
+def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                        in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+                        residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
+                        needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Gradients of conv_fused w.r.t. CONV_GRAD_NAMES (None where needs_grad is False or the input is None).
+
+    grad_stats (2, K) or None is the gradient of the statistics output: it adds grad_stats[0] + 2*acc*grad_stats[1]
+    to the gradient of acc. `y` is the forward output (unused here: this oracle recomputes with autograd).
+    """
+    inputs = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
+    leaves = [t.detach().requires_grad_(bool(need)) if t is not None else None
+              for t, need in zip(inputs, needs_grad)]
+    with torch.enable_grad():
+        acc, z = _conv_fused_math(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], in_relu, leaves[5],
+                                  leaves[6], leaves[7], out_relu, stride, padding, dilation, groups)
+        outputs, grads_out = [z], [grad_y.to(z.dtype)]
+        if grad_stats is not None and grad_stats.numel() > 0:
+            outputs.append(_stats(acc))
+            grads_out.append(grad_stats.to(acc.dtype))
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) if wanted else []
+    grads = iter(grads)
+    result: list[Optional[Tensor]] = []
+    for name, t in zip(CONV_GRAD_NAMES, leaves):
+        if t is None or not t.requires_grad:
+            result.append(None)
+            continue
+        g = next(grads)
+        g = torch.zeros_like(t) if g is None else g
+        if name in ("x", "residual"):
+            g = channels_last_like(g, t.dtype)
+        result.append(g.to(t.dtype).contiguous() if g.dim() != 4 else g)
+    return result
+
+
+def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Training-mode BN as an affine map from the batch statistics: returns (scale, shift), each (K,)."""
+    mean = stats[0] / count
+    var = (stats[1] / count - mean * mean).clamp_min(0)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    return scale.contiguous(), shift.contiguous()
+
+
+def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,
+                      momentum: float) -> None:
+    """In place, as BatchNorm2d: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+    with torch.no_grad():
+        mean = stats[0] / count
+        var = (stats[1] / count - mean * mean).clamp_min(0) * (count / (count - 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+
+
+def _bn_apply_math(y, scale, shift, residual, residual_scale, residual_shift, relu):
+    acc_dtype = param_dtype(y.dtype)
+    z = y.to(acc_dtype) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        r = residual.to(acc_dtype)
+        if residual_scale is not None:
+            r = r * _per_channel(residual_scale)
+        if residual_shift is not None:
+            r = r + _per_channel(residual_shift)
+        z = z + r
+    if relu:
+        z = torch.relu(z)
+    return z
+
+
+def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+             residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor:
+    """out = act(y*scale + shift + residual*residual_scale + residual_shift), channels_last in y.dtype."""
+    z = _bn_apply_math(y, scale, shift, residual, residual_scale, residual_shift, relu)
+    return channels_last_like(z, y.dtype)
+
+
+def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                      residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
+                      out: Tensor, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Gradients of bn_apply w.r.t. APPLY_GRAD_NAMES; `out` is the forward output (gives the ReLU mask)."""
+    acc_dtype = param_dtype(y.dtype)
+    g = grad_out.to(acc_dtype)
+    if relu:
+        g = g * (out > 0)
+    dims = (0, 2, 3)
+    need = dict(zip(APPLY_GRAD_NAMES, needs_grad))
+    result: dict[str, Optional[Tensor]] = dict.fromkeys(APPLY_GRAD_NAMES)
+    if need["y"]:
+        result["y"] = channels_last_like(g * _per_channel(scale), y.dtype)
+    if need["scale"]:
+        result["scale"] = (g * y.to(acc_dtype)).sum(dims)
+    if need["shift"]:
+        result["shift"] = g.sum(dims)
+    if residual is not None:
+        if need["residual"]:
+            dr = g if residual_scale is None else g * _per_channel(residual_scale)
+            result["residual"] = channels_last_like(dr, residual.dtype)
+        if need["residual_scale"] and residual_scale is not None:
+            result["residual_scale"] = (g * residual.to(acc_dtype)).sum(dims)
+        if need["residual_shift"] and residual_shift is not None:
+            result["residual_shift"] = g.sum(dims)
+    return [result[name] for name in APPLY_GRAD_NAMES]
