@@ -124,33 +124,63 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                         needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
     """Gradients of conv_fused w.r.t. CONV_GRAD_NAMES (None where needs_grad is False or the input is None).
 
-    grad_stats (2, K) or None is the gradient of the statistics output: it adds grad_stats[0] + 2*acc*grad_stats[1]
-    to the gradient of acc. `y` is the forward output (unused here: this oracle recomputes with autograd).
+    g     = grad_y * [z > 0 if out_relu]                       (z: the epilogue before the downcast)
+    g_acc = g * out_scale + grad_stats[0] + 2 * acc * grad_stats[1]
+    d_out_shift = sum g, d_out_scale = sum g * acc, d_bias = sum g_acc, d_residual = g
+    dx', dw = convolution_backward(g_acc)   (ATen: cuDNN on GPU)
+    dpre = dx' * [pre > 0 if in_relu],  dx = dpre * in_scale,  d_in_scale = sum dpre * x,  d_in_shift = sum dpre
+    `y` (the forward output) is not needed here: this oracle recomputes acc and z.
     """
-    inputs = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
-    leaves = [t.detach().requires_grad_(bool(need)) if t is not None else None
-              for t, need in zip(inputs, needs_grad)]
-    with torch.enable_grad():
-        acc, z = _conv_fused_math(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], in_relu, leaves[5],
-                                  leaves[6], leaves[7], out_relu, stride, padding, dilation, groups)
-        outputs, grads_out = [z], [grad_y.to(z.dtype)]
-        if grad_stats is not None and grad_stats.numel() > 0:
-            outputs.append(_stats(acc))
-            grads_out.append(grad_stats.to(acc.dtype))
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) if wanted else []
-    grads = iter(grads)
-    result: list[Optional[Tensor]] = []
-    for name, t in zip(CONV_GRAD_NAMES, leaves):
-        if t is None or not t.requires_grad:
-            result.append(None)
-            continue
-        g = next(grads)
-        g = torch.zeros_like(t) if g is None else g
-        if name in ("x", "residual"):
-            g = channels_last_like(g, t.dtype)
-        result.append(g.to(t.dtype).contiguous() if g.dim() != 4 else g)
-    return result
+    need = dict(zip(CONV_GRAD_NAMES, needs_grad))
+    acc_dtype = param_dtype(x.dtype)
+    dims = (0, 2, 3)
+    has_prologue = in_scale is not None or in_shift is not None or in_relu
+    pre = None
+    if has_prologue:
+        pre = x.to(acc_dtype)
+        if in_scale is not None:
+            pre = pre * _per_channel(in_scale)
+        if in_shift is not None:
+            pre = pre + _per_channel(in_shift)
+        xp = (torch.relu(pre) if in_relu else pre).to(x.dtype)
+    else:
+        xp = x
+    acc, z = _conv_fused_math(xp, weight, bias, None, None, False, out_scale, out_shift, residual, out_relu,
+                              stride, padding, dilation, groups)
+    g = grad_y.to(acc_dtype)
+    if out_relu:
+        g = g * (z > 0)
+    out: dict[str, Optional[Tensor]] = dict.fromkeys(CONV_GRAD_NAMES)
+    if residual is not None and need["residual"]:
+        out["residual"] = channels_last_like(g, residual.dtype)
+    if out_shift is not None and need["out_shift"]:
+        out["out_shift"] = g.sum(dims)
+    if out_scale is not None and need["out_scale"]:
+        out["out_scale"] = (g * acc).sum(dims)
+    g_acc = g if out_scale is None else g * _per_channel(out_scale)
+    if grad_stats is not None and grad_stats.numel() > 0:
+        g_acc = g_acc + _per_channel(grad_stats[0]) + 2 * acc * _per_channel(grad_stats[1])
+    if bias is not None and need["bias"]:
+        out["bias"] = g_acc.sum(dims).to(bias.dtype)
+    need_dxp = need["x"] or need["in_scale"] or need["in_shift"]
+    if need_dxp or need["weight"]:
+        dxp, dw, _ = torch.ops.aten.convolution_backward(
+            g_acc.to(x.dtype), xp, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
+            groups, [need_dxp, need["weight"], False])
+        if need["weight"]:
+            out["weight"] = dw.to(weight.dtype).contiguous()
+        if need_dxp:
+            dpre = dxp.to(acc_dtype)
+            if in_relu:
+                dpre = dpre * (pre > 0)
+            if need["x"]:
+                dx = dpre if in_scale is None else dpre * _per_channel(in_scale)
+                out["x"] = channels_last_like(dx, x.dtype)
+            if in_scale is not None and need["in_scale"]:
+                out["in_scale"] = (dpre * x.to(acc_dtype)).sum(dims)
+            if in_shift is not None and need["in_shift"]:
+                out["in_shift"] = dpre.sum(dims)
+    return [out[name] for name in CONV_GRAD_NAMES]
 
 
 def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -1,0 +1,220 @@
+"""Functional API: the only entry the modules call. Layouts NCHW or channels_last in, channels_last out.
+
+* packed_conv2d(x, weight, bias, ...)              plain grouped conv (PackedConv2d)
+* conv_bn(x, weight, bn, ...)                       conv -> BatchNorm (train: batch stats; eval: folded) -> act
+* batch_norm_act(y, bn, residual, residual_bn)      BN apply (+ BN'd residual) + act, one pass
+* packed_linear(x, weight, bias)                     block-diagonal linear of PackedLinear
+
+Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
+affine and activation not applied — and the next conv_bn/packed_conv2d applies it while loading its input, so
+the normalised tensor never touches memory (the MLPerf-ResNet pattern). `materialize()` applies it explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .reference import param_dtype
+
+Tensor = torch.Tensor
+
+ACTIVATIONS = (None, "relu")
+
+
+@dataclasses.dataclass
+class Deferred:
+    """act(y * scale[c] + shift[c]) with the affine map and activation still to apply."""
+
+    y: Tensor
+    scale: Tensor
+    shift: Tensor
+    relu: bool
+
+    def materialize(self) -> Tensor:
+        return ops.bn_apply(self.y, self.scale, self.shift, relu=self.relu)
+
+
+Activation = Union[Tensor, Deferred]
+
+
+def materialize(x: Activation) -> Tensor:
+    return x.materialize() if isinstance(x, Deferred) else x
+
+
+def _check_activation(activation: Optional[str]) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation == "relu"
+
+
+def resolve_padding(padding, kernel_size, dilation):
+    """Numeric (symmetric) padding for the op, plus explicit F.pad amounts when 'same' is asymmetric."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), None
+        if padding == "same":
+            sym, extra = [], []
+            for k, d in zip(kernel_size, dilation):
+                total = d * (k - 1)
+                sym.append(total // 2)
+                extra.append(total - 2 * (total // 2))
+            if any(extra):  # as ATen: the extra row/column goes at the end
+                return (0, 0), (sym[1], sym[1] + extra[1], sym[0], sym[0] + extra[0])
+            return tuple(sym), None
+        raise ValueError(f"padding must be 'same', 'valid' or numbers, got {padding!r}")
+    return padding, None
+
+
+def _prepare_input(x: Activation, padding_mode: str, padding, kernel_size, dilation):
+    """Resolve 'same'/'valid' and non-zero padding modes; returns (tensor or Deferred, numeric padding)."""
+    padding, explicit = resolve_padding(padding, kernel_size, dilation)
+    if padding_mode != "zeros":
+        if explicit is None:
+            ph, pw = ops._common.pair(padding, "padding")
+            explicit = (pw, pw, ph, ph)
+        return F.pad(materialize(x), explicit, mode=padding_mode), (0, 0)
+    if explicit is not None:
+        return F.pad(materialize(x), explicit), (0, 0)
+    return x, padding
+
+
+def _conv(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
+          padding_mode: str = "zeros", **epilogue) -> tuple[Tensor, Tensor]:
+    kernel_size = tuple(weight.shape[2:])
+    x, padding = _prepare_input(x, padding_mode, padding, kernel_size, ops._common.pair(dilation, "dilation"))
+    prologue = {}
+    if isinstance(x, Deferred):
+        prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu)
+        x = x.y
+    return ops.conv_fused(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          **prologue, **epilogue)
+
+
+def packed_conv2d(x: Activation, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                  groups: int = 1, padding_mode: str = "zeros") -> Tensor:
+    """y = conv2d(x, weight, bias) with `groups` groups (a Deferred input is normalised on load)."""
+    return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
+
+
+def _is_batch_norm_2d(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
+
+
+def _average_factor(bn: nn.BatchNorm2d) -> Optional[float]:
+    """BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as BatchNorm2d does."""
+    if not (bn.training and bn.track_running_stats):
+        return None
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            return 1.0 / float(bn.num_batches_tracked)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _folded_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as scale/shift: scale = w / sqrt(running_var + eps), shift = b - running_mean * scale."""
+    invstd = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight.to(dtype) * invstd
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift
+
+
+def _batch_affine(bn: nn.BatchNorm2d, stats: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Training-mode BN as scale/shift from batch statistics; updates the running statistics."""
+    factor = _average_factor(bn)
+    if factor is not None and bn.running_mean is not None:
+        ops.bn_running_update(stats.detach(), count, bn.running_mean, bn.running_var, factor)
+    elif count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+    dtype = stats.dtype
+    weight = None if bn.weight is None else bn.weight.to(dtype)
+    bias = None if bn.bias is None else bn.bias.to(dtype)
+    return ops.bn_finalize(stats, count, weight, bias, bn.eps)
+
+
+def _check_bn(bn: nn.Module, channels: int) -> None:
+    if not _is_batch_norm_2d(bn):
+        raise TypeError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.num_features != channels:
+        raise ValueError(f"BatchNorm2d has {bn.num_features} features but the conv gives {channels} channels")
+
+
+def conv_bn(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1, padding=0,
+            dilation=1, groups: int = 1, activation: Optional[str] = "relu", residual: Optional[Tensor] = None,
+            padding_mode: str = "zeros", defer: bool = False) -> Activation:
+    """act(BN(conv(x)) + residual) with BatchNorm2d semantics (running statistics included).
+
+    Eval: BN folded into the conv epilogue — one kernel. Train: conv with statistics, finalize, then
+    one apply pass — or, with defer=True and no residual, a Deferred for the next conv's prologue.
+    """
+    relu = _check_activation(activation)
+    _check_bn(bn, weight.shape[0])
+    if not _uses_batch_stats(bn):
+        scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
+        return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,
+                     out_shift=shift, residual=residual, out_relu=relu)[0]
+    y, stats = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, compute_stats=True)
+    scale, shift = _batch_affine(bn, stats, y.shape[0] * y.shape[2] * y.shape[3])
+    if defer and residual is None:
+        return Deferred(y, scale, shift, relu)
+    return ops.bn_apply(y, scale, shift, residual=residual, relu=relu)
+
+
+def conv_bn_pending(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1, padding=0,
+                    dilation=1, groups: int = 1, padding_mode: str = "zeros") -> tuple[Tensor, Tensor, Tensor]:
+    """(y, scale, shift) so that BN(conv(x)) = y * scale + shift, in train (batch stats) and eval (folded)."""
+    _check_bn(bn, weight.shape[0])
+    if not _uses_batch_stats(bn):
+        y = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
+        return (y, *_folded_affine(bn, param_dtype(y.dtype)))
+    y, stats = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, compute_stats=True)
+    return (y, *_batch_affine(bn, stats, y.shape[0] * y.shape[2] * y.shape[3]))
+
+
+def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = None,
+                   residual: Optional[Tensor] = None, residual_affine: Optional[tuple[Tensor, Tensor]] = None
+                   ) -> Tensor:
+    """act(BN(y) + residual*rs + rb) in one pass (BatchNorm2d semantics; y's statistics computed here)."""
+    relu = _check_activation(activation)
+    _check_bn(bn, y.shape[1])
+    if _uses_batch_stats(bn):
+        stats = _stats_of(y)
+        scale, shift = _batch_affine(bn, stats, y.shape[0] * y.shape[2] * y.shape[3])
+    else:
+        scale, shift = _folded_affine(bn, param_dtype(y.dtype))
+    rs, rb = residual_affine if residual_affine is not None else (None, None)
+    return ops.bn_apply(y, scale, shift, residual, rs, rb, relu)
+
+
+def _stats_of(y: Tensor) -> Tensor:
+    """Per-channel [sum y, sum y^2] of a tensor not produced by conv_fused (fp32 accumulation)."""
+    acc = y.to(param_dtype(y.dtype))
+    return torch.stack([acc.sum(dim=(0, 2, 3)), (acc * acc).sum(dim=(0, 2, 3))])
+
+
+def packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Block-diagonal linear: x (..., G*I) with weight (G, O, I) -> (..., G*O), + bias (G*O,)."""
+    groups, out_per_group, in_per_group = weight.shape
+    if x.shape[-1] != groups * in_per_group:
+        raise ValueError(f"input has {x.shape[-1]} features, weight {tuple(weight.shape)} expects "
+                         f"{groups * in_per_group}")
+    lead = x.shape[:-1]
+    amp = ops._common.autocast_dtype(x)                               # a linear layer runs in autocast's dtype
+    if amp is not None:
+        x, weight, bias = x.to(amp), weight.to(amp), None if bias is None else bias.to(amp)
+    x3 = x.reshape(-1, groups, in_per_group).transpose(0, 1)         # (G, B, I)
+    out = torch.bmm(x3, weight.transpose(1, 2)).transpose(0, 1)       # (B, G, O)
+    out = out.reshape(*lead, groups * out_per_group)
+    return out if bias is None else out + bias

@@ -1,0 +1,12 @@
+"""torch.library custom ops of the kernel family (namespace `pe_kernels`), each dispatching to a backend.
+
+Public entries (checked, autocast-aware): conv_fused, bn_finalize, bn_running_update, bn_apply.
+Registered ops: torch.ops.pe_kernels.{conv_fused, conv_fused_backward, bn_finalize, bn_running_update,
+bn_apply, bn_apply_backward}.
+"""
+
+from .bn_apply import bn_apply
+from .bn_finalize import bn_finalize, bn_running_update
+from .conv_fused import conv_fused, conv_output_size
+
+__all__ = ["conv_fused", "conv_output_size", "bn_finalize", "bn_running_update", "bn_apply"]

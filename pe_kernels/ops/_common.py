@@ -1,0 +1,91 @@
+"""Helpers shared by the op files: argument checks, autocast casting, optional-gradient packing."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+# A custom op cannot return None: a gradient that is not needed travels as this empty marker.
+def empty_grad(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def empty_channels_last(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised channels_last tensor on like's device (what fake implementations return)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def unpack_grads(grads: Iterable[Tensor]) -> list[Optional[Tensor]]:
+    return [None if g.numel() == 0 and g.dim() == 1 else g for g in grads]
+
+
+def pack_grads(grads: Iterable[Optional[Tensor]], likes: Sequence[Optional[Tensor]], anchor: Tensor) -> list[Tensor]:
+    return [g if g is not None else empty_grad(anchor) for g, _ in zip(grads, likes)]
+
+
+def no_autocast(device: torch.device):
+    """Disable autocast inside an op's implementation (the public wrapper already cast the inputs)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution in for `x`, or None when autocast is off."""
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast_activation(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def cast_vector(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def pair(value, name: str) -> list[int]:
+    """(a, b) from an int or a 2-sequence of ints."""
+    if isinstance(value, int):
+        return [value, value]
+    values = list(value)
+    if len(values) != 2 or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def check_4d(t: Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+
+
+def check_vector(t: Optional[Tensor], name: str, length: int, ref: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    check_same_device(t, name, ref)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device(t: Tensor, name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise RuntimeError(f"{name} is on {t.device} but the input is on {ref.device}; move both to one device")
+
+
+def check_floating(t: Tensor, name: str) -> None:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")

@@ -1,0 +1,103 @@
+"""`pe_kernels::bn_apply`: per-channel affine + optional residual (itself affine) + ReLU, one pass.
+
+    out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
+
+It is BN-apply + ReLU after a training conv, and the tail of a residual block (bn3 apply + shortcut-BN apply +
+add + ReLU). Backward (`pe_kernels::bn_apply_backward`) fuses dReLU with the reductions sum(g*y) and sum(g).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend
+from ..reference import APPLY_GRAD_NAMES, param_dtype
+from ._common import (autocast_dtype, cast_vector, check_4d, check_floating, check_same_device, check_vector,
+                      empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("pe_kernels::bn_apply", mutates_args=())
+def _bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], residual_scale: Optional[Tensor],
+              residual_shift: Optional[Tensor], relu: bool) -> Tensor:
+    backend, _ = _backend.select("bn_apply", y.device, y.dtype)
+    with no_autocast(y.device):
+        return backend.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)
+
+
+@_bn_apply.register_fake
+def _bn_apply_fake(y, scale, shift, residual, residual_scale, residual_shift, relu):
+    return empty_channels_last(y, y.shape)
+
+
+@torch.library.custom_op("pe_kernels::bn_apply_backward", mutates_args=())
+def _bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                       residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool, out: Tensor,
+                       needs_grad: Sequence[bool]) -> list[Tensor]:
+    backend, _ = _backend.select("bn_apply_backward", y.device, y.dtype)
+    with no_autocast(y.device):
+        grads = backend.bn_apply_backward(grad_out, y, scale, shift, residual, residual_scale, residual_shift,
+                                          relu, out, needs_grad)
+    return pack_grads(grads, [y, scale, shift, residual, residual_scale, residual_shift], y)
+
+
+@_bn_apply_backward.register_fake
+def _bn_apply_backward_fake(grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out,
+                            needs_grad):
+    likes = [y, scale, shift, residual, residual_scale, residual_shift]
+    result = []
+    for name, like, need in zip(APPLY_GRAD_NAMES, likes, needs_grad):
+        if like is None or not need:
+            result.append(empty_grad(y))
+        elif like.dim() == 4:
+            result.append(empty_channels_last(like, like.shape))
+        else:
+            result.append(like.new_empty(like.shape))
+    return result
+
+
+def _setup_context(ctx, inputs, output):
+    y, scale, shift, residual, residual_scale, residual_shift, relu = inputs
+    ctx.save_for_backward(y, scale, shift, residual, residual_scale, residual_shift, output)
+    ctx.relu = relu
+
+
+def _backward(ctx, grad_out):
+    y, scale, shift, residual, residual_scale, residual_shift, out = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in range(6)]
+    grads = unpack_grads(torch.ops.pe_kernels.bn_apply_backward(
+        grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out, needs))
+    return (*grads, None)
+
+
+_bn_apply.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+             residual_scale: Optional[Tensor] = None, residual_shift: Optional[Tensor] = None,
+             relu: bool = False) -> Tensor:
+    """Checked, autocast-aware entry to `pe_kernels::bn_apply` (see the module docstring)."""
+    check_4d(y, "y")
+    check_floating(y, "y")
+    k = y.shape[1]
+    for name, vec in (("scale", scale), ("shift", shift), ("residual_scale", residual_scale),
+                      ("residual_shift", residual_shift)):
+        check_vector(vec, name, k, y)
+    if residual is None and (residual_scale is not None or residual_shift is not None):
+        raise ValueError("residual_scale/residual_shift given without a residual")
+    amp = autocast_dtype(y)
+    if amp is not None:
+        y = y.to(amp)
+    if residual is not None:
+        check_4d(residual, "residual")
+        check_same_device(residual, "residual", y)
+        if residual.shape != y.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, y has {tuple(y.shape)}")
+        residual = residual.to(y.dtype)
+    vec_dtype = param_dtype(y.dtype)
+    scale, shift, residual_scale, residual_shift = (cast_vector(t, vec_dtype)
+                                                    for t in (scale, shift, residual_scale, residual_shift))
+    return torch.ops.pe_kernels.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, bool(relu))

@@ -1,0 +1,163 @@
+"""`pe_kernels::conv_fused`: grouped conv with a fused prologue, epilogue and per-channel statistics.
+
+    x'    = act_in(x * in_scale[c] + in_shift[c])                  (padding stays zero)
+    acc   = conv(x', w, stride, padding, dilation, groups) + bias[k]
+    y     = act_out(acc * out_scale[k] + out_shift[k] + residual)   channels_last, x.dtype
+    stats = [sum acc, sum acc^2] over N, P, Q                         (2, K) fp32, or (0,) when not asked
+
+Backward (`pe_kernels::conv_fused_backward`) returns the gradients of x, weight, bias, in_scale, in_shift,
+out_scale, out_shift and residual; the gradient of `stats` flows back through acc. Both ops dispatch to the
+backend chosen by pe_kernels._backend. Autocast: x, weight, bias and residual run in the autocast dtype, the
+per-channel vectors and the statistics stay fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend
+from ..reference import CONV_GRAD_NAMES, param_dtype
+from ._common import (autocast_dtype, cast_activation, cast_vector, check_4d, check_floating, check_same_device,
+                      check_vector, empty_channels_last, empty_grad, no_autocast, pack_grads, pair, unpack_grads)
+
+Tensor = torch.Tensor
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("pe_kernels::conv_fused", mutates_args=())
+def _conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+                residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, compute_stats: bool) -> tuple[Tensor, Tensor]:
+    backend, _ = _backend.select("conv_fused", x.device, x.dtype)
+    with no_autocast(x.device):
+        return backend.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+                                  out_relu, stride, padding, dilation, groups, compute_stats)
+
+
+@_conv_fused.register_fake
+def _conv_fused_fake(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                     stride, padding, dilation, groups, compute_stats):
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    q = conv_output_size(w, s, stride[1], padding[1], dilation[1])
+    y = empty_channels_last(x, (n, k, p, q))
+    stats = x.new_empty((2, k) if compute_stats else (0,), dtype=param_dtype(x.dtype))
+    return y, stats
+
+
+@torch.library.custom_op("pe_kernels::conv_fused_backward", mutates_args=())
+def _conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor,
+                         bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                         in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+                         residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int], groups: int, y: Tensor, needs_grad: Sequence[bool]) -> list[Tensor]:
+    backend, _ = _backend.select("conv_fused_backward", x.device, x.dtype)
+    with no_autocast(x.device):
+        grads = backend.conv_fused_backward(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu,
+                                            out_scale, out_shift, residual, out_relu, stride, padding, dilation,
+                                            groups, y, needs_grad)
+    likes = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
+    return pack_grads(grads, likes, x)
+
+
+@_conv_fused_backward.register_fake
+def _conv_fused_backward_fake(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale,
+                              out_shift, residual, out_relu, stride, padding, dilation, groups, y, needs_grad):
+    likes = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
+    out = []
+    for name, like, need in zip(CONV_GRAD_NAMES, likes, needs_grad):
+        if like is None or not need:
+            out.append(empty_grad(x))
+        elif name in ("x", "residual"):
+            out.append(empty_channels_last(like, like.shape))
+        else:
+            out.append(like.new_empty(like.shape))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
+     dilation, groups, compute_stats) = inputs
+    ctx.save_for_backward(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, output[0])
+    ctx.config = (in_relu, out_relu, list(stride), list(padding), list(dilation), groups, compute_stats)
+
+
+def _backward(ctx, grad_y, grad_stats):
+    x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, y = ctx.saved_tensors
+    in_relu, out_relu, stride, padding, dilation, groups, compute_stats = ctx.config
+    tensor_inputs = (0, 1, 2, 3, 4, 6, 7, 8)  # positions of x ... residual among the op's inputs
+    needs = [bool(ctx.needs_input_grad[i]) for i in tensor_inputs]
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    if not compute_stats or grad_stats is None:
+        grad_stats = None
+    grads = unpack_grads(torch.ops.pe_kernels.conv_fused_backward(
+        grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+        out_relu, stride, padding, dilation, groups, y, needs))
+    dx, dw, db, d_in_scale, d_in_shift, d_out_scale, d_out_shift, d_residual = grads
+    return (dx, dw, db, d_in_scale, d_in_shift, None, d_out_scale, d_out_shift, d_residual, None, None, None,
+            None, None, None)
+
+
+_conv_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_scale: Optional[Tensor] = None,
+               in_shift: Optional[Tensor] = None, in_relu: bool = False, out_scale: Optional[Tensor] = None,
+               out_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None, out_relu: bool = False,
+               stride=1, padding=0, dilation=1, groups: int = 1,
+               compute_stats: bool = False) -> tuple[Tensor, Tensor]:
+    """Checked, autocast-aware entry to `pe_kernels::conv_fused`. Returns (y, stats); see the module docstring."""
+    check_4d(x, "x")
+    check_4d(weight, "weight")
+    check_floating(x, "x")
+    check_same_device(weight, "weight", x)
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    n, c, h, w = x.shape
+    k, c_per_group, r, s = weight.shape
+    if c != c_per_group * groups:
+        raise ValueError(f"x has {c} channels but weight {tuple(weight.shape)} with groups={groups} expects "
+                         f"{c_per_group * groups}")
+    if k % groups != 0:
+        raise ValueError(f"weight has {k} output channels, not divisible by groups={groups}")
+    p = conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    q = conv_output_size(w, s, stride[1], padding[1], dilation[1])
+    if p < 1 or q < 1:
+        raise ValueError(f"input of size {h}x{w} (padding {padding}) is smaller than the dilated kernel "
+                         f"{r}x{s} (dilation {dilation}): output would be {p}x{q}")
+    for name, vec, length in (("bias", bias, k), ("in_scale", in_scale, c), ("in_shift", in_shift, c),
+                              ("out_scale", out_scale, k), ("out_shift", out_shift, k)):
+        check_vector(vec, name, length, x)
+    if residual is not None:
+        check_4d(residual, "residual")
+        check_same_device(residual, "residual", x)
+        if tuple(residual.shape) != (n, k, p, q):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, the output is {(n, k, p, q)}")
+    if compute_stats and n * p * q < 1:
+        raise ValueError("statistics need at least one output position")
+
+    amp = autocast_dtype(x)
+    x, weight, bias, residual = (cast_activation(t, amp) for t in (x, weight, bias, residual))
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them (or use autocast)")
+    vec_dtype = param_dtype(x.dtype)
+    bias = cast_vector(bias, x.dtype)
+    in_scale, in_shift, out_scale, out_shift = (cast_vector(t, vec_dtype)
+                                                for t in (in_scale, in_shift, out_scale, out_shift))
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)
+    return torch.ops.pe_kernels.conv_fused(x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift,
+                                           residual, bool(out_relu), stride, padding, dilation, groups,
+                                           bool(compute_stats))
