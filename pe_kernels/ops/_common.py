@@ -24,7 +24,18 @@ def unpack_grads(grads: Iterable[Tensor]) -> list[Optional[Tensor]]:
 
 
 def pack_grads(grads: Iterable[Optional[Tensor]], likes: Sequence[Optional[Tensor]], anchor: Tensor) -> list[Tensor]:
-    return [g if g is not None else empty_grad(anchor) for g, _ in zip(grads, likes)]
+    """Gradients as a custom op may return them: empty markers for None, no two outputs sharing memory
+    (a backend may hand back one tensor for two equal gradients, e.g. sum(g) for shift and residual_shift)."""
+    out, seen = [], set()
+    for g, _ in zip(grads, likes):
+        if g is None:
+            out.append(empty_grad(anchor))
+            continue
+        if g.untyped_storage().data_ptr() in seen:
+            g = g.clone()
+        seen.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 def no_autocast(device: torch.device):
