@@ -1,0 +1,169 @@
+"""The `cuda` backend: CUDA C++ kernels (csrc/, built as pe_kernels._C), same functions as pe_kernels/reference.py.
+
+Each function has exactly the name, arguments and return convention of its reference twin. The wrappers convert
+inputs to what the kernels take — activations and weights channels_last contiguous (NHWC / KRSC), per-channel
+vectors contiguous in the parameter dtype (fp32; fp64 for fp64 activations) — call `_C`, and cast gradients back
+to their inputs' dtypes. 4-D outputs are channels_last. fp32 convolutions use TF32 when
+torch.backends.cudnn.allow_tf32 is set (torch's default for convolutions).
+
+When the extension is missing every function raises RuntimeError with `load_error()` (why it is missing).
+Importing this module never raises and never queries a GPU. The kernels are compile-checked in CI only and have
+not been validated on a GPU yet (csrc/README.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _ext
+from ._ext import is_built, load_error
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "is_built",
+    "load_error",
+    "conv_fused",
+    "conv_fused_backward",
+    "bn_finalize",
+    "bn_running_update",
+    "bn_apply",
+    "bn_apply_backward",
+]
+
+_CL = torch.channels_last
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _act(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous(memory_format=_CL)
+
+
+def _opt_act(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else _act(t, dtype)
+
+
+def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.reshape(-1).to(dtype).contiguous()
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(i) for i in v]
+    return v * 2 if len(v) == 1 else v
+
+
+def _cast(g: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    if g is None or like is None or g.dtype == like.dtype:
+        return g
+    return g.to(like.dtype)
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+               in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor],
+               out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+               compute_stats: bool) -> tuple[Tensor, Tensor]:
+    """Grouped conv with prologue/epilogue (reference.conv_fused). Returns (y channels_last, stats (2, K) or (0,))."""
+    C = _ext.get()
+    pdt = _param_dtype(x.dtype)
+    return C.conv_fused(_act(x), _act(weight, x.dtype), _vec(bias, pdt), _vec(in_scale, pdt), _vec(in_shift, pdt),
+                        bool(in_relu), _vec(out_scale, pdt), _vec(out_shift, pdt), _opt_act(residual, x.dtype),
+                        bool(out_relu), _pair(stride), _pair(padding), _pair(dilation), int(groups),
+                        bool(compute_stats), _allow_tf32())
+
+
+def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                        in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+                        residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
+                        needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Gradients w.r.t. reference.CONV_GRAD_NAMES (None where needs_grad is False or the input is None)."""
+    C = _ext.get()
+    pdt = _param_dtype(x.dtype)
+    gs = None if grad_stats is None or grad_stats.numel() == 0 else grad_stats.to(pdt).contiguous()
+    needs = [bool(n) for n in needs_grad]
+    if len(needs) != 8:
+        raise ValueError(f"needs_grad must have 8 entries (x, weight, bias, in_scale, in_shift, out_scale, "
+                         f"out_shift, residual), got {len(needs)}")
+    grads = C.conv_fused_backward(
+        _act(grad_y, x.dtype), gs, _act(x), _act(weight, x.dtype), _vec(bias, pdt), _vec(in_scale, pdt),
+        _vec(in_shift, pdt), bool(in_relu), _vec(out_scale, pdt), _vec(out_shift, pdt), _opt_act(residual, x.dtype),
+        bool(out_relu), _pair(stride), _pair(padding), _pair(dilation), int(groups), _act(y, x.dtype), needs,
+        _allow_tf32())
+    inputs = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
+    out: list[Optional[Tensor]] = []
+    for g, t in zip(grads, inputs):
+        g = _cast(g, t)
+        if g is not None and t is not None and t.dim() == 1:
+            g = g.reshape(t.shape)
+        out.append(g)
+    return out
+
+
+def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Training-mode BN as an affine map from the batch statistics: (scale, shift), each (K,)."""
+    C = _ext.get()
+    stats = stats.contiguous()
+    return C.bn_finalize(stats, int(count), _vec(weight, stats.dtype), _vec(bias, stats.dtype), float(eps))
+
+
+def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,
+                      momentum: float) -> None:
+    """In place, as BatchNorm2d: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+    C = _ext.get()
+    stats = stats.contiguous()
+    direct = all(t.dtype == stats.dtype and t.is_contiguous() and t.dim() == 1 for t in (running_mean, running_var))
+    if direct:
+        C.bn_running_update(stats, int(count), running_mean, running_var, float(momentum))
+        return
+    rm = running_mean.reshape(-1).to(stats.dtype).contiguous()
+    rv = running_var.reshape(-1).to(stats.dtype).contiguous()
+    C.bn_running_update(stats, int(count), rm, rv, float(momentum))
+    with torch.no_grad():
+        running_mean.copy_(rm.view_as(running_mean))
+        running_var.copy_(rv.view_as(running_var))
+
+
+def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+             residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor:
+    """out = act(y*scale + shift + residual*residual_scale + residual_shift), channels_last in y.dtype."""
+    C = _ext.get()
+    pdt = _param_dtype(y.dtype)
+    return C.bn_apply(_act(y), _vec(scale, pdt), _vec(shift, pdt), _opt_act(residual, y.dtype),
+                      _vec(residual_scale, pdt), _vec(residual_shift, pdt), bool(relu))
+
+
+def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                      residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
+                      out: Tensor, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Gradients of bn_apply w.r.t. reference.APPLY_GRAD_NAMES; `out` is the forward output (ReLU mask)."""
+    C = _ext.get()
+    pdt = _param_dtype(y.dtype)
+    needs = [bool(n) for n in needs_grad]
+    if len(needs) != 6:
+        raise ValueError(f"needs_grad must have 6 entries (y, scale, shift, residual, residual_scale, "
+                         f"residual_shift), got {len(needs)}")
+    grads = C.bn_apply_backward(_act(grad_out, y.dtype), _act(y), _vec(scale, pdt), _vec(shift, pdt),
+                                _opt_act(residual, y.dtype), _vec(residual_scale, pdt), _vec(residual_shift, pdt),
+                                bool(relu), _act(out, y.dtype), needs)
+    grads = list(grads)
+    if grads[3] is not None and residual is not None:
+        grads[3] = _cast(grads[3], residual)
+    return grads
