@@ -1,0 +1,25 @@
+"""The `triton` backend: Triton kernels with the same functions, arguments and results as
+pe_kernels.reference (the contract). GPU in production; on CPU only under TRITON_INTERPRET=1, for tests.
+
+Activations in fp16, bf16 or fp32 (fp64 raises TypeError: the dispatcher sends it to the torch backend);
+per-channel vectors and statistics in fp32; every 4-D output is channels_last. All reductions are
+deterministic (per-tile partial sums reduced in a fixed order, no atomics).
+
+Files: conv_fwd.py (fused grouped conv forward + statistics), conv_bwd.py (its backward: epilogue backward,
+dgrad with the prologue backward, split-M wgrad), bn_finalize.py (statistics -> scale/shift, running stats),
+bn_apply.py (BN apply + residual tail, and its one-pass backward).
+"""
+
+from .bn_apply import bn_apply, bn_apply_backward
+from .bn_finalize import bn_finalize, bn_running_update
+from .conv_bwd import conv_fused_backward
+from .conv_fwd import conv_fused
+
+__all__ = [
+    "conv_fused",
+    "conv_fused_backward",
+    "bn_finalize",
+    "bn_running_update",
+    "bn_apply",
+    "bn_apply_backward",
+]

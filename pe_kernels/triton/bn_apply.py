@@ -1,0 +1,234 @@
+"""BatchNorm apply (+ the residual-block tail) and its backward, each in one pass over NHWC tiles.
+
+Math (pe_kernels.reference.bn_apply / bn_apply_backward)::
+
+    out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
+
+    g = grad_out * [out > 0]  (if relu)
+    dy = g * scale,  d_scale = sum g * y,  d_shift = sum g
+    d_residual = g * residual_scale,  d_residual_scale = sum g * residual,  d_residual_shift = sum g
+
+Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
+per-tile fp32 partials (tiles, 3, K) [sum g*y, sum g, sum g*residual], reduced afterwards in a fixed order
+(deterministic, no atomics). Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, Tensor, cdiv, check_4d, check_activation_dtype, check_same_device, check_shape,
+                      check_vector, empty_channels_last, nhwc_tile, pow2_tile, strides4, tile_offsets)
+
+
+@triton.jit
+def _bn_apply_kernel(
+    y_ptr,          # input (N, K, H, W), any strides
+    scale_ptr,      # (K,) contiguous
+    shift_ptr,      # (K,) contiguous
+    res_ptr,        # residual (N, K, H, W), any strides, or unused
+    rscale_ptr,     # (K,) residual_scale, contiguous, or unused
+    rshift_ptr,     # (K,) residual_shift, contiguous, or unused
+    out_ptr,        # out: (N, K, H, W), any strides
+    K, H, W, M,                  # channels, height, width, M = N*H*W
+    syn, syc, syh, syw,          # y strides
+    srn, src, srh, srw,          # residual strides
+    son, soc, soh, sow,          # out strides
+    HAS_RES: tl.constexpr, HAS_RSCALE: tl.constexpr, HAS_RSHIFT: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(tl.program_id(0), tl.program_id(1), M, K, H, W,
+                                                           BLOCK_M, BLOCK_K)
+    mask = mask_m[:, None] & mask_k[None, :]
+
+    yv = tl.load(y_ptr + tile_offsets(n, h, w, k, syn, syc, syh, syw), mask=mask, other=0.0)
+    z = (yv.to(tl.float32) * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+         + tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)[None, :])
+    if HAS_RES:
+        r = tl.load(res_ptr + tile_offsets(n, h, w, k, srn, src, srh, srw), mask=mask, other=0.0)
+        r = r.to(tl.float32)
+        if HAS_RSCALE:
+            r = r * tl.load(rscale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        if HAS_RSHIFT:
+            r = r + tl.load(rshift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        z = z + r
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    tl.store(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow),
+             z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_apply_bwd_kernel(
+    go_ptr,         # grad_out (N, K, H, W), any strides
+    out_ptr,        # forward output (ReLU mask), any strides, or unused
+    y_ptr,          # forward input y, any strides (read when d_scale is needed)
+    res_ptr,        # residual, any strides, or unused
+    scale_ptr,      # (K,) contiguous
+    rscale_ptr,     # (K,) residual_scale, contiguous, or unused
+    dy_ptr,         # out: dy, any strides, or unused
+    dres_ptr,       # out: d_residual, any strides, or unused
+    part_ptr,       # out: (tiles, 3, K) fp32 [sum g*y, sum g, sum g*residual]
+    K, H, W, M,                  # channels, height, width, M = N*H*W
+    sgn, sgc, sgh, sgw,          # grad_out strides
+    son, soc, soh, sow,          # out strides
+    syn, syc, syh, syw,          # y strides
+    srn, src, srh, srw,          # residual strides
+    sdn, sdc, sdh, sdw,          # dy strides
+    sen, sec, seh, sew,          # d_residual strides
+    RELU: tl.constexpr, HAS_RSCALE: tl.constexpr,
+    STORE_DY: tl.constexpr, SUM_GY: tl.constexpr, STORE_DRES: tl.constexpr, SUM_GR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(pid_m, tl.program_id(1), M, K, H, W, BLOCK_M, BLOCK_K)
+    mask = mask_m[:, None] & mask_k[None, :]
+
+    g = tl.load(go_ptr + tile_offsets(n, h, w, k, sgn, sgc, sgh, sgw), mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    if RELU:
+        o = tl.load(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow), mask=mask, other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+    part_row = part_ptr + pid_m.to(tl.int64) * 3 * K
+    tl.store(part_row + K + offs_k, tl.sum(g, axis=0), mask=mask_k)
+    if STORE_DY:
+        dy = g * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        tl.store(dy_ptr + tile_offsets(n, h, w, k, sdn, sdc, sdh, sdw),
+                 dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    if SUM_GY:
+        yv = tl.load(y_ptr + tile_offsets(n, h, w, k, syn, syc, syh, syw), mask=mask, other=0.0)
+        tl.store(part_row + offs_k, tl.sum(g * yv.to(tl.float32), axis=0), mask=mask_k)
+    if STORE_DRES:
+        dr = g
+        if HAS_RSCALE:
+            dr = g * tl.load(rscale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        tl.store(dres_ptr + tile_offsets(n, h, w, k, sen, sec, seh, sew),
+                 dr.to(dres_ptr.dtype.element_ty), mask=mask)
+    if SUM_GR:
+        rv = tl.load(res_ptr + tile_offsets(n, h, w, k, srn, src, srh, srw), mask=mask, other=0.0)
+        tl.store(part_row + 2 * K + offs_k, tl.sum(g * rv.to(tl.float32), axis=0), mask=mask_k)
+
+
+def _tiles(K: int, tiles: Optional[dict]) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K): all channels of a row in one tile where they fit (few programs under the
+    interpreter; contiguous NHWC rows on a GPU)."""
+    tiles = tiles or {}
+    block_k = tiles.get("BLOCK_K") or pow2_tile(K, 16, 256 if INTERPRET else 128)
+    block_m = tiles.get("BLOCK_M") or max(16, (8192 if INTERPRET else 4096) // block_k)
+    return block_m, block_k
+
+
+def _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift):
+    check_4d("y", y)
+    check_activation_dtype("y", y)
+    N, K, H, W = y.shape
+    if N * H * W >= 2**31:
+        raise ValueError(f"N*H*W = {N * H * W} must stay below 2**31 (row indices are 32-bit)")
+    if scale is None or shift is None:
+        raise ValueError("bn_apply needs both scale and shift (K,) vectors")
+    check_vector("scale", scale, K)
+    check_vector("shift", shift, K)
+    check_vector("residual_scale", residual_scale, K)
+    check_vector("residual_shift", residual_shift, K)
+    if residual is not None:
+        check_4d("residual", residual)
+        check_shape("residual", residual, y.shape)
+    check_same_device(y.device, scale=scale, shift=shift, residual=residual, residual_scale=residual_scale,
+                      residual_shift=residual_shift)
+
+
+def _vec32(t: Tensor) -> Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                 residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
+                 tiles: Optional[dict] = None) -> Tensor:
+    """Launcher of bn_apply; `tiles` overrides BLOCK_M / BLOCK_K."""
+    _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
+    N, K, H, W = y.shape
+    M = N * H * W
+    out = empty_channels_last(y.shape, y.dtype, y.device)
+    block_m, block_k = _tiles(K, tiles)
+    has_res = residual is not None
+    if M * K == 0:
+        return out
+    _bn_apply_kernel[(cdiv(M, block_m), cdiv(K, block_k))](
+        y, _vec32(scale), _vec32(shift), residual if has_res else y,
+        _vec32(residual_scale) if has_res and residual_scale is not None else y,
+        _vec32(residual_shift) if has_res and residual_shift is not None else y, out,
+        K, H, W, M, *strides4(y), *strides4(residual), *strides4(out),
+        HAS_RES=has_res, HAS_RSCALE=has_res and residual_scale is not None,
+        HAS_RSHIFT=has_res and residual_shift is not None, RELU=bool(relu), BLOCK_M=block_m, BLOCK_K=block_k)
+    return out
+
+
+def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                 residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool, out: Tensor,
+                 needs_grad: Sequence[bool], tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
+    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K."""
+    _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
+    check_4d("grad_out", grad_out)
+    check_shape("grad_out", grad_out, y.shape)
+    if relu:
+        check_4d("out", out)
+        check_shape("out", out, y.shape)
+    check_same_device(y.device, grad_out=grad_out, out=out if relu else None)
+    needs_grad = [bool(v) for v in needs_grad]
+    if len(needs_grad) != 6:
+        raise ValueError(f"needs_grad must have 6 entries (APPLY_GRAD_NAMES), got {len(needs_grad)}")
+    need_y, need_scale, need_shift, need_res, need_rscale, need_rshift = needs_grad
+    has_res = residual is not None
+    need_res = need_res and has_res
+    need_rscale = need_rscale and has_res and residual_scale is not None
+    need_rshift = need_rshift and has_res and residual_shift is not None
+    result: list[Optional[Tensor]] = [None] * 6
+    if not (need_y or need_scale or need_shift or need_res or need_rscale or need_rshift):
+        return result
+
+    N, K, H, W = y.shape
+    M = N * H * W
+    block_m, block_k = _tiles(K, tiles)
+    dy = empty_channels_last(y.shape, y.dtype, y.device) if need_y else None
+    dres = empty_channels_last(residual.shape, residual.dtype, y.device) if need_res else None
+    part = torch.zeros((cdiv(M, block_m), 3, K), dtype=torch.float32, device=y.device)
+    grid = (cdiv(M, block_m), cdiv(K, block_k))
+    if M * K > 0:  # an empty input launches nothing (its sums are zeros)
+        _bn_apply_bwd_kernel[grid](
+            grad_out, out if relu else grad_out, y, residual if has_res else y, _vec32(scale),
+            _vec32(residual_scale) if has_res and residual_scale is not None else y,
+            dy if need_y else y, dres if need_res else y, part,
+            K, H, W, M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y), *strides4(residual),
+            *strides4(dy), *strides4(dres),
+            RELU=bool(relu), HAS_RSCALE=has_res and residual_scale is not None, STORE_DY=need_y,
+            SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, BLOCK_M=block_m, BLOCK_K=block_k)
+    sums = part.sum(dim=0)
+    result[0] = dy
+    if need_scale:
+        result[1] = sums[0].contiguous()
+    if need_shift:
+        result[2] = sums[1].contiguous()
+    result[3] = dres
+    if need_rscale:
+        result[4] = sums[2].contiguous()
+    if need_rshift:
+        result[5] = sums[1].clone()
+    return result
+
+
+def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+             residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor:
+    """Triton implementation of pe_kernels.reference.bn_apply."""
+    return bn_apply_fwd(y, scale, shift, residual, residual_scale, residual_shift, relu)
+
+
+def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                      residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
+                      out: Tensor, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Triton implementation of pe_kernels.reference.bn_apply_backward (APPLY_GRAD_NAMES order)."""
+    return bn_apply_bwd(grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out,
+                        needs_grad)

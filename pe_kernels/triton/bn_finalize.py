@@ -1,0 +1,117 @@
+"""BatchNorm finalize: batch statistics -> affine map, and the running-statistics update of BatchNorm2d.
+
+Math (pe_kernels.reference.bn_finalize / bn_running_update), stats = [sum y, sum y^2] per channel, n = count::
+
+    mean = stats[0] / n,  var = max(stats[1] / n - mean^2, 0),  invstd = 1 / sqrt(var + eps)
+    scale = weight * invstd,  shift = bias - mean * scale          (weight = 1, bias = 0 when absent)
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)     (unbiased)
+
+One small kernel does either or both (constexpr flags); fp32 math, running buffers updated in place in their
+own dtype and strides.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Tensor, check_same_device, check_vector, pow2_tile
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    stats_ptr,      # (2, K) fp32 [sum y, sum y^2]
+    weight_ptr,     # (K,) BN weight (gamma) or unused
+    bias_ptr,       # (K,) BN bias (beta) or unused
+    scale_ptr,      # out: (K,) fp32 contiguous, or unused
+    shift_ptr,      # out: (K,) fp32 contiguous, or unused
+    rmean_ptr,      # in/out: running_mean (K,) or unused
+    rvar_ptr,       # in/out: running_var (K,) or unused
+    K,              # channels
+    s_row, s_col,   # stats strides
+    sw, sb,         # weight / bias strides
+    srm, srv,       # running_mean / running_var strides
+    count,          # n, the number of values per channel (float)
+    unbias,         # n / (n - 1)
+    eps,            # BN epsilon
+    momentum,       # running-statistics momentum
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    AFFINE: tl.constexpr,       # write scale, shift
+    RUNNING: tl.constexpr,      # update running_mean, running_var
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    s1 = tl.load(stats_ptr + offs * s_col, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(stats_ptr + s_row + offs * s_col, mask=mask, other=0.0).to(tl.float32)
+    mean = s1 / count
+    var = tl.maximum(s2 / count - mean * mean, 0.0)
+    if AFFINE:
+        scale = 1.0 / tl.sqrt_rn(var + eps)
+        if HAS_WEIGHT:
+            scale = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32) * scale
+        shift = -mean * scale
+        if HAS_BIAS:
+            shift = tl.load(bias_ptr + offs * sb, mask=mask, other=0.0).to(tl.float32) + shift
+        tl.store(scale_ptr + offs, scale, mask=mask)
+        tl.store(shift_ptr + offs, shift, mask=mask)
+    if RUNNING:
+        rm = tl.load(rmean_ptr + offs * srm, mask=mask, other=0.0)
+        rv = tl.load(rvar_ptr + offs * srv, mask=mask, other=0.0)
+        rm = rm.to(tl.float32) * (1.0 - momentum) + momentum * mean
+        rv = rv.to(tl.float32) * (1.0 - momentum) + momentum * (var * unbias)
+        tl.store(rmean_ptr + offs * srm, rm.to(rmean_ptr.dtype.element_ty), mask=mask)
+        tl.store(rvar_ptr + offs * srv, rv.to(rvar_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_stats(stats: Tensor) -> int:
+    if stats.dim() != 2 or stats.shape[0] != 2:
+        raise ValueError(f"stats must have shape (2, K), got {tuple(stats.shape)}")
+    if stats.dtype != torch.float32:
+        raise TypeError(f"triton backend: stats must be float32, got {stats.dtype}")
+    return stats.shape[1]
+
+
+def _block(K: int) -> int:
+    return pow2_tile(K, 16, 1024)
+
+
+def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Triton implementation of pe_kernels.reference.bn_finalize: returns (scale, shift), (K,) fp32."""
+    K = _check_stats(stats)
+    if count < 1:
+        raise ValueError(f"count must be >= 1 (values per channel), got count={count}")
+    check_vector("weight", weight, K)
+    check_vector("bias", bias, K)
+    check_same_device(stats.device, weight=weight, bias=bias)
+    scale = torch.empty(K, dtype=torch.float32, device=stats.device)
+    shift = torch.empty(K, dtype=torch.float32, device=stats.device)
+    block = _block(K)
+    _bn_finalize_kernel[(triton.cdiv(K, block),)](
+        stats, stats if weight is None else weight, stats if bias is None else bias, scale, shift, stats, stats,
+        K, stats.stride(0), stats.stride(1), weight.stride(0) if weight is not None else 0,
+        bias.stride(0) if bias is not None else 0, 0, 0, float(count), 1.0, float(eps), 0.0,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, AFFINE=True, RUNNING=False, BLOCK=block)
+    return scale, shift
+
+
+def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,
+                      momentum: float) -> None:
+    """Triton implementation of pe_kernels.reference.bn_running_update (in place, BatchNorm2d semantics)."""
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+    K = _check_stats(stats)
+    check_vector("running_mean", running_mean, K)
+    check_vector("running_var", running_var, K)
+    check_same_device(stats.device, running_mean=running_mean, running_var=running_var)
+    block = _block(K)
+    _bn_finalize_kernel[(triton.cdiv(K, block),)](
+        stats, stats, stats, stats, stats, running_mean, running_var,
+        K, stats.stride(0), stats.stride(1), 0, 0, running_mean.stride(0), running_var.stride(0),
+        float(count), count / (count - 1), 0.0, float(momentum),
+        HAS_WEIGHT=False, HAS_BIAS=False, AFFINE=False, RUNNING=True, BLOCK=block)

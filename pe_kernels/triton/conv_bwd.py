@@ -1,0 +1,454 @@
+"""Fused grouped convolution, backward: epilogue backward, dgrad (+ prologue backward), wgrad.
+
+Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x') + bias)::
+
+    g         = g_y * [y > 0]  (if out_relu)
+    d_residual = g,  d_out_shift[k] = sum g,  d_out_scale[k] = sum g * acc
+    g_acc     = g * out_scale[k] + grad_stats[0, k] + 2 * acc * grad_stats[1, k]
+    d_bias[k] = sum g_acc
+    dx'       = conv_transpose(g_acc, w)                  (dgrad: implicit GEMM over (r, s, k))
+    mask      = [x * in_scale + in_shift > 0]  (if in_relu)
+    dx        = dx' * mask * in_scale,  d_in_scale[c] = sum dx' * mask * x,  d_in_shift[c] = sum dx' * mask
+    dw[k,c,r,s] = sum_{n,p,q} g_acc[n,k,p,q] * x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]   (wgrad)
+
+Sums run over (n, p, q) or (n, h, w). All of them are deterministic: every program writes fp32 partial sums
+to its own slot, reduced afterwards by torch in a fixed order (no atomics). acc is recomputed with the
+forward kernel (no epilogue, fp32 output) only when it is needed (d_out_scale or grad_stats[1]).
+
+Kernels:
+  _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
+                             (tiles, 3, K) partials [sum g, sum g*acc, sum g_acc].
+  _conv_dgrad_kernel         rows (n, h, w), columns c of group g, reduction j = (r, s, k) with k fastest;
+                             an output row p exists for (h, r) only when (h + ph - r*dh) is a multiple of sh.
+                             The prologue backward runs in its epilogue; (tiles, 2, C) partials.
+  _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
+                             m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, Tensor, cdiv, check_4d, check_same_device, check_shape, check_vector,
+                      dot_precision, empty_channels_last, launch, nhwc_tile, pow2_tile, strides4, tile_offsets,
+                      upcast_bf16)
+from .conv_fwd import ConvGeometry, conv_fwd, conv_geometry, has_prologue
+
+_MIN_BLOCK_M = 64          # smallest BLOCK_M of the GPU configs (sizes the partial buffers)
+_INTERPRET_BLOCK_M = 128   # the interpreter's single configuration
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Epilogue backward (elementwise + per-channel reductions)
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_bwd_epilogue_kernel(
+    gy_ptr,         # grad_y (N, K, P, Q), any strides
+    y_ptr,          # forward output (N, K, P, Q), any strides (ReLU mask) or unused
+    acc_ptr,        # recomputed accumulator (N, K, P, Q) fp32, any strides, or unused
+    out_scale_ptr,  # (K,) contiguous or unused
+    gs_ptr,         # grad_stats (2, K) fp32 contiguous or unused
+    gacc_ptr,       # out: g_acc (N, K, P, Q), any strides
+    dres_ptr,       # out: d_residual (N, K, P, Q), any strides, or unused
+    part_ptr,       # out: (tiles, 3, K) fp32 [sum g, sum g*acc, sum g_acc]
+    K, P, Q, M,                  # channels, output height/width, M = N*P*Q
+    sgn, sgc, sgh, sgw,          # grad_y strides
+    syn, syc, syh, syw,          # y strides
+    san, sac, sah, saw,          # acc strides
+    son, soc, soh, sow,          # g_acc strides
+    sdn, sdc, sdh, sdw,          # d_residual strides
+    OUT_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_ACC: tl.constexpr, HAS_GS: tl.constexpr,
+    STORE_DRES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m, offs_k, mask_m, mask_k, n, p, q, k = nhwc_tile(pid_m, tl.program_id(1), M, K, P, Q, BLOCK_M, BLOCK_N)
+    mask = mask_m[:, None] & mask_k[None, :]
+
+    g = tl.load(gy_ptr + tile_offsets(n, p, q, k, sgn, sgc, sgh, sgw), mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    if OUT_RELU:
+        yv = tl.load(y_ptr + tile_offsets(n, p, q, k, syn, syc, syh, syw), mask=mask, other=0.0)
+        g = tl.where(yv > 0, g, 0.0)
+    if STORE_DRES:
+        tl.store(dres_ptr + tile_offsets(n, p, q, k, sdn, sdc, sdh, sdw),
+                 g.to(dres_ptr.dtype.element_ty), mask=mask)
+    if HAS_ACC:
+        a = tl.load(acc_ptr + tile_offsets(n, p, q, k, san, sac, sah, saw), mask=mask, other=0.0)
+    g_acc = g
+    if HAS_OUT_SCALE:
+        g_acc = g * tl.load(out_scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    if HAS_GS:
+        gs0 = tl.load(gs_ptr + offs_k, mask=mask_k, other=0.0)
+        gs1 = tl.load(gs_ptr + K + offs_k, mask=mask_k, other=0.0)
+        g_acc = g_acc + tl.where(mask, gs0[None, :] + 2.0 * a * gs1[None, :], 0.0)
+    tl.store(gacc_ptr + tile_offsets(n, p, q, k, son, soc, soh, sow),
+             g_acc.to(gacc_ptr.dtype.element_ty), mask=mask)
+
+    part_row = part_ptr + pid_m.to(tl.int64) * 3 * K
+    tl.store(part_row + offs_k, tl.sum(g, axis=0), mask=mask_k)
+    if HAS_ACC:
+        tl.store(part_row + K + offs_k, tl.sum(g * a, axis=0), mask=mask_k)
+    tl.store(part_row + 2 * K + offs_k, tl.sum(g_acc, axis=0), mask=mask_k)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. dgrad: transposed grouped implicit GEMM, prologue backward in the epilogue
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_dgrad_kernel(
+    g_ptr,          # g_acc (N, K, P, Q), any strides
+    w_ptr,          # weight (K, C_g, R, S), any strides
+    x_ptr,          # forward input (N, C, H, W), any strides (prologue recompute) or unused
+    in_scale_ptr,   # (C,) contiguous or unused
+    in_shift_ptr,   # (C,) contiguous or unused
+    dx_ptr,         # out: dx (N, C, H, W), any strides, or unused
+    part_ptr,       # out: (tiles, 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
+    C, H, W, P, Q, M,            # input channels, input height/width, output height/width, M = N*H*W
+    C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
+    sgn, sgc, sgh, sgw,          # g_acc strides
+    swk, swc, swr, sws,          # weight strides
+    sxn, sxc, sxh, sxw,          # x strides
+    sdn, sdc, sdh, sdw,          # dx strides
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,  # any of the three above
+    STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / the in_scale, in_shift partials
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_gn = tl.program_id(1)
+    num_n = tl.cdiv(C_g, BLOCK_N)
+    grp = pid_gn // num_n
+    pid_n = pid_gn % num_n
+
+    # Rows: input positions (n, h, w).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    h = hw // W
+    w = hw % W
+    g_rows = g_ptr + n.to(tl.int64) * sgn
+
+    # Columns: input channels of group grp.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_g
+    c = grp * C_g + offs_n
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, RSK, BLOCK_K):
+        offs_j = j0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < RSK
+        k = grp * K_g + offs_j % K_g
+        rs = offs_j // K_g
+        r = rs // S
+        s = rs % S
+        # Output position reading (h, w) through filter tap (r, s): p*sh = h + ph - r*dh.
+        hp = h[:, None] + PAD_H - (r * DIL_H)[None, :]
+        wq = w[:, None] + PAD_W - (s * DIL_W)[None, :]
+        p = hp // STRIDE_H
+        q = wq // STRIDE_W
+        valid = (mask_m[:, None] & mask_j[None, :] & (hp >= 0) & (wq >= 0) & (hp % STRIDE_H == 0)
+                 & (wq % STRIDE_W == 0) & (p < P) & (q < Q))
+        a_ptrs = g_rows[:, None] + (k.to(tl.int64) * sgc)[None, :] + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
+        a = tl.load(a_ptrs, mask=valid, other=0.0)
+        b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
+        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    n64 = n.to(tl.int64)
+    h64 = h.to(tl.int64)
+    w64 = w.to(tl.int64)
+    c64 = c.to(tl.int64)
+    gm = acc
+    if HAS_PROLOGUE:
+        xv = tl.load(x_ptr + (n64 * sxn + h64 * sxh + w64 * sxw)[:, None] + (c64 * sxc)[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        if HAS_IN_SCALE:
+            scale = tl.load(in_scale_ptr + c, mask=mask_n, other=0.0).to(tl.float32)
+        if IN_RELU:
+            pre = xv
+            if HAS_IN_SCALE:
+                pre = pre * scale[None, :]
+            if HAS_IN_SHIFT:
+                pre = pre + tl.load(in_shift_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            gm = tl.where(pre > 0, gm, 0.0)
+        if STATS:
+            part_row = part_ptr + pid_m.to(tl.int64) * 2 * C
+            gm_m = tl.where(mask, gm, 0.0)
+            tl.store(part_row + c, tl.sum(gm_m * xv, axis=0), mask=mask_n)
+            tl.store(part_row + C + c, tl.sum(gm_m, axis=0), mask=mask_n)
+        if HAS_IN_SCALE:
+            gm = gm * scale[None, :]
+    if STORE_DX:
+        tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
+                 gm.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. wgrad: grouped implicit GEMM over M = N*P*Q, prologue recomputed on load, split-M fp32 partials
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_wgrad_kernel(
+    g_ptr,          # g_acc (N, K, P, Q), any strides
+    x_ptr,          # forward input (N, C, H, W), any strides
+    in_scale_ptr,   # (C,) contiguous or unused
+    in_shift_ptr,   # (C,) contiguous or unused
+    part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest
+    H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
+    C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
+    M_PER_SPLIT,                 # rows of M per split (a multiple of BLOCK_M)
+    sgn, sgc, sgh, sgw,          # g_acc strides
+    sxn, sxc, sxh, sxw,          # x strides
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,  # any of the three above
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
+):
+    pid_nk = tl.program_id(0)
+    grp = tl.program_id(1)
+    split = tl.program_id(2)
+    num_k = tl.cdiv(K_g, BLOCK_N)
+    pid_k = pid_nk % num_k
+    pid_j = pid_nk // num_k
+
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K_g
+    k = grp * K_g + offs_k
+    offs_j = pid_j * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_j = offs_j < RSC
+    c_l = offs_j % C_g
+    rs = offs_j // C_g
+    r = rs // S
+    s = rs % S
+    c = grp * C_g + c_l
+    if HAS_IN_SCALE:
+        scale = tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)
+    if HAS_IN_SHIFT:
+        shift = tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    m_start = split * M_PER_SPLIT
+    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        n = offs_m // (P * Q)
+        pq = offs_m % (P * Q)
+        p = pq // Q
+        q = pq % Q
+        n64 = n.to(tl.int64)
+        # A = g_acc^T tile (BLOCK_N x BLOCK_M)
+        a_ptrs = (g_ptr + (k.to(tl.int64) * sgc)[:, None]
+                  + (n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw)[None, :])
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
+        hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
+        ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
+        in_bounds = mask_m[:, None] & mask_j[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        b_ptrs = (x_ptr + (n64 * sxn)[:, None] + (c.to(tl.int64) * sxc)[None, :]
+                  + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)
+        b = tl.load(b_ptrs, mask=in_bounds, other=0.0)
+        if HAS_PROLOGUE:
+            bf = b.to(tl.float32)
+            if HAS_IN_SCALE:
+                bf = bf * scale[None, :]
+            if HAS_IN_SHIFT:
+                bf = bf + shift[None, :]
+            if IN_RELU:
+                bf = tl.maximum(bf, 0.0)
+            b = tl.where(in_bounds, bf, 0.0).to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    out = part_ptr + (split.to(tl.int64) * K + k.to(tl.int64))[:, None] * RSC + offs_j[None, :]
+    tl.store(out, acc, mask=mask_k[:, None] & mask_j[None, :])
+
+
+def _gpu_configs():
+    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
+            for bm, nw, ns in ((64, 4, 3), (128, 4, 3), (128, 8, 3))]
+
+
+_conv_dgrad_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["M", "C_g", "RSK", "PRECISION"])(
+    _conv_dgrad_kernel)
+_conv_bwd_epilogue_kernel_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=4) for bm in (64, 128)], key=["M", "K"])(
+    _conv_bwd_epilogue_kernel)
+
+
+def _tile_m(tiles: Optional[dict]) -> Optional[int]:
+    if tiles is not None and tiles.get("BLOCK_M") is not None:
+        return tiles["BLOCK_M"]
+    return _INTERPRET_BLOCK_M if INTERPRET else None
+
+
+def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu, geo: ConvGeometry,
+                       need_dres: bool, act_dtype, tiles: Optional[dict]):
+    """Returns (g_acc channels_last in act_dtype, d_residual or None, sums (3, K) fp32)."""
+    M = geo.N * geo.P * geo.Q
+    g_acc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), act_dtype, grad_y.device)
+    d_res = empty_channels_last(residual.shape, residual.dtype, grad_y.device) if need_dres else None
+    tile_m = _tile_m(tiles)
+    part = torch.zeros((cdiv(M, tile_m or _MIN_BLOCK_M), 3, geo.K), dtype=torch.float32, device=grad_y.device)
+    block_n = (tiles or {}).get("BLOCK_N") or pow2_tile(geo.K, 16, 256 if INTERPRET else 64)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(geo.K, m["BLOCK_N"]))  # noqa: E731
+    dummy = grad_y
+    args = (grad_y, y if out_relu else dummy, dummy if acc is None else acc,
+            dummy if out_scale is None else out_scale.contiguous(),
+            dummy if grad_stats is None else grad_stats.to(torch.float32).contiguous(),
+            g_acc, dummy if d_res is None else d_res, part,
+            geo.K, geo.P, geo.Q, M, *strides4(grad_y), *strides4(y if out_relu else None), *strides4(acc),
+            *strides4(g_acc), *strides4(d_res))
+    meta = dict(OUT_RELU=bool(out_relu), HAS_OUT_SCALE=out_scale is not None, HAS_ACC=acc is not None,
+                HAS_GS=grad_stats is not None, STORE_DRES=need_dres, BLOCK_N=block_n)
+    if M > 0:
+        launch(_conv_bwd_epilogue_kernel, _conv_bwd_epilogue_kernel_tuned, grid, args, meta,
+               {"BLOCK_M": tile_m} if tile_m else None)
+    return g_acc, d_res, part.sum(dim=0)
+
+
+def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
+           tiles: Optional[dict]):
+    """Returns (dx channels_last in x.dtype or None, sums (2, C) fp32 [d_in_scale, d_in_shift] or None)."""
+    M = geo.N * geo.H * geo.W
+    dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
+    tile_m = _tile_m(tiles)
+    part = (torch.zeros((cdiv(M, tile_m or _MIN_BLOCK_M), 2, geo.C), dtype=torch.float32, device=x.device)
+            if need_stats else x)
+    rsk = geo.R * geo.S * geo.K_g
+    meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256 if INTERPRET else 64))
+    meta.update({k: v for k, v in (tiles or {}).items() if k != "BLOCK_M"})
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
+    args = (g_acc, weight, x, x if in_scale is None else in_scale.contiguous(),
+            x if in_shift is None else in_shift.contiguous(), x if dx is None else dx, part,
+            geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk,
+            *strides4(g_acc), *strides4(weight), *strides4(x), *strides4(dx),
+            *geo.stride, *geo.padding, *geo.dilation)
+    meta.update(HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_RELU=bool(in_relu),
+                HAS_PROLOGUE=has_prologue(in_scale, in_shift, in_relu),
+                STORE_DX=need_dx, STATS=need_stats, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype))
+    if M > 0:
+        launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, grid, args, meta,
+               {"BLOCK_M": tile_m} if tile_m else None)
+    return dx, (part.sum(dim=0) if need_stats else None)
+
+
+def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, tiles: Optional[dict]):
+    """Weight gradient (K, C_g, R, S) in weight.dtype; deterministic split-M fp32 reduction."""
+    M = geo.N * geo.P * geo.Q
+    rsc = geo.R * geo.S * geo.C_g
+    if M == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    if INTERPRET:
+        block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
+    else:
+        block_m, block_n, block_k = 64, pow2_tile(geo.K_g, 16, 64), pow2_tile(rsc, 16, 64)
+        # Enough programs to fill the GPU, each still reducing a long stretch of M.
+        tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
+                                      * cdiv(rsc, block_k), 1024))
+        split = max(1, cdiv(cdiv(M, block_m), tiles_per_split))
+    tiles = dict(tiles or {})
+    block_m = tiles.pop("BLOCK_M", None) or block_m
+    block_n = tiles.pop("BLOCK_N", None) or block_n
+    block_k = tiles.pop("BLOCK_K", None) or block_k
+    split = min(tiles.pop("SPLIT", None) or split, cdiv(M, block_m))
+    m_per_split = cdiv(cdiv(M, block_m), split) * block_m
+    split = cdiv(M, m_per_split)
+    part = torch.empty((split, geo.K, rsc), dtype=torch.float32, device=x.device)
+    grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
+    _conv_wgrad_kernel[grid](
+        g_acc, x, x if in_scale is None else in_scale.contiguous(), x if in_shift is None else in_shift.contiguous(),
+        part, geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, m_per_split,
+        *strides4(g_acc), *strides4(x), *geo.stride, *geo.padding, *geo.dilation,
+        HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_RELU=bool(in_relu),
+        HAS_PROLOGUE=has_prologue(in_scale, in_shift, in_relu),
+        UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    dw = part.sum(dim=0).view(geo.K, geo.R, geo.S, geo.C_g).permute(0, 3, 1, 2)
+    return dw.to(weight.dtype).contiguous()
+
+
+def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
+             in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor],
+             out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
+             needs_grad: Sequence[bool], tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
+    """Launcher of the fused backward; `tiles` overrides tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)."""
+    geo = conv_geometry(x, weight, stride, padding, dilation, groups)
+    out_shape = (geo.N, geo.K, geo.P, geo.Q)
+    check_4d("grad_y", grad_y)
+    check_shape("grad_y", grad_y, out_shape)
+    if out_relu:
+        check_4d("y", y)
+        check_shape("y", y, out_shape)
+    for name, t, n in (("bias", bias, geo.K), ("in_scale", in_scale, geo.C), ("in_shift", in_shift, geo.C),
+                       ("out_scale", out_scale, geo.K), ("out_shift", out_shift, geo.K)):
+        check_vector(name, t, n)
+    if residual is not None:
+        check_shape("residual", residual, out_shape)
+    if grad_stats is not None and grad_stats.numel() == 0:
+        grad_stats = None
+    if grad_stats is not None:
+        check_shape("grad_stats", grad_stats, (2, geo.K))
+    check_same_device(x.device, grad_y=grad_y, grad_stats=grad_stats, bias=bias, in_scale=in_scale,
+                      in_shift=in_shift, out_scale=out_scale, out_shift=out_shift, residual=residual,
+                      y=y if out_relu else None)
+    needs_grad = [bool(v) for v in needs_grad]
+    if len(needs_grad) != 8:
+        raise ValueError(f"needs_grad must have 8 entries (CONV_GRAD_NAMES), got {len(needs_grad)}")
+    inputs = (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)
+    need = [flag and t is not None for flag, t in zip(needs_grad, inputs)]
+    need_x, need_w, _, need_isc, need_ish, need_osc, _, need_res = need
+    grads: list[Optional[Tensor]] = [None] * 8
+    if not any(need):
+        return grads
+
+    # acc is needed for d_out_scale and for the grad_stats[1] term; recompute it (fp32, no epilogue).
+    acc = None
+    if need_osc or grad_stats is not None:
+        acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
+                          dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
+    g_acc, d_res, sums = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu, geo,
+                                            need_res, x.dtype, tiles)
+    grads[1] = _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo, tiles) if need_w else None
+    if need_x or need_isc or need_ish:
+        dx, in_sums = _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
+                             tiles)
+        grads[0] = dx
+        if need_isc:
+            grads[3] = in_sums[0].to(in_scale.dtype).contiguous()
+        if need_ish:
+            grads[4] = in_sums[1].to(in_shift.dtype).contiguous()
+    if need[2]:
+        grads[2] = sums[2].to(bias.dtype).contiguous()
+    if need_osc:
+        grads[5] = sums[1].to(out_scale.dtype).contiguous()
+    if need[6]:
+        grads[6] = sums[0].to(out_shift.dtype).contiguous()
+    grads[7] = d_res
+    return grads
+
+
+def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                        in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+                        residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
+                        needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Triton implementation of pe_kernels.reference.conv_fused_backward (same arguments, same results)."""
+    return conv_bwd(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
+                    residual, out_relu, stride, padding, dilation, groups, y, needs_grad)

@@ -1,0 +1,293 @@
+"""Fused grouped convolution, forward: one implicit GEMM per group, all groups in one launch.
+
+Math (pe_kernels.reference.conv_fused)::
+
+    x'[n,c,h,w] = act_in(x * in_scale[c] + in_shift[c])      only at in-bounds positions: padding stays 0
+    acc[n,k,p,q] = sum_{c in group(k), r, s} x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] * w[k, c - c0, r, s]
+                   + bias[k]
+    y = act_out(acc * out_scale[k] + out_shift[k] + residual[n,k,p,q])     stored in x.dtype
+    stats[0,k] = sum_{n,p,q} acc,  stats[1,k] = sum_{n,p,q} acc**2         fp32
+
+GEMM view, per group g: rows m = (n, p, q) (M = N*P*Q), columns k in [g*K_g, (g+1)*K_g), reduction index
+j = (r, s, c) flattened with c fastest (RSC = R*S*C_g), so a narrow group (C_g of 8) with a 3x3 filter fills a
+BLOCK_K tile of 64 in one step instead of nine mostly-empty steps. Grid: (M tiles, groups * K_g tiles).
+Tensors are addressed through their strides (NCHW, channels_last and sliced inputs all work without a copy;
+NHWC gives contiguous loads along c and k). The output is channels_last.
+
+Statistics are deterministic: each M tile writes its column sums to its own row of a (tiles, 2, K) fp32
+buffer, summed over the tile axis afterwards in a fixed order (no atomics).
+
+Dtypes: fp16/bf16/fp32 activations (weight in the same dtype), fp32 accumulation; fp32 operands use TF32 when
+torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any float dtype, read as fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, Tensor, cdiv, check_4d, check_activation_dtype, check_same_device, check_shape,
+                      check_vector, dot_precision, empty_channels_last, launch, pair, pow2_tile, strides4,
+                      upcast_bf16)
+
+# Smallest BLOCK_M among the GPU configs: sizes the per-tile statistics buffer before autotuning picks one.
+_MIN_BLOCK_M = 64
+_INTERPRET_BLOCK_M = 128
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Sizes of one grouped convolution (checked), shared by the forward and backward launchers."""
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    P: int
+    Q: int
+    groups: int
+    C_g: int
+    K_g: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int) -> ConvGeometry:
+    """Check a convolution's arguments (ValueError/TypeError naming the values) and return its sizes."""
+    check_4d("x", x)
+    check_4d("weight", weight)
+    check_activation_dtype("x", x)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal the input dtype {x.dtype}")
+    check_same_device(x.device, weight=weight)
+    groups = int(groups)
+    N, C, H, W = x.shape
+    K, C_g, R, S = weight.shape
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if C % groups != 0 or K % groups != 0:
+        raise ValueError(f"in_channels={C} and out_channels={K} must both be divisible by groups={groups}")
+    if C_g != C // groups:
+        raise ValueError(f"weight has {C_g} input channels per group, expected in_channels/groups = "
+                         f"{C}/{groups} = {C // groups}")
+    stride = pair("stride", stride, 1)
+    padding = pair("padding", padding, 0)
+    dilation = pair("dilation", dilation, 1)
+    P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    if P < 1 or Q < 1:
+        raise ValueError(f"output size ({P}, {Q}) is empty for input ({H}, {W}), kernel ({R}, {S}), "
+                         f"stride {stride}, padding {padding}, dilation {dilation}")
+    if max(N * H * W, N * P * Q) >= 2**31:
+        raise ValueError(f"N*H*W = {N * H * W} and N*P*Q = {N * P * Q} must stay below 2**31 (row indices are "
+                         "32-bit; element offsets are 64-bit)")
+    return ConvGeometry(N, C, H, W, K, R, S, P, Q, groups, C // groups, K // groups, stride, padding, dilation)
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,          # input (N, C, H, W), any strides
+    w_ptr,          # weight (K, C_g, R, S), any strides
+    bias_ptr,       # (K,) or unused
+    in_scale_ptr,   # (C,) prologue scale or unused (contiguous)
+    in_shift_ptr,   # (C,) prologue shift or unused (contiguous)
+    out_scale_ptr,  # (K,) epilogue scale or unused (contiguous)
+    out_shift_ptr,  # (K,) epilogue shift or unused (contiguous)
+    res_ptr,        # residual (N, K, P, Q), any strides, or unused
+    y_ptr,          # output (N, K, P, Q), any strides; its element type is the stored dtype
+    part_ptr,       # (tiles, 2, K) fp32 per-M-tile [sum acc, sum acc^2], or unused
+    H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
+    C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
+    sxn, sxc, sxh, sxw,          # x strides (elements)
+    swk, swc, swr, sws,          # weight strides
+    srn, src, srh, srw,          # residual strides
+    syn, syc, syh, syw,          # y strides
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,   # conv geometry
+    HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,  # any of the three above
+    HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr,
+    STATS: tl.constexpr,         # write the per-tile statistics
+    UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
+    PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_gn = tl.program_id(1)
+    num_n = tl.cdiv(K_g, BLOCK_N)
+    g = pid_gn // num_n
+    pid_n = pid_gn % num_n
+
+    # Rows: output positions m = (n, p, q).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    h0 = p * STRIDE_H - PAD_H
+    w0 = q * STRIDE_W - PAD_W
+    x_rows = x_ptr + n.to(tl.int64) * sxn
+
+    # Columns: output channels k of group g.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < K_g
+    k = g * K_g + offs_n
+    w_cols = w_ptr + k.to(tl.int64) * swk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, RSC, BLOCK_K):
+        # Reduction index j = (r, s, c_local), c fastest.
+        offs_j = j0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < RSC
+        c_l = offs_j % C_g
+        rs = offs_j // C_g
+        r = rs // S
+        s = rs % S
+        c = g * C_g + c_l
+        h = h0[:, None] + (r * DIL_H)[None, :]
+        w = w0[:, None] + (s * DIL_W)[None, :]
+        in_bounds = (mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
+        a_ptrs = x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        a = tl.load(a_ptrs, mask=in_bounds, other=0.0)
+        if HAS_PROLOGUE:
+            af = a.to(tl.float32)
+            if HAS_IN_SCALE:
+                af = af * tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+            if HAS_IN_SHIFT:
+                af = af + tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+            if IN_RELU:
+                af = tl.maximum(af, 0.0)
+            # The prologue acts on real pixels only: zero padding stays zero.
+            a = tl.where(in_bounds, af, 0.0).to(x_ptr.dtype.element_ty)
+        b_ptrs = w_cols[None, :] + (c_l * swc + r * swr + s * sws)[:, None]
+        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if STATS:
+        # Rows past M would carry the bias: drop them. Columns past K_g are zero and are not stored.
+        acc_m = tl.where(mask_m[:, None], acc, 0.0)
+        part_row = part_ptr + pid_m.to(tl.int64) * 2 * K
+        tl.store(part_row + k, tl.sum(acc_m, axis=0), mask=mask_n)
+        tl.store(part_row + K + k, tl.sum(acc_m * acc_m, axis=0), mask=mask_n)
+
+    z = acc
+    if HAS_OUT_SCALE:
+        z = z * tl.load(out_scale_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_OUT_SHIFT:
+        z = z + tl.load(out_shift_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    n64 = n.to(tl.int64)
+    p64 = p.to(tl.int64)
+    q64 = q.to(tl.int64)
+    k64 = k.to(tl.int64)
+    if HAS_RES:
+        res_ptrs = res_ptr + (n64 * srn + p64 * srh + q64 * srw)[:, None] + (k64 * src)[None, :]
+        z = z + tl.load(res_ptrs, mask=mask_out, other=0.0).to(tl.float32)
+    if OUT_RELU:
+        z = tl.maximum(z, 0.0)
+    y_ptrs = y_ptr + (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
+    tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
+
+
+def _gpu_configs():
+    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
+            for bm, nw, ns in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4))]
+
+
+# On a GPU: autotuned over BLOCK_M / warps / stages (BLOCK_N, BLOCK_K follow the group widths). Under the
+# interpreter the launcher calls the plain kernel with its single configuration.
+_conv_fwd_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["M", "K_g", "RSC", "PRECISION"])(
+    _conv_fwd_kernel)
+
+
+def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool) -> bool:
+    return in_scale is not None or in_shift is not None or bool(in_relu)
+
+
+def fwd_tiles(geo: ConvGeometry) -> dict:
+    """BLOCK_N / BLOCK_K from the group widths (a narrow group does not pad its tile to 64)."""
+    if INTERPRET:  # cost is per program and per loop step: few, large tiles
+        return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
+    return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 64))
+
+
+def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+             in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+             residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int], groups: int, compute_stats: bool, out_dtype: Optional[torch.dtype] = None,
+             tiles: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """Launcher of the fused forward. Returns (y channels_last in `out_dtype` (default x.dtype), stats).
+
+    `tiles` overrides the tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K; a test uses it to exercise the masks).
+    With out_dtype=float32 and no epilogue arguments, y is the fp32 accumulator `acc` (used by the backward).
+    """
+    geo = conv_geometry(x, weight, stride, padding, dilation, groups)
+    check_vector("bias", bias, geo.K)
+    check_vector("in_scale", in_scale, geo.C)
+    check_vector("in_shift", in_shift, geo.C)
+    check_vector("out_scale", out_scale, geo.K)
+    check_vector("out_shift", out_shift, geo.K)
+    if residual is not None:
+        check_4d("residual", residual)
+        check_shape("residual", residual, (geo.N, geo.K, geo.P, geo.Q))
+    check_same_device(x.device, bias=bias, in_scale=in_scale, in_shift=in_shift, out_scale=out_scale,
+                      out_shift=out_shift, residual=residual)
+
+    M = geo.N * geo.P * geo.Q
+    y = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), out_dtype or x.dtype, x.device)
+    meta = fwd_tiles(geo)
+    tile_m = None
+    if tiles is not None:
+        meta.update({k: v for k, v in tiles.items() if k != "BLOCK_M"})
+        tile_m = tiles.get("BLOCK_M")
+    if tile_m is None and INTERPRET:
+        tile_m = _INTERPRET_BLOCK_M
+    tiles_m = {"BLOCK_M": tile_m} if tile_m is not None else None
+
+    # Unused pointer arguments get `x`: their loads are compiled out by the constexpr flags.
+    def vec(t):
+        return x if t is None else t.contiguous()
+
+    part = (torch.zeros((cdiv(M, tile_m or _MIN_BLOCK_M), 2, geo.K), dtype=torch.float32, device=x.device)
+            if compute_stats else x)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.K_g, m["BLOCK_N"]))  # noqa: E731
+    args = (x, weight, vec(bias), vec(in_scale), vec(in_shift), vec(out_scale), vec(out_shift),
+            x if residual is None else residual, y, part,
+            geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
+            *strides4(x), *strides4(weight), *strides4(residual), *strides4(y),
+            *geo.stride, *geo.padding, *geo.dilation)
+    meta.update(HAS_BIAS=bias is not None, HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None,
+                IN_RELU=bool(in_relu), HAS_PROLOGUE=has_prologue(in_scale, in_shift, in_relu),
+                HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
+                HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype))
+    if M > 0:  # an empty batch launches nothing (its statistics are zeros)
+        launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, grid, args, meta, tiles_m)
+    if compute_stats:
+        stats = part.sum(dim=0)
+    else:
+        stats = torch.empty((0,), dtype=torch.float32, device=x.device)
+    return y, stats
+
+
+def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+               in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor],
+               out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+               compute_stats: bool) -> tuple[Tensor, Tensor]:
+    """Triton implementation of pe_kernels.reference.conv_fused (same arguments, same results)."""
+    return conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                    stride, padding, dilation, groups, compute_stats)
