@@ -1,0 +1,573 @@
+"""Table 8 replay: training s/epoch and inference images/s of the six CIFAR-100 ResNet-50 ensembles.
+
+    python bench/throughput.py --model pe-2-4-1                 # the default: PE-(2,4,1), every provider
+    python bench/throughput.py --model all --dtype both         # the whole table
+    python bench/throughput.py --smoke                          # every model x mode x provider, one tiny step
+
+Training: SGD (momentum 0.9, weight decay 5e-4, nesterov, as torch-uncertainty's configs), cross-entropy on
+synthetic CIFAR-shaped data, the batch formed as torch-uncertainty trains each model (registry.format_batch).
+s/epoch = mean step time x ceil(50 000 / batch), measured over --steps after --warmup and marked extrapolated
+(unless --steps covers a whole epoch). Inference: eval mode, no_grad, images/s over --infer-images (10 000 on
+GPU). fp16 = autocast fp16 + GradScaler (CUDA); on CPU fp16 autocast is not meaningful, bf16 autocast runs
+instead and the row says so. GPU timing uses CUDA events and synchronises; peak memory is
+torch.cuda.max_memory_allocated.
+
+Providers: eager / eager-channels-last (the stock PyTorch twin: nn.Conv2d -> BatchNorm2d -> ReLU modules, the
+"eager cuDNN" of the paper), compile (torch.compile of that twin), pe-triton / pe-cuda / pe-auto (pe_kernels'
+fused model under use_backend(...)). A provider that cannot run is reported as skipped with the reason.
+
+Output: a table on stdout (ours beside the paper's RTX 3090 row, and the time ratio to Single within each
+source), and CSV + JSON rows under --out with the run's metadata. Figures are whatever this machine measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import pe_kernels  # noqa: E402
+from pe_kernels.models.registry import TABLE8_MODELS, TRAIN_IMAGES, Table8Model, eager_twin  # noqa: E402
+
+MODELS = tuple(TABLE8_MODELS)
+MODES = ("train", "infer")
+DTYPES = ("fp32", "fp16")
+NUM_CLASSES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str  # "eager" | "compile" | "pe"
+    backend: Optional[str] = None  # pe_kernels backend for kind "pe"
+    channels_last: bool = False
+    description: str = ""
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("eager", "eager", description="stock PyTorch twin (cuDNN on GPU), NCHW"),
+    Provider("eager-channels-last", "eager", channels_last=True, description="stock PyTorch twin, channels_last"),
+    Provider("compile", "compile", description="torch.compile (inductor) of the stock twin"),
+    Provider("pe-triton", "pe", "triton", description="pe_kernels fused model, triton backend"),
+    Provider("pe-cuda", "pe", "cuda", description="pe_kernels fused model, cuda backend (pe_kernels._C)"),
+    Provider("pe-auto", "pe", "auto", description="pe_kernels fused model, auto dispatch"),
+)}
+CPU_DEFAULT_PROVIDERS = ("eager", "pe-auto")
+
+
+@dataclasses.dataclass
+class Config:
+    models: list[str]
+    modes: list[str]
+    dtypes: list[str]
+    providers: list[str]
+    device: torch.device
+    batch_size: int
+    image_size: int
+    warmup: int
+    steps: int
+    infer_images: int
+    out: Path
+    smoke: bool
+    threads: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured (or skipped) cell; every CSV/JSON row carries the run's metadata."""
+
+    model: str
+    provider: str
+    mode: str
+    dtype: str
+    status: str  # ok | skipped | error
+    reason: str = ""
+    batch: int = 0
+    image_size: int = 0
+    warmup: int = 0
+    steps: int = 0
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    mean_ms: Optional[float] = None
+    steps_per_epoch: Optional[int] = None
+    s_per_epoch: Optional[float] = None
+    s_per_epoch_extrapolated: Optional[bool] = None
+    images: Optional[int] = None
+    images_per_s: Optional[float] = None
+    peak_memory_mb: Optional[float] = None
+    warmup_s: Optional[float] = None
+    ratio_to_single: Optional[float] = None  # time ratio to Single, same provider
+    ratio_to_single_eager: Optional[float] = None  # time ratio to Single with the eager provider
+    paper_value: Optional[float] = None
+    paper_ratio_to_single: Optional[float] = None
+    device: str = ""
+    torch_version: str = ""
+    triton_version: str = ""
+    cuda_version: str = ""
+    cudnn_version: str = ""
+    git_commit: str = ""
+    timestamp: str = ""
+    smoke: bool = False
+
+
+# ---------------------------------------------------------------- environment
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{'-dirty' if dirty else ''}"
+
+
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpu = f"CPU {platform.machine()} {platform.processor() or ''}".strip()
+        name = f"{cpu} ({torch.get_num_threads()} threads)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is optional
+        triton_version = "not installed"
+    cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
+    return dict(device=name, torch_version=torch.__version__, triton_version=triton_version,
+                cuda_version=torch.version.cuda or "none", cudnn_version=str(cudnn or "none"),
+                git_commit=_git_commit(),
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def amp_dtype(dtype: str, device: torch.device) -> tuple[Optional[torch.dtype], str, str]:
+    """(autocast dtype or None, row label, note) for the requested precision on this device."""
+    if dtype == "fp32":
+        return None, "fp32", ""
+    if device.type == "cuda":
+        return torch.float16, "fp16", ""
+    return torch.bfloat16, "bf16", "fp16 autocast is not meaningful on CPU: ran bf16 autocast instead"
+
+
+def skip_reason(provider: Provider, cfg: Config) -> Optional[str]:
+    """Why `provider` cannot (or will not) run here; None when it runs."""
+    on_cpu = cfg.device.type == "cpu"
+    if provider.kind == "pe" and provider.backend != "auto":
+        status = pe_kernels.backends()[provider.backend]
+        if not status.available:
+            return status.reason
+        if on_cpu and cfg.smoke:
+            return (f"{provider.backend} runs on CPU only under the Triton interpreter (TRITON_INTERPRET=1), too slow "
+                    "for every model x mode in --smoke: time it with --provider pe-triton")
+    if provider.kind == "compile" and cfg.smoke:
+        return ("torch.compile of a ResNet-50 takes minutes per model and mode: skipped in --smoke "
+                "(run --provider compile)")
+    return None
+
+
+# ---------------------------------------------------------------- timing
+
+class Progress:
+    """A one-line progress report on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.tty = label, total, sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        if self.tty:
+            elapsed = time.perf_counter() - self.start
+            sys.stderr.write(f"\r  {self.label}: {done}/{self.total} steps, {elapsed:.1f}s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        prefix = "\r  " if self.tty else "  "
+        sys.stderr.write(f"{prefix}{self.label}: {self.total} steps in {elapsed:.1f}s\n")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device,
+               progress: Progress) -> tuple[list[float], float]:
+    """(seconds per timed step, warm-up seconds). CUDA events on GPU, perf_counter on CPU."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step()
+        progress.update(i + 1)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    times = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step()
+            end.record()
+            progress.update(warmup + i + 1)
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for i in range(steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+            progress.update(warmup + i + 1)
+    progress.close()
+    return times, warmup_s
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(round(q * 100)) - 1]
+
+
+def prepare_model(base: torch.nn.Module, provider: Provider, device: torch.device) -> torch.nn.Module:
+    """The model `provider` runs: the fused pe_kernels model, or its stock twin (channels_last / compiled)."""
+    model = copy.deepcopy(base) if provider.kind == "pe" else eager_twin(base)
+    model = model.to(device)
+    if provider.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if provider.kind == "compile":
+        model = torch.compile(model)
+    return model
+
+
+def measure(entry: Table8Model, base: torch.nn.Module, provider: Provider, mode: str, dtype: str,
+            cfg: Config, label: str) -> Row:
+    """Time one (model, provider, mode, dtype) cell."""
+    device = cfg.device
+    amp, dtype_label, note = amp_dtype(dtype, device)
+    row = Row(entry.name, provider.name, mode, dtype_label, "ok", note, cfg.batch_size, cfg.image_size,
+              cfg.warmup, cfg.steps)
+    model = prepare_model(base, provider, device)
+    memory_format = torch.channels_last if provider.channels_last else torch.contiguous_format
+    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size,), device=device)
+
+    def backend_ctx():
+        return pe_kernels.use_backend(provider.backend) if provider.kind == "pe" else contextlib.nullcontext()
+
+    def autocast():
+        return contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if mode == "train":
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
+
+        def step() -> None:
+            inputs, targets = entry.format_batch(x, y)
+            with backend_ctx(), autocast():
+                loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            with backend_ctx():
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+        steps = cfg.steps
+    else:
+        model.eval()
+        steps = max(1, math.ceil(cfg.infer_images / cfg.batch_size))
+
+        def step() -> None:
+            with torch.no_grad(), backend_ctx(), autocast():
+                model(x)
+
+    times, row.warmup_s = time_steps(step, cfg.warmup, steps, device, Progress(label, cfg.warmup + steps))
+    row.steps = steps
+    row.median_ms = 1e3 * statistics.median(times)
+    row.p20_ms = 1e3 * _quantile(times, 0.2)
+    row.p80_ms = 1e3 * _quantile(times, 0.8)
+    row.mean_ms = 1e3 * statistics.fmean(times)
+    if mode == "train":
+        row.steps_per_epoch = math.ceil(TRAIN_IMAGES / cfg.batch_size)
+        row.s_per_epoch_extrapolated = steps < row.steps_per_epoch
+        row.s_per_epoch = (statistics.fmean(times) * row.steps_per_epoch if row.s_per_epoch_extrapolated
+                           else sum(times[:row.steps_per_epoch]))
+    else:
+        row.images = steps * cfg.batch_size
+        row.images_per_s = row.images / sum(times)
+    if device.type == "cuda":
+        row.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+# ---------------------------------------------------------------- ratios, table, files
+
+def _time_cost(row: Row) -> Optional[float]:
+    """A figure proportional to time: s/epoch (train) or 1 / images/s (infer)."""
+    if row.status != "ok":
+        return None
+    return row.s_per_epoch if row.mode == "train" else 1.0 / row.images_per_s
+
+
+def _paper_precision(dtype: str) -> str:
+    return "f32" if dtype == "fp32" else "f16"
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Time ratio to Single within each source: ours (same provider; eager) and the paper's."""
+    ok = {(r.model, r.provider, r.mode, r.dtype): r for r in rows if r.status == "ok"}
+    single_paper = TABLE8_MODELS["single"].paper
+    for r in rows:
+        paper = TABLE8_MODELS[r.model].paper
+        precision = _paper_precision(r.dtype)
+        r.paper_value = paper.value(r.mode, precision)
+        ref = single_paper.value(r.mode, precision)
+        r.paper_ratio_to_single = (r.paper_value / ref) if r.mode == "train" else (ref / r.paper_value)
+        cost = _time_cost(r)
+        if cost is None:
+            continue
+        for attr, provider in (("ratio_to_single", r.provider), ("ratio_to_single_eager", "eager")):
+            single = ok.get(("single", provider, r.mode, r.dtype))
+            if single is not None:
+                setattr(r, attr, cost / _time_cost(single))
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return "-".rjust(width) if value is None else format(value, spec)
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (f"{'model':<14}{'provider':<21}{'mode':<6}{'dtype':<6}{'ours':>11} {'unit':<8}"
+              f"{'xSingle':>8}{'xS-eager':>9}{'paper':>9}{'paper xS':>9}")
+    print("\nxSingle = time relative to Single ResNet-50 in the same source (train: s/epoch ratio; infer: inverse "
+          "images/s ratio;\nlower is better). xS-eager: relative to Single with the eager provider. "
+          "paper = Laurent et al. Table 8, RTX 3090.")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r.status != "ok":
+            continue
+        value = r.s_per_epoch if r.mode == "train" else r.images_per_s
+        unit = ("s/epoch" + ("*" if r.s_per_epoch_extrapolated else "")) if r.mode == "train" else "im/s"
+        print(f"{r.model:<14}{r.provider:<21}{r.mode:<6}{r.dtype:<6}{_fmt(value, '11.2f')} {unit:<8}"
+              f"{_fmt(r.ratio_to_single, '8.2f')}{_fmt(r.ratio_to_single_eager, '9.2f')}"
+              f"{_fmt(r.paper_value, '9.1f')}{_fmt(r.paper_ratio_to_single, '9.2f')}")
+    if not any(r.model == "single" and r.status == "ok" for r in rows):
+        print("(Single was not measured in this run: add --model single for measured ratios)")
+    if any(r.s_per_epoch_extrapolated for r in rows if r.status == "ok"):
+        print("* extrapolated: mean step time x ceil(50 000 / batch) steps")
+    notes = sorted({r.reason for r in rows if r.status == "ok" and r.reason})
+    for note in notes:
+        print(f"note: {note}")
+    not_run = [r for r in rows if r.status != "ok"]
+    if not_run:
+        print("\nNot measured:")
+        seen = set()
+        for r in not_run:
+            key = (r.provider, r.status, r.reason) if r.status == "skipped" else (r.model, r.provider, r.mode,
+                                                                                  r.dtype, r.reason)
+            if key in seen:
+                continue
+            seen.add(key)
+            what = r.provider if r.status == "skipped" else f"{r.model} {r.provider} {r.mode} {r.dtype}"
+            print(f"  {r.status:<8}{what}: {r.reason}")
+
+
+def write_results(rows: list[Row], cfg: Config, env: dict) -> tuple[Path, Path]:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stamp = env["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    kind = "smoke" if cfg.smoke else cfg.device.type
+    stem = cfg.out / f"throughput_{kind}_{stamp}"
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    fields = [f.name for f in dataclasses.fields(Row)]
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+    config = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in dataclasses.asdict(cfg).items()}
+    json_path.write_text(json.dumps({"environment": env, "config": config,
+                                     "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    return csv_path, json_path
+
+
+# ---------------------------------------------------------------- command line
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum, with a clear message otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["pe-2-4-1"], choices=MODELS + ("all",),
+                   help="Table 8 model(s) (default pe-2-4-1); add 'single' to get measured ratios")
+    p.add_argument("--mode", default="both", choices=MODES + ("both",))
+    p.add_argument("--dtype", default=None, choices=DTYPES + ("both",),
+                   help="fp32, fp16 (autocast + GradScaler; bf16 autocast on CPU) or both "
+                        "(default: both on GPU, fp32 on CPU)")
+    p.add_argument("--provider", nargs="+", default=None, choices=tuple(PROVIDERS) + ("all",),
+                   help=f"default: all on GPU; {' '.join(CPU_DEFAULT_PROVIDERS)} on CPU")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--batch-size", type=_positive, default=None, help="default 128 on GPU, 8 on CPU")
+    p.add_argument("--image-size", type=_positive, default=None, help="default 32 (CIFAR), 16 with --smoke")
+    p.add_argument("--warmup", type=_non_negative, default=None, help="default 10 on GPU, 1 on CPU")
+    p.add_argument("--steps", type=_positive, default=None, help="timed training steps (default 30 on GPU, 2 on CPU)")
+    p.add_argument("--infer-images", type=_positive, default=None,
+                   help="images timed in inference (default 10000 on GPU, 2 batches on CPU)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU intra-op threads (torch.set_num_threads); default 1 on CPU")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--smoke", action="store_true",
+                   help="every model x mode x provider that can run here, one tiny step (CI)")
+    return p
+
+
+def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    models = list(MODELS) if "all" in args.model or args.smoke else list(dict.fromkeys(args.model))
+    modes = list(MODES) if args.mode == "both" or args.smoke else [args.mode]
+    dtype = args.dtype or ("both" if gpu or args.smoke else "fp32")
+    dtypes = list(DTYPES) if dtype == "both" else [dtype]
+    if args.provider is None:
+        providers = list(PROVIDERS) if gpu or args.smoke else list(CPU_DEFAULT_PROVIDERS)
+    else:
+        providers = list(PROVIDERS) if "all" in args.provider else list(dict.fromkeys(args.provider))
+    if args.smoke:  # one tiny step per cell
+        batch, size = args.batch_size or 2, args.image_size or 16
+        warmup = args.warmup if args.warmup is not None else 0
+        steps = args.steps or 1
+        infer_images = args.infer_images or batch
+    else:
+        batch, size = args.batch_size or (128 if gpu else 8), args.image_size or 32
+        warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+        steps = args.steps or (30 if gpu else 2)
+        infer_images = args.infer_images or (10_000 if gpu else 2 * batch)
+    # One CPU thread by default: the CPU run is a functional check, and on a shared 2-core machine two threads
+    # oversubscribe and run up to 8x slower (measured); --threads N to change.
+    threads = args.threads or (None if gpu else 1)
+    return Config(models, modes, dtypes, providers, device, batch, size, warmup, steps, infer_images, args.out,
+                  args.smoke, threads)
+
+
+def announce(cfg: Config) -> None:
+    if cfg.device.type == "cpu":
+        print("No CUDA GPU here: timing the reference (torch) path on CPU — the stock twin (eager) and "
+              "pe_kernels' torch\nbackend (pe-auto runs the reference ops on CPU). CPU timings say nothing "
+              "about the GPU kernels.")
+        print(f"CPU run: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} images, {cfg.warmup} warm-up "
+              f"+ {cfg.steps} timed training step(s), inference over {cfg.infer_images} images (not 10 000), "
+              f"{torch.get_num_threads()} thread(s).")
+    else:
+        print(f"GPU: {torch.cuda.get_device_name(cfg.device)}; batch {cfg.batch_size}, {cfg.warmup} warm-up + "
+              f"{cfg.steps} timed training steps, inference over {cfg.infer_images} images.")
+    if cfg.smoke:
+        print("--smoke: one tiny step per cell to keep the suite running; the figures mean nothing.")
+
+
+def run(cfg: Config) -> list[Row]:
+    env = environment(cfg.device)
+    rows: list[Row] = []
+    providers = [PROVIDERS[name] for name in cfg.providers]
+    reasons = {p.name: skip_reason(p, cfg) for p in providers}
+    cells = [(m, p, mode, d) for m in cfg.models for p in providers for mode in cfg.modes for d in cfg.dtypes]
+    runnable = [c for c in cells if reasons[c[1].name] is None]
+    done = 0
+    for model_name in cfg.models:
+        entry = TABLE8_MODELS[model_name]
+        torch.manual_seed(0)
+        base = None
+        for provider in providers:
+            for mode in cfg.modes:
+                for dtype in cfg.dtypes:
+                    if reasons[provider.name] is not None:
+                        rows.append(Row(model_name, provider.name, mode, amp_dtype(dtype, cfg.device)[1],
+                                        "skipped", reasons[provider.name]))
+                        continue
+                    base = base if base is not None else entry.build(NUM_CLASSES)
+                    done += 1
+                    label = f"[{done}/{len(runnable)}] {model_name} {provider.name} {mode} {dtype}"
+                    try:
+                        rows.append(measure(entry, base, provider, mode, dtype, cfg, label))
+                    except pe_kernels.BackendUnavailableError as exc:  # the forced backend cannot run a call
+                        sys.stderr.write(f"\n  {label}: skipped: {exc}\n")
+                        rows.append(Row(model_name, provider.name, mode, amp_dtype(dtype, cfg.device)[1],
+                                        "skipped", str(exc).splitlines()[0][:300]))
+                    except Exception as exc:  # recorded and reported; the run goes on
+                        sys.stderr.write(f"\n  {label}: {type(exc).__name__}: {exc}\n")
+                        rows.append(Row(model_name, provider.name, mode, amp_dtype(dtype, cfg.device)[1], "error",
+                                        f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+                    if cfg.device.type == "cuda":
+                        torch.cuda.empty_cache()
+    for r in rows:
+        r.smoke = cfg.smoke
+        for key, value in env.items():
+            setattr(r, key, value)
+    add_ratios(rows)
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = make_config(args, parser)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    announce(cfg)
+    start = time.perf_counter()
+    rows = run(cfg)
+    print_table(rows)
+    env = {k: getattr(rows[0], k) for k in ("device", "torch_version", "triton_version", "cuda_version",
+                                             "cudnn_version", "git_commit", "timestamp")}
+    csv_path, json_path = write_results(rows, cfg, env)
+    print(f"\nwrote {csv_path}\n      {json_path}\n({time.perf_counter() - start:.1f}s on {env['device']})")
+    errors = [r for r in rows if r.status == "error"]
+    if errors:
+        print(f"{len(errors)} cell(s) failed (see 'Not measured' above)", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
