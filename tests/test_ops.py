@@ -210,12 +210,30 @@ def _opcheck_samples():
     yield "bn_apply", (y, torch.randn(6), torch.randn(6), None, None, None, False)
 
 
-@pytest.mark.parametrize("index", range(7))
-def test_opcheck(index):
+    g = torch.randn(2, 6, 5, 5)
+    yield "conv_fused_backward", (g, torch.randn(2, 6), x, w, torch.randn(6), torch.rand(4), torch.randn(4), True,
+                                  torch.rand(6), torch.randn(6), torch.randn(2, 6, 5, 5), True, [1, 1], [1, 1],
+                                  [1, 1], 2, torch.randn(2, 6, 5, 5).relu(), [True] * 8)
+    yield "conv_fused_backward", (g, None, x, w, None, None, None, False, None, None, None, False, [1, 1], [1, 1],
+                                  [1, 1], 2, torch.randn(2, 6, 5, 5), [True, False] + [True] * 6)
+    yield "bn_apply_backward", (y, y, torch.randn(6), torch.randn(6), torch.randn(2, 6, 3, 3), torch.randn(6),
+                                torch.randn(6), True, y.relu(), [True] * 6)
+
+
+_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not pe_kernels.backends()["triton"].available, reason="triton backend unavailable"))]
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("index", range(10))
+def test_opcheck(index, backend):
+    """Schema, fake (meta) implementation and strides, autograd registration, under each backend."""
     name, args = list(_opcheck_samples())[index]
-    args = tuple(a.clone().requires_grad_(a.is_floating_point() and name not in ("bn_running_update",))
+    differentiable = name in ("conv_fused", "bn_finalize", "bn_apply")
+    args = tuple(a.clone().requires_grad_(differentiable and a.is_floating_point())
                  if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(getattr(torch.ops.pe_kernels, name).default, args)
+    with pe_kernels.use_backend(backend):
+        torch.library.opcheck(getattr(torch.ops.pe_kernels, name).default, args)
 
 
 @pytest.mark.parametrize("call,exc,match", [

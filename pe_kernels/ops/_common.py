@@ -24,14 +24,15 @@ def unpack_grads(grads: Iterable[Tensor]) -> list[Optional[Tensor]]:
 
 
 def pack_grads(grads: Iterable[Optional[Tensor]], likes: Sequence[Optional[Tensor]], anchor: Tensor) -> list[Tensor]:
-    """Gradients as a custom op may return them: empty markers for None, no two outputs sharing memory
-    (a backend may hand back one tensor for two equal gradients, e.g. sum(g) for shift and residual_shift)."""
+    """Gradients as a custom op may return them: empty markers for None, each in storage of its own from
+    offset 0, as the fake implementation promises (a backend may hand back views of one reduction buffer, or
+    one tensor for two equal gradients, e.g. sum(g) for shift and residual_shift)."""
     out, seen = [], set()
     for g, _ in zip(grads, likes):
         if g is None:
             out.append(empty_grad(anchor))
             continue
-        if g.untyped_storage().data_ptr() in seen:
+        if g.storage_offset() != 0 or g.untyped_storage().data_ptr() in seen:
             g = g.clone()
         seen.add(g.untyped_storage().data_ptr())
         out.append(g)
