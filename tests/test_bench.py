@@ -75,6 +75,24 @@ def test_plot_writes_a_png_from_the_smoke_csv(smoke_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_renders_the_readme_table(smoke_run, tmp_path):
+    """report.py turns a run into the README table between markers; CPU runs never reach the README."""
+    _, out = smoke_run
+    (csv_path,) = out.glob("throughput_smoke_*.csv")
+    report = _load("report")
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    table = report.markdown_table(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert table.count("\n| ") == len(ok) + 1          # header + one line per measured row
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
+    report.update_readme(table, readme)
+    text = readme.read_text()
+    assert "old" not in text and table in text and text.startswith("intro") and text.endswith("outro\n")
+    assert report.main([str(csv_path), "--update-readme"]) == 2     # CPU timings refused
+
+
 def test_plot_without_single_is_a_clear_error(tmp_path, capsys):
     plot = _load("plot")
     csv_path = tmp_path / "run.csv"

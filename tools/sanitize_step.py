@@ -1,0 +1,34 @@
+"""One small fused-block training step on a chosen backend, for compute-sanitizer (memcheck / racecheck).
+
+    compute-sanitizer --tool memcheck python tools/sanitize_step.py --backend cuda
+"""
+
+import argparse
+
+import torch
+
+import pe_kernels
+from pe_kernels.nn import PackedBottleneck
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda", choices=pe_kernels._backend.CHOICES)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    block = PackedBottleneck(32, 16, 2, alpha=2, num_estimators=4, gamma=2, conv_bias=False, dropout_rate=0,
+                             groups=1).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 9, 9, device="cuda").to(memory_format=torch.channels_last)
+    with pe_kernels.use_backend(args.backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        block.train()
+        block(x).float().square().mean().backward()
+        block.eval()
+        with torch.no_grad():
+            block(x)
+    torch.cuda.synchronize()
+    print(f"sanitize step done: backend={args.backend} dtype={args.dtype} last={pe_kernels.last_dispatch()}")
+
+
+if __name__ == "__main__":
+    main()
