@@ -23,3 +23,10 @@ def test_readme_main_job_command():
     assert main, "README must show the set-up + main job command"
     for command in commands[:2]:
         assert command.startswith("pip install torch==2.13.0 && ")   # never a bare torch: no CUDA wheels on CPU
+
+
+def test_readme_usage_example_runs():
+    (code,) = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (4 * 8, 100)
