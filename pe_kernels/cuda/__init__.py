@@ -106,10 +106,13 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
         _allow_tf32())
     inputs = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
     out: list[Optional[Tensor]] = []
-    for g, t in zip(grads, inputs):
+    for i, (g, t) in enumerate(zip(grads, inputs)):
         g = _cast(g, t)
         if g is not None and t is not None and t.dim() == 1:
             g = g.reshape(t.shape)
+        if i == 1 and g is not None:
+            # The kernel writes KRSC (channels_last); the contract (reference, fake) is a contiguous (K, C/g, R, S).
+            g = g.contiguous()
         out.append(g)
     return out
 
