@@ -47,7 +47,7 @@ struct Cvt<double> {
 
 template <typename A>
 __device__ __forceinline__ A relu(A v) {
-  return v > A(0) ? v : A(0);
+  return v < A(0) ? A(0) : v;  // NaN stays NaN, as torch.relu
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -82,3 +82,19 @@ def test_compile_fullgraph_through_triton_ops():
         compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x)
     assert pe_kernels.last_dispatch().backend == "triton"
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_relu_propagates_nan_like_torch(backend):
+    """A NaN is never hidden by a fused ReLU (prologue, epilogue, apply): it shows where torch.relu shows it."""
+    x = torch.randn(1, 4, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    w = torch.randn(4, 2, 3, 3)
+    scale, shift = torch.ones(4), torch.zeros(4)
+    with pe_kernels.use_backend(backend):
+        y, _ = pe_kernels.ops.conv_fused(x, w, in_scale=scale, in_shift=shift, in_relu=True, out_relu=True,
+                                         padding=1, groups=2)
+        out = pe_kernels.ops.bn_apply(x, scale, shift, relu=True)
+    expected = torch.relu(torch.nn.functional.conv2d(torch.relu(x), w, padding=1, groups=2))
+    assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(x))

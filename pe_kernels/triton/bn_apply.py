@@ -57,7 +57,7 @@ def _bn_apply_kernel(
             r = r + tl.load(rshift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
         z = z + r
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow),
              z.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -267,7 +267,7 @@ def _conv_wgrad_kernel(
             if HAS_IN_SHIFT:
                 bf = bf + shift[None, :]
             if IN_RELU:
-                bf = tl.maximum(bf, 0.0)
+                bf = tl.maximum(bf, 0.0, propagate_nan=tl.PropagateNan.ALL)
             b = tl.where(in_bounds, bf, 0.0).to(x_ptr.dtype.element_ty)
         if UPCAST:
             a = a.to(tl.float32)

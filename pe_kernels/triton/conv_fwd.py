@@ -164,7 +164,7 @@ def _conv_fwd_kernel(
             if HAS_IN_SHIFT:
                 af = af + tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
             if IN_RELU:
-                af = tl.maximum(af, 0.0)
+                af = tl.maximum(af, 0.0, propagate_nan=tl.PropagateNan.ALL)
             # The prologue acts on real pixels only: zero padding stays zero.
             a = tl.where(in_bounds, af, 0.0).to(x_ptr.dtype.element_ty)
         b_ptrs = w_cols[None, :] + (c_l * swc + r * swr + s * sws)[:, None]
@@ -197,7 +197,7 @@ def _conv_fwd_kernel(
         res_ptrs = res_ptr + (n64 * srn + p64 * srh + q64 * srw)[:, None] + (k64 * src)[None, :]
         z = z + tl.load(res_ptrs, mask=mask_out, other=0.0).to(tl.float32)
     if OUT_RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     y_ptrs = y_ptr + (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
 
