@@ -161,11 +161,17 @@ def dispatch_table() -> tuple[dict, ...]:
     return tuple(data.get("entries", ()))
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> str:
+    """'sm_90' for the CUDA device `index` (queried once per device, not on every op call)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
 def _auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Dispatch:
     if device.type != "cuda":
         return Dispatch(op, "torch", f"auto: {device.type} tensors run on the torch reference path")
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = f"sm_{major}{minor}"
+    arch = _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
     dtype_name = str(dtype).replace("torch.", "")
     for entry in dispatch_table():
         if entry.get("op") == op and entry.get("arch") == arch and dtype_name in entry.get("dtypes", ()):

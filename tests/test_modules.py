@@ -26,7 +26,6 @@ def plain_block(block, x):
             out = block.dropout(out)
         out = F.relu(out)
     c, bn = chain[-1]
-    shortcut = bn_sc = None
     if len(block.shortcut):
         residual = block.shortcut[1](conv(block.shortcut[0], x))
     else:
@@ -287,3 +286,23 @@ def test_forced_triton_fp64_raises():
         with pytest.raises(pe_kernels.BackendUnavailableError, match="float64"):
             pe_kernels.ops.conv_fused(torch.randn(1, 4, 5, 5, dtype=torch.float64),
                                       torch.randn(4, 4, 1, 1, dtype=torch.float64))
+
+
+def test_auto_follows_the_dispatch_table(monkeypatch):
+    """auto picks a listed backend only for its op, arch and dtype, and only when that backend can run."""
+    from pe_kernels import _backend
+
+    entry = {"op": "conv_fused", "backend": "triton", "arch": "sm_90", "dtypes": ["float16"], "evidence": "x.json"}
+    monkeypatch.setattr(_backend, "dispatch_table", lambda: (entry,))
+    monkeypatch.setattr(_backend, "_cuda_arch", lambda index: "sm_90")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_backend, "_call_reason", lambda name, device, dtype: None)
+    assert _backend._auto_choice("conv_fused", cuda, torch.float16).backend == "triton"
+    for op, dtype in (("bn_apply", torch.float16), ("conv_fused", torch.float32)):
+        choice = _backend._auto_choice(op, cuda, dtype)
+        assert choice.backend == "torch" and "no validated fast path" in choice.reason
+    monkeypatch.setattr(_backend, "_call_reason", lambda name, device, dtype: "triton is not installed")
+    choice = _backend._auto_choice("conv_fused", cuda, torch.float16)
+    assert choice.backend == "torch" and "not installed" in choice.reason
+    monkeypatch.setattr(_backend, "_cuda_arch", lambda index: "sm_80")
+    assert _backend._auto_choice("conv_fused", cuda, torch.float16).backend == "torch"

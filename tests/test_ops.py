@@ -1,6 +1,5 @@
 """The op contract on the torch backend vs plain PyTorch (F.conv2d, BatchNorm2d, relu), forward and backward."""
 
-import itertools
 
 import pytest
 import torch

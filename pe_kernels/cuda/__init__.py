@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..reference import param_dtype
 from . import _ext
 from ._ext import is_built, load_error
 
@@ -34,10 +35,6 @@ __all__ = [
 ]
 
 _CL = torch.channels_last
-
-
-def _param_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _act(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -78,7 +75,7 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
                compute_stats: bool) -> tuple[Tensor, Tensor]:
     """Grouped conv with prologue/epilogue (reference.conv_fused). Returns (y channels_last, stats (2, K) or (0,))."""
     C = _ext.get()
-    pdt = _param_dtype(x.dtype)
+    pdt = param_dtype(x.dtype)
     return C.conv_fused(_act(x), _act(weight, x.dtype), _vec(bias, pdt), _vec(in_scale, pdt), _vec(in_shift, pdt),
                         bool(in_relu), _vec(out_scale, pdt), _vec(out_shift, pdt), _opt_act(residual, x.dtype),
                         bool(out_relu), _pair(stride), _pair(padding), _pair(dilation), int(groups),
@@ -93,7 +90,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                         needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
     """Gradients w.r.t. reference.CONV_GRAD_NAMES (None where needs_grad is False or the input is None)."""
     C = _ext.get()
-    pdt = _param_dtype(x.dtype)
+    pdt = param_dtype(x.dtype)
     gs = None if grad_stats is None or grad_stats.numel() == 0 else grad_stats.to(pdt).contiguous()
     needs = [bool(n) for n in needs_grad]
     if len(needs) != 8:
@@ -148,7 +145,7 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
              residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor:
     """out = act(y*scale + shift + residual*residual_scale + residual_shift), channels_last in y.dtype."""
     C = _ext.get()
-    pdt = _param_dtype(y.dtype)
+    pdt = param_dtype(y.dtype)
     return C.bn_apply(_act(y), _vec(scale, pdt), _vec(shift, pdt), _opt_act(residual, y.dtype),
                       _vec(residual_scale, pdt), _vec(residual_shift, pdt), bool(relu))
 
@@ -158,7 +155,7 @@ def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
                       out: Tensor, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
     """Gradients of bn_apply w.r.t. reference.APPLY_GRAD_NAMES; `out` is the forward output (ReLU mask)."""
     C = _ext.get()
-    pdt = _param_dtype(y.dtype)
+    pdt = param_dtype(y.dtype)
     needs = [bool(n) for n in needs_grad]
     if len(needs) != 6:
         raise ValueError(f"needs_grad must have 6 entries (y, scale, shift, residual, residual_scale, "

@@ -14,7 +14,7 @@ Otherwise the block runs module by module, exactly as torch-uncertainty does.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
