@@ -11,6 +11,10 @@ Passes: `fwd` = eval forward (BN folded; the inference kernel), `fwdbwd` = train
 stand-in (batch 2, a quarter of the resolution) that only keeps the file running. The timed function
 synchronises on GPU.
 
+Each case that finishes is also appended (and flushed) as a row to the CSV named by $PE_BENCH_LAYERS_CSV when it
+is set (tools/gpu_lab.sh sets it), so a run stopped by a time limit keeps what it measured; pytest-benchmark's
+--benchmark-json is written only when the session ends. tools/update_dispatch_table.py reads either.
+
 extra_info: FLOPs, bytes of a minimal-traffic model, the roofline floor max(FLOPs / peak, bytes / bandwidth)
 on an H100 SXM5 and, when timed on a GPU, the achieved % of that floor (meaningful on an H100 only).
 Traffic model (elements x dtype size):
@@ -21,7 +25,9 @@ Traffic model (elements x dtype size):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +57,9 @@ MODELS = ("single", "pe-2-4-1")
 PASSES = ("fwd", "fwdbwd")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("eager", "eager-channels-last", "compile", "pe-triton", "pe-cuda", "pe-auto")
+CSV_ENV = "PE_BENCH_LAYERS_CSV"
+CSV_FIELDS = ("group", "model", "layer", "count", "pass", "dtype", "provider", "batch", "size", "device",
+              "median_s", "flops", "bytes", "h100_roofline_floor_ms", "pct_of_h100_roofline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +81,22 @@ class ConvLayer:
     def id(self) -> str:
         return (f"{self.model}-{self.name}-{self.in_channels}to{self.out_channels}-k{self.kernel}s{self.stride}"
                 f"g{self.groups}-h{self.size}-x{self.count}")
+
+
+def benchmark_group(layer: ConvLayer, pass_: str, dtype_name: str) -> str:
+    """The pytest-benchmark group of one (layer, pass, dtype): the providers compared side by side."""
+    return f"{layer.id}-{pass_}-{dtype_name}"
+
+
+def append_csv_row(path: Path, row: dict) -> None:
+    """Append one finished case to the CSV at `path` (header written when the file is new), flushed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
 
 
 def _out_size(size: int, conv: nn.Conv2d) -> int:
@@ -188,7 +213,7 @@ def test_conv_bn_relu(benchmark, layer: ConvLayer, pass_: str, dtype_name: str, 
     run()  # warm-up (and compilation for `compile`)
     flops, nbytes = flops_and_bytes(layer, batch, size, pass_, x.element_size())
     floor_s = max(flops / peak_flops(dtype), nbytes / H100_HBM_BYTES_PER_S)
-    benchmark.group = f"{layer.id}-{pass_}-{dtype_name}"
+    benchmark.group = benchmark_group(layer, pass_, dtype_name)
     benchmark.extra_info.update(model=layer.model, layer=layer.name, count=layer.count, dtype=dtype_name,
                                 provider=provider, batch=batch, size=size,
                                 device=torch.cuda.get_device_name(device) if gpu else "cpu",
@@ -196,7 +221,9 @@ def test_conv_bn_relu(benchmark, layer: ConvLayer, pass_: str, dtype_name: str, 
                                 peak_source=H100_SOURCE, **{"pass": pass_})
     benchmark(run)
     stats = getattr(benchmark, "stats", None)
-    if gpu and stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
-        median = stats.stats.median
+    median = stats.stats.median if stats is not None and getattr(stats, "stats", None) is not None else None
+    if gpu and median:
         benchmark.extra_info.update(median_ms=1e3 * median, tflops=flops / median / 1e12,
                                     gbps=nbytes / median / 1e9, pct_of_h100_roofline=100 * floor_s / median)
+    if os.environ.get(CSV_ENV) and median is not None:
+        append_csv_row(Path(os.environ[CSV_ENV]), dict(benchmark.extra_info, group=benchmark.group, median_s=median))

@@ -12,7 +12,6 @@ Ratios travel across hardware, absolute numbers do not.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402  (bench/report.py)
+
 RESULTS = REPO / "bench" / "results"
 MODEL_ORDER = ("single", "pe-2-4-1", "pe-2-4-2", "de", "mimo", "batchensemble")
 RATIO_COLUMN = {"eager": "ratio_to_single_eager", "same": "ratio_to_single"}
@@ -33,11 +35,8 @@ def _float(text: str) -> Optional[float]:
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    rows = []
-    for path in paths:
-        with path.open(newline="") as fh:
-            rows.extend(r for r in csv.DictReader(fh) if r.get("status") == "ok")
-    return rows
+    """The ok rows of the CSVs, ratios to Single filled across files and stages (report.fill_ratios)."""
+    return [r for r in report.read_rows(paths) if r.get("status") == "ok"]
 
 
 def plot(rows: list[dict], out: Path, baseline: str = "eager") -> Path:

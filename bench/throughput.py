@@ -3,6 +3,7 @@
     python bench/throughput.py --model pe-2-4-1                 # the default: PE-(2,4,1), every provider
     python bench/throughput.py --model all --dtype both         # the whole table
     python bench/throughput.py --smoke                          # every model x mode x provider, one tiny step
+    python bench/throughput.py --csv run.csv --time-budget 500  # append to run.csv; start no cell after 500 s
 
 Training: SGD (momentum 0.9, weight decay 5e-4, nesterov, as torch-uncertainty's configs), cross-entropy on
 synthetic CIFAR-shaped data, the batch formed as torch-uncertainty trains each model (registry.format_batch).
@@ -17,7 +18,9 @@ Providers: eager / eager-channels-last (the stock PyTorch twin: nn.Conv2d -> Bat
 fused model under use_backend(...)). A provider that cannot run is reported as skipped with the reason.
 
 Output: a table on stdout (ours beside the paper's RTX 3090 row, and the time ratio to Single within each
-source), and CSV + JSON rows under --out with the run's metadata. Figures are whatever this machine measured.
+source), and CSV + JSON rows under --out with the run's metadata. Each row is appended to the CSV (and flushed)
+as soon as its cell finishes, so a run stopped by a time limit keeps what it measured; at the end the CSV is
+rewritten with the final ratios and the JSON is written. Figures are whatever this machine measured.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -89,6 +95,8 @@ class Config:
     out: Path
     smoke: bool
     threads: Optional[int] = None
+    csv: Optional[Path] = None  # append to this CSV (default: a new throughput_<kind>_<stamp>.csv under out)
+    time_budget: Optional[float] = None  # seconds: no cell starts after this much of the run has passed
 
 
 @dataclasses.dataclass
@@ -177,6 +185,11 @@ def skip_reason(provider: Provider, cfg: Config) -> Optional[str]:
         status = pe_kernels.backends()[provider.backend]
         if not status.available:
             return status.reason
+        if on_cpu and provider.backend == "cuda":
+            return "pe_kernels' cuda backend runs CUDA tensors only, and this run is on the CPU"
+        if on_cpu and not _interpreted(provider, cfg):
+            return ("pe_kernels' triton backend runs on the CPU only under the Triton interpreter: set "
+                    "TRITON_INTERPRET=1 (slow: minutes per step)")
         if on_cpu and cfg.smoke:
             return (f"{provider.backend} runs on CPU only under the Triton interpreter (TRITON_INTERPRET=1), too slow "
                     "for every model x mode in --smoke: time it with --provider pe-triton")
@@ -189,22 +202,47 @@ def skip_reason(provider: Provider, cfg: Config) -> Optional[str]:
 # ---------------------------------------------------------------- timing
 
 class Progress:
-    """A one-line progress report on stderr (rewritten in place on a terminal)."""
+    """Progress of one cell on stderr: rewritten in place on a terminal; in a log (no terminal), a line per
+    finished step once `every` seconds have passed since the last line. While one step runs longer than
+    `every` seconds (a first step that compiles, a step under the Triton interpreter), a heartbeat line says
+    so, so that a slow run never looks hung."""
 
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.tty = label, total, sys.stderr.isatty()
-        self.start = time.perf_counter()
+    def __init__(self, label: str, total: int, every: float = 15.0) -> None:
+        self.label, self.total, self.every, self.tty = label, total, every, sys.stderr.isatty()
+        self.start = self.last_line = self.step_start = time.perf_counter()
+        self.done = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def _write(self, text: str) -> None:
+        self.last_line = time.perf_counter()
+        sys.stderr.write(f"\r  {text}" if self.tty else f"  {text}\n")
+        sys.stderr.flush()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(1.0, self.every)):
+            now = time.perf_counter()
+            if now - self.last_line >= self.every and now - self.step_start >= self.every:
+                self._write(f"{self.label}: step {self.done + 1}/{self.total} running for "
+                            f"{now - self.step_start:.0f}s ({now - self.start:.0f}s in this cell)")
+                if self.tty:
+                    sys.stderr.write("\n")
 
     def update(self, done: int) -> None:
-        if self.tty:
-            elapsed = time.perf_counter() - self.start
-            sys.stderr.write(f"\r  {self.label}: {done}/{self.total} steps, {elapsed:.1f}s")
-            sys.stderr.flush()
+        now = time.perf_counter()
+        step_s, self.done, self.step_start = now - self.step_start, done, now
+        if self.tty or now - self.last_line >= self.every or (done == 1 and step_s >= self.every):
+            self._write(f"{self.label}: {done}/{self.total} steps, {now - self.start:.1f}s"
+                        + (f" (step {done}: {step_s:.1f}s)" if not self.tty else ""))
 
     def close(self) -> None:
-        elapsed = time.perf_counter() - self.start
-        prefix = "\r  " if self.tty else "  "
-        sys.stderr.write(f"{prefix}{self.label}: {self.total} steps in {elapsed:.1f}s\n")
+        """Stop the heartbeat (the caller prints the cell's summary line); clear the in-place line."""
+        self._stop.set()
+        self._thread.join()
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
 
 
 def _sync(device: torch.device) -> None:
@@ -215,29 +253,32 @@ def _sync(device: torch.device) -> None:
 def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device,
                progress: Progress) -> tuple[list[float], float]:
     """(seconds per timed step, warm-up seconds). CUDA events on GPU, perf_counter on CPU."""
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        step()
-        progress.update(i + 1)
-    _sync(device)
-    warmup_s = time.perf_counter() - t0
-    times = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for i, (start, end) in enumerate(events):
-            start.record()
+    try:
+        t0 = time.perf_counter()
+        for i in range(warmup):
             step()
-            end.record()
-            progress.update(warmup + i + 1)
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        for i in range(steps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-            progress.update(warmup + i + 1)
-    progress.close()
+            _sync(device)  # the warm-up steps' cost (compiles, autotuning) shows per step
+            progress.update(i + 1)
+        warmup_s = time.perf_counter() - t0
+        times = []
+        if device.type == "cuda":
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(steps)]
+            for i, (start, end) in enumerate(events):
+                start.record()
+                step()
+                end.record()
+                progress.update(warmup + i + 1)
+            torch.cuda.synchronize(device)
+            times = [start.elapsed_time(end) / 1e3 for start, end in events]
+        else:
+            for i in range(steps):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+                progress.update(warmup + i + 1)
+    finally:
+        progress.close()
     return times, warmup_s
 
 
@@ -338,9 +379,10 @@ def _paper_precision(dtype: str) -> str:
     return "f32" if dtype == "fp32" else "f16"
 
 
-def add_ratios(rows: list[Row]) -> None:
-    """Time ratio to Single within each source: ours (same provider; eager) and the paper's."""
-    ok = {(r.model, r.provider, r.mode, r.dtype): r for r in rows if r.status == "ok"}
+def add_ratios(rows: list[Row], earlier: tuple[Row, ...] = ()) -> None:
+    """Time ratio to Single within each source: ours (same provider; eager) and the paper's. `earlier`: rows of
+    former runs on the same device (e.g. a previous stage's Single), used when this run has no Single row."""
+    ok = {(r.model, r.provider, r.mode, r.dtype): r for r in (*earlier, *rows) if r.status == "ok"}
     single_paper = TABLE8_MODELS["single"].paper
     for r in rows:
         paper = TABLE8_MODELS[r.model].paper
@@ -363,31 +405,32 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = (f"{'model':<14}{'provider':<21}{'mode':<6}{'dtype':<6}{'ours':>11} {'unit':<8}"
-              f"{'xSingle':>8}{'xS-eager':>9}{'paper':>9}{'paper xS':>9}")
-    print("\nxSingle = time relative to Single ResNet-50 in the same source (train: s/epoch ratio; infer: inverse "
-          "images/s ratio;\nlower is better). xS-eager: relative to Single with the eager provider. "
-          "paper = Laurent et al. Table 8, RTX 3090.")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if r.status != "ok":
-            continue
-        value = r.s_per_epoch if r.mode == "train" else r.images_per_s
-        unit = ("s/epoch" + ("*" if r.s_per_epoch_extrapolated else "")) if r.mode == "train" else "im/s"
-        print(f"{r.model:<14}{r.provider:<21}{r.mode:<6}{r.dtype:<6}{_fmt(value, '11.2f')} {unit:<8}"
-              f"{_fmt(r.ratio_to_single, '8.2f')}{_fmt(r.ratio_to_single_eager, '9.2f')}"
-              f"{_fmt(r.paper_value, '9.1f')}{_fmt(r.paper_ratio_to_single, '9.2f')}")
-    if not any(r.model == "single" and r.status == "ok" for r in rows):
-        print("(Single was not measured in this run: add --model single for measured ratios)")
-    if any(r.s_per_epoch_extrapolated for r in rows if r.status == "ok"):
-        print("* extrapolated: mean step time x ceil(50 000 / batch) steps")
-    notes = sorted({r.reason for r in rows if r.status == "ok" and r.reason})
-    for note in notes:
-        print(f"note: {note}")
+    ok = [r for r in rows if r.status == "ok"]
+    if ok:
+        header = (f"{'model':<14}{'provider':<21}{'mode':<6}{'dtype':<6}{'ours':>11} {'unit':<8}"
+                  f"{'xSingle':>8}{'xS-eager':>9}{'paper':>9}{'paper xS':>9}")
+        print("\nxSingle = time relative to Single ResNet-50 in the same source (train: s/epoch ratio; infer: "
+              "inverse images/s ratio;\nlower is better). xS-eager: relative to Single with the eager provider. "
+              "paper = Laurent et al. Table 8, RTX 3090.")
+        print(header)
+        print("-" * len(header))
+        for r in ok:
+            value = r.s_per_epoch if r.mode == "train" else r.images_per_s
+            unit = ("s/epoch" + ("*" if r.s_per_epoch_extrapolated else "")) if r.mode == "train" else "im/s"
+            print(f"{r.model:<14}{r.provider:<21}{r.mode:<6}{r.dtype:<6}{_fmt(value, '11.2f')} {unit:<8}"
+                  f"{_fmt(r.ratio_to_single, '8.2f')}{_fmt(r.ratio_to_single_eager, '9.2f')}"
+                  f"{_fmt(r.paper_value, '9.1f')}{_fmt(r.paper_ratio_to_single, '9.2f')}")
+        if not any(r.model == "single" for r in ok) and not any(r.ratio_to_single is not None for r in ok):
+            print("(Single was not measured in this run: add --model single for measured ratios)")
+        if any(r.s_per_epoch_extrapolated for r in ok):
+            print("* extrapolated: mean step time x ceil(50 000 / batch) steps")
+        for note in sorted({r.reason for r in ok if r.reason}):
+            print(f"note: {note}")
+    else:
+        print("\nNothing was measured in this run: every cell asked for was skipped or failed (reasons below).")
     not_run = [r for r in rows if r.status != "ok"]
     if not_run:
-        print("\nNot measured:")
+        print("\nNot measured (asked for, but skipped or failed):")
         seen = set()
         for r in not_run:
             key = (r.provider, r.status, r.reason) if r.status == "skipped" else (r.model, r.provider, r.mode,
@@ -395,26 +438,80 @@ def print_table(rows: list[Row]) -> None:
             if key in seen:
                 continue
             seen.add(key)
-            what = r.provider if r.status == "skipped" else f"{r.model} {r.provider} {r.mode} {r.dtype}"
+            cells = [c for c in not_run if (c.provider, c.status, c.reason) == key] if r.status == "skipped" else [r]
+            what = (f"{r.provider} ({len(cells)} cell{'s' if len(cells) > 1 else ''})" if r.status == "skipped"
+                    else f"{r.model} {r.provider} {r.mode} {r.dtype}")
             print(f"  {r.status:<8}{what}: {r.reason}")
 
 
-def write_results(rows: list[Row], cfg: Config, env: dict) -> tuple[Path, Path]:
-    cfg.out.mkdir(parents=True, exist_ok=True)
+_FIELDS = [f.name for f in dataclasses.fields(Row)]
+
+
+def _csv_value(value) -> object:
+    return "" if value is None else value
+
+
+class CsvRows:
+    """The run's CSV: each row appended and flushed as its cell finishes (a run stopped by a time limit keeps
+    what it measured); `finish` rewrites the file whole with the final ratios. Appending to an existing CSV
+    keeps its rows, and its ok rows of the same device serve as Single for the ratios."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.kept: list[dict] = []
+        if path.exists() and path.stat().st_size > 0:
+            with path.open(newline="") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames != _FIELDS:
+                    raise ValueError(f"{path} has columns {reader.fieldnames}, not this script's {_FIELDS}: "
+                                     "append to a CSV written by this version, or give a new --csv path")
+                self.kept = list(reader)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=_FIELDS)
+        self._writer.writeheader()
+        self._writer.writerows(self.kept)
+        self._fh.flush()
+
+    def earlier(self, device: str) -> tuple[Row, ...]:
+        """The kept ok rows of `device`, as much of a Row as the ratios need."""
+        def num(text: str) -> Optional[float]:
+            return float(text) if text else None
+        return tuple(Row(d["model"], d["provider"], d["mode"], d["dtype"], d["status"],
+                         s_per_epoch=num(d["s_per_epoch"]), images_per_s=num(d["images_per_s"]))
+                     for d in self.kept if d["status"] == "ok" and d["device"] == device)
+
+    def append(self, row: Row) -> None:
+        self._writer.writerow({k: _csv_value(v) for k, v in dataclasses.asdict(row).items()})
+        self._fh.flush()
+
+    def finish(self, rows: list[Row]) -> None:
+        self._fh.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.kept)
+            for r in rows:
+                writer.writerow({k: _csv_value(v) for k, v in dataclasses.asdict(r).items()})
+        tmp.replace(self.path)
+
+
+def result_paths(cfg: Config, env: dict) -> tuple[Path, Path]:
+    """(CSV, JSON) of this run: --csv (JSON beside it, stamped) or throughput_<kind>_<stamp>.csv/.json."""
     stamp = env["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
     kind = "smoke" if cfg.smoke else cfg.device.type
     stem = cfg.out / f"throughput_{kind}_{stamp}"
-    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
-    fields = [f.name for f in dataclasses.fields(Row)]
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+    if cfg.csv is not None:
+        return cfg.csv, cfg.csv.with_name(f"{cfg.csv.stem}_{stamp}.json")
+    return stem.with_suffix(".csv"), stem.with_suffix(".json")
+
+
+def write_json(path: Path, rows: list[Row], cfg: Config, env: dict) -> None:
     config = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in dataclasses.asdict(cfg).items()}
-    json_path.write_text(json.dumps({"environment": env, "config": config,
-                                     "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    return csv_path, json_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "config": config,
+                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
 
 
 # ---------------------------------------------------------------- command line
@@ -457,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU intra-op threads (torch.set_num_threads); default 1 on CPU")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="append rows to this CSV (created if absent; its rows of the same device give Single for "
+                        "the ratios); the run's JSON goes beside it. Default: a new CSV under --out")
+    p.add_argument("--time-budget", type=_positive, default=None, metavar="SECONDS",
+                   help="start no cell after SECONDS of the run (those are recorded as skipped): keeps a run "
+                        "inside a time limit with its rows written")
     p.add_argument("--smoke", action="store_true",
                    help="every model x mode x provider that can run here, one tiny step (CI)")
     return p
@@ -467,7 +570,8 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    models = list(MODELS) if "all" in args.model or args.smoke else list(dict.fromkeys(args.model))
+    # Table order (Single first), so each model's ratio to Single is known when its row is appended.
+    models = list(MODELS) if "all" in args.model or args.smoke else [m for m in MODELS if m in args.model]
     modes = list(MODES) if args.mode == "both" or args.smoke else [args.mode]
     dtype = args.dtype or ("both" if gpu or args.smoke else "fp32")
     dtypes = list(DTYPES) if dtype == "both" else [dtype]
@@ -489,32 +593,79 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     # oversubscribe and run up to 8x slower (measured); --threads N to change.
     threads = args.threads or (None if gpu else 1)
     return Config(models, modes, dtypes, providers, device, batch, size, warmup, steps, infer_images, args.out,
-                  args.smoke, threads)
+                  args.smoke, threads, args.csv, args.time_budget)
 
 
-def announce(cfg: Config) -> None:
+def _interpreted(provider: Provider, cfg: Config) -> bool:
+    """True when `provider` will run Triton kernels under the interpreter (CPU, TRITON_INTERPRET=1)."""
+    return (cfg.device.type == "cpu" and provider.kind == "pe" and provider.backend == "triton"
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+CPU_WHAT = {"eager": "the stock twin (nn.Conv2d -> BatchNorm2d -> ReLU), NCHW",
+            "eager-channels-last": "the stock twin, channels_last",
+            "compile": "torch.compile of the stock twin (the first step of each cell compiles: a minute or more)",
+            "pe-auto": "pe_kernels' fused model, where auto picks the reference (torch) ops on CPU",
+            "pe-cuda": "pe_kernels' cuda backend", "pe-triton": "pe_kernels' triton backend"}
+
+
+def announce(cfg: Config, reasons: dict[str, Optional[str]]) -> None:
+    """What this run will time, how much, and what it skips — before any minute is spent."""
+    batches = max(1, math.ceil(cfg.infer_images / cfg.batch_size))
+    work = []
+    if "train" in cfg.modes:
+        work.append(f"{cfg.warmup} warm-up + {cfg.steps} timed training step(s)")
+    if "infer" in cfg.modes:
+        work.append(f"inference over {batches * cfg.batch_size} images ({batches} batch(es) after {cfg.warmup} "
+                    "warm-up batch(es))")
     if cfg.device.type == "cpu":
-        print("No CUDA GPU here: timing the reference (torch) path on CPU — the stock twin (eager) and "
-              "pe_kernels' torch\nbackend (pe-auto runs the reference ops on CPU). CPU timings say nothing "
-              "about the GPU kernels.")
-        print(f"CPU run: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} images, {cfg.warmup} warm-up "
-              f"+ {cfg.steps} timed training step(s), inference over {cfg.infer_images} images (not 10 000), "
-              f"{torch.get_num_threads()} thread(s).")
+        interpreted = any(reasons[n] is None and _interpreted(PROVIDERS[n], cfg) for n in cfg.providers)
+        print("No CUDA GPU here: this times the reference path on the CPU"
+              + (" (and Triton kernels under the interpreter, as asked)" if interpreted else "")
+              + ". CPU timings say nothing about the GPU kernels.")
+        for name in cfg.providers:
+            if reasons[name] is None:
+                print(f"  {name}: {CPU_WHAT[name]}")
+        print(f"CPU run: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} images, "
+              f"{'; '.join(work)}, {torch.get_num_threads()} thread(s).")
+        if "fp16" in cfg.dtypes:
+            print("fp16 asked: fp16 autocast is not meaningful on CPU, so bf16 autocast runs and the rows say bf16.")
     else:
-        print(f"GPU: {torch.cuda.get_device_name(cfg.device)}; batch {cfg.batch_size}, {cfg.warmup} warm-up + "
-              f"{cfg.steps} timed training steps, inference over {cfg.infer_images} images.")
+        print(f"GPU: {torch.cuda.get_device_name(cfg.device)}; batch {cfg.batch_size}, {'; '.join(work)}. "
+              "The first step of a cell compiles (Triton, torch.compile): its time is in the row's warmup_s.")
+    for name in cfg.providers:
+        if reasons[name] is not None:
+            print(f"skipping {name}: {reasons[name]}")
+        elif _interpreted(PROVIDERS[name], cfg):
+            print(f"{name} runs the Triton kernels under the Triton interpreter (TRITON_INTERPRET=1): slow, "
+                  "minutes per step at this size; a progress line is printed at least every 15 s.")
+    if cfg.time_budget is not None:
+        print(f"time budget: no cell starts after {cfg.time_budget} s.")
     if cfg.smoke:
         print("--smoke: one tiny step per cell to keep the suite running; the figures mean nothing.")
 
 
-def run(cfg: Config) -> list[Row]:
-    env = environment(cfg.device)
-    rows: list[Row] = []
+def run(cfg: Config, reasons: dict[str, Optional[str]], sink: Optional[CsvRows] = None,
+        env: Optional[dict] = None, rows: Optional[list[Row]] = None) -> list[Row]:
+    """Measure every cell, appending each row to `rows` and `sink` as it finishes (so an interrupted run keeps
+    them); ratios to Single computed as rows arrive and again at the end."""
+    env = env or environment(cfg.device)
+    earlier = sink.earlier(env["device"]) if sink is not None else ()
+    rows = [] if rows is None else rows
     providers = [PROVIDERS[name] for name in cfg.providers]
-    reasons = {p.name: skip_reason(p, cfg) for p in providers}
     cells = [(m, p, mode, d) for m in cfg.models for p in providers for mode in cfg.modes for d in cfg.dtypes]
     runnable = [c for c in cells if reasons[c[1].name] is None]
-    done = 0
+    start, done = time.perf_counter(), 0
+
+    def record(row: Row) -> None:
+        row.smoke = cfg.smoke
+        for key, value in env.items():
+            setattr(row, key, value)
+        rows.append(row)
+        add_ratios([row], (*earlier, *rows))
+        if sink is not None:
+            sink.append(row)
+
     for model_name in cfg.models:
         entry = TABLE8_MODELS[model_name]
         torch.manual_seed(0)
@@ -522,31 +673,41 @@ def run(cfg: Config) -> list[Row]:
         for provider in providers:
             for mode in cfg.modes:
                 for dtype in cfg.dtypes:
+                    label_dtype = amp_dtype(dtype, cfg.device)[1]
                     if reasons[provider.name] is not None:
-                        rows.append(Row(model_name, provider.name, mode, amp_dtype(dtype, cfg.device)[1],
-                                        "skipped", reasons[provider.name]))
+                        record(Row(model_name, provider.name, mode, label_dtype, "skipped", reasons[provider.name]))
+                        continue
+                    done += 1
+                    label = f"[{done}/{len(runnable)}] {model_name} {provider.name} {mode} {label_dtype}"
+                    elapsed = time.perf_counter() - start
+                    if cfg.time_budget is not None and elapsed > cfg.time_budget:
+                        record(Row(model_name, provider.name, mode, label_dtype, "skipped",
+                                   f"not started: the run's --time-budget of {cfg.time_budget} s was spent"))
                         continue
                     base = base if base is not None else entry.build(NUM_CLASSES)
-                    done += 1
-                    label = f"[{done}/{len(runnable)}] {model_name} {provider.name} {mode} {dtype}"
+                    cell_start = time.perf_counter()
                     try:
-                        rows.append(measure(entry, base, provider, mode, dtype, cfg, label))
+                        row = measure(entry, base, provider, mode, dtype, cfg, label)
                     except pe_kernels.BackendUnavailableError as exc:  # the forced backend cannot run a call
                         sys.stderr.write(f"\n  {label}: skipped: {exc}\n")
-                        rows.append(Row(model_name, provider.name, mode, amp_dtype(dtype, cfg.device)[1],
-                                        "skipped", str(exc).splitlines()[0][:300]))
+                        row = Row(model_name, provider.name, mode, label_dtype, "skipped",
+                                  str(exc).splitlines()[0][:300])
                     except Exception as exc:  # recorded and reported; the run goes on
                         sys.stderr.write(f"\n  {label}: {type(exc).__name__}: {exc}\n")
-                        rows.append(Row(model_name, provider.name, mode, amp_dtype(dtype, cfg.device)[1], "error",
-                                        f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+                        row = Row(model_name, provider.name, mode, label_dtype, "error",
+                                  f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    record(row)
+                    print(f"  {label}: {row.status} in {time.perf_counter() - cell_start:.1f}s"
+                          + (f" (warm-up {row.warmup_s:.1f}s)" if row.warmup_s is not None else "")
+                          + f", {time.perf_counter() - start:.0f}s into the run", flush=True)
                     if cfg.device.type == "cuda":
                         torch.cuda.empty_cache()
-    for r in rows:
-        r.smoke = cfg.smoke
-        for key, value in env.items():
-            setattr(r, key, value)
-    add_ratios(rows)
+    add_ratios(rows, earlier)
     return rows
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -555,18 +716,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = make_config(args, parser)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    announce(cfg)
+    reasons = {name: skip_reason(PROVIDERS[name], cfg) for name in cfg.providers}
+    announce(cfg, reasons)
     start = time.perf_counter()
-    rows = run(cfg)
+    env = environment(cfg.device)
+    csv_path, json_path = result_paths(cfg, env)
+    try:
+        sink = CsvRows(csv_path)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"rows are appended to {csv_path} as each cell finishes", flush=True)
+    rows: list[Row] = []
+    # `timeout` (TERM or INT, even where a background job ignores INT): keep what was measured.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run(cfg, reasons, sink, env, rows)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: keeping the {len(rows)} row(s) finished so far", file=sys.stderr)
+        add_ratios(rows, sink.earlier(env["device"]))
+        interrupted = True
+    else:
+        interrupted = False
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sink.finish(rows)
+        write_json(json_path, rows, cfg, env)
     print_table(rows)
-    env = {k: getattr(rows[0], k) for k in ("device", "torch_version", "triton_version", "cuda_version",
-                                             "cudnn_version", "git_commit", "timestamp")}
-    csv_path, json_path = write_results(rows, cfg, env)
     print(f"\nwrote {csv_path}\n      {json_path}\n({time.perf_counter() - start:.1f}s on {env['device']})")
     errors = [r for r in rows if r.status == "error"]
     if errors:
         print(f"{len(errors)} cell(s) failed (see 'Not measured' above)", file=sys.stderr)
-    return 1 if errors else 0
+    return 130 if interrupted else 1 if errors else 0
 
 
 if __name__ == "__main__":

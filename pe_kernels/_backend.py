@@ -3,13 +3,22 @@
 * `torch` (pe_kernels.reference): ATen — cuDNN on GPU, native kernels on CPU. Always available.
 * `triton` (pe_kernels.triton): CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (tests).
 * `cuda` (pe_kernels.cuda): the compiled extension pe_kernels._C, CUDA tensors.
-* `auto` (the default): per op and call, a fast path listed in the committed dispatch table
-  (dispatch_table.json, written from GPU results that proved it correct and faster on that GPU architecture),
-  else `torch`. Every fallback keeps a reason: `pe_kernels.last_dispatch()`.
+* `auto` (the default): per op and call, the fastest correct backend measured on this device by
+  `pe_kernels.autotune` (its on-disk cache, per op, shape key and dtype), else a fast path listed in the
+  committed dispatch table (dispatch_table.json, written from GPU results that proved it correct and faster on
+  that GPU architecture), else `torch`. Every fallback keeps a reason: `pe_kernels.last_dispatch()`.
 
 Choose with `PE_KERNELS_BACKEND=<name>` or `with pe_kernels.use_backend(<name>):` (the context manager wins).
 A forced backend that cannot run the call raises BackendUnavailableError with the reason; it never falls back.
 Nothing here touches a GPU at import.
+
+Backward: the request in force when the forward ran governs its backward. use_backend() lives in a contextvar,
+and autograd runs a CUDA backward on a device thread that does not see it, so each op records
+`requested_backend()` in its autograd context and passes it to its backward op (`select(..., requested=)`).
+A forced forward gets the same backend for the backward (or BackendUnavailableError); an `auto` forward gets
+`auto`'s choice for the backward op itself (forward and backward kernels are validated separately). Under
+torch.compile the request is read when the graph is traced. The backward's choice is recorded by
+last_dispatch() in the context autograd ran it in (on CUDA: autograd's thread, not the caller's).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import functools
 import importlib
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator, Optional
@@ -86,12 +97,27 @@ def _interpreter_on() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _import_error(module: str) -> Optional[str]:
+def _import_exception(module: str) -> Optional[BaseException]:
+    """The exception importing `module` raised (None if it imports); recorded once, never raised here."""
     try:
         importlib.import_module(module)
-    except Exception as exc:  # recorded, reported by backends() and on a forced call
-        return f"{module} failed to import: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # reported by backends() and on a forced call
+        return exc
     return None
+
+
+def _import_error(module: str) -> Optional[str]:
+    """Why `module` cannot be imported, in words (None if it imports)."""
+    exc = _import_exception(module)
+    if exc is None:
+        return None
+    missing = exc.name if isinstance(exc, ImportError) else None
+    if missing == "triton":
+        return "triton is not installed (pip install triton)"
+    if missing == "numpy":
+        return ("numpy is missing: Triton's interpreter (TRITON_INTERPRET=1) imports it (pip install numpy)"
+                if _interpreter_on() else f"numpy is missing ({module} needs it; pip install numpy)")
+    return f"{module} failed to import: {type(exc).__name__}: {exc}"
 
 
 def _module(name: str) -> ModuleType:
@@ -99,16 +125,85 @@ def _module(name: str) -> ModuleType:
                                     "cuda": "pe_kernels.cuda"}[name])
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(3, 6, 0) from '3.6.0', '3.6.0+git1234' or '2.4.0rc1' (leading integers only)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+@functools.lru_cache(maxsize=None)
+def _package_version(name: str) -> Optional[str]:
+    """`name.__version__` of an importable package, else None (cached: versions do not change in a process)."""
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:
+        return None
+
+
+# Triton's interpreter before triton PR #9172 (in 3.8 and later, not in 3.6) turns one-element numpy arrays into
+# Python ints with int(array), which numpy >= 2.4 refuses.
+_INTERPRETER_FIXED_TRITON = (3, 7)
+_NUMPY_SCALAR_STRICT = (2, 4)
+
+
+def _interpreter_numpy_conflict() -> Optional[str]:
+    """Why this triton's interpreter cannot run with this numpy (None when the pair works)."""
+    triton_version, numpy_version = _package_version("triton"), _package_version("numpy")
+    if triton_version is None or numpy_version is None:
+        return None
+    if (_version_tuple(triton_version) < _INTERPRETER_FIXED_TRITON
+            and _version_tuple(numpy_version) >= _NUMPY_SCALAR_STRICT):
+        return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with numpy {numpy_version} "
+                "(\"only 0-dimensional arrays can be converted to Python scalars\"): install numpy < 2.4 "
+                "(pip install 'numpy<2.4') or triton >= 3.8")
+    return None
+
+
+def _interpreter_import_mismatch() -> Optional[str]:
+    """Why kernels imported with another TRITON_INTERPRET setting than today's cannot run (None if consistent).
+
+    triton.jit decides at decoration time whether a kernel is compiled for a GPU or interpreted, for Triton's
+    own library functions (at `import triton`) and for ours (at `import pe_kernels.triton`)."""
+    on = _interpreter_on()
+    stale = []
+    standard = sys.modules.get("triton.language.standard")
+    if standard is not None and hasattr(standard, "cdiv"):
+        if (type(standard.cdiv).__name__ == "InterpretedFunction") != on:
+            stale.append("triton")
+    common = sys.modules.get("pe_kernels.triton._common")
+    if common is not None and getattr(common, "INTERPRET", on) != on:
+        stale.append("pe_kernels.triton")
+    if not stale:
+        return None
+    which = " and ".join(stale)
+    if on:
+        return (f"TRITON_INTERPRET=1 was set after {which} was imported, so its kernels were built for a GPU "
+                "(Triton would fail with '0 active drivers'): set TRITON_INTERPRET=1 before importing triton "
+                "or pe_kernels.triton (in the shell, or at the top of conftest.py)")
+    return (f"TRITON_INTERPRET was 1 when {which} was imported and is now off, so its kernels stay interpreted "
+            "(emulated on the CPU): set or unset TRITON_INTERPRET before importing triton or pe_kernels.triton")
+
+
+def _triton_reason() -> Optional[str]:
+    """Why the triton backend cannot run anywhere in this process (None if it can run somewhere)."""
+    if _interpreter_on() and _package_version("numpy") is None:
+        return "numpy is missing: Triton's interpreter (TRITON_INTERPRET=1) needs it (pip install numpy)"
+    reason = _import_error("triton")
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available() and not _interpreter_on():
+        return "triton kernels need a CUDA device (none found; TRITON_INTERPRET=1 runs them on CPU for tests)"
+    reason = _interpreter_import_mismatch()
+    if reason is None and _interpreter_on():
+        reason = _interpreter_numpy_conflict()
+    return reason or _import_error("pe_kernels.triton")
+
+
 def _static_reason(name: str) -> Optional[str]:
     """Why backend `name` cannot run anywhere in this process (None if it can run somewhere)."""
     if name == "torch":
         return None
     if name == "triton":
-        if _import_error("triton") is not None:
-            return "triton is not installed (pip install triton)"
-        if not torch.cuda.is_available() and not _interpreter_on():
-            return "triton kernels need a CUDA device (none found; TRITON_INTERPRET=1 runs them on CPU for tests)"
-        return _import_error("pe_kernels.triton")
+        return _triton_reason()
     if name == "cuda":
         err = _import_error("pe_kernels.cuda")
         if err is not None:
@@ -168,7 +263,18 @@ def _cuda_arch(index: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def _auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Dispatch:
+@functools.lru_cache(maxsize=1)
+def _autotune_module() -> ModuleType:
+    # imported on first use: pe_kernels.tuning imports this module
+    return importlib.import_module("pe_kernels.tuning")
+
+
+def _auto_choice(op: str, device: torch.device, dtype: torch.dtype, args: tuple = ()) -> Dispatch:
+    """What `auto` runs: this device's measured choice (pe_kernels.autotune cache, per op + shape key of `args`
+    + dtype), else the committed dispatch table (the prior), else torch."""
+    measured = _autotune_module().lookup(op, device, dtype, args)
+    if measured is not None:
+        return measured
     if device.type != "cuda":
         return Dispatch(op, "torch", f"auto: {device.type} tensors run on the torch reference path")
     arch = _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
@@ -184,20 +290,25 @@ def _auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Dispatch:
                                  "dispatch table; using the cuDNN/ATen reference")
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype) -> tuple[ModuleType, Dispatch]:
-    """The backend module that runs `op` for tensors on (device, dtype), and why it was chosen."""
-    name = requested_backend()
+def select(op: str, device: torch.device, dtype: torch.dtype,
+           requested: Optional[str] = None, args: tuple = ()) -> tuple[ModuleType, Dispatch]:
+    """The backend module that runs `op` for tensors on (device, dtype), and why it was chosen.
+
+    `requested` (a backward op passes the request its forward recorded) replaces the current request.
+    `args`: the arguments the backend will get, for `auto`'s measured choices (pe_kernels.autotune)."""
+    name = requested_backend() if not requested else _check_name(requested)
     if name == "auto":
-        choice = _auto_choice(op, device, dtype)
+        choice = _auto_choice(op, device, dtype, args)
     else:
         reason = _call_reason(name, device, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"pe_kernels backend {name!r} was requested for {op} but {reason}")
-        choice = Dispatch(op, name, "requested")
+        choice = Dispatch(op, name, "requested" if not requested else "requested when its forward ran")
     _last.set(choice)
     return _module(choice.backend), choice
 
 
 def last_dispatch() -> Optional[Dispatch]:
-    """The most recent backend choice in this context (op, backend, reason)."""
+    """The most recent backend choice in this context (op, backend, reason). A backward that autograd ran on
+    another thread (CUDA) records its choice there, not here."""
     return _last.get()

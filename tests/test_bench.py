@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,145 @@ def test_bench_layers_collects_and_runs_one_case():
                            "--benchmark-disable"], capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 passed" in proc.stdout
+
+
+# ------------------------------------------------------------------ what a user sees (issue 9, item 8)
+
+def _tiny(tmp_path, *argv):
+    """argv for one quick CPU cell: a Single ResNet-50 at batch 1, 8x8, no warm-up."""
+    return ["--device", "cpu", "--model", "single", "--batch-size", "1", "--image-size", "8", "--warmup", "0",
+            "--steps", "1", "--infer-images", "1", "--csv", str(tmp_path / "run.csv"), *argv]
+
+
+def _csv_rows(path):
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cpu_fp16_request_says_bf16_everywhere(tmp_path, capsys):
+    throughput = _load("throughput")
+    assert throughput.main(_tiny(tmp_path, "--mode", "infer", "--dtype", "fp16", "--provider", "eager")) == 0
+    out = capsys.readouterr()
+    (row,) = _csv_rows(tmp_path / "run.csv")
+    assert row["status"] == "ok" and row["dtype"] == "bf16" and "bf16" in row["reason"]
+    cell_lines = [line for line in (out.out + out.err).splitlines() if "single eager infer" in line]
+    assert cell_lines and all("bf16" in line and "fp16" not in line for line in cell_lines)
+    assert "bf16 autocast runs" in out.out
+
+
+@pytest.mark.parametrize("mode,absent", [("infer", "training"), ("train", "inference")])
+def test_announce_counts_only_the_modes_that_run(mode, absent, tmp_path, capsys):
+    throughput = _load("throughput")
+    parser = throughput.build_parser()
+    cfg = throughput.make_config(parser.parse_args(["--device", "cpu", "--mode", mode]), parser)
+    throughput.announce(cfg, {name: None for name in cfg.providers})
+    out = capsys.readouterr().out
+    assert "times the reference path on the CPU" in out
+    assert absent not in out
+
+
+def test_skipped_provider_says_so_and_prints_no_empty_table(tmp_path, capsys):
+    throughput = _load("throughput")
+    assert throughput.main(_tiny(tmp_path, "--provider", "pe-cuda")) == 0
+    out = capsys.readouterr().out
+    before_run = out.split("rows are appended")[0]
+    assert "skipping pe-cuda:" in before_run                      # said before any minute is spent
+    assert "Nothing was measured" in out and "skipped pe-cuda (2 cells):" in out
+    assert "xSingle" not in out and "eager" not in out             # no table header naming other providers
+    rows = _csv_rows(tmp_path / "run.csv")
+    assert len(rows) == 2 and all(r["status"] == "skipped" and r["reason"] for r in rows)
+
+
+def test_interpreter_run_is_announced_as_slow(monkeypatch, capsys):
+    throughput = _load("throughput")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    parser = throughput.build_parser()
+    cfg = throughput.make_config(parser.parse_args(["--device", "cpu", "--provider", "pe-triton"]), parser)
+    throughput.announce(cfg, {"pe-triton": None})
+    out = capsys.readouterr().out
+    assert "Triton interpreter" in out and "slow" in out and "progress line" in out
+
+
+def test_progress_speaks_during_a_slow_step(capsys):
+    throughput = _load("throughput")
+    progress = throughput.Progress("cell", 2, every=0.05)
+    time.sleep(0.5)                    # one step that takes long (a compile, the interpreter)
+    progress.update(1)
+    progress.update(2)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "cell: step 1/2 running for" in err
+    assert "cell: 1/2 steps" in err    # a finished slow step is reported too
+
+
+def _fake_measure(throughput, seen, stop_after=None, sleep=0.0):
+    """measure() without a model: records what the CSV holds when each cell starts."""
+    def measure(entry, base, provider, mode, dtype, cfg, label):
+        seen.append(len(_csv_rows(cfg.csv)))
+        if stop_after is not None and len(seen) > stop_after:
+            raise KeyboardInterrupt("time limit")
+        time.sleep(sleep)
+        label_dtype = throughput.amp_dtype(dtype, cfg.device)[1]
+        value = 2.0 if entry.name == "single" else 5.0
+        return throughput.Row(entry.name, provider.name, mode, label_dtype, "ok", batch=1, steps=1,
+                              s_per_epoch=value if mode == "train" else None,
+                              images_per_s=1 / value if mode == "infer" else None, warmup_s=0.0)
+    return measure
+
+
+def test_rows_are_appended_as_cells_finish_and_survive_an_interrupt(tmp_path, monkeypatch):
+    throughput = _load("throughput")
+    seen = []
+    monkeypatch.setattr(throughput, "measure", _fake_measure(throughput, seen, stop_after=2))
+    argv = ["--device", "cpu", "--model", "single", "--provider", "eager", "--dtype", "both",
+            "--csv", str(tmp_path / "run.csv")]
+    assert throughput.main(argv) == 130            # stopped in its third of four cells
+    assert seen == [0, 1, 2]                       # each cell found the previous rows already on disk
+    rows = _csv_rows(tmp_path / "run.csv")
+    assert [(r["mode"], r["dtype"]) for r in rows] == [("train", "fp32"), ("train", "bf16")]
+    assert list(tmp_path.glob("run_*.json"))
+
+
+def test_a_later_stage_takes_single_from_the_csv_it_appends_to(tmp_path, monkeypatch):
+    throughput = _load("throughput")
+    monkeypatch.setattr(throughput, "measure", _fake_measure(throughput, []))
+    base = ["--device", "cpu", "--provider", "eager", "--csv", str(tmp_path / "run.csv")]
+    assert throughput.main(base + ["--model", "single"]) == 0
+    assert throughput.main(base + ["--model", "pe-2-4-1"]) == 0
+    rows = {(r["model"], r["mode"]): r for r in _csv_rows(tmp_path / "run.csv")}
+    assert len(rows) == 4
+    assert float(rows[("pe-2-4-1", "train")]["ratio_to_single_eager"]) == pytest.approx(2.5)
+    assert float(rows[("pe-2-4-1", "infer")]["ratio_to_single"]) == pytest.approx(2.5)
+
+
+def test_time_budget_skips_cells_it_cannot_start(tmp_path, monkeypatch):
+    throughput = _load("throughput")
+    monkeypatch.setattr(throughput, "measure", _fake_measure(throughput, [], sleep=1.2))
+    argv = ["--device", "cpu", "--model", "single", "--provider", "eager", "--time-budget", "1",
+            "--csv", str(tmp_path / "run.csv")]
+    assert throughput.main(argv) == 0
+    rows = _csv_rows(tmp_path / "run.csv")
+    assert [r["status"] for r in rows] == ["ok", "skipped"] and "--time-budget" in rows[1]["reason"]
+
+
+def test_report_fills_ratios_across_stages(tmp_path, monkeypatch):
+    throughput, report = _load("throughput"), _load("report")
+    monkeypatch.setattr(throughput, "measure", _fake_measure(throughput, []))
+    for model in ("single", "pe-2-4-1"):               # two stages, two files: no ratio in the second
+        assert throughput.main(["--device", "cpu", "--provider", "eager", "--model", model, "--mode", "train",
+                                "--csv", str(tmp_path / f"{model}.csv")]) == 0
+    assert _csv_rows(tmp_path / "pe-2-4-1.csv")[0]["ratio_to_single_eager"] == ""
+    rows = report.read_rows([tmp_path / "single.csv", tmp_path / "pe-2-4-1.csv"])
+    pe = next(r for r in rows if r["model"] == "pe-2-4-1")
+    assert float(pe["ratio_to_single_eager"]) == pytest.approx(2.5)
+
+
+def test_smoke_and_cpu_results_are_git_ignored():
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in ("throughput_smoke_20260101T000000Z.csv", "throughput_smoke_20260101T000000Z.json",
+                 "throughput_cpu_20260101T000000Z.csv"):
+        proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"bench/results/{name}"])
+        assert proc.returncode == 0, f"bench/results/{name} is not git-ignored"
+    proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", "bench/results/throughput_cuda_x.csv"])
+    assert proc.returncode == 1                          # GPU results are committed

@@ -72,11 +72,24 @@ def _to(t, device, dtype):
     return t.to(device=device, dtype=ref.param_dtype(dtype))
 
 
+@pytest.fixture(params=[False, True], ids=["ieee", "tf32"])
+def tf32(request):
+    """torch's cuDNN TF32 flag, which the cuda backend follows for fp32 convolutions."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.parametrize("dtype, atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_conv_fused_forward_and_backward(shape, dtype, atol, fused):
+def test_conv_fused_forward_and_backward(shape, dtype, atol, fused, tf32):
     cuda_backend = _cuda()
+    if tf32 and dtype != torch.float32:
+        pytest.skip("TF32 only concerns fp32")
+    if tf32:  # TF32 rounds the operands to 10 mantissa bits; cuDNN may pick a non-TF32 algorithm for the same call
+        atol *= 4
     x, w, args, conv = _make(shape, dtype, prologue=fused, epilogue=fused, residual=fused, bias=True)
     dev = torch.device("cuda")
     cpu64 = dict(x=x, weight=w, **args)
@@ -100,9 +113,12 @@ def test_conv_fused_forward_and_backward(shape, dtype, atol, fused):
         a["out_shift"], a["residual"], a["out_relu"], conv["stride"], conv["padding"], conv["dilation"],
         conv["groups"], yy, needs)
     gsd = gs64.to(dev, ref.param_dtype(dtype))
-    g64 = back(ref, cpu64, gy64, gs64, y64)
-    g_same = back(ref, gpu, gy64.to(dev, dtype), gsd, y_same)
-    g_ours = back(cuda_backend, gpu, gy64.to(dev, dtype), gsd, y)
+    # The backward is a function of the saved output y (its ReLU mask): give all three the same y, rounded to the
+    # tested dtype, so that a mask flipped by forward rounding is not mistaken for a backward error.
+    y_common = y64.to(dtype)
+    g64 = back(ref, cpu64, gy64, gs64, y_common.double())
+    g_same = back(ref, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev))
+    g_ours = back(cuda_backend, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev, memory_format=torch.channels_last))
     for name, a, b, c in zip(ref.CONV_GRAD_NAMES, g_ours, g_same, g64):
         assert (a is None) == (c is None), name
         if a is not None:

@@ -1,4 +1,8 @@
-"""The op contract on the torch backend vs plain PyTorch (F.conv2d, BatchNorm2d, relu), forward and backward."""
+"""The op contract on the torch backend vs plain PyTorch (F.conv2d, BatchNorm2d, relu), forward and backward.
+
+These run on CPU on every machine (the contract's semantics, float64 included); opcheck runs each backend on
+`kernel_device` (CUDA on a GPU machine, CPU under the Triton interpreter elsewhere).
+"""
 
 
 import pytest
@@ -7,6 +11,8 @@ import torch.nn.functional as F
 
 import pe_kernels
 from pe_kernels import ops
+
+from _devices import require_backend
 
 DTYPES = [(torch.float64, 1e-10), (torch.float32, 1e-5)]
 
@@ -219,17 +225,15 @@ def _opcheck_samples():
                                 torch.randn(6), True, y.relu(), [True] * 6)
 
 
-_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not pe_kernels.backends()["triton"].available, reason="triton backend unavailable"))]
-
-
-@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("index", range(10))
-def test_opcheck(index, backend):
-    """Schema, fake (meta) implementation and strides, autograd registration, under each backend."""
+def test_opcheck(index, backend, kernel_device):
+    """Schema, fake (meta) implementation and strides, autograd registration, under each backend, on the kernel
+    device (on a GPU the fake must match cuDNN's and the kernels' real CUDA strides)."""
+    require_backend(backend)
     name, args = list(_opcheck_samples())[index]
     differentiable = name in ("conv_fused", "bn_finalize", "bn_apply")
-    args = tuple(a.clone().requires_grad_(differentiable and a.is_floating_point())
+    args = tuple(a.to(kernel_device, copy=True).requires_grad_(differentiable and a.is_floating_point())
                  if isinstance(a, torch.Tensor) else a for a in args)
     with pe_kernels.use_backend(backend):
         torch.library.opcheck(getattr(torch.ops.pe_kernels, name).default, args)

@@ -261,7 +261,7 @@ def test_eager_twin_is_stock_pytorch_and_equal(name):
         x = _x(4 * B if training and name == "mimo" else B)  # MIMO trains on M*B inputs
         with torch.no_grad():
             expected = fused(x)
-            with pe_kernels.use_backend("cuda"):  # no CUDA here: any pe_kernels op would raise
+            with pe_kernels.use_backend("cuda"):  # CPU tensors: any pe_kernels op would raise, GPU or not
                 out = twin(x)
         torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
     for (key, a), b in zip(fused.state_dict().items(), twin.state_dict().values()):

@@ -3,7 +3,8 @@
     out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
 
 It is BN-apply + ReLU after a training conv, and the tail of a residual block (bn3 apply + shortcut-BN apply +
-add + ReLU). Backward (`pe_kernels::bn_apply_backward`) fuses dReLU with the reductions sum(g*y) and sum(g).
+add + ReLU). Backward (`pe_kernels::bn_apply_backward`) fuses dReLU with the reductions sum(g*y) and sum(g); it
+runs on the backend requested when the forward ran (recorded in the autograd context, see pe_kernels._backend).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ Tensor = torch.Tensor
 @torch.library.custom_op("pe_kernels::bn_apply", mutates_args=())
 def _bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], residual_scale: Optional[Tensor],
               residual_shift: Optional[Tensor], relu: bool) -> Tensor:
-    backend, _ = _backend.select("bn_apply", y.device, y.dtype)
+    args = (y, scale, shift, residual, residual_scale, residual_shift, relu)
+    backend, _ = _backend.select("bn_apply", y.device, y.dtype, args=args)
     with no_autocast(y.device):
-        return backend.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)
+        return backend.bn_apply(*args)
 
 
 @_bn_apply.register_fake
@@ -36,17 +38,18 @@ def _bn_apply_fake(y, scale, shift, residual, residual_scale, residual_shift, re
 @torch.library.custom_op("pe_kernels::bn_apply_backward", mutates_args=())
 def _bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                        residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool, out: Tensor,
-                       needs_grad: Sequence[bool]) -> list[Tensor]:
-    backend, _ = _backend.select("bn_apply_backward", y.device, y.dtype)
+                       needs_grad: Sequence[bool], backend: str = "") -> list[Tensor]:
+    """`backend`: the request recorded by the forward ('' = the current request)."""
+    args = (grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out, needs_grad)
+    backend, _ = _backend.select("bn_apply_backward", y.device, y.dtype, requested=backend, args=args)
     with no_autocast(y.device):
-        grads = backend.bn_apply_backward(grad_out, y, scale, shift, residual, residual_scale, residual_shift,
-                                          relu, out, needs_grad)
+        grads = backend.bn_apply_backward(*args)
     return pack_grads(grads, [y, scale, shift, residual, residual_scale, residual_shift], y)
 
 
 @_bn_apply_backward.register_fake
 def _bn_apply_backward_fake(grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out,
-                            needs_grad):
+                            needs_grad, backend=""):
     likes = [y, scale, shift, residual, residual_scale, residual_shift]
     result = []
     for name, like, need in zip(APPLY_GRAD_NAMES, likes, needs_grad):
@@ -63,13 +66,14 @@ def _setup_context(ctx, inputs, output):
     y, scale, shift, residual, residual_scale, residual_shift, relu = inputs
     ctx.save_for_backward(y, scale, shift, residual, residual_scale, residual_shift, output)
     ctx.relu = relu
+    ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
 
 
 def _backward(ctx, grad_out):
     y, scale, shift, residual, residual_scale, residual_shift, out = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in range(6)]
     grads = unpack_grads(torch.ops.pe_kernels.bn_apply_backward(
-        grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out, needs))
+        grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out, needs, ctx.backend))
     return (*grads, None)
 
 

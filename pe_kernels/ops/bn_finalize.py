@@ -25,9 +25,10 @@ Tensor = torch.Tensor
 @torch.library.custom_op("pe_kernels::bn_finalize", mutates_args=())
 def _bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
                  eps: float) -> tuple[Tensor, Tensor]:
-    backend, _ = _backend.select("bn_finalize", stats.device, torch.float32)
+    args = (stats, count, weight, bias, eps)
+    backend, _ = _backend.select("bn_finalize", stats.device, torch.float32, args=args)
     with no_autocast(stats.device):
-        return backend.bn_finalize(stats, count, weight, bias, eps)
+        return backend.bn_finalize(*args)
 
 
 @_bn_finalize.register_fake
@@ -70,9 +71,10 @@ _bn_finalize.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("pe_kernels::bn_running_update", mutates_args=("running_mean", "running_var"))
 def _bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,
                        momentum: float) -> None:
-    backend, _ = _backend.select("bn_running_update", stats.device, torch.float32)
+    args = (stats, count, running_mean, running_var, momentum)
+    backend, _ = _backend.select("bn_running_update", stats.device, torch.float32, args=args)
     with no_autocast(stats.device):
-        backend.bn_running_update(stats, count, running_mean, running_var, momentum)
+        backend.bn_running_update(*args)
 
 
 @_bn_running_update.register_fake

@@ -7,8 +7,10 @@
 
 Backward (`pe_kernels::conv_fused_backward`) returns the gradients of x, weight, bias, in_scale, in_shift,
 out_scale, out_shift and residual; the gradient of `stats` flows back through acc. Both ops dispatch to the
-backend chosen by pe_kernels._backend. Autocast: x, weight, bias and residual run in the autocast dtype, the
-per-channel vectors and the statistics stay fp32.
+backend chosen by pe_kernels._backend; the backward to the one requested when the forward ran (`backend`, recorded
+in the autograd context, since autograd may run the backward on a thread that does not see use_backend()).
+Autocast: x, weight, bias and residual run in the autocast dtype, the per-channel vectors and the statistics stay
+fp32.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ def _conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opt
                 in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                 residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, compute_stats: bool) -> tuple[Tensor, Tensor]:
-    backend, _ = _backend.select("conv_fused", x.device, x.dtype)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
+            dilation, groups, compute_stats)
+    backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=args)
     with no_autocast(x.device):
-        return backend.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-                                  out_relu, stride, padding, dilation, groups, compute_stats)
+        return backend.conv_fused(*args)
 
 
 @_conv_fused.register_fake
@@ -57,19 +60,22 @@ def _conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor
                          bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                          in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                          residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
-                         dilation: Sequence[int], groups: int, y: Tensor, needs_grad: Sequence[bool]) -> list[Tensor]:
-    backend, _ = _backend.select("conv_fused_backward", x.device, x.dtype)
+                         dilation: Sequence[int], groups: int, y: Tensor, needs_grad: Sequence[bool],
+                         backend: str = "") -> list[Tensor]:
+    """`backend`: the request recorded by the forward ('' = the current request)."""
+    args = (grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+            out_relu, stride, padding, dilation, groups, y, needs_grad)
+    backend, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
     with no_autocast(x.device):
-        grads = backend.conv_fused_backward(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu,
-                                            out_scale, out_shift, residual, out_relu, stride, padding, dilation,
-                                            groups, y, needs_grad)
+        grads = backend.conv_fused_backward(*args)
     likes = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
     return pack_grads(grads, likes, x)
 
 
 @_conv_fused_backward.register_fake
 def _conv_fused_backward_fake(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale,
-                              out_shift, residual, out_relu, stride, padding, dilation, groups, y, needs_grad):
+                              out_shift, residual, out_relu, stride, padding, dilation, groups, y, needs_grad,
+                              backend=""):
     likes = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
     out = []
     for name, like, need in zip(CONV_GRAD_NAMES, likes, needs_grad):
@@ -87,6 +93,7 @@ def _setup_context(ctx, inputs, output):
      dilation, groups, compute_stats) = inputs
     ctx.save_for_backward(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, output[0])
     ctx.config = (in_relu, out_relu, list(stride), list(padding), list(dilation), groups, compute_stats)
+    ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
 
 
 def _backward(ctx, grad_y, grad_stats):
@@ -100,7 +107,7 @@ def _backward(ctx, grad_y, grad_stats):
         grad_stats = None
     grads = unpack_grads(torch.ops.pe_kernels.conv_fused_backward(
         grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-        out_relu, stride, padding, dilation, groups, y, needs))
+        out_relu, stride, padding, dilation, groups, y, needs, ctx.backend))
     dx, dw, db, d_in_scale, d_in_shift, d_out_scale, d_out_shift, d_residual = grads
     return (dx, dw, db, d_in_scale, d_in_shift, None, d_out_scale, d_out_shift, d_residual, None, None, None,
             None, None, None)

@@ -45,6 +45,15 @@ def pow2_tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+GPU_TILE_K = 64  # the GEMMs' reduction tile on a GPU (a shorter reduction is masked)
+
+
+def gpu_tile_n(n: int) -> int:
+    """A GEMM's column tile on a GPU: 64 or 128. Two sizes only (narrower groups are masked), so that layers of
+    different widths share compiled kernels."""
+    return 64 if n <= 64 else 128
+
+
 def upcast_bf16(dtype: torch.dtype) -> bool:
     """bf16 tl.dot returns garbage under the interpreter (triton #11584): feed it fp32 operands there."""
     return INTERPRET and dtype == torch.bfloat16
@@ -102,6 +111,16 @@ def empty_channels_last(shape: Sequence[int], dtype: torch.dtype, device: torch.
     return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
+def krsc(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """(weight, strides): the weight (K, C_g, R, S) in KRSC memory order (channels_last) and its strides
+    (R*S*C_g, 1, S*C_g, C_g) in logical order, also for size-1 dims (whose strides are never used), so B-operand
+    loads are contiguous along c and 1x1 and 3x3 convolutions share compiled kernels. No copy for 1x1 filters
+    or weights already channels_last; a copy of a KCRS 3x3 weight otherwise."""
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    _, C_g, R, S = weight.shape
+    return weight, (R * S * C_g, 1, S * C_g, C_g)
+
+
 def strides4(t: Optional[Tensor]) -> tuple[int, int, int, int]:
     """Element strides of a 4-D tensor in logical (N, C, H, W) order; zeros for an absent tensor."""
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
@@ -125,6 +144,62 @@ def nhwc_tile(pid_m, pid_k, M, K, H, W, BLOCK_M: tl.constexpr, BLOCK_K: tl.const
 def tile_offsets(n, h, w, k, s_n, s_c, s_h, s_w):
     """Element offsets (rows x channels) of a 4-D tensor with strides (s_n, s_c, s_h, s_w)."""
     return (n * s_n + h * s_h + w * s_w)[:, None] + (k * s_c)[None, :]
+
+
+@triton.jit
+def store_part(part_ptr, pid_m, M, slot_elems, offs, mask, value, PART_M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Store one program's per-column partial sum `value` into a partial-sum buffer of cdiv(M, PART_M) slots.
+
+    The buffer's layout does not depend on the launch config: a program of BLOCK_M = j * PART_M rows owns
+    slots pid_m*j ... pid_m*j + j-1 and writes `value` into the first, zeros into the others (masked to the
+    buffer). So every config writes the whole buffer: an autotuner's trials leave nothing stale, and the
+    buffer needs no zeroing. `part_ptr` points at this sum's column block (slot 0), `slot_elems` is the slot
+    stride in elements, `offs`/`mask` the columns."""
+    n_slots = tl.cdiv(M, PART_M)
+    for jj in tl.static_range(BLOCK_M // PART_M):
+        slot = pid_m * (BLOCK_M // PART_M) + jj
+        ptrs = part_ptr + slot.to(tl.int64) * slot_elems + offs
+        # (the slot test as a vector: the interpreter rejects a scalar mask broadcast into a block)
+        in_buffer = mask & (tl.zeros_like(offs) + slot < n_slots)
+        if jj == 0:
+            tl.store(ptrs, value, mask=in_buffer)
+        else:
+            tl.store(ptrs, tl.zeros_like(value), mask=in_buffer)
+
+
+def part_rows(configs, tiles: Optional[dict], interpret_block_m: int) -> int:
+    """PART_M, the rows per partial-sum slot: an explicit tile's BLOCK_M, the interpreter's single BLOCK_M, or
+    the smallest BLOCK_M among the autotune configs (every config's BLOCK_M is a multiple of it)."""
+    if tiles is not None and tiles.get("BLOCK_M") is not None:
+        return int(tiles["BLOCK_M"])
+    if INTERPRET:
+        return interpret_block_m
+    sizes = [c.kwargs["BLOCK_M"] for c in configs]
+    smallest = min(sizes)
+    if any(s % smallest for s in sizes):
+        raise ValueError(f"autotune BLOCK_M sizes {sizes} must be multiples of the smallest")
+    return smallest
+
+
+_DUMMIES: dict = {}
+
+
+def dummy(device: torch.device) -> Tensor:
+    """A 16-byte aligned fp32 tensor for pointer arguments a launch does not use (their loads are compiled
+    out). One dtype for all of them keeps compile and autotune keys independent of which arguments are absent."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(4, dtype=torch.float32, device=device)
+    return t
+
+
+def affine_pair(scale: Optional[Tensor], shift: Optional[Tensor], length: int, like: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """(scale, shift) as contiguous vectors, the absent one as its identity (ones / zeros), so that a kernel
+    has one affine flag instead of one per vector. The modules always pass both."""
+    scale = torch.ones(length, dtype=torch.float32, device=like.device) if scale is None else scale.contiguous()
+    shift = torch.zeros(length, dtype=torch.float32, device=like.device) if shift is None else shift.contiguous()
+    return scale, shift
 
 
 def launch(kernel, tuned_kernel, grid, args: tuple, meta: dict, tiles: Optional[dict]) -> None:

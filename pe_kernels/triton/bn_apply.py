@@ -9,8 +9,9 @@ Math (pe_kernels.reference.bn_apply / bn_apply_backward)::
     d_residual = g * residual_scale,  d_residual_scale = sum g * residual,  d_residual_shift = sum g
 
 Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
-per-tile fp32 partials (tiles, 3, K) [sum g*y, sum g, sum g*residual], reduced afterwards in a fixed order
-(deterministic, no atomics). Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
+per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual], reduced afterwards in a fixed order
+(deterministic, no atomics); every slot is written (store_part), so the buffer needs no zeroing.
+Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, Tensor, cdiv, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, empty_channels_last, nhwc_tile, pow2_tile, strides4, tile_offsets)
+from ._common import (INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype, check_same_device,
+                      check_shape, check_vector, dummy, empty_channels_last, nhwc_tile, pow2_tile, store_part, strides4,
+                      tile_offsets)
 
 
-@triton.jit
+# Spatial sizes do not help code generation: not specialised on (strides and K are).
+_NOT_SPECIALIZED = ["H", "W", "M"]
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _bn_apply_kernel(
     y_ptr,          # input (N, K, H, W), any strides
     scale_ptr,      # (K,) contiguous
@@ -38,7 +44,9 @@ def _bn_apply_kernel(
     syn, syc, syh, syw,          # y strides
     srn, src, srh, srw,          # residual strides
     son, soc, soh, sow,          # out strides
-    HAS_RES: tl.constexpr, HAS_RSCALE: tl.constexpr, HAS_RSHIFT: tl.constexpr, RELU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RES_AFFINE: tl.constexpr,    # residual * residual_scale + residual_shift (an absent one passed as identity)
+    RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(tl.program_id(0), tl.program_id(1), M, K, H, W,
@@ -51,10 +59,9 @@ def _bn_apply_kernel(
     if HAS_RES:
         r = tl.load(res_ptr + tile_offsets(n, h, w, k, srn, src, srh, srw), mask=mask, other=0.0)
         r = r.to(tl.float32)
-        if HAS_RSCALE:
-            r = r * tl.load(rscale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-        if HAS_RSHIFT:
-            r = r + tl.load(rshift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        if RES_AFFINE:
+            r = (r * tl.load(rscale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                 + tl.load(rshift_ptr + offs_k, mask=mask_k, other=0.0)[None, :])
         z = z + r
     if RELU:
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -62,7 +69,7 @@ def _bn_apply_kernel(
              z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _bn_apply_bwd_kernel(
     go_ptr,         # grad_out (N, K, H, W), any strides
     out_ptr,        # forward output (ReLU mask), any strides, or unused
@@ -72,7 +79,7 @@ def _bn_apply_bwd_kernel(
     rscale_ptr,     # (K,) residual_scale, contiguous, or unused
     dy_ptr,         # out: dy, any strides, or unused
     dres_ptr,       # out: d_residual, any strides, or unused
-    part_ptr,       # out: (tiles, 3, K) fp32 [sum g*y, sum g, sum g*residual]
+    part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g*y, sum g, sum g*residual], all written
     K, H, W, M,                  # channels, height, width, M = N*H*W
     sgn, sgc, sgh, sgw,          # grad_out strides
     son, soc, soh, sow,          # out strides
@@ -82,6 +89,7 @@ def _bn_apply_bwd_kernel(
     sen, sec, seh, sew,          # d_residual strides
     RELU: tl.constexpr, HAS_RSCALE: tl.constexpr,
     STORE_DY: tl.constexpr, SUM_GY: tl.constexpr, STORE_DRES: tl.constexpr, SUM_GR: tl.constexpr,
+    PART_M: tl.constexpr,        # rows per partial-sum slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -93,15 +101,19 @@ def _bn_apply_bwd_kernel(
     if RELU:
         o = tl.load(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow), mask=mask, other=0.0)
         g = tl.where(o > 0, g, 0.0)
-    part_row = part_ptr + pid_m.to(tl.int64) * 3 * K
-    tl.store(part_row + K + offs_k, tl.sum(g, axis=0), mask=mask_k)
+    # Every slot of the three sums is written (zeros where unused): the buffer needs no zeroing.
+    zero = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)
     if STORE_DY:
         dy = g * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
         tl.store(dy_ptr + tile_offsets(n, h, w, k, sdn, sdc, sdh, sdw),
                  dy.to(dy_ptr.dtype.element_ty), mask=mask)
     if SUM_GY:
         yv = tl.load(y_ptr + tile_offsets(n, h, w, k, syn, syc, syh, syw), mask=mask, other=0.0)
-        tl.store(part_row + offs_k, tl.sum(g * yv.to(tl.float32), axis=0), mask=mask_k)
+        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g * yv.to(tl.float32), axis=0), PART_M,
+                   BLOCK_M)
+    else:
+        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
     if STORE_DRES:
         dr = g
         if HAS_RSCALE:
@@ -110,7 +122,10 @@ def _bn_apply_bwd_kernel(
                  dr.to(dres_ptr.dtype.element_ty), mask=mask)
     if SUM_GR:
         rv = tl.load(res_ptr + tile_offsets(n, h, w, k, srn, src, srh, srw), mask=mask, other=0.0)
-        tl.store(part_row + 2 * K + offs_k, tl.sum(g * rv.to(tl.float32), axis=0), mask=mask_k)
+        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g * rv.to(tl.float32), axis=0),
+                   PART_M, BLOCK_M)
+    else:
+        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
 
 
 def _tiles(K: int, tiles: Optional[dict]) -> tuple[int, int]:
@@ -157,13 +172,14 @@ def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Ten
     has_res = residual is not None
     if M * K == 0:
         return out
+    unused = dummy(y.device)
+    res_affine = has_res and (residual_scale is not None or residual_shift is not None)
+    rscale, rshift = (_vec32(t) for t in affine_pair(residual_scale, residual_shift, K, y)) if res_affine else (
+        unused, unused)
     _bn_apply_kernel[(cdiv(M, block_m), cdiv(K, block_k))](
-        y, _vec32(scale), _vec32(shift), residual if has_res else y,
-        _vec32(residual_scale) if has_res and residual_scale is not None else y,
-        _vec32(residual_shift) if has_res and residual_shift is not None else y, out,
+        y, _vec32(scale), _vec32(shift), residual if has_res else y, rscale, rshift, out,
         K, H, W, M, *strides4(y), *strides4(residual), *strides4(out),
-        HAS_RES=has_res, HAS_RSCALE=has_res and residual_scale is not None,
-        HAS_RSHIFT=has_res and residual_shift is not None, RELU=bool(relu), BLOCK_M=block_m, BLOCK_K=block_k)
+        HAS_RES=has_res, RES_AFFINE=res_affine, RELU=bool(relu), BLOCK_M=block_m, BLOCK_K=block_k)
     return out
 
 
@@ -195,17 +211,20 @@ def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, resi
     block_m, block_k = _tiles(K, tiles)
     dy = empty_channels_last(y.shape, y.dtype, y.device) if need_y else None
     dres = empty_channels_last(residual.shape, residual.dtype, y.device) if need_res else None
-    part = torch.zeros((cdiv(M, block_m), 3, K), dtype=torch.float32, device=y.device)
-    grid = (cdiv(M, block_m), cdiv(K, block_k))
+    # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part).
+    part = torch.empty((cdiv(M, block_m), 3, K), dtype=torch.float32, device=y.device)
+    unused = dummy(y.device)
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(K, m["BLOCK_K"]))  # noqa: E731
     if M * K > 0:  # an empty input launches nothing (its sums are zeros)
         _bn_apply_bwd_kernel[grid](
             grad_out, out if relu else grad_out, y, residual if has_res else y, _vec32(scale),
-            _vec32(residual_scale) if has_res and residual_scale is not None else y,
+            _vec32(residual_scale) if has_res and residual_scale is not None else unused,
             dy if need_y else y, dres if need_res else y, part,
             K, H, W, M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y), *strides4(residual),
             *strides4(dy), *strides4(dres),
             RELU=bool(relu), HAS_RSCALE=has_res and residual_scale is not None, STORE_DY=need_y,
-            SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, BLOCK_M=block_m, BLOCK_K=block_k)
+            SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, PART_M=block_m, BLOCK_M=block_m,
+            BLOCK_K=block_k)
     sums = part.sum(dim=0)
     result[0] = dy
     if need_scale:

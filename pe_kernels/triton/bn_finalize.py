@@ -7,8 +7,8 @@ Math (pe_kernels.reference.bn_finalize / bn_running_update), stats = [sum y, sum
     running_mean = (1 - momentum) * running_mean + momentum * mean
     running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)     (unbiased)
 
-One small kernel does either or both (constexpr flags); fp32 math, running buffers updated in place in their
-own dtype and strides.
+One small kernel does either or both (runtime flags, so one compiled kernel serves both); fp32 math, running
+buffers updated in place in their own dtype and strides.
 """
 
 from __future__ import annotations
@@ -19,29 +19,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tensor, check_same_device, check_vector, pow2_tile
+from ._common import Tensor, affine_pair, check_same_device, check_vector, dummy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "s_row", "affine", "running"])
 def _bn_finalize_kernel(
     stats_ptr,      # (2, K) fp32 [sum y, sum y^2]
-    weight_ptr,     # (K,) BN weight (gamma) or unused
-    bias_ptr,       # (K,) BN bias (beta) or unused
+    weight_ptr,     # (K,) BN weight (gamma; ones when absent) or unused
+    bias_ptr,       # (K,) BN bias (beta; zeros when absent) or unused
     scale_ptr,      # out: (K,) fp32 contiguous, or unused
     shift_ptr,      # out: (K,) fp32 contiguous, or unused
     rmean_ptr,      # in/out: running_mean (K,) or unused
     rvar_ptr,       # in/out: running_var (K,) or unused
     K,              # channels
     s_row, s_col,   # stats strides
-    sw, sb,         # weight / bias strides
-    srm, srv,       # running_mean / running_var strides
+    sw, sb,         # weight / bias strides (1 when unused)
+    srm, srv,       # running_mean / running_var strides (1 when unused)
     count,          # n, the number of values per channel (float)
     unbias,         # n / (n - 1)
     eps,            # BN epsilon
     momentum,       # running-statistics momentum
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    AFFINE: tl.constexpr,       # write scale, shift
-    RUNNING: tl.constexpr,      # update running_mean, running_var
+    affine,         # 1: write scale, shift (a runtime flag: one compiled kernel serves both uses)
+    running,        # 1: update running_mean, running_var
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -50,16 +49,12 @@ def _bn_finalize_kernel(
     s2 = tl.load(stats_ptr + s_row + offs * s_col, mask=mask, other=0.0).to(tl.float32)
     mean = s1 / count
     var = tl.maximum(s2 / count - mean * mean, 0.0)
-    if AFFINE:
-        scale = 1.0 / tl.sqrt_rn(var + eps)
-        if HAS_WEIGHT:
-            scale = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32) * scale
-        shift = -mean * scale
-        if HAS_BIAS:
-            shift = tl.load(bias_ptr + offs * sb, mask=mask, other=0.0).to(tl.float32) + shift
+    if affine != 0:
+        scale = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32) / tl.sqrt_rn(var + eps)
+        shift = tl.load(bias_ptr + offs * sb, mask=mask, other=0.0).to(tl.float32) - mean * scale
         tl.store(scale_ptr + offs, scale, mask=mask)
         tl.store(shift_ptr + offs, shift, mask=mask)
-    if RUNNING:
+    if running != 0:
         rm = tl.load(rmean_ptr + offs * srm, mask=mask, other=0.0)
         rv = tl.load(rvar_ptr + offs * srv, mask=mask, other=0.0)
         rm = rm.to(tl.float32) * (1.0 - momentum) + momentum * mean
@@ -77,7 +72,8 @@ def _check_stats(stats: Tensor) -> int:
 
 
 def _block(K: int) -> int:
-    return pow2_tile(K, 16, 1024)
+    """One block size for every K (a grid over K): one compiled kernel whatever the layer width."""
+    return 512
 
 
 def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -91,12 +87,14 @@ def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optio
     check_same_device(stats.device, weight=weight, bias=bias)
     scale = torch.empty(K, dtype=torch.float32, device=stats.device)
     shift = torch.empty(K, dtype=torch.float32, device=stats.device)
+    if weight is None or bias is None:  # BatchNorm2d(affine=False): identity weight / bias
+        weight, bias = affine_pair(weight, bias, K, stats)
+    unused = dummy(stats.device)
     block = _block(K)
     _bn_finalize_kernel[(triton.cdiv(K, block),)](
-        stats, stats if weight is None else weight, stats if bias is None else bias, scale, shift, stats, stats,
-        K, stats.stride(0), stats.stride(1), weight.stride(0) if weight is not None else 0,
-        bias.stride(0) if bias is not None else 0, 0, 0, float(count), 1.0, float(eps), 0.0,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, AFFINE=True, RUNNING=False, BLOCK=block)
+        stats, weight, bias, scale, shift, unused, unused,
+        K, stats.stride(0), stats.stride(1), weight.stride(0), bias.stride(0), 1, 1, float(count), 1.0,
+        float(eps), 0.0, 1, 0, BLOCK=block)
     return scale, shift
 
 
@@ -109,9 +107,9 @@ def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_v
     check_vector("running_mean", running_mean, K)
     check_vector("running_var", running_var, K)
     check_same_device(stats.device, running_mean=running_mean, running_var=running_var)
+    unused = dummy(stats.device)
     block = _block(K)
     _bn_finalize_kernel[(triton.cdiv(K, block),)](
-        stats, stats, stats, stats, stats, running_mean, running_var,
-        K, stats.stride(0), stats.stride(1), 0, 0, running_mean.stride(0), running_var.stride(0),
-        float(count), count / (count - 1), 0.0, float(momentum),
-        HAS_WEIGHT=False, HAS_BIAS=False, AFFINE=False, RUNNING=True, BLOCK=block)
+        stats, unused, unused, unused, unused, running_mean, running_var,
+        K, stats.stride(0), stats.stride(1), 1, 1, running_mean.stride(0), running_var.stride(0),
+        float(count), count / (count - 1), 0.0, float(momentum), 0, 1, BLOCK=block)

@@ -12,15 +12,17 @@ Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x')
     dw[k,c,r,s] = sum_{n,p,q} g_acc[n,k,p,q] * x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]   (wgrad)
 
 Sums run over (n, p, q) or (n, h, w). All of them are deterministic: every program writes fp32 partial sums
-to its own slot, reduced afterwards by torch in a fixed order (no atomics). acc is recomputed with the
-forward kernel (no epilogue, fp32 output) only when it is needed (d_out_scale or grad_stats[1]).
+to its own slot, reduced afterwards by torch in a fixed order (no atomics). Slots hold PART_M rows whatever
+the autotune config, and every config writes every slot (store_part): no zeroing, nothing stale between
+autotune trials. acc (for d_out_scale or grad_stats[1]) is the saved output y when the forward had no
+epilogue (y = acc in x.dtype); otherwise it is recomputed with the forward kernel (fp32 output).
 
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
-                             (tiles, 3, K) partials [sum g, sum g*acc, sum g_acc].
+                             (slots, 3, K) partials [sum g, sum g*acc, sum g_acc].
   _conv_dgrad_kernel         rows (n, h, w), columns c of group g, reduction j = (r, s, k) with k fastest;
                              an output row p exists for (h, r) only when (h + ph - r*dh) is a multiple of sh.
-                             The prologue backward runs in its epilogue; (tiles, 2, C) partials.
+                             The prologue backward runs in its epilogue; (slots, 2, C) partials.
   _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
                              m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials.
 """
@@ -33,29 +35,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, Tensor, cdiv, check_4d, check_same_device, check_shape, check_vector,
-                      dot_precision, empty_channels_last, launch, nhwc_tile, pow2_tile, strides4, tile_offsets,
-                      upcast_bf16)
-from .conv_fwd import ConvGeometry, conv_fwd, conv_geometry, has_prologue
+from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_same_device, check_shape,
+                      check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n, krsc, launch, nhwc_tile,
+                      part_rows, pow2_tile, store_part, strides4, tile_offsets, upcast_bf16)
+from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
 
-_MIN_BLOCK_M = 64          # smallest BLOCK_M of the GPU configs (sizes the partial buffers)
 _INTERPRET_BLOCK_M = 128   # the interpreter's single configuration
 
 
 # --------------------------------------------------------------------------------------------------------------
 # 1. Epilogue backward (elementwise + per-channel reductions)
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["P", "Q", "M", "M_KEY"])
 def _conv_bwd_epilogue_kernel(
     gy_ptr,         # grad_y (N, K, P, Q), any strides
     y_ptr,          # forward output (N, K, P, Q), any strides (ReLU mask) or unused
-    acc_ptr,        # recomputed accumulator (N, K, P, Q) fp32, any strides, or unused
+    acc_ptr,        # accumulator (N, K, P, Q): y itself or recomputed in fp32, any strides, or unused
     out_scale_ptr,  # (K,) contiguous or unused
     gs_ptr,         # grad_stats (2, K) fp32 contiguous or unused
     gacc_ptr,       # out: g_acc (N, K, P, Q), any strides
     dres_ptr,       # out: d_residual (N, K, P, Q), any strides, or unused
-    part_ptr,       # out: (tiles, 3, K) fp32 [sum g, sum g*acc, sum g_acc]
+    part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g, sum g*acc, sum g_acc]
     K, P, Q, M,                  # channels, output height/width, M = N*P*Q
+    M_KEY,                       # M rounded up to a power of two (autotune key)
     sgn, sgc, sgh, sgw,          # grad_y strides
     syn, syc, syh, syw,          # y strides
     san, sac, sah, saw,          # acc strides
@@ -63,7 +65,7 @@ def _conv_bwd_epilogue_kernel(
     sdn, sdc, sdh, sdw,          # d_residual strides
     OUT_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_ACC: tl.constexpr, HAS_GS: tl.constexpr,
     STORE_DRES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     offs_m, offs_k, mask_m, mask_k, n, p, q, k = nhwc_tile(pid_m, tl.program_id(1), M, K, P, Q, BLOCK_M, BLOCK_N)
@@ -79,6 +81,7 @@ def _conv_bwd_epilogue_kernel(
                  g.to(dres_ptr.dtype.element_ty), mask=mask)
     if HAS_ACC:
         a = tl.load(acc_ptr + tile_offsets(n, p, q, k, san, sac, sah, saw), mask=mask, other=0.0)
+        a = a.to(tl.float32)
     g_acc = g
     if HAS_OUT_SCALE:
         g_acc = g * tl.load(out_scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
@@ -89,17 +92,20 @@ def _conv_bwd_epilogue_kernel(
     tl.store(gacc_ptr + tile_offsets(n, p, q, k, son, soc, soh, sow),
              g_acc.to(gacc_ptr.dtype.element_ty), mask=mask)
 
-    part_row = part_ptr + pid_m.to(tl.int64) * 3 * K
-    tl.store(part_row + offs_k, tl.sum(g, axis=0), mask=mask_k)
+    # Every slot of all three sums is written (zeros where unused): the buffer needs no zeroing.
+    store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)
     if HAS_ACC:
-        tl.store(part_row + K + offs_k, tl.sum(g * a, axis=0), mask=mask_k)
-    tl.store(part_row + 2 * K + offs_k, tl.sum(g_acc, axis=0), mask=mask_k)
+        g_a = tl.sum(g * a, axis=0)
+    else:
+        g_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, g_a, PART_M, BLOCK_M)
+    store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g_acc, axis=0), PART_M, BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # 2. dgrad: transposed grouped implicit GEMM, prologue backward in the epilogue
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _conv_dgrad_kernel(
     g_ptr,          # g_acc (N, K, P, Q), any strides
     w_ptr,          # weight (K, C_g, R, S), any strides
@@ -107,19 +113,20 @@ def _conv_dgrad_kernel(
     in_scale_ptr,   # (C,) contiguous or unused
     in_shift_ptr,   # (C,) contiguous or unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused
-    part_ptr,       # out: (tiles, 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
+    part_ptr,       # out: (cdiv(M, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
     C, H, W, P, Q, M,            # input channels, input height/width, output height/width, M = N*H*W
     C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
+    M_KEY,                       # M rounded up to a power of two (autotune key)
     sgn, sgc, sgh, sgw,          # g_acc strides
     swk, swc, swr, sws,          # weight strides
     sxn, sxc, sxh, sxw,          # x strides
     sdn, sdc, sdh, sdw,          # dx strides
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr,  # any of the three above
-    STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / the in_scale, in_shift partials
+    PROLOGUE: tl.constexpr,      # the forward loaded x' = act(x * in_scale + in_shift)
+    IN_RELU: tl.constexpr,
+    STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / the in_scale, in_shift partials (needs PROLOGUE)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -171,25 +178,19 @@ def _conv_dgrad_kernel(
     w64 = w.to(tl.int64)
     c64 = c.to(tl.int64)
     gm = acc
-    if HAS_PROLOGUE:
-        xv = tl.load(x_ptr + (n64 * sxn + h64 * sxh + w64 * sxw)[:, None] + (c64 * sxc)[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-        if HAS_IN_SCALE:
-            scale = tl.load(in_scale_ptr + c, mask=mask_n, other=0.0).to(tl.float32)
+    if PROLOGUE:
+        scale = tl.load(in_scale_ptr + c, mask=mask_n, other=0.0).to(tl.float32)
+        if IN_RELU or STATS:
+            xv = tl.load(x_ptr + (n64 * sxn + h64 * sxh + w64 * sxw)[:, None] + (c64 * sxc)[None, :],
+                         mask=mask, other=0.0).to(tl.float32)
         if IN_RELU:
-            pre = xv
-            if HAS_IN_SCALE:
-                pre = pre * scale[None, :]
-            if HAS_IN_SHIFT:
-                pre = pre + tl.load(in_shift_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            pre = xv * scale[None, :] + tl.load(in_shift_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             gm = tl.where(pre > 0, gm, 0.0)
         if STATS:
-            part_row = part_ptr + pid_m.to(tl.int64) * 2 * C
             gm_m = tl.where(mask, gm, 0.0)
-            tl.store(part_row + c, tl.sum(gm_m * xv, axis=0), mask=mask_n)
-            tl.store(part_row + C + c, tl.sum(gm_m, axis=0), mask=mask_n)
-        if HAS_IN_SCALE:
-            gm = gm * scale[None, :]
+            store_part(part_ptr, pid_m, M, 2 * C, c, mask_n, tl.sum(gm_m * xv, axis=0), PART_M, BLOCK_M)
+            store_part(part_ptr + C, pid_m, M, 2 * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
+        gm = gm * scale[None, :]
     if STORE_DX:
         tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
                  gm.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -198,7 +199,7 @@ def _conv_dgrad_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # 3. wgrad: grouped implicit GEMM over M = N*P*Q, prologue recomputed on load, split-M fp32 partials
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT"])
 def _conv_wgrad_kernel(
     g_ptr,          # g_acc (N, K, P, Q), any strides
     x_ptr,          # forward input (N, C, H, W), any strides
@@ -211,8 +212,8 @@ def _conv_wgrad_kernel(
     sgn, sgc, sgh, sgw,          # g_acc strides
     sxn, sxc, sxh, sxw,          # x strides
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr,  # any of the three above
+    PROLOGUE: tl.constexpr,      # x' = x * in_scale + in_shift (then ReLU if IN_RELU)
+    IN_RELU: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
 ):
@@ -233,9 +234,8 @@ def _conv_wgrad_kernel(
     r = rs // S
     s = rs % S
     c = grp * C_g + c_l
-    if HAS_IN_SCALE:
+    if PROLOGUE:
         scale = tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)
-    if HAS_IN_SHIFT:
         shift = tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -260,12 +260,8 @@ def _conv_wgrad_kernel(
         b_ptrs = (x_ptr + (n64 * sxn)[:, None] + (c.to(tl.int64) * sxc)[None, :]
                   + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)
         b = tl.load(b_ptrs, mask=in_bounds, other=0.0)
-        if HAS_PROLOGUE:
-            bf = b.to(tl.float32)
-            if HAS_IN_SCALE:
-                bf = bf * scale[None, :]
-            if HAS_IN_SHIFT:
-                bf = bf + shift[None, :]
+        if PROLOGUE:
+            bf = b.to(tl.float32) * scale[None, :] + shift[None, :]
             if IN_RELU:
                 bf = tl.maximum(bf, 0.0, propagate_nan=tl.PropagateNan.ALL)
             b = tl.where(in_bounds, bf, 0.0).to(x_ptr.dtype.element_ty)
@@ -278,15 +274,11 @@ def _conv_wgrad_kernel(
     tl.store(out, acc, mask=mask_k[:, None] & mask_j[None, :])
 
 
-def _gpu_configs():
-    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
-            for bm, nw, ns in ((64, 4, 3), (128, 4, 3), (128, 8, 3))]
-
-
-_conv_dgrad_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["M", "C_g", "RSK", "PRECISION"])(
+# Two configs for the dgrad GEMM (as the forward); the elementwise epilogue backward runs one.
+_conv_dgrad_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M_KEY", "C_g", "RSK", "PRECISION"])(
     _conv_dgrad_kernel)
-_conv_bwd_epilogue_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm}, num_warps=4) for bm in (64, 128)], key=["M", "K"])(
+EPILOGUE_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4)]
+_conv_bwd_epilogue_kernel_tuned = triton.autotune(configs=EPILOGUE_CONFIGS, key=["M_KEY", "K"])(
     _conv_bwd_epilogue_kernel)
 
 
@@ -303,22 +295,30 @@ def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu
     g_acc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), act_dtype, grad_y.device)
     d_res = empty_channels_last(residual.shape, residual.dtype, grad_y.device) if need_dres else None
     tile_m = _tile_m(tiles)
-    part = torch.zeros((cdiv(M, tile_m or _MIN_BLOCK_M), 3, geo.K), dtype=torch.float32, device=grad_y.device)
-    block_n = (tiles or {}).get("BLOCK_N") or pow2_tile(geo.K, 16, 256 if INTERPRET else 64)
+    tiles_m = {"BLOCK_M": tile_m} if tile_m else None
+    part_m = part_rows(EPILOGUE_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
+    part = torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=grad_y.device)
+    block_n = (tiles or {}).get("BLOCK_N") or (pow2_tile(geo.K, 16, 256) if INTERPRET else 64)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(geo.K, m["BLOCK_N"]))  # noqa: E731
-    dummy = grad_y
-    args = (grad_y, y if out_relu else dummy, dummy if acc is None else acc,
-            dummy if out_scale is None else out_scale.contiguous(),
-            dummy if grad_stats is None else grad_stats.to(torch.float32).contiguous(),
-            g_acc, dummy if d_res is None else d_res, part,
-            geo.K, geo.P, geo.Q, M, *strides4(grad_y), *strides4(y if out_relu else None), *strides4(acc),
-            *strides4(g_acc), *strides4(d_res))
+    unused = dummy(grad_y.device)
+    args = (grad_y, y if out_relu else grad_y, unused if acc is None else acc,
+            unused if out_scale is None else out_scale.contiguous(),
+            unused if grad_stats is None else grad_stats.to(torch.float32).contiguous(),
+            g_acc, grad_y if d_res is None else d_res, part,
+            geo.K, geo.P, geo.Q, M, triton.next_power_of_2(max(M, 1)), *strides4(grad_y),
+            *strides4(y if out_relu else None), *strides4(acc), *strides4(g_acc), *strides4(d_res))
     meta = dict(OUT_RELU=bool(out_relu), HAS_OUT_SCALE=out_scale is not None, HAS_ACC=acc is not None,
-                HAS_GS=grad_stats is not None, STORE_DRES=need_dres, BLOCK_N=block_n)
+                HAS_GS=grad_stats is not None, STORE_DRES=need_dres, PART_M=part_m, BLOCK_N=block_n)
     if M > 0:
-        launch(_conv_bwd_epilogue_kernel, _conv_bwd_epilogue_kernel_tuned, grid, args, meta,
-               {"BLOCK_M": tile_m} if tile_m else None)
+        launch(_conv_bwd_epilogue_kernel, _conv_bwd_epilogue_kernel_tuned, grid, args, meta, tiles_m)
     return g_acc, d_res, part.sum(dim=0)
+
+
+def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor) -> tuple[bool, Tensor, Tensor]:
+    """(PROLOGUE flag, scale, shift): identities for an absent vector, the dummy when there is no prologue."""
+    if has_prologue(in_scale, in_shift, in_relu):
+        return (True, *affine_pair(in_scale, in_shift, geo.C, x))
+    return False, dummy(x.device), dummy(x.device)
 
 
 def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
@@ -327,28 +327,35 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
     M = geo.N * geo.H * geo.W
     dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
     tile_m = _tile_m(tiles)
-    part = (torch.zeros((cdiv(M, tile_m or _MIN_BLOCK_M), 2, geo.C), dtype=torch.float32, device=x.device)
-            if need_stats else x)
+    tiles_m = {"BLOCK_M": tile_m} if tile_m else None
+    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
+    prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
+    need_stats = need_stats and prologue
+    part = (torch.empty((cdiv(M, part_m), 2, geo.C), dtype=torch.float32, device=x.device)
+            if need_stats else dummy(x.device))
     rsk = geo.R * geo.S * geo.K_g
-    meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256 if INTERPRET else 64))
+    if INTERPRET:
+        meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
+    else:
+        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=GPU_TILE_K)
     meta.update({k: v for k, v in (tiles or {}).items() if k != "BLOCK_M"})
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
-    args = (g_acc, weight, x, x if in_scale is None else in_scale.contiguous(),
-            x if in_shift is None else in_shift.contiguous(), x if dx is None else dx, part,
-            geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk,
-            *strides4(g_acc), *strides4(weight), *strides4(x), *strides4(dx),
+    weight, w_strides = krsc(weight)
+    args = (g_acc, weight, x, scale, shift, x if dx is None else dx, part,
+            geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, triton.next_power_of_2(max(M, 1)),
+            *strides4(g_acc), *w_strides, *strides4(x), *strides4(dx),
             *geo.stride, *geo.padding, *geo.dilation)
-    meta.update(HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_RELU=bool(in_relu),
-                HAS_PROLOGUE=has_prologue(in_scale, in_shift, in_relu),
-                STORE_DX=need_dx, STATS=need_stats, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype))
+    meta.update(PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m)
     if M > 0:
-        launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, grid, args, meta,
-               {"BLOCK_M": tile_m} if tile_m else None)
+        launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, grid, args, meta, tiles_m)
     return dx, (part.sum(dim=0) if need_stats else None)
 
 
 def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, tiles: Optional[dict]):
-    """Weight gradient (K, C_g, R, S) in weight.dtype; deterministic split-M fp32 reduction."""
+    """Weight gradient (K, C_g, R, S) in weight.dtype; deterministic split-M fp32 reduction.
+
+    Not autotuned: one config, and every (split, k, j) element of the partial buffer is written by the grid."""
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
     if M == 0:
@@ -356,7 +363,7 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, til
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
-        block_m, block_n, block_k = 64, pow2_tile(geo.K_g, 16, 64), pow2_tile(rsc, 16, 64)
+        block_m, block_n, block_k = 64, 64, GPU_TILE_K  # one tile shape for every layer: one compile per mode
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))
@@ -370,13 +377,11 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, til
     split = cdiv(M, m_per_split)
     part = torch.empty((split, geo.K, rsc), dtype=torch.float32, device=x.device)
     grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
+    prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     _conv_wgrad_kernel[grid](
-        g_acc, x, x if in_scale is None else in_scale.contiguous(), x if in_shift is None else in_shift.contiguous(),
-        part, geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, m_per_split,
-        *strides4(g_acc), *strides4(x), *geo.stride, *geo.padding, *geo.dilation,
-        HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_RELU=bool(in_relu),
-        HAS_PROLOGUE=has_prologue(in_scale, in_shift, in_relu),
-        UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
+        g_acc, x, scale, shift, part, geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc,
+        m_per_split, *strides4(g_acc), *strides4(x), *geo.stride, *geo.padding, *geo.dilation,
+        PROLOGUE=prologue, IN_RELU=bool(in_relu), UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     dw = part.sum(dim=0).view(geo.K, geo.R, geo.S, geo.C_g).permute(0, 3, 1, 2)
     return dw.to(weight.dtype).contiguous()
@@ -417,11 +422,17 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
     if not any(need):
         return grads
 
-    # acc is needed for d_out_scale and for the grad_stats[1] term; recompute it (fp32, no epilogue).
+    # acc is needed for d_out_scale and for the grad_stats[1] term. Without an epilogue the forward stored
+    # y = acc (in x.dtype, as the torch backend keeps it): read it. Otherwise recompute it (fp32, no epilogue).
     acc = None
     if need_osc or grad_stats is not None:
-        acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
-                          dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
+        if out_scale is None and out_shift is None and residual is None and not out_relu:
+            check_4d("y", y)
+            check_shape("y", y, out_shape)
+            acc = y
+        else:
+            acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
+                              padding, dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
     g_acc, d_res, sums = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu, geo,
                                             need_res, x.dtype, tiles)
     grads[1] = _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo, tiles) if need_w else None

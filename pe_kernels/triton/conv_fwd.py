@@ -11,11 +11,15 @@ Math (pe_kernels.reference.conv_fused)::
 GEMM view, per group g: rows m = (n, p, q) (M = N*P*Q), columns k in [g*K_g, (g+1)*K_g), reduction index
 j = (r, s, c) flattened with c fastest (RSC = R*S*C_g), so a narrow group (C_g of 8) with a 3x3 filter fills a
 BLOCK_K tile of 64 in one step instead of nine mostly-empty steps. Grid: (M tiles, groups * K_g tiles).
+The weight is read in KRSC order (channels_last; `krsc` copies a KCRS 3x3 weight), so its loads along c are
+contiguous for every filter size.
 Tensors are addressed through their strides (NCHW, channels_last and sliced inputs all work without a copy;
 NHWC gives contiguous loads along c and k). The output is channels_last.
 
-Statistics are deterministic: each M tile writes its column sums to its own row of a (tiles, 2, K) fp32
-buffer, summed over the tile axis afterwards in a fixed order (no atomics).
+Statistics are deterministic: each M tile writes its column sums to its own slot of a (cdiv(M, PART_M), 2, K)
+fp32 buffer, summed over the slot axis afterwards in a fixed order (no atomics). The buffer's layout does not
+depend on the autotune config and every config writes all of it (store_part), so autotune trials leave no
+stale partial sums and the buffer needs no zeroing.
 
 Dtypes: fp16/bf16/fp32 activations (weight in the same dtype), fp32 accumulation; fp32 operands use TF32 when
 torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any float dtype, read as fp32.
@@ -30,13 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, Tensor, cdiv, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, dot_precision, empty_channels_last, launch, pair, pow2_tile, strides4,
-                      upcast_bf16)
+from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
+                      check_same_device, check_shape, check_vector, dot_precision, dummy, empty_channels_last,
+                      gpu_tile_n, krsc, launch, pair, part_rows, pow2_tile, store_part, strides4, upcast_bf16)
 
-# Smallest BLOCK_M among the GPU configs: sizes the per-tile statistics buffer before autotuning picks one.
-_MIN_BLOCK_M = 64
-_INTERPRET_BLOCK_M = 128
+_INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
 
 
 @dataclass(frozen=True)
@@ -92,31 +94,42 @@ def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, groups, C // groups, K // groups, stride, padding, dilation)
 
 
-@triton.jit
+# Arguments that do not help code generation: not specialised on (value 1, divisibility by 16), so that
+# layers differing only in spatial size or conv geometry share one compiled kernel. Strides, channel counts
+# and RSC stay specialised: a unit channel stride and 16-divisible row strides give vectorised NHWC loads.
+_NOT_SPECIALIZED = ["H", "W", "P", "Q", "M", "S", "M_KEY", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H",
+                    "DIL_W"]
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _conv_fwd_kernel(
     x_ptr,          # input (N, C, H, W), any strides
     w_ptr,          # weight (K, C_g, R, S), any strides
     bias_ptr,       # (K,) or unused
-    in_scale_ptr,   # (C,) prologue scale or unused (contiguous)
-    in_shift_ptr,   # (C,) prologue shift or unused (contiguous)
-    out_scale_ptr,  # (K,) epilogue scale or unused (contiguous)
-    out_shift_ptr,  # (K,) epilogue shift or unused (contiguous)
+    in_scale_ptr,   # (C,) prologue scale (contiguous) or unused
+    in_shift_ptr,   # (C,) prologue shift (contiguous) or unused
+    out_scale_ptr,  # (K,) epilogue scale (contiguous) or unused
+    out_shift_ptr,  # (K,) epilogue shift (contiguous) or unused
     res_ptr,        # residual (N, K, P, Q), any strides, or unused
     y_ptr,          # output (N, K, P, Q), any strides; its element type is the stored dtype
-    part_ptr,       # (tiles, 2, K) fp32 per-M-tile [sum acc, sum acc^2], or unused
+    part_ptr,       # (cdiv(M, PART_M), 2, K) fp32 per-slot [sum acc, sum acc^2], or unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
+    M_KEY,                       # M rounded up to a power of two: the autotune key (unused in the body)
     sxn, sxc, sxh, sxw,          # x strides (elements)
     swk, swc, swr, sws,          # weight strides
     srn, src, srh, srw,          # residual strides
     syn, syc, syh, syw,          # y strides
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,   # conv geometry
-    HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr,  # any of the three above
-    HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr,
-    STATS: tl.constexpr,         # write the per-tile statistics
+    HAS_BIAS: tl.constexpr,
+    PROLOGUE: tl.constexpr,      # x' = x * in_scale + in_shift (then ReLU if IN_RELU)
+    IN_RELU: tl.constexpr,
+    EPILOGUE: tl.constexpr,      # y = acc * out_scale + out_shift (+ residual if HAS_RES, then ReLU if OUT_RELU)
+    HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr,
+    STATS: tl.constexpr,         # write the per-slot statistics
     UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
+    PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -157,12 +170,9 @@ def _conv_fwd_kernel(
         in_bounds = (mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
         a_ptrs = x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         a = tl.load(a_ptrs, mask=in_bounds, other=0.0)
-        if HAS_PROLOGUE:
-            af = a.to(tl.float32)
-            if HAS_IN_SCALE:
-                af = af * tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-            if HAS_IN_SHIFT:
-                af = af + tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+        if PROLOGUE:
+            af = a.to(tl.float32) * tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+            af = af + tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
             if IN_RELU:
                 af = tl.maximum(af, 0.0, propagate_nan=tl.PropagateNan.ALL)
             # The prologue acts on real pixels only: zero padding stays zero.
@@ -179,14 +189,12 @@ def _conv_fwd_kernel(
     if STATS:
         # Rows past M would carry the bias: drop them. Columns past K_g are zero and are not stored.
         acc_m = tl.where(mask_m[:, None], acc, 0.0)
-        part_row = part_ptr + pid_m.to(tl.int64) * 2 * K
-        tl.store(part_row + k, tl.sum(acc_m, axis=0), mask=mask_n)
-        tl.store(part_row + K + k, tl.sum(acc_m * acc_m, axis=0), mask=mask_n)
+        store_part(part_ptr, pid_m, M, 2 * K, k, mask_n, tl.sum(acc_m, axis=0), PART_M, BLOCK_M)
+        store_part(part_ptr + K, pid_m, M, 2 * K, k, mask_n, tl.sum(acc_m * acc_m, axis=0), PART_M, BLOCK_M)
 
     z = acc
-    if HAS_OUT_SCALE:
+    if EPILOGUE:
         z = z * tl.load(out_scale_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_OUT_SHIFT:
         z = z + tl.load(out_shift_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask_out = mask_m[:, None] & mask_n[None, :]
     n64 = n.to(tl.int64)
@@ -202,14 +210,13 @@ def _conv_fwd_kernel(
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
-def _gpu_configs():
-    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
-            for bm, nw, ns in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4))]
+# GPU configs: two, so that a model's first step compiles few kernels (each config is one compile per
+# specialisation). 128-row tiles give wgmma on sm_90; 4 or 8 warps.
+GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=nw, num_stages=3) for nw in (4, 8)]
 
-
-# On a GPU: autotuned over BLOCK_M / warps / stages (BLOCK_N, BLOCK_K follow the group widths). Under the
-# interpreter the launcher calls the plain kernel with its single configuration.
-_conv_fwd_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["M", "K_g", "RSC", "PRECISION"])(
+# On a GPU: autotuned over warps (BLOCK_N, BLOCK_K follow the group widths), keyed on the GEMM's shape with M
+# rounded up to a power of two. Under the interpreter the launcher calls the plain kernel with one config.
+_conv_fwd_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M_KEY", "K_g", "RSC", "PRECISION"])(
     _conv_fwd_kernel)
 
 
@@ -218,10 +225,11 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
 
 
 def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N / BLOCK_K from the group widths (a narrow group does not pad its tile to 64)."""
+    """BLOCK_N from the group width (64 or 128), BLOCK_K = 64; under the interpreter, tiles that cover a
+    tiny test's group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
-    return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 64))
+    return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=GPU_TILE_K)
 
 
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -256,25 +264,28 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     if tile_m is None and INTERPRET:
         tile_m = _INTERPRET_BLOCK_M
     tiles_m = {"BLOCK_M": tile_m} if tile_m is not None else None
+    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
 
-    # Unused pointer arguments get `x`: their loads are compiled out by the constexpr flags.
-    def vec(t):
-        return x if t is None else t.contiguous()
-
-    part = (torch.zeros((cdiv(M, tile_m or _MIN_BLOCK_M), 2, geo.K), dtype=torch.float32, device=x.device)
-            if compute_stats else x)
+    unused = dummy(x.device)
+    prologue = has_prologue(in_scale, in_shift, in_relu)
+    in_scale, in_shift = affine_pair(in_scale, in_shift, geo.C, x) if prologue else (unused, unused)
+    epilogue = out_scale is not None or out_shift is not None
+    out_scale, out_shift = affine_pair(out_scale, out_shift, geo.K, x) if epilogue else (unused, unused)
+    # Every slot is written by every config (store_part): no zeroing, nothing stale between autotune trials.
+    part = (torch.empty((cdiv(M, part_m), 2, geo.K), dtype=torch.float32, device=x.device)
+            if compute_stats else unused)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.K_g, m["BLOCK_N"]))  # noqa: E731
-    args = (x, weight, vec(bias), vec(in_scale), vec(in_shift), vec(out_scale), vec(out_shift),
+    weight, w_strides = krsc(weight)
+    args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
             x if residual is None else residual, y, part,
             geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
-            *strides4(x), *strides4(weight), *strides4(residual), *strides4(y),
+            triton.next_power_of_2(max(M, 1)),
+            *strides4(x), *w_strides, *strides4(residual), *strides4(y),
             *geo.stride, *geo.padding, *geo.dilation)
-    meta.update(HAS_BIAS=bias is not None, HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None,
-                IN_RELU=bool(in_relu), HAS_PROLOGUE=has_prologue(in_scale, in_shift, in_relu),
-                HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
+    meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype))
-    if M > 0:  # an empty batch launches nothing (its statistics are zeros)
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m)
+    if M > 0:  # an empty batch launches nothing (its statistics, a sum over no slot, are zeros)
         launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, grid, args, meta, tiles_m)
     if compute_stats:
         stats = part.sum(dim=0)

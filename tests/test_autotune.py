@@ -1,0 +1,241 @@
+"""pe_kernels.autotune: the decision logic (injected timings), correctness refusals (a wrong backend, one that
+raises, a mutating op measured on copies), the on-disk cache round trip, and `auto` following the cache.
+
+Timings are injected (a fake timer), so no test depends on speed. Tests take `kernel_device` (conftest.py): on
+CPU the triton candidate runs under the interpreter; on a GPU machine the same tests run on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import pe_kernels
+from _devices import require_backend
+from pe_kernels import _backend, reference
+from pe_kernels.nn import PackedConvBNReLU2d
+
+at = importlib.import_module("pe_kernels.tuning")  # the module behind the function `pe_kernels.autotune`
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets an empty cache dir and no in-memory choices; nothing leaks into other test files."""
+    monkeypatch.setenv("PE_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PE_KERNELS_AUTOTUNE", raising=False)
+    monkeypatch.delenv("PE_KERNELS_BACKEND", raising=False)
+    at._tables.clear()
+    at._first_call_session.cache_clear()
+    yield
+    at._tables.clear()
+    at._first_call_session.cache_clear()
+
+
+def timings(**ms):
+    """A fake timer: fixed milliseconds per backend (the call itself is not run)."""
+    return lambda op, backend, fn: ms[backend]
+
+
+def apply_args(device, relu=True):
+    """Backend-level arguments of bn_apply: (y, scale, shift, residual, residual_scale, residual_shift, relu)."""
+    y = torch.randn(2, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
+    return (y, torch.rand(8, device=device) + 0.5, torch.randn(8, device=device), None, None, None, relu)
+
+
+class Wrong:
+    """A backend that returns slightly wrong results (as a miscompiled kernel might on some GPU)."""
+
+    @staticmethod
+    def bn_apply(*args):
+        return reference.bn_apply(*args) * 1.01 + 0.01
+
+    @staticmethod
+    def bn_running_update(stats, count, running_mean, running_var, momentum):
+        reference.bn_running_update(stats, count, running_mean, running_var, momentum)
+        running_var.add_(0.1)
+
+
+class Raises:
+    @staticmethod
+    def bn_apply(*args):
+        raise RuntimeError("boom: no kernel for this shape")
+
+
+def test_shape_key_tells_geometry_apart_and_ignores_floats():
+    x = torch.randn(2, 8, 5, 5)
+    w = torch.randn(8, 4, 3, 3)
+    base = (x, w, None, [1, 1], [1, 1], 2, False, 1e-5)
+    assert at.shape_key(base) == at.shape_key((x.clone(), w.clone(), None, [1, 1], [1, 1], 2, False, 0.1))
+    for other in ((x, w, None, [2, 2], [1, 1], 2, False, 1e-5), (x, w, None, [1, 1], [1, 1], 4, False, 1e-5),
+                  (x[:1], w, None, [1, 1], [1, 1], 2, False, 1e-5), (x, w, w[0, 0, 0], [1, 1], [1, 1], 2, False, 0.)):
+        assert at.shape_key(other) != at.shape_key(base)
+    assert at.shape_key((x.contiguous(memory_format=torch.channels_last),) + base[1:]) != at.shape_key(base)
+    key = at.shape_key((x, w, None, None, None, False, None, None, None, True, [2, 2], [1, 1], [1, 1], 2, True))
+    assert at.describe("conv_fused", key) == "x=2x8x5x5 weight=8x4x3x3 stride=2x2 padding=1x1 dilation=1x1 groups=2"
+
+
+@pytest.mark.parametrize("fast, slow", [("triton", "torch"), ("torch", "triton")])
+def test_fastest_correct_backend_is_chosen(kernel_device, fast, slow):
+    require_backend("triton")
+    choice = at.measure("bn_apply", apply_args(kernel_device), kernel_device, torch.float32,
+                        timer=timings(**{fast: 1.0, slow: 3.0}), warmup=0, repeats=3)
+    assert choice.backend == fast
+    assert choice.median_ms == {fast: 1.0, slow: 3.0}
+    assert "triton" not in choice.refused
+    assert choice.why == ("3.00x torch" if fast == "triton" else "fastest correct")
+
+
+def test_wrong_backend_is_refused_even_when_faster(kernel_device):
+    require_backend("triton")
+    choice = at.measure("bn_apply", apply_args(kernel_device), kernel_device, torch.float32,
+                        timer=timings(torch=5.0, triton=1.0), warmup=0, repeats=1, candidates={"triton": Wrong})
+    assert choice.backend == "torch"
+    assert set(choice.median_ms) == {"torch"}
+    assert choice.refused["triton"].startswith("wrong on this device: output 0:")
+    assert "outside the error budget" in choice.refused["triton"]
+
+
+def test_backend_that_raises_is_refused_with_the_exception(kernel_device):
+    require_backend("triton")
+    choice = at.measure("bn_apply", apply_args(kernel_device), kernel_device, torch.float32,
+                        timer=timings(torch=5.0, triton=1.0), warmup=0, repeats=1, candidates={"triton": Raises})
+    assert choice.backend == "torch"
+    assert choice.refused["triton"] == "raised RuntimeError: boom: no kernel for this shape"
+
+
+def test_mutating_op_is_measured_on_copies_and_its_writes_are_checked(kernel_device):
+    require_backend("triton")
+    stats = torch.stack([torch.randn(8), torch.rand(8) + 1]).to(kernel_device) * 32
+    mean, var = torch.zeros(8, device=kernel_device), torch.ones(8, device=kernel_device)
+    args = (stats, 32, mean, var, 0.1)
+    timer = timings(torch=2.0, triton=1.0)
+    good = at.measure("bn_running_update", args, kernel_device, torch.float32, timer=timer, warmup=2, repeats=3)
+    assert good.backend == "triton"
+    bad = at.measure("bn_running_update", args, kernel_device, torch.float32, timer=timer, warmup=0, repeats=1,
+                     candidates={"triton": Wrong})
+    assert bad.backend == "torch" and "output 1" in bad.refused["triton"]  # running_var, the second write
+    assert torch.equal(mean.cpu(), torch.zeros(8)) and torch.equal(var.cpu(), torch.ones(8)), "originals changed"
+
+
+def test_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
+    ident = ("Some GPU 80GB", "sm_90")
+    key = ("conv_fused", at.shape_key((torch.randn(2, 8, 5, 5), torch.randn(8, 4, 3, 3), None, [1, 1], 2, True)),
+           "float16")
+    record = {"op": "conv_fused", "key": json.dumps(key[1]), "dtype": "float16", "shape": "x=2x8x5x5",
+              "backend": "triton", "median_ms": {"torch": 2.0, "triton": 1.0}, "refused": {}}
+    path = at.cache_file(tmp_path, ident)
+    assert path.name == "autotune-Some-GPU-80GB-sm_90.json"
+    at.write_cache(path, ident, {key: record})
+    assert at.read_cache(path, ident) == {key: record}
+    assert at.read_cache(path, ("Other GPU", "sm_90")) == {}
+    assert at.read_cache(tmp_path / "missing.json", ident) == {}
+    monkeypatch.setattr(at, "_versions", lambda: {"torch": "9.9", "triton": None, "pe_kernels": "0.1.0"})
+    assert at.read_cache(path, ident) == {}, "a cache written by other versions must be ignored"
+
+
+def _bn_apply_under_auto(args):
+    y, scale, shift, _, _, _, relu = args
+    with pe_kernels.use_backend("auto"):
+        out = pe_kernels.ops.bn_apply(y, scale, shift, relu=relu)
+    return out, pe_kernels.last_dispatch()
+
+
+def _write_choice(args, backend, tmp_path):
+    device = args[0].device
+    ident = at._identity(device.type, device.index)
+    key = ("bn_apply", at.shape_key(args), "float32")
+    record = {"op": "bn_apply", "key": json.dumps(key[1]), "dtype": "float32", "shape": "", "backend": backend,
+              "median_ms": {}, "refused": {}}
+    at.write_cache(at.cache_file(tmp_path, ident), ident, {key: record})
+
+
+def test_auto_follows_the_cached_choice(kernel_device, tmp_path):
+    require_backend("triton")
+    args = apply_args(kernel_device)
+    _, before = _bn_apply_under_auto(args)
+    assert "measured" not in before.reason
+    at._tables.clear()
+    _write_choice(args, "triton", tmp_path)
+    out, chosen = _bn_apply_under_auto(args)
+    assert chosen.backend == "triton" and "measured fastest correct" in chosen.reason
+    torch.testing.assert_close(out, reference.bn_apply(*args))
+    _, other_shape = _bn_apply_under_auto(apply_args(kernel_device, relu=False))  # another key: not in the cache
+    assert "measured" not in other_shape.reason
+
+
+def test_auto_skips_a_cached_backend_that_cannot_run(kernel_device, tmp_path, monkeypatch):
+    args = apply_args(kernel_device)
+    _write_choice(args, "cuda", tmp_path)
+    monkeypatch.setattr(_backend, "_static_reason", lambda name: None if name == "torch" else "not here")
+    _, chosen = _bn_apply_under_auto(args)
+    assert chosen.backend == "torch"
+
+
+def test_nothing_tuned_costs_no_key(kernel_device, monkeypatch):
+    """With no cache for the device and no tuning asked, `auto` never computes a shape key."""
+    monkeypatch.setattr(at, "shape_key", lambda args: pytest.fail("shape key computed on the untuned hot path"))
+    _, chosen = _bn_apply_under_auto(apply_args(kernel_device))
+    assert "measured" not in chosen.reason
+
+
+def test_autotune_a_training_step_then_auto_uses_it(kernel_device, tmp_path):
+    require_backend("triton")
+    torch.manual_seed(0)
+    layer = PackedConvBNReLU2d(8, 8, 3, alpha=2, num_estimators=2, gamma=2, padding=1,
+                               minimum_channels_per_group=4).to(kernel_device).train()
+    x = torch.randn(2, 16, 6, 6, device=kernel_device)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    report = pe_kernels.autotune(layer, x, backward=True, timer=timings(torch=2.0, triton=1.0, cuda=3.0),
+                                 warmup=0, repeats=1, cache_dir=tmp_path / "tuned")
+    ops = [row.op for row in report.rows]
+    assert sorted(ops) == sorted(["conv_fused", "bn_finalize", "bn_running_update", "bn_apply",
+                                  "bn_apply_backward", "conv_fused_backward"])
+    assert all(row.backend == "triton" for row in report.rows), str(report)
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items()), "the user's model was changed"
+    assert all(p.grad is None for p in layer.parameters())
+    text = str(report)
+    assert "conv_fused_backward" in text and "2.00x torch" in text and str(tmp_path / "tuned") in text
+    files = list((tmp_path / "tuned").glob("autotune-*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())["choices"]) == 6
+    with pe_kernels.use_backend("auto"):  # this process follows the choices just made
+        layer(x)
+    assert pe_kernels.last_dispatch().backend == "triton"
+
+
+def test_first_call_tuning_from_the_environment(kernel_device, tmp_path, monkeypatch):
+    monkeypatch.setenv("PE_KERNELS_AUTOTUNE", "1")
+    out, chosen = _bn_apply_under_auto(apply_args(kernel_device))
+    assert "measured fastest correct" in chosen.reason
+    (path,) = tmp_path.glob("autotune-*.json")
+    (record,) = json.loads(path.read_text())["choices"]
+    assert record["op"] == "bn_apply" and record["backend"] == chosen.backend and "torch" in record["median_ms"]
+
+
+def test_autotune_argument_errors():
+    layer = PackedConvBNReLU2d(8, 8, 1, alpha=1, num_estimators=1).eval()
+    with pytest.raises(ValueError, match="model.train"):
+        pe_kernels.autotune(layer, torch.randn(1, 8, 2, 2), backward=True)
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        pe_kernels.autotune(layer, torch.randn(1, 8, 2, 2), repeats=0)
+    with pytest.raises(ValueError, match="not backends"):
+        at.measure("bn_apply", apply_args("cpu"), torch.device("cpu"), torch.float32, candidates={"cudnn": Wrong})
+    report = pe_kernels.autotune(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 2, 2))
+    assert report.rows == () and "nothing to tune" in str(report)
+
+
+def test_tf32_gets_fp16_budget_on_cuda(monkeypatch):
+    """fp32 under TF32 (a CUDA tensor, torch's cuDNN TF32 flag on) has fp16's operand rounding: a correct TF32 result
+    must pass (on an H100 a x4 fp32 atol refused a correct Triton conv), and with TF32 off the same error is refused."""
+    g = torch.Generator().manual_seed(3)
+    ref64 = torch.randn(4, 16, 6, 6, generator=g, dtype=torch.float64) * 5
+    same = ref64.float()  # cuDNN may pick a non-TF32 algorithm: no error to borrow from
+    tf32_like = (ref64 * (1 + 3e-4 * torch.randn(ref64.shape, generator=g, dtype=torch.float64))).float()
+    cuda = torch.device("cuda")  # check() reads only the device type; the tensors stay on the CPU
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert at.check([tf32_like], [same], [ref64], torch.float32, cuda) is None
+    assert at.check([tf32_like], [same], [ref64], torch.float32, torch.device("cpu")) is not None  # CPU: exact fp32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert "outside the error budget" in at.check([tf32_like], [same], [ref64], torch.float32, cuda)

@@ -1,0 +1,107 @@
+"""How many Triton kernels a model's first step compiles, counted offline (tools/count_triton_compiles.py).
+
+Each distinct specialisation x autotune config costs ~1 s of compilation on the GPU before the first step runs;
+each distinct autotune key a benchmarking round. The count is deterministic (launch metadata only), so a change
+that multiplies constexpr flags, specialised integers or configs fails here. Measured 2026-11 for PE-(2,4,1)
+fp16, train step + eval forward at batch 128, 32x32: 320 compiles and 96 autotune keys before the cut, 40 and
+42 after. Skip with `-m "not slow"` (a dry run of a ResNet-50 at batch 128 on CPU, ~15 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "count_triton_compiles.py"
+
+COMPILE_BUDGET = 40        # PE-(2,4,1) fp16, train step + eval forward
+AUTOTUNE_KEY_BUDGET = 44
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("count_triton_compiles_under_test", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(TOOL), *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_pe_2_4_1_first_step_compiles_within_budget():
+    summary = json.loads(_run("--model", "pe-2-4-1", "--dtype", "fp16", "--json"))
+    assert summary["batch"] == 128 and summary["image"] == 32
+    per_kernel = summary["compiles"]
+    assert summary["total_compiles"] <= COMPILE_BUDGET, per_kernel
+    assert summary["total_autotune_keys"] <= AUTOTUNE_KEY_BUDGET, summary["autotune_keys"]
+    # every kernel family of a training step was reached (a dry run that launched nothing would pass the budget)
+    assert set(per_kernel) == {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
+                               "_conv_bwd_epilogue_kernel", "_bn_finalize_kernel", "_bn_apply_kernel",
+                               "_bn_apply_bwd_kernel"}
+    assert summary["total_launches"] > 300
+
+
+@pytest.mark.slow
+def test_launch_sequence_does_not_depend_on_data():
+    out = _run("--verify")
+    assert "identical" in out, out
+
+
+def test_specialisation_mirrors_triton():
+    """The tool's key function against the installed Triton's own specialisation, where it can be called."""
+    tool = _tool()
+    values = [1, 0, 16, 17, 48, 2**31, -1, True, 1.5, None, torch.empty(8, dtype=torch.float16),
+              torch.empty(9, dtype=torch.float32)[1:]]
+    expected = [("constexpr", 1), ("i32", "D"), ("i32", "D"), ("i32", ""), ("i32", "D"), ("i64", "D"),
+                ("i32", ""), ("u1", None), ("fp32", None), ("constexpr", None), ("*fp16", "D"), ("*fp32", "")]
+    assert [tool.specialize(v) for v in values] == expected
+    assert tool.specialize(1, specialize_value=False) == ("i32", None)
+    assert tool.specialize(32, specialize_value=False) == ("i32", None)
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+        native_specialize_impl(BaseBackend, 16, False, True, True)
+    except (ImportError, TypeError) as exc:
+        pytest.skip(f"this Triton has no native_specialize_impl(backend, arg, is_const, specialize, align): {exc}")
+    for value, mine in zip(values, expected):
+        assert tuple(native_specialize_impl(BaseBackend, value, False, True, True)) == mine, value
+
+
+def test_compile_key_counts_flags_configs_and_specialised_ints():
+    """Distinct constexprs, num_warps, int divisibility and pointer dtypes give distinct keys; do_not_specialize
+    ints and tensor values do not."""
+    import triton
+    import triton.language as tl
+
+    def body(x_ptr, n, m, FLAG: tl.constexpr):
+        pass
+
+    kernel = triton.JITFunction(body, do_not_specialize=["m"])
+    tool = _tool()
+    x = torch.zeros(16)
+
+    def key(*args, **kwargs):
+        return tool.compile_key(kernel, args, kwargs)
+
+    assert key(x, 32, 5, FLAG=True) == key(torch.ones(16), 48, 7, FLAG=True)       # values, m unspecialised
+    assert key(x, 32, 5, FLAG=True) != key(x, 33, 5, FLAG=True)                     # n % 16
+    assert key(x, 32, 5, FLAG=True) != key(x, 1, 5, FLAG=True)                      # n == 1
+    assert key(x, 32, 5, FLAG=True) != key(x, 32, 5, FLAG=False)                    # constexpr
+    assert key(x, 32, 5, FLAG=True) != key(x.half(), 32, 5, FLAG=True)              # pointer dtype
+    assert key(x, 32, 5, FLAG=True) == key(x, 32, 5, FLAG=True, num_warps=4, num_stages=3)  # defaults
+    assert key(x, 32, 5, FLAG=True) != key(x, 32, 5, FLAG=True, num_warps=8)        # config
