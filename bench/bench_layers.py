@@ -119,8 +119,9 @@ def conv_layers(model_name: str, size: int = GPU_SIZE) -> list[ConvLayer]:
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for i, block in enumerate(getattr(model, stage)):
             h_in = h
-            for j, (conv, _) in enumerate(block._chain()):
-                h = add(f"{stage}.{i}.conv{j + 1}", conv, h)
+            for name, child in block.named_children():  # conv1, conv2(, conv3) in order of registration
+                if name.startswith("conv"):
+                    h = add(f"{stage}.{i}.{name}", child, h)
             if len(block.shortcut) > 0:
                 add(f"{stage}.{i}.shortcut", block.shortcut[0], h_in)
     return [ConvLayer(model_name, name, *key, count=count) for key, (name, count) in found.items()]

@@ -106,6 +106,16 @@ Tensor empty_cl(at::IntArrayRef shape, const Tensor& like) {
   return at::empty(shape, like.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
+// A (2, K) per-channel pair (statistics or their gradient): parameter dtype, contiguous, on the input's device.
+void check_stats_pair(const Tensor& t, int64_t K, const char* fn, const char* name, const Tensor& like) {
+  const auto pdt = param_dtype(like.scalar_type());
+  TORCH_CHECK(t.device() == like.device() && t.dim() == 2 && t.size(0) == 2 && t.size(1) == K &&
+                  t.scalar_type() == pdt && t.is_contiguous(),
+              "pe_kernels._C.", fn, ": ", name, " must be a contiguous (2, ", K, ") ", pdt, " tensor on ",
+              like.device(), ", got shape ", t.sizes(), " dtype ", t.scalar_type(), " device ", t.device(),
+              " strides ", t.strides());
+}
+
 // ------------------------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> conv_fused(const Tensor& x, const Tensor& weight, const OptTensor& bias,
@@ -164,7 +174,7 @@ std::vector<OptTensor> conv_fused_backward(
     const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const OptTensor& out_scale,
     const OptTensor& out_shift, const OptTensor& residual, bool out_relu, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, const Tensor& y,
-    std::vector<bool> needs_grad, bool allow_tf32) {
+    std::vector<bool> needs_grad, const OptTensor& stats, bool allow_tf32) {
   const char* fn = "conv_fused_backward";
   TORCH_CHECK(needs_grad.size() == 8, "pe_kernels._C.", fn, ": needs_grad must have 8 entries, got ",
               needs_grad.size());
@@ -185,14 +195,15 @@ std::vector<OptTensor> conv_fused_backward(
     check_activation(*residual, fn, "residual", x);
     check_same_shape(*residual, {s.N, s.K, s.P, s.Q}, fn, "residual");
   }
+  // grad_stats and the forward's stats ([mean, M2]): empty tensors count as absent; stats is needed (and read)
+  // only with grad_stats.
   const bool has_gs = grad_stats.has_value() && grad_stats->numel() > 0;
+  const bool has_st = stats.has_value() && stats->numel() > 0;
+  TORCH_CHECK_VALUE(!has_gs || has_st, "pe_kernels._C.", fn, ": grad_stats is given but stats (the forward's (2, ",
+                    s.K, ") statistics [mean, M2]) is missing");
   if (has_gs) {
-    const auto pdt = param_dtype(x.scalar_type());
-    TORCH_CHECK(grad_stats->device() == x.device() && grad_stats->dim() == 2 && grad_stats->size(0) == 2 &&
-                    grad_stats->size(1) == s.K && grad_stats->scalar_type() == pdt && grad_stats->is_contiguous(),
-                "pe_kernels._C.", fn, ": grad_stats must be a contiguous (2, ", s.K, ") ", pdt, " tensor on ",
-                x.device(), ", got shape ", grad_stats->sizes(), " dtype ", grad_stats->scalar_type(), " device ",
-                grad_stats->device());
+    check_stats_pair(*grad_stats, s.K, fn, "grad_stats", x);
+    check_stats_pair(*stats, s.K, fn, "stats", x);
   }
   const bool need_x = needs_grad[0], need_w = needs_grad[1];
   const bool need_b = needs_grad[2] && bias.has_value();
@@ -214,7 +225,7 @@ std::vector<OptTensor> conv_fused_backward(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const auto popts = x.options().dtype(param_dtype(x.scalar_type()));
 
-  // The accumulator (conv + bias) is needed for grad out_scale and the grad of the squared statistics; it is
+  // The accumulator (conv + bias) is needed for grad out_scale and the grad of M2 (2*(acc - mean)); it is
   // recomputed by the forward kernel (same prologue), which also makes the ReLU mask exact.
   OptTensor acc;
   if (need_os || has_gs) {
@@ -251,6 +262,7 @@ std::vector<OptTensor> conv_fused_backward(
     e.out_shift = cptr(out_shift);
     e.residual = cptr(residual);
     e.grad_stats = has_gs ? grad_stats->data_ptr() : nullptr;
+    e.stats = has_gs ? stats->data_ptr() : nullptr;
     e.out_relu = out_relu;
     e.grad_acc = grad_acc.data_ptr();
     e.grad_residual = mptr(g_res);

@@ -1,13 +1,15 @@
 // BatchNorm pieces of the kernel family (torch-free): finalize, running-stat update, apply, apply-backward.
 //
-//   finalize:  mean = s1/n, var = max(s2/n - mean^2, 0), invstd = 1/sqrt(var + eps),
+//   stats:     (2, K) = [mean, M2] over n = count rows (M2 = sum of squared deviations, conv_fwd.cu)
+//   finalize:  var = M2/n (biased), invstd = 1/sqrt(var + eps),
 //              scale = weight*invstd, shift = bias - mean*scale                       (weight/bias optional)
-//   running:   r_mean = (1-m)*r_mean + m*mean,  r_var = (1-m)*r_var + m*var*n/(n-1)   (BatchNorm2d, unbiased)
+//   running:   r_mean = (1-m)*r_mean + m*mean,  r_var = (1-m)*r_var + m*M2/(n-1)      (BatchNorm2d, unbiased)
 //   apply:     out = relu?(y*scale + shift + residual*residual_scale + residual_shift)
-//   backward:  g = grad_out*(out > 0 if relu); grad_y = g*scale; grad_residual = g*residual_scale;
+//   backward:  g = grad_out, zeroed where out <= 0 if relu (NaN passes, as torch's threshold_backward);
+//              grad_y = g*scale; grad_residual = g*residual_scale;
 //              per-channel sums of g, g*y, g*residual in one pass (per-block partials + fixed-order reduce).
 // The elementwise kernels view an NHWC tensor as rows x K: block (32 channels) x (8 row lanes), 64 rows per
-// block; each thread loads its channel's parameters once.
+// block; each thread loads its channel's parameters once. Nothing is clamped: a NaN M2 gives NaN, as in torch.
 //
 // Status: compile-checked for sm_80/sm_90 only; never run on a GPU (see csrc/README.md).
 #include "common.cuh"
@@ -24,9 +26,8 @@ __global__ void bn_finalize_kernel(const Acc* __restrict__ stats, int64_t K, Acc
                                    Acc* __restrict__ scale, Acc* __restrict__ shift) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= K) return;
-  const Acc mean = stats[k] / count;
-  Acc var = stats[K + k] / count - mean * mean;
-  var = var > Acc(0) ? var : Acc(0);
+  const Acc mean = stats[k];
+  const Acc var = stats[K + k] / count;  // biased; M2 >= 0 or NaN, no clamp
   const Acc invstd = rsqrt_acc(var + eps);
   const Acc sc = weight != nullptr ? weight[k] * invstd : invstd;
   scale[k] = sc;
@@ -34,14 +35,13 @@ __global__ void bn_finalize_kernel(const Acc* __restrict__ stats, int64_t K, Acc
 }
 
 template <typename Acc>
-__global__ void bn_running_update_kernel(const Acc* __restrict__ stats, int64_t K, Acc count, Acc unbias,
+__global__ void bn_running_update_kernel(const Acc* __restrict__ stats, int64_t K, Acc count_m1,
                                          Acc* __restrict__ running_mean, Acc* __restrict__ running_var,
                                          Acc momentum) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= K) return;
-  const Acc mean = stats[k] / count;
-  Acc var = stats[K + k] / count - mean * mean;
-  var = (var > Acc(0) ? var : Acc(0)) * unbias;
+  const Acc mean = stats[k];
+  const Acc var = stats[K + k] / count_m1;  // unbiased; NaN propagates
   running_mean[k] = running_mean[k] * (Acc(1) - momentum) + momentum * mean;
   running_var[k] = running_var[k] * (Acc(1) - momentum) + momentum * var;
 }
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) bn_apply_bwd_kernel(
       if (m >= a.rows) break;
       const int64_t off = m * a.K + k;
       Acc g = Cvt<T>::to_acc(gout[off]);
-      if (a.relu && !(Cvt<T>::to_acc(out[off]) > Acc(0))) g = Acc(0);
+      if (a.relu && Cvt<T>::to_acc(out[off]) <= Acc(0)) g = Acc(0);  // NaN out passes g, as torch
       if (gy != nullptr) gy[off] = Cvt<T>::from_acc(g * sc);
       if (gres != nullptr) gres[off] = Cvt<T>::from_acc(g * rsc);
       s_g += g;
@@ -131,9 +131,8 @@ template <typename Acc>
 static cudaError_t bn_running_impl(const void* stats, int64_t K, double count, void* rm, void* rv, double momentum,
                                    cudaStream_t stream) {
   if (K <= 0) return cudaSuccess;
-  const double unbias = count / (count - 1.0);
   bn_running_update_kernel<Acc><<<static_cast<unsigned>(ceil_div(K, 256)), 256, 0, stream>>>(
-      static_cast<const Acc*>(stats), K, static_cast<Acc>(count), static_cast<Acc>(unbias), static_cast<Acc*>(rm),
+      static_cast<const Acc*>(stats), K, static_cast<Acc>(count - 1.0), static_cast<Acc*>(rm),
       static_cast<Acc*>(rv), static_cast<Acc>(momentum));
   return cudaGetLastError();
 }

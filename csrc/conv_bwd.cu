@@ -1,16 +1,19 @@
 // Fused grouped implicit-GEMM convolution, backward (NHWC activations, KRSC weights). Torch-free.
 //
 // 1. Epilogue backward (elementwise over rows = N*P*Q, K channels, per-channel sums in one pass):
-//      z = acc*out_scale + out_shift + residual;  dz = grad_y * (z > 0 if out_relu)
-//      dacc = dz*out_scale + grad_stats[0] + 2*acc*grad_stats[1]             (stored in T: the input of 2 and 3)
-//      grad_residual = dz; grad_out_shift = sum dz; grad_out_scale = sum dz*acc; grad_bias = sum dacc
-//    With `acc` (recomputed by the forward kernel with acc_out) the ReLU mask is z > 0 exactly as the reference;
-//    without it the mask is y > 0 (y = T(relu(z)), equal unless z rounds to zero in T).
+//      z = acc*out_scale + out_shift + residual;  dz = grad_y, zeroed where z <= 0 if out_relu (NaN z passes,
+//      as torch's threshold_backward)
+//      dacc = dz*out_scale + grad_stats[0]/n + 2*grad_stats[1]*(acc - mean)  (stored in T: the input of 2 and 3)
+//      with stats = [mean, M2] the forward's statistics over n = N*P*Q rows (d mean/d acc = 1/n, d M2/d acc =
+//      2*(acc - mean)); grad_residual = dz; grad_out_shift = sum dz; grad_out_scale = sum dz*acc; grad_bias = sum dacc
+//    With `acc` (recomputed by the forward kernel with acc_out) the ReLU mask is z <= 0 exactly as the reference;
+//    without it the mask is y <= 0 (y = T(relu(z)), equal unless z rounds to zero in T).
 // 2. Dgrad: per group g, GEMM over rows (n, h, w) of the input, columns c < C/groups, reduction
 //    red = (r, s, k), k fastest:  dx'[n,h,w,g*Cg+c] = sum dacc[n,p,q,g*Kg+k] * w[g*Kg+k, r, s, c] over the taps
 //    with h = p*sh - ph + r*dh, w = q*sw - pw + s*dw (p, q integral and in range). dx' is rounded to T (as the
 //    reference's conv backward returns T), then the prologue backward: pre = x*in_scale + in_shift,
-//    d = dx' * (pre > 0 if in_relu), grad_x = d*in_scale, grad_in_scale = sum d*x, grad_in_shift = sum d.
+//    d = dx' zeroed where pre <= 0 if in_relu (NaN passes), grad_x = d*in_scale, grad_in_scale = sum d*x,
+//    grad_in_shift = sum d.
 // 3. Wgrad: per group g, GEMM over rows k < K/groups, columns red = (r, s, c), reduction over the N*P*Q output
 //    pixels m:  dw[g*Kg+k, r, s, c] = sum_m dacc[m, g*Kg+k] * x'[m; r, s, c]  with x' the prologue-applied input.
 //    The m range is cut into plan.splits contiguous chunks (grid.z = groups x splits); each writes its fp32
@@ -37,13 +40,15 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_ke
   const T* __restrict__ res = static_cast<const T*>(a.residual);
   T* __restrict__ gacc = static_cast<T*>(a.grad_acc);
   T* __restrict__ gres = static_cast<T*>(a.grad_residual);
-  Acc os = Acc(1), osh = Acc(0), gs0 = Acc(0), gs1 = Acc(0);
+  // dacc = dz*os + gs_mean + gs_m2x2*(acc - mean): the stats terms are zero without grad_stats.
+  Acc os = Acc(1), osh = Acc(0), gs_mean = Acc(0), gs_m2x2 = Acc(0), mean = Acc(0);
   if (valid_k) {
     if (a.out_scale != nullptr) os = static_cast<const Acc*>(a.out_scale)[k];
     if (a.out_shift != nullptr) osh = static_cast<const Acc*>(a.out_shift)[k];
     if (a.grad_stats != nullptr) {
-      gs0 = static_cast<const Acc*>(a.grad_stats)[k];
-      gs1 = static_cast<const Acc*>(a.grad_stats)[a.K + k];
+      gs_mean = static_cast<const Acc*>(a.grad_stats)[k] / static_cast<Acc>(a.rows);
+      gs_m2x2 = Acc(2) * static_cast<const Acc*>(a.grad_stats)[a.K + k];
+      mean = static_cast<const Acc*>(a.stats)[k];
     }
   }
   Acc s_dz = Acc(0), s_dzacc = Acc(0), s_dacc = Acc(0);
@@ -57,17 +62,16 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_ke
       Acc dz = Cvt<T>::to_acc(gy[off]);
       const Acc av = acc != nullptr ? acc[off] : Acc(0);
       if (a.out_relu) {
-        bool pos;
+        Acc z;
         if (acc != nullptr) {
-          Acc z = av * os + osh;
+          z = av * os + osh;
           if (res != nullptr) z = z + Cvt<T>::to_acc(res[off]);
-          pos = z > Acc(0);
         } else {
-          pos = Cvt<T>::to_acc(y[off]) > Acc(0);
+          z = Cvt<T>::to_acc(y[off]);
         }
-        if (!pos) dz = Acc(0);
+        if (z <= Acc(0)) dz = Acc(0);  // NaN z passes dz, as torch's threshold_backward
       }
-      const Acc da = dz * os + gs0 + Acc(2) * av * gs1;
+      const Acc da = dz * os + gs_mean + gs_m2x2 * (av - mean);
       gacc[off] = Cvt<T>::from_acc(da);
       if (gres != nullptr) gres[off] = Cvt<T>::from_acc(dz);
       s_dz += dz;
@@ -88,6 +92,7 @@ cudaError_t launch_conv_epilogue_bwd(const ConvEpilogueBwdArgs& a, cudaStream_t 
   if (a.grad_acc == nullptr) return cudaErrorInvalidValue;
   const bool sums = a.grad_out_scale != nullptr || a.grad_out_shift != nullptr || a.grad_bias != nullptr;
   if (a.grad_out_scale != nullptr && a.acc == nullptr) return cudaErrorInvalidValue;
+  if (a.grad_stats != nullptr && (a.acc == nullptr || a.stats == nullptr)) return cudaErrorInvalidValue;
   if (a.rows > 0) {
     if (sums && a.workspace == nullptr) return cudaErrorInvalidValue;
     ConvEpilogueBwdArgs b = a;
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(THREADS) conv_dgrad_kernel(const ConvDgradArgs
       const Acc sc = in_scale != nullptr ? in_scale[gc] : Acc(1);
       if (a.in_relu) {
         const Acc pre = Cvt<T>::to_acc(x[off]) * sc + (in_shift != nullptr ? in_shift[gc] : Acc(0));
-        if (!(pre > Acc(0))) d = Acc(0);
+        if (pre <= Acc(0)) d = Acc(0);  // NaN pre passes d, as torch's threshold_backward
       }
       sm.c[i * LDC + j] = d;  // masked d, for the column sums below (owned by this thread)
       d = d * sc;

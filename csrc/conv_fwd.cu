@@ -9,8 +9,12 @@
 //   B[red, k] = w[g*Kg + k, r, s, c]
 // Prologue: x' = T(relu?(x*in_scale[c] + in_shift[c])) computed in fp32 (fp64), as the reference rounds x' to T.
 // Epilogue: acc = Y + bias; y = T(relu?(acc*out_scale + out_shift + residual)) or, with acc_out, acc itself.
-// Statistics: per CTA, the column sums of acc and acc^2 over its valid rows go to a partial buffer
-// (2 x m_tiles x K); a second kernel sums them in row-tile order. No atomics: results are deterministic.
+// Statistics (BatchNorm's, numerically stable): stats[0, k] = mean of acc over the n = N*P*Q rows, stats[1, k] =
+// M2 = sum (acc - mean)^2. Per CTA, two passes over the accumulator tile in shared memory give, per channel and over
+// its valid rows, count c_t, mean_t and M2_t = sum (acc - mean_t)^2 (partial buffer, 3 x m_tiles x K); a second
+// kernel merges the row tiles in increasing order with Chan et al.'s formula
+//   n = nA + nB, d = meanB - meanA, mean = meanA + d*nB/n, M2 = M2A + M2B + d^2*nA*nB/n
+// (count-0 tiles skipped). No atomics: results are deterministic. No clamping: a NaN or Inf acc gives NaN M2.
 //
 // Status: compile-checked for sm_80/sm_90 only; never run on a GPU (see csrc/README.md).
 #include <climits>
@@ -110,25 +114,61 @@ __global__ void __launch_bounds__(THREADS) conv_fwd_kernel(const ConvFwdArgs a) 
   }
 
   if (a.stats != nullptr) {
-    // Column sums over this CTA's valid rows, rows in increasing order.
+    // Per channel over this CTA's valid rows (rows in increasing order): the mean first, then the sum of squared
+    // deviations from it. part[(q*m_tiles + tile)*K + k], q = 0: count, 1: mean, 2: M2.
     Acc* __restrict__ part = static_cast<Acc*>(a.workspace);
     const int64_t m_tiles = gridDim.x;
-    const int rows = static_cast<int>(M - m0 < BM ? M - m0 : BM);
+    const int rows = static_cast<int>(M - m0 < BM ? M - m0 : BM);  // >= 1: every row tile holds a row
     for (int j = tid; j < BN; j += THREADS) {
       const int k = k0 + j;
       if (k >= Kg) continue;
       const int gk = g * Kg + k;
       const Acc b = bias != nullptr ? bias[gk] : Acc(0);
-      Acc s1 = Acc(0), s2 = Acc(0);
+      Acc sum = Acc(0);
+      for (int i = 0; i < rows; ++i) sum += sm.c[i * LDC + j] + b;
+      const Acc mean = sum / Acc(rows);
+      Acc m2 = Acc(0);
       for (int i = 0; i < rows; ++i) {
-        const Acc v = sm.c[i * LDC + j] + b;
-        s1 += v;
-        s2 += v * v;
+        const Acc d = (sm.c[i * LDC + j] + b) - mean;
+        m2 += d * d;
       }
-      part[int64_t(blockIdx.x) * K + gk] = s1;
-      part[(m_tiles + blockIdx.x) * K + gk] = s2;
+      part[int64_t(blockIdx.x) * K + gk] = Acc(rows);
+      part[(m_tiles + blockIdx.x) * K + gk] = mean;
+      part[(2 * m_tiles + blockIdx.x) * K + gk] = m2;
     }
   }
+}
+
+// stats[0, k] = mean, stats[1, k] = M2 over all rows: the row-tile partials [count, mean, M2] of conv_fwd_kernel
+// (T tiles) merged in increasing tile order with Chan et al.'s formula, tiles with count 0 skipped (deterministic).
+// Empty input: mean = M2 = 0. grid ceil(K/256), block 256, one thread per channel.
+template <typename Acc>
+__global__ void merge_stats_kernel(const Acc* __restrict__ part, int64_t T, int64_t K, Acc* __restrict__ stats) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  const Acc* __restrict__ p_count = part + k;
+  const Acc* __restrict__ p_mean = part + T * K + k;
+  const Acc* __restrict__ p_m2 = part + 2 * T * K + k;
+  Acc n = Acc(0), mean = Acc(0), m2 = Acc(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const Acc nb = p_count[t * K];
+    if (!(nb > Acc(0))) continue;
+    if (n == Acc(0)) {  // first non-empty tile: taken as is (no 0 * d^2 that could be 0 * Inf)
+      n = nb;
+      mean = p_mean[t * K];
+      m2 = p_m2[t * K];
+      continue;
+    }
+    // A = the tiles merged so far (n, mean, m2), B = tile t.
+    const Acc n_ab = n + nb;
+    const Acc d = p_mean[t * K] - mean;
+    const Acc dr = d * (nb / n_ab);       // d * nB / n
+    mean = mean + dr;
+    m2 = m2 + p_m2[t * K] + dr * d * n;  // M2A + M2B + d^2 * nA * nB / n
+    n = n_ab;
+  }
+  stats[k] = mean;
+  stats[K + k] = m2;
 }
 
 template <typename T, Math MODE, int TILE>
@@ -138,11 +178,10 @@ cudaError_t launch_conv_fwd(const ConvFwdArgs& a, const LaunchPlan& plan, cudaSt
   dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.grid_y), 1);
   conv_fwd_kernel<T, MODE, ts.bm, ts.bn, ts.bk, ts.threads><<<grid, ts.threads, 0, stream>>>(a);
   PE_RETURN_IF_ERROR(cudaGetLastError());
-  if (a.stats != nullptr) {
-    Acc* stats = static_cast<Acc*>(a.stats);
-    PartialOuts<Acc> outs{{stats, stats + a.shape.K, nullptr, nullptr}};
-    PE_RETURN_IF_ERROR(launch_reduce_partials<Acc>(static_cast<const Acc*>(a.workspace), 2, plan.m_tiles,
-                                                   a.shape.K, outs, stream));
+  if (a.stats != nullptr && a.shape.K > 0) {
+    merge_stats_kernel<Acc><<<static_cast<unsigned>(ceil_div(a.shape.K, 256)), 256, 0, stream>>>(
+        static_cast<const Acc*>(a.workspace), plan.m_tiles, a.shape.K, static_cast<Acc*>(a.stats));
+    PE_RETURN_IF_ERROR(cudaGetLastError());
   }
   return cudaSuccess;
 }
@@ -163,7 +202,7 @@ cudaError_t conv_fwd(const ConvFwdArgs& a, DType t, bool allow_tf32, cudaStream_
   const bool stats = a.stats != nullptr;
   const LaunchPlan plan = plan_conv_fwd(a.shape, t, allow_tf32, stats);
   if (!plan.error.empty()) return cudaErrorInvalidConfiguration;  // the binding checks plan.error first
-  if (a.shape.M() == 0) return zero_bytes(a.stats, 2 * a.shape.K * acc_bytes(t), stream);
+  if (a.shape.M() == 0) return zero_bytes(a.stats, 2 * a.shape.K * acc_bytes(t), stream);  // mean = M2 = 0
   if (stats && a.workspace == nullptr) return cudaErrorInvalidValue;
   const Math math = select_math(t, allow_tf32);
   switch (t) {

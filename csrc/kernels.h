@@ -24,7 +24,7 @@ struct ConvFwdArgs {
   const void* residual = nullptr;   // T (N, P, Q, K)
   void* y = nullptr;                // T (N, P, Q, K)            written unless acc_out is set
   void* acc_out = nullptr;          // Acc (N, P, Q, K): if set, store acc = conv + bias instead of y
-  void* stats = nullptr;            // Acc (2, K): [sum acc, sum acc^2] over N*P*Q (deterministic)
+  void* stats = nullptr;            // Acc (2, K): [mean acc, M2 = sum (acc - mean)^2] over N*P*Q (deterministic)
   void* workspace = nullptr;        // plan_conv_fwd(...).workspace_bytes (needed when stats is set)
   bool in_relu = false;
   bool out_relu = false;
@@ -32,8 +32,9 @@ struct ConvFwdArgs {
 cudaError_t conv_fwd(const ConvFwdArgs& a, DType t, bool allow_tf32, cudaStream_t stream);
 
 // Backward of the epilogue, elementwise over the (N*P*Q) x K output, with per-channel sums.
-//   z = acc*out_scale + out_shift + residual; dz = grad_y * (z > 0 if out_relu)   (z from acc when given, else
-//   the sign of y is the mask); dacc = dz*out_scale + grad_stats[0] + 2*acc*grad_stats[1].
+//   z = acc*out_scale + out_shift + residual; dz = grad_y, zeroed where z <= 0 if out_relu (NaN passes; z from
+//   acc when given, else y is the mask); dacc = dz*out_scale + grad_stats[0]/n + 2*grad_stats[1]*(acc - mean),
+//   n = rows, mean = stats[0] (the forward's statistics).
 struct ConvEpilogueBwdArgs {
   int64_t rows = 0, K = 0;
   const void* grad_y = nullptr;      // T (rows, K)
@@ -42,7 +43,8 @@ struct ConvEpilogueBwdArgs {
   const void* out_scale = nullptr;   // Acc (K)
   const void* out_shift = nullptr;   // Acc (K)
   const void* residual = nullptr;    // T (rows, K)
-  const void* grad_stats = nullptr;  // Acc (2, K)
+  const void* grad_stats = nullptr;  // Acc (2, K) gradient of [mean, M2]; needs acc and stats
+  const void* stats = nullptr;       // Acc (2, K) forward statistics [mean, M2] (read with grad_stats)
   bool out_relu = false;
   void* grad_acc = nullptr;          // T (rows, K)   required: the input of dgrad and wgrad
   void* grad_residual = nullptr;     // T (rows, K) = dz
@@ -54,7 +56,8 @@ struct ConvEpilogueBwdArgs {
 cudaError_t conv_epilogue_bwd(const ConvEpilogueBwdArgs& a, DType t, cudaStream_t stream);
 
 // Data gradient: transposed grouped implicit GEMM of grad_acc with w, then the prologue backward
-// (pre = x*in_scale + in_shift; d = dx' * (pre > 0 if in_relu); grad_x = d*in_scale; sums of d*x and d).
+// (pre = x*in_scale + in_shift; d = dx' zeroed where pre <= 0 if in_relu, NaN passes; grad_x = d*in_scale; sums
+// of d*x and d).
 struct ConvDgradArgs {
   ConvShape shape;
   const void* grad_acc = nullptr;    // T (N, P, Q, K)
@@ -84,10 +87,12 @@ struct ConvWgradArgs {
 };
 cudaError_t conv_wgrad(const ConvWgradArgs& a, DType t, bool allow_tf32, cudaStream_t stream);
 
-// BatchNorm finalize: stats (2, K) -> scale, shift (K) (training-mode BN as an affine map).
+// BatchNorm finalize: stats (2, K) = [mean, M2] -> scale, shift (K) (training-mode BN as an affine map, biased
+// var = M2/count, no clamp: NaN propagates).
 cudaError_t bn_finalize(const void* stats, int64_t K, double count, const void* weight, const void* bias, double eps,
                         void* scale, void* shift, DType t, cudaStream_t stream);
-// running = (1 - momentum)*running + momentum*batch (unbiased var), in place; count >= 2 (checked by caller).
+// running = (1 - momentum)*running + momentum*batch (unbiased var = M2/(count-1)), in place; count >= 2 (checked
+// by the caller). NaN propagates.
 cudaError_t bn_running_update(const void* stats, int64_t K, double count, void* running_mean, void* running_var,
                               double momentum, DType t, cudaStream_t stream);
 
@@ -104,7 +109,7 @@ struct BnApplyArgs {
 };
 cudaError_t bn_apply(const BnApplyArgs& a, DType t, cudaStream_t stream);
 
-// g = grad_out * (out > 0 if relu); grad_y = g*scale; grad_scale = sum g*y; grad_shift = sum g;
+// g = grad_out, zeroed where out <= 0 if relu (NaN passes); grad_y = g*scale; grad_scale = sum g*y; grad_shift = sum g;
 // grad_residual = g*residual_scale; grad_residual_scale = sum g*residual; grad_residual_shift = sum g.
 struct BnApplyBwdArgs {
   int64_t rows = 0, K = 0;

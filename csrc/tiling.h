@@ -38,6 +38,9 @@ constexpr int kEwChannels = 32;
 constexpr int kEwRowLanes = 8;
 constexpr int kEwRowsPerBlock = 64;
 
+// Rows of forward statistics partials per row tile: count, mean, M2 (sum of squared deviations from the mean).
+constexpr int64_t kFwdStatsRows = 3;
+
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxGridX = 2147483647LL;
 
@@ -71,7 +74,7 @@ inline std::string grid_error(const char* what, int64_t x, int64_t y, int64_t z)
 }
 
 // Forward: per group g a GEMM of (M = N*P*Q) x (Kg) over R*S*Cg. grid.x = row tiles, grid.y = column tiles x
-// groups. Workspace: per-row-tile partial statistics, 2 x m_tiles x K in the accumulator type.
+// groups. Workspace: per-row-tile partial statistics [count, mean, M2], 3 x m_tiles x K in the accumulator type.
 inline LaunchPlan plan_conv_fwd(const ConvShape& s, DType t, bool allow_tf32, bool compute_stats) {
   LaunchPlan p;
   p.tile_id = select_fwd_tile(select_math(t, allow_tf32), s.Kg);
@@ -81,7 +84,7 @@ inline LaunchPlan plan_conv_fwd(const ConvShape& s, DType t, bool allow_tf32, bo
   p.grid_x = p.m_tiles;
   p.grid_y = p.n_tiles * s.groups;
   p.grid_z = 1;
-  p.workspace_bytes = compute_stats ? 2 * p.m_tiles * s.K * acc_bytes(t) : 0;
+  p.workspace_bytes = compute_stats ? kFwdStatsRows * p.m_tiles * s.K * acc_bytes(t) : 0;
   p.error = grid_error("conv_fused forward", p.grid_x, p.grid_y, p.grid_z);
   return p;
 }

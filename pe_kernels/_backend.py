@@ -8,7 +8,9 @@
   committed dispatch table (dispatch_table.json, written from GPU results that proved it correct and faster on
   that GPU architecture), else `torch`. Every fallback keeps a reason: `pe_kernels.last_dispatch()`.
 
-Choose with `PE_KERNELS_BACKEND=<name>` or `with pe_kernels.use_backend(<name>):` (the context manager wins).
+Choose with `PE_KERNELS_BACKEND=<name>` or `with pe_kernels.use_backend(<name>):` (the context manager wins; names
+are case-insensitive). A module that runs its submodules instead of its fused kernels (a hook on one of them, a
+subclass: pe_kernels.nn) records that with `record()`, backend "modules".
 A forced backend that cannot run the call raises BackendUnavailableError with the reason; it never falls back.
 Nothing here touches a GPU at import.
 
@@ -65,10 +67,14 @@ class Dispatch:
     reason: str
 
 
-def _check_name(name: str) -> str:
-    if name not in CHOICES:
-        raise ValueError(f"unknown pe_kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
-    return name
+def _check_name(name: str, source: Optional[str] = None) -> str:
+    """`name` as one of CHOICES, case and surrounding whitespace ignored ('Torch ' -> 'torch').
+    `source` names where it came from in the error (the environment variable)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in CHOICES:
+        what = f"{source}={name!r}" if source else f"pe_kernels backend {name!r}"
+        raise ValueError(f"unknown {what}: choose one of {', '.join(CHOICES)} (case-insensitive)")
+    return key
 
 
 def requested_backend() -> str:
@@ -76,10 +82,7 @@ def requested_backend() -> str:
     forced = _forced.get()
     if forced is not None:
         return forced
-    env = os.environ.get("PE_KERNELS_BACKEND", "auto").strip().lower() or "auto"
-    if env not in CHOICES:
-        raise ValueError(f"PE_KERNELS_BACKEND={env!r} is not one of {', '.join(CHOICES)}")
-    return env
+    return _check_name(os.environ.get("PE_KERNELS_BACKEND", "").strip() or "auto", "PE_KERNELS_BACKEND")
 
 
 @contextlib.contextmanager
@@ -306,6 +309,12 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
         choice = Dispatch(op, name, "requested" if not requested else "requested when its forward ran")
     _last.set(choice)
     return _module(choice.backend), choice
+
+
+def record(op: str, backend: str, reason: str) -> None:
+    """Record a choice made above the ops as last_dispatch() (what select() does for an op): a module that ran
+    its submodules one by one instead of its fused kernels records (its class name, "modules", why)."""
+    _last.set(Dispatch(op, backend, reason))
 
 
 def last_dispatch() -> Optional[Dispatch]:

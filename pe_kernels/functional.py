@@ -3,7 +3,11 @@
 * packed_conv2d(x, weight, bias, ...)              plain grouped conv (PackedConv2d)
 * conv_bn(x, weight, bn, ...)                       conv -> BatchNorm (train: batch stats; eval: folded) -> act
 * batch_norm_act(y, bn, residual, residual_bn)      BN apply (+ BN'd residual) + act, one pass
-* packed_linear(x, weight, bias)                     block-diagonal linear of PackedLinear
+* packed_linear(x, weight, bias, implementation)     block-diagonal linear of PackedLinear (einsum, conv1d, full,
+                                                    sparse: torch-uncertainty's four ways)
+
+BatchNorm semantics are BatchNorm2d's, edge cases included: one value per channel in training raises its
+ValueError; an empty batch gives an empty output, bumps num_batches_tracked and leaves the running statistics.
 
 Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
 affine and activation not applied — and the next conv_bn/packed_conv2d applies it while loading its input, so
@@ -131,17 +135,32 @@ def _folded_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tens
     return scale, shift
 
 
-def _batch_affine(bn: nn.BatchNorm2d, stats: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """Training-mode BN as scale/shift from batch statistics; updates the running statistics."""
+def _batch_affine(bn: nn.BatchNorm2d, stats: Optional[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+    """Training-mode BN of `y` (the BN input) as scale/shift from its batch statistics `stats`; updates the
+    running statistics. As BatchNorm2d: num_batches_tracked is bumped first; one value per channel raises
+    ValueError; an empty batch (stats None) leaves the running statistics alone and gives scale = weight,
+    shift = bias, so that the empty output stays connected to them (zero gradients, not None)."""
+    count = y.shape[0] * y.shape[2] * y.shape[3]
     factor = _average_factor(bn)
-    if factor is not None and bn.running_mean is not None:
-        ops.bn_running_update(stats.detach(), count, bn.running_mean, bn.running_var, factor)
-    elif count < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
-    dtype = stats.dtype
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
+    dtype = param_dtype(y.dtype) if stats is None else stats.dtype
     weight = None if bn.weight is None else bn.weight.to(dtype)
     bias = None if bn.bias is None else bn.bias.to(dtype)
+    if count == 0:
+        scale = torch.ones(y.shape[1], dtype=dtype, device=y.device) if weight is None else weight
+        return scale, (torch.zeros_like(scale) if bias is None else bias)
+    if factor is not None and bn.running_mean is not None:
+        ops.bn_running_update(stats.detach(), count, bn.running_mean, bn.running_var, factor)
     return ops.bn_finalize(stats, count, weight, bias, bn.eps)
+
+
+def _conv_with_stats(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                     groups: int, padding_mode: str) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, per-channel statistics of y) for batch-statistics BN; None for an empty batch (nothing to count)."""
+    batch = (x.y if isinstance(x, Deferred) else x).shape[0]
+    y, stats = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, compute_stats=batch > 0)
+    return y, (stats if batch > 0 else None)
 
 
 def _check_bn(bn: nn.Module, channels: int) -> None:
@@ -165,8 +184,8 @@ def conv_bn(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchN
         scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
         return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,
                      out_shift=shift, residual=residual, out_relu=relu)[0]
-    y, stats = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, compute_stats=True)
-    scale, shift = _batch_affine(bn, stats, y.shape[0] * y.shape[2] * y.shape[3])
+    y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+    scale, shift = _batch_affine(bn, stats, y)
     if defer and residual is None:
         return Deferred(y, scale, shift, relu)
     return ops.bn_apply(y, scale, shift, residual=residual, relu=relu)
@@ -179,8 +198,8 @@ def conv_bn_pending(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: n
     if not _uses_batch_stats(bn):
         y = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
         return (y, *_folded_affine(bn, param_dtype(y.dtype)))
-    y, stats = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, compute_stats=True)
-    return (y, *_batch_affine(bn, stats, y.shape[0] * y.shape[2] * y.shape[3]))
+    y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+    return (y, *_batch_affine(bn, stats, y))
 
 
 def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = None,
@@ -190,8 +209,8 @@ def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = No
     relu = _check_activation(activation)
     _check_bn(bn, y.shape[1])
     if _uses_batch_stats(bn):
-        stats = _stats_of(y)
-        scale, shift = _batch_affine(bn, stats, y.shape[0] * y.shape[2] * y.shape[3])
+        stats = _stats_of(y) if y.shape[0] * y.shape[2] * y.shape[3] > 0 else None
+        scale, shift = _batch_affine(bn, stats, y)
     else:
         scale, shift = _folded_affine(bn, param_dtype(y.dtype))
     rs, rb = residual_affine if residual_affine is not None else (None, None)
@@ -199,13 +218,36 @@ def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = No
 
 
 def _stats_of(y: Tensor) -> Tensor:
-    """Per-channel [sum y, sum y^2] of a tensor not produced by conv_fused (fp32 accumulation)."""
+    """Per-channel [mean, m2] (m2 = sum of squared deviations, the conv_fused contract) of a tensor not produced
+    by conv_fused: two passes in fp32 (fp64 for fp64 y), stable when the mean is large against the spread."""
     acc = y.to(param_dtype(y.dtype))
-    return torch.stack([acc.sum(dim=(0, 2, 3)), (acc * acc).sum(dim=(0, 2, 3))])
+    dims = (0, 2, 3)
+    mean = acc.sum(dim=dims) / max(y.shape[0] * y.shape[2] * y.shape[3], 1)
+    m2 = (acc - mean.view(1, -1, 1, 1)).square().sum(dim=dims)
+    return torch.stack([mean, m2])
 
 
-def packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Block-diagonal linear: x (..., G*I) with weight (G, O, I) -> (..., G*O), + bias (G*O,)."""
+LINEAR_IMPLEMENTATIONS = ("einsum", "conv1d", "full", "sparse")
+
+
+def _block_diagonal_sparse(weight: Tensor) -> Tensor:
+    """The (G*O, G*I) block-diagonal matrix of weight (G, O, I) as a sparse COO tensor (differentiable in weight)."""
+    groups, out_per_group, in_per_group = weight.shape
+    g, o, i = torch.meshgrid(*(torch.arange(n, device=weight.device) for n in weight.shape), indexing="ij")
+    indices = torch.stack([(g * out_per_group + o).reshape(-1), (g * in_per_group + i).reshape(-1)])
+    return torch.sparse_coo_tensor(indices, weight.reshape(-1), (groups * out_per_group, groups * in_per_group),
+                                   is_coalesced=True, check_invariants=False)  # valid by construction
+
+
+def packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], implementation: str = "einsum") -> Tensor:
+    """Block-diagonal linear: x (..., G*I) with weight (G, O, I) -> (..., G*O), + bias (G*O,).
+
+    `implementation` (torch-uncertainty's PackedLinear choices, one map computed four ways):
+    "einsum" torch.einsum per group; "conv1d" a grouped F.conv1d of kernel size 1; "full" F.linear with the
+    dense block-diagonal weight (torch.block_diag); "sparse" a sparse block-diagonal matrix (torch.sparse.mm)."""
+    if implementation not in LINEAR_IMPLEMENTATIONS:
+        raise ValueError(f"Unknown implementation: {implementation!r} for packed_linear; choose one of "
+                         f"{', '.join(map(repr, LINEAR_IMPLEMENTATIONS))}")
     groups, out_per_group, in_per_group = weight.shape
     if x.shape[-1] != groups * in_per_group:
         raise ValueError(f"input has {x.shape[-1]} features, weight {tuple(weight.shape)} expects "
@@ -214,7 +256,14 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     amp = ops._common.autocast_dtype(x)                               # a linear layer runs in autocast's dtype
     if amp is not None:
         x, weight, bias = x.to(amp), weight.to(amp), None if bias is None else bias.to(amp)
-    x3 = x.reshape(-1, groups, in_per_group).transpose(0, 1)         # (G, B, I)
-    out = torch.bmm(x3, weight.transpose(1, 2)).transpose(0, 1)       # (B, G, O)
+    if implementation == "full":
+        return F.linear(x, torch.block_diag(*weight.unbind(0)), bias)
+    x2 = x.reshape(-1, groups * in_per_group)                         # (B, G*I)
+    if implementation == "einsum":
+        out = torch.einsum("bgi,goi->bgo", x2.reshape(-1, groups, in_per_group), weight)
+    elif implementation == "conv1d":
+        out = F.conv1d(x2.unsqueeze(-1), weight.reshape(groups * out_per_group, in_per_group, 1), groups=groups)
+    else:
+        out = torch.sparse.mm(_block_diagonal_sparse(weight), x2.t()).t()
     out = out.reshape(*lead, groups * out_per_group)
     return out if bias is None else out + bias

@@ -8,13 +8,18 @@ The kernel family (one grouped convolution with a prologue and an epilogue)::
     x'   = act_in(x * in_scale[c] + in_shift[c])                 prologue; the conv's zero padding stays zero
     acc  = conv(x', w, stride, padding, dilation, groups) + bias[k]
     y    = act_out(acc * out_scale[k] + out_shift[k] + residual)  epilogue, stored in x.dtype, channels_last
-    stats[0, k] = sum_{n,p,q} acc,  stats[1, k] = sum_{n,p,q} acc**2   (optional, fp32)
+    stats[0, k] = mean_k = (1/n) sum_{n,p,q} acc,   stats[1, k] = m2_k = sum_{n,p,q} (acc - mean_k)**2
+                                                                  (optional, fp32; n = N*P*Q; two passes)
 
-BatchNorm (training) from those statistics, with n = N*P*Q::
+The statistics are the mean and the sum of squared deviations (m2), not [sum acc, sum acc^2]: the one-pass
+form cancels catastrophically when a channel's mean is large against its spread. An empty problem gives
+mean = m2 = 0.
 
-    mean = stats[0] / n,  var = stats[1] / n - mean**2   (biased),  invstd = 1 / sqrt(var + eps)
+BatchNorm (training) from those statistics::
+
+    var = m2 / n   (biased),  invstd = 1 / sqrt(var + eps)       (no clamp: a NaN m2 gives NaN, as torch)
     scale = weight * invstd,  shift = bias - mean * scale
-    running_mean += f * (mean - running_mean),  running_var += f * (var * n / (n - 1) - running_var)
+    running_mean += f * (mean - running_mean),  running_var += f * (m2 / (n - 1) - running_var)
 
 Apply (the BN tail of a residual block when `residual_scale` is given)::
 
@@ -22,6 +27,8 @@ Apply (the BN tail of a residual block when `residual_scale` is given)::
 
 Dtypes: activations and weights in fp16, bf16, fp32 or fp64; per-channel vectors (scales, shifts,
 statistics) in fp32 (fp64 when the activations are fp64). All 4-D outputs are channels_last.
+ReLU backward (prologue, epilogue, apply) is torch's threshold_backward: g = where(v <= 0, 0, grad), so the
+gradient passes where the pre-activation or output is NaN.
 """
 
 from __future__ import annotations
@@ -95,8 +102,30 @@ def _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, ou
     return acc, z
 
 
+def _relu_backward(grad: Tensor, v: Tensor) -> Tensor:
+    """torch's threshold_backward: zero where v <= 0, the gradient elsewhere (NaN v included)."""
+    return torch.where(v <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+
+
+def check_backward_stats(grad_stats: Optional[Tensor], stats: Optional[Tensor], channels: int) -> None:
+    """conv_fused_backward needs the forward's (2, K) statistics whenever a gradient of them is given."""
+    if grad_stats is None:
+        return
+    if stats is None or stats.numel() == 0:
+        raise ValueError("conv_fused_backward: grad_stats is given but the forward's stats are missing "
+                         "(pass the (2, K) [mean, m2] that conv_fused returned as `stats`)")
+    if tuple(stats.shape) != (2, channels) or tuple(grad_stats.shape) != (2, channels):
+        raise ValueError(f"conv_fused_backward: stats {tuple(stats.shape)} and grad_stats "
+                         f"{tuple(grad_stats.shape)} must both be (2, {channels})")
+
+
 def _stats(acc: Tensor) -> Tensor:
-    return torch.stack([acc.sum(dim=(0, 2, 3)), (acc * acc).sum(dim=(0, 2, 3))])
+    """[mean, m2] per channel of a 4-D tensor, two passes in its dtype (zeros when it is empty)."""
+    dims = (0, 2, 3)
+    n = acc.shape[0] * acc.shape[2] * acc.shape[3]
+    mean = acc.sum(dim=dims) / max(n, 1)
+    m2 = (acc - _per_channel(mean)).square().sum(dim=dims)
+    return torch.stack([mean, m2])
 
 
 def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -107,7 +136,8 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     """Grouped conv with prologue/epilogue (module docstring). Returns (y, stats).
 
     x (N, C, H, W); weight (K, C/groups, R, S); bias, out_scale, out_shift (K,); in_scale, in_shift (C,);
-    residual (N, K, P, Q). y is channels_last in x.dtype; stats is (2, K) fp32 when compute_stats, else (0,).
+    residual (N, K, P, Q). y is channels_last in x.dtype; stats is (2, K) [mean, m2] in fp32 (fp64 for fp64 x)
+    when compute_stats, else (0,).
     """
     acc, z = _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
                               out_relu, stride, padding, dilation, groups)
@@ -121,19 +151,24 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                         in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                         residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
-                        needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+                        needs_grad: Sequence[bool], stats: Optional[Tensor] = None) -> list[Optional[Tensor]]:
     """Gradients of conv_fused w.r.t. CONV_GRAD_NAMES (None where needs_grad is False or the input is None).
 
-    g     = grad_y * [z > 0 if out_relu]                       (z: the epilogue before the downcast)
-    g_acc = g * out_scale + grad_stats[0] + 2 * acc * grad_stats[1]
+    g     = where(z <= 0, 0, grad_y) if out_relu else grad_y    (z: the epilogue before the downcast)
+    g_acc = g * out_scale + grad_stats[0] / n + 2 * grad_stats[1] * (acc - stats[0])     (n = N*P*Q)
     d_out_shift = sum g, d_out_scale = sum g * acc, d_bias = sum g_acc, d_residual = g
     dx', dw = convolution_backward(g_acc)   (ATen: cuDNN on GPU)
-    dpre = dx' * [pre > 0 if in_relu],  dx = dpre * in_scale,  d_in_scale = sum dpre * x,  d_in_shift = sum dpre
-    `y` (the forward output) is not needed here: this oracle recomputes acc and z.
+    dpre = where(pre <= 0, 0, dx') if in_relu,  dx = dpre * in_scale,  d_in_scale = sum dpre * x,
+    d_in_shift = sum dpre
+    `stats` is the forward's (2, K) [mean, m2], needed whenever grad_stats is given. `y` (the forward output) is
+    not needed here: this oracle recomputes acc and z.
     """
     need = dict(zip(CONV_GRAD_NAMES, needs_grad))
     acc_dtype = param_dtype(x.dtype)
     dims = (0, 2, 3)
+    if grad_stats is not None and grad_stats.numel() == 0:
+        grad_stats = None
+    check_backward_stats(grad_stats, stats, weight.shape[0])
     has_prologue = in_scale is not None or in_shift is not None or in_relu
     pre = None
     if has_prologue:
@@ -149,7 +184,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                               stride, padding, dilation, groups)
     g = grad_y.to(acc_dtype)
     if out_relu:
-        g = g * (z > 0)
+        g = _relu_backward(g, z)
     out: dict[str, Optional[Tensor]] = dict.fromkeys(CONV_GRAD_NAMES)
     if residual is not None and need["residual"]:
         out["residual"] = channels_last_like(g, residual.dtype)
@@ -158,8 +193,10 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
     if out_scale is not None and need["out_scale"]:
         out["out_scale"] = (g * acc).sum(dims)
     g_acc = g if out_scale is None else g * _per_channel(out_scale)
-    if grad_stats is not None and grad_stats.numel() > 0:
-        g_acc = g_acc + _per_channel(grad_stats[0]) + 2 * acc * _per_channel(grad_stats[1])
+    if grad_stats is not None:
+        n = acc.shape[0] * acc.shape[2] * acc.shape[3]
+        gs, mean = grad_stats.to(acc_dtype), stats.to(acc_dtype)[0]
+        g_acc = g_acc + _per_channel(gs[0] / max(n, 1)) + 2 * _per_channel(gs[1]) * (acc - _per_channel(mean))
     if bias is not None and need["bias"]:
         out["bias"] = g_acc.sum(dims).to(bias.dtype)
     need_dxp = need["x"] or need["in_scale"] or need["in_shift"]
@@ -172,7 +209,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
         if need_dxp:
             dpre = dxp.to(acc_dtype)
             if in_relu:
-                dpre = dpre * (pre > 0)
+                dpre = _relu_backward(dpre, pre)
             if need["x"]:
                 dx = dpre if in_scale is None else dpre * _per_channel(in_scale)
                 out["x"] = channels_last_like(dx, x.dtype)
@@ -185,9 +222,9 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
 
 def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> tuple[Tensor, Tensor]:
-    """Training-mode BN as an affine map from the batch statistics: returns (scale, shift), each (K,)."""
-    mean = stats[0] / count
-    var = (stats[1] / count - mean * mean).clamp_min(0)
+    """Training-mode BN as an affine map from the batch statistics [mean, m2]: returns (scale, shift), each (K,)."""
+    mean = stats[0]
+    var = stats[1] / count
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
@@ -196,12 +233,12 @@ def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optio
 
 def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,
                       momentum: float) -> None:
-    """In place, as BatchNorm2d: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
+    """In place, as BatchNorm2d: running = (1 - momentum) * running + momentum * batch (unbiased var m2/(n-1))."""
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
     with torch.no_grad():
-        mean = stats[0] / count
-        var = (stats[1] / count - mean * mean).clamp_min(0) * (count / (count - 1))
+        mean = stats[0]
+        var = stats[1] / (count - 1)
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
 
@@ -235,7 +272,7 @@ def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
     acc_dtype = param_dtype(y.dtype)
     g = grad_out.to(acc_dtype)
     if relu:
-        g = g * (out > 0)
+        g = _relu_backward(g, out)
     dims = (0, 2, 3)
     need = dict(zip(APPLY_GRAD_NAMES, needs_grad))
     result: dict[str, Optional[Tensor]] = dict.fromkeys(APPLY_GRAD_NAMES)

@@ -38,7 +38,8 @@ def test_cuda_sources_and_binding_compile(tmp_path):
     archs = {k["arch"] for r in result["results"] for k in r["kernels"]}
     assert {"sm_80", "sm_90"} <= archs
     for family in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "conv_epilogue_bwd_kernel",
-                   "bn_apply_kernel", "bn_apply_bwd_kernel", "bn_finalize_kernel", "reduce_partials_kernel"):
+                   "bn_apply_kernel", "bn_apply_bwd_kernel", "bn_finalize_kernel", "reduce_partials_kernel",
+                   "merge_stats_kernel"):
         assert any(family in k for k in kernels), family
 
 

@@ -129,7 +129,7 @@ def test_forward_plan(lib, shape, dtype, tf32):
     assert p["m_tiles"] == p["grid_x"] == _ceil(M, p["bm"])
     assert p["grid_y"] == _ceil(Kg, p["bn"]) * groups and p["grid_z"] == 1
     acc = 8 if dtype == F64 else 4
-    assert p["workspace_bytes"] == 2 * p["m_tiles"] * K * acc
+    assert p["workspace_bytes"] == 3 * p["m_tiles"] * K * acc  # per row tile: [count, mean, M2] per channel
     rc, p2, _ = plan(lib, 0, dtype, tf32, False, N, C, H, W, K, C // groups, R, S, stride, pad, dil, groups)
     assert p2["workspace_bytes"] == 0
 
@@ -222,6 +222,19 @@ def test_running_update_count_check_precedes_extension():
 
     with pytest.raises(ValueError, match="count=1"):
         cuda_backend.bn_running_update(torch.zeros(2, 3), 1, torch.zeros(3), torch.ones(3), 0.1)
+
+
+@pytest.mark.parametrize("stats, needle", [(None, "is None"), (torch.zeros(0), "is empty"),
+                                           (torch.zeros(2, 3), r"must both be \(2, 4\)")])
+def test_backward_stats_check_precedes_extension(stats, needle):
+    """grad_stats needs the forward's (2, K) [mean, m2] (the contract): a ValueError, before the extension."""
+    import pe_kernels.cuda as cuda_backend
+
+    x, w = torch.randn(1, 4, 4, 4), torch.randn(4, 4, 3, 3)
+    y = torch.randn(1, 4, 2, 2)
+    with pytest.raises(ValueError, match=needle):
+        cuda_backend.conv_fused_backward(y, torch.zeros(2, 4), x, w, None, None, None, False, None, None, None, False,
+                                         (1, 1), (0, 0), (1, 1), 1, y, [True] * 8, stats)
 
 
 def test_jit_arch_flags():

@@ -2,13 +2,18 @@
 
 Oracle: |cuda - ref64| <= 2*|torch_same_dtype - ref64| + atol elementwise, ref64 = the float64 reference on CPU,
 torch_same_dtype = the reference (cuDNN) on the GPU in the tested dtype with the same TF32 setting.
+Statistics are [mean, m2] (.lab/CONTRACT.md): at a large mean/std they are checked against a condition-aware bound
+(C * eps * mean/std), and NaN must propagate (statistics, running_var) and pass ReLU backward as torch's
+threshold_backward does; NaN positions are compared exactly (the budget alone would let a NaN through).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from _devices import ieee_fp32
 from pe_kernels import reference as ref
 
 pytestmark = pytest.mark.gpu
@@ -106,19 +111,24 @@ def test_conv_fused_forward_and_backward(shape, dtype, atol, fused, tf32):
 
     g = torch.Generator().manual_seed(1)
     gy64 = torch.randn(y64.shape, generator=g, dtype=torch.float64)
-    gs64 = torch.randn(2, y64.shape[1], generator=g, dtype=torch.float64) * 1e-2
+    n = y64.shape[0] * y64.shape[2] * y64.shape[3]
+    # grad_acc gets grad_stats[0] / n + 2 * grad_stats[1] * (acc - mean): both terms ~1e-2 of grad_y.
+    gs64 = torch.randn(2, y64.shape[1], generator=g, dtype=torch.float64) * 1e-2 * torch.tensor([[float(n)], [1.0]])
     needs = [True] * 8
-    back = lambda mod, a, gy, gs, yy: mod.conv_fused_backward(  # noqa: E731
+    back = lambda mod, a, gy, gs, yy, st: mod.conv_fused_backward(  # noqa: E731
         gy, gs, a["x"], a["weight"], a["bias"], a["in_scale"], a["in_shift"], a["in_relu"], a["out_scale"],
         a["out_shift"], a["residual"], a["out_relu"], conv["stride"], conv["padding"], conv["dilation"],
-        conv["groups"], yy, needs)
-    gsd = gs64.to(dev, ref.param_dtype(dtype))
-    # The backward is a function of the saved output y (its ReLU mask): give all three the same y, rounded to the
-    # tested dtype, so that a mask flipped by forward rounding is not mistaken for a backward error.
+        conv["groups"], yy, needs, st)
+    pdt = ref.param_dtype(dtype)
+    gsd = gs64.to(dev, pdt)
+    # The backward is a function of the saved output y (its ReLU mask) and of the forward's stats (the mean in the
+    # gradient of m2): give all three the same y, rounded to the tested dtype, and the same stats (the float64
+    # forward's), so that a forward rounding is not mistaken for a backward error.
     y_common = y64.to(dtype)
-    g64 = back(ref, cpu64, gy64, gs64, y_common.double())
-    g_same = back(ref, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev))
-    g_ours = back(cuda_backend, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev, memory_format=torch.channels_last))
+    g64 = back(ref, cpu64, gy64, gs64, y_common.double(), st64)
+    g_same = back(ref, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev), st64.to(dev, pdt))
+    g_ours = back(cuda_backend, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev, memory_format=torch.channels_last),
+                  st64.to(dev, pdt))
     for name, a, b, c in zip(ref.CONV_GRAD_NAMES, g_ours, g_same, g64):
         assert (a is None) == (c is None), name
         if a is not None:
@@ -134,7 +144,8 @@ def test_bn_ops(dtype, atol, residual):
     g = torch.Generator().manual_seed(2)
     N, K, H, W = 3, 40, 5, 7
     y = torch.randn(N, K, H, W, generator=g, dtype=torch.float64)
-    stats = torch.stack([y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))])
+    mean = y.mean((0, 2, 3))
+    stats = torch.stack([mean, (y - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3))])  # [mean, m2]
     weight, bias = torch.rand(K, dtype=torch.float64) + 0.5, torch.randn(K, dtype=torch.float64)
     count = N * H * W
     pdt = ref.param_dtype(dtype)
@@ -182,7 +193,188 @@ def test_deterministic():
     y2, s2 = cuda_backend.conv_fused(x, w, *args, True)
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
     gy = torch.randn_like(y1)
-    b1 = cuda_backend.conv_fused_backward(gy, None, x, w, *args[:-4], (1, 1), (1, 1), (1, 1), 4, y1, [True] * 8)
-    b2 = cuda_backend.conv_fused_backward(gy, None, x, w, *args[:-4], (1, 1), (1, 1), (1, 1), 4, y1, [True] * 8)
+    gs = torch.randn_like(s1)
+    b1 = cuda_backend.conv_fused_backward(gy, gs, x, w, *args[:-4], (1, 1), (1, 1), (1, 1), 4, y1, [True] * 8, s1)
+    b2 = cuda_backend.conv_fused_backward(gy, gs, x, w, *args[:-4], (1, 1), (1, 1), (1, 1), 4, y1, [True] * 8, s1)
     for a, b in zip(b1, b2):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The statistics contract: [mean, m2] stable at a large mean/std; NaN propagates; ReLU backward passes NaN.
+
+def _nchw(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("ratio", [1e4, 1e5])
+def test_stats_stable_at_large_mean(dtype, ratio):
+    """Every channel's mean is >= `ratio` times its standard deviation. One-pass [sum, sum of squares] loses the
+    variance there in fp32 (eps * mean^2 >> var); the per-tile two-pass statistics merged with Chan's formula must
+    stay within C * eps * mean/std (relative) of the float64 reference, and so must the BatchNorm output."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, C, H, W, K, groups = 4, 16, 11, 11, 24, 2  # N*P*Q = 484 rows: several row tiles, the last one partial
+    conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=groups)
+    pdt = ref.param_dtype(dtype)
+    g = torch.Generator().manual_seed(3)
+    # Inputs rounded to the tested dtype first: the float64 reference sees exactly what the kernel sees.
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype).double()
+    w = torch.randn(K, C // groups, 3, 3, generator=g, dtype=torch.float64) / (9 * C // groups) ** 0.5
+    w = w.to(dtype).double()
+    plain = F.conv2d(x, w, None, **conv)
+    mu, sd = plain.mean((0, 2, 3)), plain.std((0, 2, 3), unbiased=False)
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(K // 2)
+    bias = sign * ratio * (1.5 + torch.rand(K, generator=g, dtype=torch.float64)) * sd - mu
+    bias = bias.to(pdt).double()
+    n = N * H * W
+    tail = (None, None, False, None, None, None, False, conv["stride"], conv["padding"], conv["dilation"], groups,
+            True)
+    y64, st64 = ref.conv_fused(x, w, bias, *tail)
+    cond = st64[0].abs() / (st64[1] / n).sqrt()  # mean/std per channel
+    assert (cond >= ratio).all(), f"test set-up: min mean/std {cond.min().item():.3g} < {ratio:g}"
+
+    eps = torch.finfo(dtype).eps
+    with ieee_fp32():
+        y, st = cuda_backend.conv_fused(x.to(dev, dtype), w.to(dev, dtype), bias.to(dev, pdt), *tail)
+    st_cpu = st.double().cpu()
+    assert st_cpu.isfinite().all()
+    err_mean = (st_cpu[0] - st64[0]).abs()
+    bad = err_mean > 64 * eps * st64[0].abs()
+    assert not bad.any(), f"mean: {int(bad.sum())} channels, max rel err {(err_mean / st64[0].abs()).max():.3e}"
+    rel_m2 = (st_cpu[1] - st64[1]).abs() / st64[1]
+    bound = 16 * eps * cond
+    assert (rel_m2 <= bound).all(), (f"m2: {int((rel_m2 > bound).sum())} channels out of the bound 16*eps*mean/std; "
+                                     f"max rel err {rel_m2.max():.3e}, max ratio to bound {(rel_m2 / bound).max():.3g}")
+
+    weight = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(K, generator=g, dtype=torch.float64)
+    sc64, sh64 = ref.bn_finalize(st64, n, weight, beta, 1e-5)
+    out64 = ref.bn_apply(y64, sc64, sh64, None, None, None, False)
+    sc, sh = cuda_backend.bn_finalize(st, n, weight.to(dev, pdt), beta.to(dev, pdt), 1e-5)
+    out = cuda_backend.bn_apply(y, sc, sh, None, None, None, False)
+    err = (out.double().cpu() - out64).abs()
+    # y rounded at |mean|, the scale's relative error (half m2's) times |x_hat|, the shift mean*scale ~ cond*weight.
+    x_hat = (out64 - _nchw(beta)) / _nchw(weight)
+    bound = 32 * eps * _nchw(cond * weight) * (1 + x_hat.abs())
+    bad = err > bound
+    assert not bad.any(), (f"bn output: {int(bad.sum())} of {bad.numel()} out of the bound; max err "
+                           f"{err.max():.3e}, max ratio to bound {(err / bound).max():.3g}")
+
+
+def test_nan_statistics_propagate():
+    """A NaN activation makes its channel's [mean, m2] NaN; bn_running_update and bn_finalize pass it on with no
+    clamp, as torch's BatchNorm2d does; the other channels are untouched."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, C, H, W = 2, 8, 5, 5
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(N, C, H, W, generator=g)
+    x[1, 3, 2, 2] = float("nan")
+    w = torch.rand(C, 1, 1, 1, generator=g) + 0.5  # depthwise 1x1: the NaN stays in channel 3
+    nan_k = torch.arange(C) == 3
+    with ieee_fp32():
+        y, st = cuda_backend.conv_fused(x.to(dev), w.to(dev), None, None, None, False, None, None, None, False,
+                                        (1, 1), (0, 0), (1, 1), C, True)
+    assert torch.equal(st.isnan().cpu(), nan_k.expand(2, C))
+    n = N * H * W
+
+    bn = torch.nn.BatchNorm2d(C).to(dev).train()  # torch's own BatchNorm on the same y is the oracle
+    with torch.no_grad():
+        out_t = bn(y)
+    rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+    cuda_backend.bn_running_update(st, n, rm, rv, bn.momentum)
+    assert torch.equal(rm.isnan().cpu(), nan_k) and torch.equal(rv.isnan().cpu(), nan_k)
+    torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-6, equal_nan=True)
+    sc, sh = cuda_backend.bn_finalize(st, n, bn.weight.detach(), bn.bias.detach(), bn.eps)
+    assert torch.equal(sc.isnan().cpu(), nan_k) and torch.equal(sh.isnan().cpu(), nan_k)
+    out = cuda_backend.bn_apply(y, sc, sh, None, None, None, False)
+    torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+    # Only m2 NaN (the mean finite): running_var and the scale NaN, running_mean finite; as the reference.
+    stats = torch.stack([torch.randn(C, generator=g), torch.rand(C, generator=g) * n])
+    stats[1, 5] = float("nan")
+    rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+    rm_r, rv_r = torch.zeros(C), torch.ones(C)
+    cuda_backend.bn_running_update(stats.to(dev), n, rm, rv, 0.1)
+    ref.bn_running_update(stats, n, rm_r, rv_r, 0.1)
+    assert rv[5].isnan() and rm.isfinite().all()
+    torch.testing.assert_close(rm.cpu(), rm_r, equal_nan=True)
+    torch.testing.assert_close(rv.cpu(), rv_r, equal_nan=True)
+    sc, sh = cuda_backend.bn_finalize(stats.to(dev), n, None, None, 1e-5)
+    sc_r, sh_r = ref.bn_finalize(stats, n, None, None, 1e-5)
+    torch.testing.assert_close(sc.cpu(), sc_r, equal_nan=True)
+    torch.testing.assert_close(sh.cpu(), sh_r, equal_nan=True)
+
+
+def test_bn_apply_relu_backward_passes_nan():
+    """relu's backward is torch's threshold_backward(grad, out, 0): zero where out <= 0, the gradient elsewhere,
+    NaN outputs included. Oracle: torch autograd in float64 on CPU."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, K, H, W = 2, 8, 4, 4
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(N, K, H, W, generator=g)
+    y[0, 1, 1, 1] = y[1, 5, 3, 0] = float("nan")
+    sc, sh = torch.rand(K, generator=g) + 0.5, torch.randn(K, generator=g) * 0.1
+    go = torch.randn(N, K, H, W, generator=g)
+    yd = y.to(dev).contiguous(memory_format=torch.channels_last)
+    out = cuda_backend.bn_apply(yd, sc.to(dev), sh.to(dev), None, None, None, True)
+    nan = y.isnan()
+    assert torch.equal(out.isnan().cpu(), nan)
+    grads = cuda_backend.bn_apply_backward(go.to(dev), yd, sc.to(dev), sh.to(dev), None, None, None, True, out,
+                                           [True, True, True, False, False, False])
+
+    yt, sct, sht = (t.double().requires_grad_() for t in (y, sc, sh))
+    torch.relu(yt * _nchw(sct) + _nchw(sht)).backward(go.double())
+    gy = grads[0].double().cpu()
+    assert (gy[nan] != 0).all(), "the gradient must pass where the output is NaN"
+    for name, ours, want in zip(("y", "scale", "shift"), grads, (yt.grad, sct.grad, sht.grad)):
+        torch.testing.assert_close(ours.double().cpu(), want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("mask_from", ["y", "acc"])
+def test_conv_relu_backward_passes_nan(mask_from):
+    """A NaN input pixel: the prologue ReLU's input and the epilogue ReLU's input (z) are NaN there; both ReLU
+    backwards pass the gradient (torch's threshold_backward). `y`: the epilogue mask comes from the saved output;
+    `acc`: d out_scale is wanted, so the kernel recomputes acc and masks on z. Oracle: torch autograd in float64
+    (the kernels in float64 too, so that no sign flips by rounding)."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, C, H, W, K, groups = 2, 8, 6, 6, 8, 2
+    g = torch.Generator().manual_seed(6)
+    r64 = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    leaves = dict(x=r64(N, C, H, W), weight=r64(K, C // groups, 3, 3) / 12 ** 0.5, bias=r64(K) * 0.1,
+                  in_scale=r64(C).abs() + 0.5, in_shift=r64(C) * 0.1, out_scale=r64(K).abs() + 0.5,
+                  out_shift=r64(K) * 0.1, residual=r64(N, K, H, W))
+    leaves["x"][1, 2, 3, 3] = float("nan")
+    t = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    pre = t["x"] * _nchw(t["in_scale"]) + _nchw(t["in_shift"])
+    acc = F.conv2d(torch.relu(pre), t["weight"], t["bias"], 1, 1, 1, groups)
+    y_t = torch.relu(acc * _nchw(t["out_scale"]) + _nchw(t["out_shift"]) + t["residual"])
+    gy = r64(*y_t.shape)
+    y_t.backward(gy)
+
+    a = {k: v.to(dev) for k, v in leaves.items()}
+    conv = ((1, 1), (1, 1), (1, 1), groups)
+    y, _ = cuda_backend.conv_fused(a["x"], a["weight"], a["bias"], a["in_scale"], a["in_shift"], True,
+                                   a["out_scale"], a["out_shift"], a["residual"], True, *conv, False)
+    assert torch.equal(y.isnan().cpu(), y_t.isnan())
+    needs = [True] * 8
+    needs[5] = mask_from == "acc"  # out_scale
+    grads = cuda_backend.conv_fused_backward(gy.to(dev), None, a["x"], a["weight"], a["bias"], a["in_scale"],
+                                             a["in_shift"], True, a["out_scale"], a["out_shift"], a["residual"],
+                                             True, *conv, y, needs, None)
+    got = dict(zip(ref.CONV_GRAD_NAMES, grads))
+    nan_y = y_t.isnan()
+    assert nan_y.any()
+    assert torch.equal(got["residual"].cpu()[nan_y], gy[nan_y]), "epilogue ReLU must pass the gradient at NaN z"
+    gx = got["x"].cpu()[1, 2, 3, 3]
+    assert gx.isfinite() and gx != 0, f"prologue ReLU must pass the gradient at NaN pre, got {gx.item()}"
+    for name, need in zip(ref.CONV_GRAD_NAMES, needs):
+        if not need:
+            assert got[name] is None, name
+            continue
+        torch.testing.assert_close(got[name].cpu(), t[name].grad, rtol=1e-9, atol=1e-9, equal_nan=True, msg=name)

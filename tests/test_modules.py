@@ -22,7 +22,7 @@ def plain_block(block, x):
     out = x
     for i, (c, bn) in enumerate(chain[:-1]):
         out = bn(conv(c, out))
-        if i == block._dropout_index():
+        if i == block._dropout_index:
             out = block.dropout(out)
         out = F.relu(out)
     c, bn = chain[-1]
@@ -152,15 +152,18 @@ def test_block_matches_unfused(make, train):
 def test_block_dropout_and_other_norm_fall_back():
     block = PackedBottleneck(8, 4, 1, alpha=2, num_estimators=2, gamma=1, conv_bias=False, dropout_rate=0.5,
                              groups=1).double().train()
-    assert not block._fusable()
+    assert "dropout is active" in block.module_path_reason()
     torch.manual_seed(1)
     out = block(torch.randn(2, 16, 4, 4, dtype=torch.float64))
     assert out.shape == (2, 32, 4, 4)
+    dispatch = pe_kernels.last_dispatch()
+    assert (dispatch.op, dispatch.backend) == ("PackedBottleneck", "modules")
     block.eval()
-    assert block._fusable()
+    assert block.module_path_reason() is None
     gn = PackedBasicBlock(8, 8, 1, alpha=2, num_estimators=2, gamma=1, conv_bias=False, dropout_rate=0, groups=1,
                           normalization_layer=lambda c: nn.GroupNorm(2, c))
-    assert not gn._fusable() and gn(torch.randn(1, 16, 4, 4)).shape == (1, 16, 4, 4)
+    assert gn.module_path_reason() == "bn1 is GroupNorm, not nn.BatchNorm2d"
+    assert gn(torch.randn(1, 16, 4, 4)).shape == (1, 16, 4, 4)
 
 
 # ---- models ----------------------------------------------------------------------------------------------------

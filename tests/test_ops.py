@@ -38,7 +38,8 @@ def plain_conv_fused(x, w, b, in_scale, in_shift, in_relu, out_scale, out_shift,
         z = z + residual
     if out_relu:
         z = torch.relu(z)
-    stats = torch.stack([acc.sum((0, 2, 3)), (acc * acc).sum((0, 2, 3))])
+    mean = acc.mean((0, 2, 3))
+    stats = torch.stack([mean, (acc - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3))])   # [mean, m2]
     return z, stats
 
 
@@ -129,7 +130,8 @@ def test_bn_ops_match_batchnorm2d_train():
     wt, bs = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
     y_ref, y_ours = y0.clone().requires_grad_(), y0.clone().requires_grad_()
     out_ref = torch.relu(bn(y_ref))
-    stats = torch.stack([y_ours.sum((0, 2, 3)), (y_ours * y_ours).sum((0, 2, 3))])
+    mean = y_ours.mean((0, 2, 3))
+    stats = torch.stack([mean, (y_ours - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3))])   # [mean, m2]
     count = 4 * 5 * 5
     rm, rv = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
     ops.bn_running_update(stats.detach(), count, rm, rv, 0.3)
@@ -218,7 +220,7 @@ def _opcheck_samples():
     g = torch.randn(2, 6, 5, 5)
     yield "conv_fused_backward", (g, torch.randn(2, 6), x, w, torch.randn(6), torch.rand(4), torch.randn(4), True,
                                   torch.rand(6), torch.randn(6), torch.randn(2, 6, 5, 5), True, [1, 1], [1, 1],
-                                  [1, 1], 2, torch.randn(2, 6, 5, 5).relu(), [True] * 8)
+                                  [1, 1], 2, torch.randn(2, 6, 5, 5).relu(), [True] * 8, stats)
     yield "conv_fused_backward", (g, None, x, w, None, None, None, False, None, None, None, False, [1, 1], [1, 1],
                                   [1, 1], 2, torch.randn(2, 6, 5, 5), [True, False] + [True] * 6)
     yield "bn_apply_backward", (y, y, torch.randn(6), torch.randn(6), torch.randn(2, 6, 3, 3), torch.randn(6),

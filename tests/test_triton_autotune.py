@@ -123,7 +123,7 @@ def test_conv_backward_sums_survive_autotune_trials(replay, block_ms, with_epilo
     geo = tuple(GEOMETRY.values())
     out_scale, out_shift = (v["out_scale"], v["out_shift"]) if with_epilogue else (None, None)
     args = (x, w, v["bias"], v["in_scale"], v["in_shift"], True, out_scale, out_shift, None, with_epilogue)
-    y64, _ = ref.conv_fused(*[a.double() if isinstance(a, torch.Tensor) else a for a in args], *geo, True)
+    y64, stats64 = ref.conv_fused(*[a.double() if isinstance(a, torch.Tensor) else a for a in args], *geo, True)
     gen = torch.Generator().manual_seed(1)
     grad_y = torch.randn(y64.shape, generator=gen)
     grad_stats = torch.randn(2, 32, generator=gen) * 0.01
@@ -131,10 +131,10 @@ def test_conv_backward_sums_survive_autotune_trials(replay, block_ms, with_epilo
     y = to(y64, torch.float32).contiguous(memory_format=torch.channels_last)
     grads = conv_bwd_mod.conv_bwd(to(grad_y), to(grad_stats), *[to(a) if isinstance(a, torch.Tensor) else a
                                                                  for a in args], *geo, y, [True] * 8,
-                                  tiles={"BLOCK_M": 64})
+                                  to(stats64, torch.float32), tiles={"BLOCK_M": 64})
     want = ref.conv_fused_backward(grad_y.double(), grad_stats.double(),
                                    *[a.double() if isinstance(a, torch.Tensor) else a for a in args], *geo, y64,
-                                   [True] * 8)
+                                   [True] * 8, stats64)
     names = ["dx", "dw", "d_bias", "d_in_scale", "d_in_shift", "d_out_scale", "d_out_shift"]
     errors = []
     for name, got, exp in zip(names, grads, want):

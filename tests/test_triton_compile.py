@@ -86,11 +86,11 @@ def _main() -> None:  # runs in the subprocess
             geo = ((stride, stride), (pad, pad), (dil, dil), g)
             x = torch.randn(2, C, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
             w = torch.randn(K, C // g, R, R).to(dtype)
-            y, _ = tri.conv_fused(x, w, v(K), v(C), v(C), True, v(K), v(K), None, True, *geo, True)
+            y, stats = tri.conv_fused(x, w, v(K), v(C), v(C), True, v(K), v(K), None, True, *geo, True)
             res = torch.randn(y.shape).to(dtype)
             tri.conv_fused(x, w, None, None, None, False, None, None, res, False, *geo, False)
             tri.conv_fused_backward(torch.randn(y.shape).to(dtype), torch.randn(2, K), x, w, v(K), v(C), v(C), True,
-                                    v(K), v(K), res, True, *geo, y, [True] * 8)
+                                    v(K), v(K), res, True, *geo, y, [True] * 8, stats)
             tri.conv_fused_backward(torch.randn(y.shape).to(dtype), None, x, w, None, None, None, False, None,
                                     None, None, False, *geo, y, [True] * 8)
         yb = torch.randn(4, 96, 5, 5).to(dtype)

@@ -103,11 +103,12 @@ def run_fwd(fn, args, compute_stats=True, **kw):
               compute_stats, **kw)
 
 
-def run_bwd(fn, grad_y, grad_stats, args, y, needs_grad, **kw):
+def run_bwd(fn, grad_y, grad_stats, args, y, needs_grad, stats=None, **kw):
+    """`stats`: the forward's [mean, m2] (needed with grad_stats)."""
     a = args
     return fn(grad_y, grad_stats, a["x"], a["weight"], a["bias"], a["in_scale"], a["in_shift"], a["in_relu"],
               a["out_scale"], a["out_shift"], a["residual"], a["out_relu"], a["stride"], a["padding"],
-              a["dilation"], a["groups"], y, needs_grad, **kw)
+              a["dilation"], a["groups"], y, needs_grad, stats, **kw)
 
 
 def check_forward(args, dtype, compute_stats=True, **kw):
@@ -127,16 +128,19 @@ def check_forward(args, dtype, compute_stats=True, **kw):
 
 def check_backward(args, dtype, grad_stats=True, needs_grad=(True,) * 8, **kw):
     device = args["x"].device
-    y64, _ = run_fwd(ref.conv_fused, to64(args), True)
+    y64, stats64 = run_fwd(ref.conv_fused, to64(args), True)
+    # The kernel and the same-dtype reference get the same forward statistics (the forward's own are tested
+    # above), the float64 oracle its own.
+    _, stats_same = run_fwd(ref.conv_fused, args, True)
     # The ReLU mask comes from y; give the kernel the float64 forward rounded to the dtype, so that a sign flip
     # of a value within rounding of zero cannot make the kernel and the oracle disagree about the mask.
     y = y64.to(dtype).to(device)
     grad_y = make_layout(torch.randn(y.shape).to(device, dtype), "nchw")
     gs = torch.randn(2, args["weight"].shape[0]) * 0.1 if grad_stats else None
-    out = run_bwd(conv_bwd, grad_y, to_device(gs, device), args, y, list(needs_grad), **kw)
-    same = run_bwd(ref.conv_fused_backward, grad_y, to_device(gs, device), args, y, list(needs_grad))
+    out = run_bwd(conv_bwd, grad_y, to_device(gs, device), args, y, list(needs_grad), stats_same, **kw)
+    same = run_bwd(ref.conv_fused_backward, grad_y, to_device(gs, device), args, y, list(needs_grad), stats_same)
     r64 = run_bwd(ref.conv_fused_backward, grad_y.cpu().double(), None if gs is None else gs.double(), to64(args),
-                  y64, list(needs_grad))
+                  y64, list(needs_grad), stats64)
     inputs = [args[n] for n in ref.CONV_GRAD_NAMES]
     for name, o, s, r, t, need in zip(ref.CONV_GRAD_NAMES, out, same, r64, inputs, needs_grad):
         if t is None or not need:
@@ -251,8 +255,8 @@ def test_empty_batch(kernel_device):
     y, stats = run_fwd(tri.conv_fused, args, True)
     assert y.shape == (0, 10, 5, 5) and torch.equal(stats, torch.zeros(2, 10, device=kernel_device))
     grad_stats = torch.ones(2, 10, device=kernel_device)
-    grads = run_bwd(tri.conv_fused_backward, torch.zeros_like(y), grad_stats, args, y, [True] * 8)
-    expected = run_bwd(ref.conv_fused_backward, torch.zeros_like(y), grad_stats, args, y, [True] * 8)
+    grads = run_bwd(tri.conv_fused_backward, torch.zeros_like(y), grad_stats, args, y, [True] * 8, stats)
+    expected = run_bwd(ref.conv_fused_backward, torch.zeros_like(y), grad_stats, args, y, [True] * 8, stats)
     for name, g, e in zip(ref.CONV_GRAD_NAMES, grads, expected):
         assert g.shape == e.shape and g.device == y.device and torch.equal(g, torch.zeros_like(g)), name
 
@@ -372,9 +376,10 @@ def test_gpu_vs_cudnn(case, dtype, tf32):
         grad_y = torch.randn(y64.shape).to(dtype)
         gs = torch.randn(2, case.K) * 0.01
         ycast = y64.to(dtype)
-        out = run_bwd(tri.conv_fused_backward, grad_y.cuda(), gs.cuda(), gargs, ycast.cuda(), [True] * 8)
-        same = run_bwd(ref.conv_fused_backward, grad_y.cuda(), gs.cuda(), gargs, ycast.cuda(), [True] * 8)
-        r64 = run_bwd(ref.conv_fused_backward, grad_y.double(), gs.double(), to64(gargs), y64, [True] * 8)
+        out = run_bwd(tri.conv_fused_backward, grad_y.cuda(), gs.cuda(), gargs, ycast.cuda(), [True] * 8, stats)
+        same = run_bwd(ref.conv_fused_backward, grad_y.cuda(), gs.cuda(), gargs, ycast.cuda(), [True] * 8, stats)
+        r64 = run_bwd(ref.conv_fused_backward, grad_y.double(), gs.double(), to64(gargs), y64, [True] * 8,
+                      stats64)
         for name, o, s, r in zip(ref.CONV_GRAD_NAMES, out, same, r64):
             assert_budget(f"d_{name}", o, s, r, dtype, dot=True)
     finally:

@@ -87,20 +87,33 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                         in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                         residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
-                        needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
-    """Gradients w.r.t. reference.CONV_GRAD_NAMES (None where needs_grad is False or the input is None)."""
-    C = _ext.get()
+                        needs_grad: Sequence[bool], stats: Optional[Tensor] = None) -> list[Optional[Tensor]]:
+    """Gradients w.r.t. reference.CONV_GRAD_NAMES (None where needs_grad is False or the input is None).
+
+    `stats` is the forward's (2, K) [mean, M2]; required with grad_stats, which flows into the accumulator as
+    grad_stats[0]/n + 2*grad_stats[1]*(acc - mean), n = N*P*Q.
+    """
     pdt = param_dtype(x.dtype)
     gs = None if grad_stats is None or grad_stats.numel() == 0 else grad_stats.to(pdt).contiguous()
+    st = None if stats is None or stats.numel() == 0 else stats.to(pdt).contiguous()
+    if gs is not None:
+        K = weight.shape[0]
+        if st is None:
+            raise ValueError(f"conv_fused_backward: grad_stats (shape {tuple(gs.shape)}) is given but stats, the "
+                             f"forward's (2, {K}) statistics [mean, m2], is {'None' if stats is None else 'empty'}")
+        if tuple(st.shape) != (2, K) or tuple(gs.shape) != (2, K):
+            raise ValueError(f"conv_fused_backward: stats {tuple(st.shape)} and grad_stats {tuple(gs.shape)} must "
+                             f"both be (2, {K})")
     needs = [bool(n) for n in needs_grad]
     if len(needs) != 8:
         raise ValueError(f"needs_grad must have 8 entries (x, weight, bias, in_scale, in_shift, out_scale, "
                          f"out_shift, residual), got {len(needs)}")
+    C = _ext.get()
     grads = C.conv_fused_backward(
         _act(grad_y, x.dtype), gs, _act(x), _act(weight, x.dtype), _vec(bias, pdt), _vec(in_scale, pdt),
         _vec(in_shift, pdt), bool(in_relu), _vec(out_scale, pdt), _vec(out_shift, pdt), _opt_act(residual, x.dtype),
         bool(out_relu), _pair(stride), _pair(padding), _pair(dilation), int(groups), _act(y, x.dtype), needs,
-        _allow_tf32())
+        st, _allow_tf32())
     inputs = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
     out: list[Optional[Tensor]] = []
     for i, (g, t) in enumerate(zip(grads, inputs)):
@@ -116,7 +129,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
 
 def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> tuple[Tensor, Tensor]:
-    """Training-mode BN as an affine map from the batch statistics: (scale, shift), each (K,)."""
+    """Training-mode BN as an affine map from stats = [mean, M2] (var = M2 / count): (scale, shift), each (K,)."""
     C = _ext.get()
     stats = stats.contiguous()
     return C.bn_finalize(stats, int(count), _vec(weight, stats.dtype), _vec(bias, stats.dtype), float(eps))
@@ -124,7 +137,7 @@ def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optio
 
 def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,
                       momentum: float) -> None:
-    """In place, as BatchNorm2d: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
+    """In place, as BatchNorm2d: running = (1 - momentum) * running + momentum * batch (var = M2 / (count - 1))."""
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
     C = _ext.get()

@@ -8,48 +8,64 @@ Blocks (submodules conv1, bn1, conv2, bn2, dropout, conv3, bn3, shortcut as in t
   Bottleneck: relu(bn1(conv1 x)) -> relu(dropout(bn2(conv2))) -> bn3(conv3) + shortcut(x) -> relu
               (shortcut = BatchConv2d 1x1 + BN when the shape changes)
   Basic:      relu(dropout(bn1(conv1 x))) -> bn2(conv2) + shortcut(x) -> relu   (shortcut = nn.Conv2d + BN)
-Fused path (BatchNorm2d norms, inactive dropout): the convs run through pe_kernels.functional and each
-BN (+ residual) + ReLU is one `batch_norm_act` pass. The r/s/bias scaling per (estimator of the sample, channel)
-is not fused into the conv yet (the op's prologue/epilogue scales are per channel only): two extra elementwise
-passes per conv. `forward_eager` is the stock PyTorch path, module by module.
+Fused path: the convs are called as modules (BatchConv2d runs pe_kernels.functional itself) and each
+BN (+ residual) + ReLU is one `batch_norm_act` pass instead of calling the norms, the dropout and the shortcut
+Sequential. The r/s/bias scaling per (estimator of the sample, channel) is not fused into the conv yet (the
+op's prologue/epilogue scales are per channel only): two extra elementwise passes per conv. The fused path
+runs only under the rule of pe_kernels.nn's fused modules (nn/_common.py): every bypassed norm exactly an
+nn.BatchNorm2d, the dropout exactly an inactive nn.Dropout2d, the shortcut an nn.Sequential, none hooked, no
+global module hook. Otherwise — and in `forward_eager`, the stock PyTorch path — the block runs module by
+module, and pe_kernels.last_dispatch() says why.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as PF
+from ..nn._common import dropout_shortcut_reason, global_hook_reason, module_reason, record_module_path
 from ..nn.batch_ensemble import BatchConv2d, BatchLinear
 from .resnet import BASIC_ARCHS, NARROW_ARCHS, resnet_num_blocks
 
 Tensor = torch.Tensor
 
 
-def _is_bn(module: nn.Module) -> bool:
-    return isinstance(module, nn.BatchNorm2d) and not isinstance(module, nn.SyncBatchNorm)
-
-
 class _BatchBlock(nn.Module):
-    """Shared forward of the BatchEnsemble residual blocks; subclasses define `_chain()` and `_dropout_index`."""
+    """Shared forward of the BatchEnsemble residual blocks; subclasses define the modules, `_names` and
+    `_dropout_index`."""
 
-    _dropout_index = 0
     dropout: nn.Module
     shortcut: nn.Sequential
+    _names: tuple[tuple[str, str], ...]  # (conv, norm) attribute names in order
+    _dropout_index: int                  # index in _names of the pair whose output the dropout follows
 
     def _chain(self) -> list[tuple[nn.Module, nn.Module]]:
-        raise NotImplementedError
+        """(conv, norm) pairs in order."""
+        mods = self._modules  # not self.conv1: nn.Module.__getattr__ costs ~1 µs a lookup
+        return [(mods[conv], mods[bn]) for conv, bn in self._names]
 
-    def _fusable(self) -> bool:
-        norms = [bn for _, bn in self._chain()] + list(self.shortcut)[1:]
-        dropout_active = self.training and getattr(self.dropout, "p", 0.0) > 0
-        return all(_is_bn(bn) for bn in norms) and not dropout_active
+    def module_path_reason(self) -> Optional[str]:
+        """Why the fused BN passes cannot stand in for the norms, dropout and shortcut now (None: they can).
+        The convs are called as modules on both paths. See pe_kernels/nn/_common.py."""
+        reason = global_hook_reason()
+        if reason is not None:
+            return reason
+        mods = self._modules
+        for _, bn_name in self._names:
+            reason = module_reason(bn_name, mods[bn_name], nn.BatchNorm2d)
+            if reason is not None:
+                return reason
+        reason, parts = dropout_shortcut_reason(mods["dropout"], mods["shortcut"])
+        if reason is not None or not parts:
+            return reason
+        return module_reason("shortcut.1", parts[1], nn.BatchNorm2d)
 
     def forward_eager(self, x: Tensor) -> Tensor:
-        """torch-uncertainty's forward, module by module."""
+        """torch-uncertainty's forward, module by module (every submodule called, so its hooks fire)."""
         chain = self._chain()
         out = x
         for i, (conv, bn) in enumerate(chain[:-1]):
@@ -61,14 +77,18 @@ class _BatchBlock(nn.Module):
         return F.relu(bn(conv(out)) + self.shortcut(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fusable():
-            return self.forward_eager(x)
+        reason = self.module_path_reason()
+        if reason is not None:
+            out = self.forward_eager(x)
+            record_module_path(self, reason)
+            return out
         chain = self._chain()
         out = x
         for conv, bn in chain[:-1]:
             out = PF.batch_norm_act(conv(out), bn, activation="relu")
-        if len(self.shortcut) > 0:
-            residual = PF.batch_norm_act(self.shortcut[0](x), self.shortcut[1], activation=None)
+        shortcut = tuple(self._modules["shortcut"]._modules.values())
+        if shortcut:
+            residual = PF.batch_norm_act(shortcut[0](x), shortcut[1], activation=None)
         else:
             residual = x
         conv, bn = chain[-1]
@@ -79,7 +99,6 @@ class BatchBasicBlock(_BatchBlock):
     """torch-uncertainty's batched _BasicBlock."""
 
     expansion = 1
-    _dropout_index = 0
 
     def __init__(self, in_planes: int, planes: int, stride: int, num_estimators: int, conv_bias: bool,
                  dropout_rate: float, groups: int, normalization_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
@@ -98,15 +117,14 @@ class BatchBasicBlock(_BatchBlock):
                           bias=conv_bias),
                 normalization_layer(self.expansion * planes))
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    _names = (("conv1", "bn1"), ("conv2", "bn2"))
+    _dropout_index = 0
 
 
 class BatchBottleneck(_BatchBlock):
     """torch-uncertainty's batched _Bottleneck."""
 
     expansion = 4
-    _dropout_index = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int, num_estimators: int, conv_bias: bool,
                  dropout_rate: float, groups: int, normalization_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
@@ -126,8 +144,8 @@ class BatchBottleneck(_BatchBlock):
                             bias=conv_bias),
                 normalization_layer(self.expansion * planes))
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+    _names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    _dropout_index = 1
 
 
 class BatchedResNet(nn.Module):
@@ -172,9 +190,15 @@ class BatchedResNet(nn.Module):
         self.linear = BatchLinear(in_planes * multiplier * block.expansion, num_classes, num_estimators)
 
     def _stem(self, x: Tensor) -> Tensor:
-        if _is_bn(self.bn1):
-            return PF.batch_norm_act(self.conv1(x), self.bn1, activation="relu")
-        return F.relu(self.bn1(self.conv1(x)))
+        """relu(bn1(conv1(x))): conv1 called as a module, bn1 + ReLU one `batch_norm_act` pass when bn1 may be
+        bypassed (nn/_common.py), else called."""
+        mods = self._modules
+        reason = global_hook_reason() or module_reason("bn1", mods["bn1"], nn.BatchNorm2d)
+        if reason is not None:
+            out = self._stem_eager(x)
+            record_module_path(self, reason)
+            return out
+        return PF.batch_norm_act(mods["conv1"](x), mods["bn1"], activation="relu")
 
     def _stem_eager(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))

@@ -22,7 +22,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from ..nn import PackedConv2d, PackedConvBNReLU2d
+from ..nn import PackedConv2d
 from .batch_ensemble import batched_resnet
 from .deep_ensembles import deep_ensembles_resnet
 from .mimo import mimo_batch_format, mimo_resnet
@@ -122,7 +122,7 @@ def get_model(name: str) -> Table8Model:
 # ---- eager twin: the same modules and weights, run as stock PyTorch (nn.Conv2d -> BatchNorm2d -> ReLU) ----
 
 def _resnet_stem_eager(self, x: Tensor) -> Tensor:
-    return self.optional_pool(self.activation_fn(self.bn1(self.conv1(x))))
+    return self.optional_pool(self.stem_modules(x))
 
 
 def _packed_conv_eager(self, x: Tensor) -> Tensor:
@@ -130,26 +130,20 @@ def _packed_conv_eager(self, x: Tensor) -> Tensor:
     return rearrange(out, "b (m c) ... -> (m b) c ...", m=self.num_estimators) if self.last else out
 
 
-def _fused_conv_bn_relu_eager(self, x: Tensor) -> Tensor:
-    out = self.bn(self.conv(x))
-    return torch.relu(out) if self.activation == "relu" else out
-
-
 def _eager_overrides(cls: type) -> Optional[dict]:
     """Methods that make instances of `cls` run stock PyTorch, or None when `cls` already does.
 
-    Duck-typed on the modules' own unfused paths: `forward_eager` (BatchEnsemble modules), `_forward_unfused`
-    (fused residual blocks), `_stem` (ResNets), and the two fused conv modules of pe_kernels.nn.
+    Duck-typed on the modules' own public module paths: `forward_eager` (BatchEnsemble modules),
+    `forward_modules` (pe_kernels.nn's fused residual blocks and PackedConvBNReLU2d), `stem_modules` (the
+    ResNets' stem), and PackedConv2d.
     """
     if hasattr(cls, "forward_eager"):
         return {"forward": cls.forward_eager}
-    if hasattr(cls, "_forward_unfused"):
-        return {"forward": cls._forward_unfused}
+    if hasattr(cls, "forward_modules"):
+        return {"forward": cls.forward_modules}
     if issubclass(cls, PackedConv2d):
         return {"forward": _packed_conv_eager}
-    if issubclass(cls, PackedConvBNReLU2d):
-        return {"forward": _fused_conv_bn_relu_eager}
-    if hasattr(cls, "_stem"):
+    if hasattr(cls, "stem_modules"):
         return {"_stem": _resnet_stem_eager}
     return None
 

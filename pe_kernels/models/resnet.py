@@ -4,11 +4,14 @@ resnet(...)         standard ResNet (the Single row of Table 8)
 packed_resnet(...)  Packed-Ensembles ResNet: input (B, C, H, W) -> output (M*B, classes), row m*B + b being
                     estimator m on sample b.
 style="cifar": 3x3 stem, stride 1, no max-pool; style="imagenet": 7x7/2 stem + 3x3/2 max-pool.
+The stem conv1 -> bn1 -> ReLU is one fused conv-BN-ReLU kernel under the rule of pe_kernels.nn's fused modules
+(exact nn.Conv2d / PackedConv2d and nn.BatchNorm2d, no hooks: nn/_common.py); otherwise `stem_modules` calls the
+three one by one and pe_kernels.last_dispatch() says why.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,9 @@ from torch import nn
 
 from .. import functional as PF
 from ..nn import BasicBlock, Bottleneck, PackedBasicBlock, PackedBottleneck, PackedConv2d, PackedLinear
+from ..nn._common import activation_reason, global_hook_reason, record_module_path
 from ..nn.blocks import conv2d_of
+from ..nn.fused import conv_bn_reason
 
 Tensor = torch.Tensor
 
@@ -42,13 +47,27 @@ class _ResNetBase(nn.Module):
 
     activation_fn = staticmethod(F.relu)
 
+    def stem_reason(self) -> Optional[str]:
+        """Why one conv-BN-ReLU kernel cannot stand in for conv1 -> bn1 -> activation_fn now (None: it can).
+        The rule of pe_kernels.nn's fused modules (pe_kernels/nn/_common.py)."""
+        mods = self._modules  # not self.conv1: nn.Module.__getattr__ costs ~1 µs a lookup
+        return (global_hook_reason() or conv_bn_reason("conv1", mods["conv1"], "bn1", mods["bn1"])
+                or activation_reason(self.activation_fn))
+
+    def stem_modules(self, x: Tensor) -> Tensor:
+        """activation_fn(bn1(conv1(x))), each submodule called (their hooks fire): the stem's module path."""
+        return self.activation_fn(self.bn1(self.conv1(x)))
+
     def _stem(self, x: Tensor) -> Tensor:
-        if isinstance(self.bn1, nn.BatchNorm2d) and self.activation_fn is F.relu:
-            c = conv2d_of(self.conv1)
-            out = PF.conv_bn(x, c.weight, c.bias, self.bn1, c.stride, c.padding, c.dilation, c.groups,
-                             activation="relu", padding_mode=c.padding_mode)
+        reason = self.stem_reason()
+        if reason is not None:
+            out = self.stem_modules(x)
+            record_module_path(self, reason)
         else:
-            out = self.activation_fn(self.bn1(self.conv1(x)))
+            mods = self._modules
+            c = conv2d_of(mods["conv1"])
+            out = PF.conv_bn(x, c.weight, c.bias, mods["bn1"], c.stride, c.padding, c.dilation, c.groups,
+                             activation="relu", padding_mode=c.padding_mode)
         return self.optional_pool(out)
 
     def feats_forward(self, x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ initialised N(1, 0.5); `bias` (M, out) uniform in +-1/sqrt(fan_in).
 The convolution runs through pe_kernels.functional (the pe_kernels backends). The per-(sample, channel) r/s
 scales and bias are NOT fused yet: the op's prologue/epilogue scales are per channel, not per (estimator of the
 sample, channel), so they are separate elementwise passes around the conv. `forward_eager` is the stock PyTorch
-path (nn.Conv2d), used by the benchmark's eager twin.
+path (nn.Conv2d), used by the benchmark's eager twin, and by forward when `conv` has hooks (prune, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .. import functional as PF
+from ._common import NoTorchScript, global_hook_reason, module_reason, record_module_path
 
 Tensor = torch.Tensor
 
@@ -66,7 +67,7 @@ def _reset_estimator_parameters(module: nn.Module, weight: Tensor) -> None:
         nn.init.uniform_(module.bias, -bound, bound)
 
 
-class BatchLinear(nn.Module):
+class BatchLinear(NoTorchScript, nn.Module):
     """BatchEnsemble Linear: (x * r) W^T * s + bias with r, s, bias chosen by the estimator of each sample."""
 
     def __init__(self, in_features: int, out_features: int, num_estimators: int, bias: bool = True,
@@ -102,7 +103,7 @@ class BatchLinear(nn.Module):
                 f"num_estimators={self.num_estimators}, bias={self.bias is not None}")
 
 
-class BatchConv2d(nn.Module):
+class BatchConv2d(NoTorchScript, nn.Module):
     """BatchEnsemble Conv2d: conv(x * r, W) * s + bias with r, s, bias chosen by the estimator of each sample."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_estimators: int, stride=1,
@@ -143,10 +144,16 @@ class BatchConv2d(nn.Module):
             raise ValueError(f"BatchConv2d expects a 4-D input (N, C, H, W), got shape {tuple(inputs.shape)}")
 
     def forward(self, inputs: Tensor) -> Tensor:
-        """conv through pe_kernels.functional; r, s, bias as separate elementwise passes (not fused yet)."""
+        """conv through pe_kernels.functional; r, s, bias as separate elementwise passes (not fused yet).
+        Calls `conv` instead when it has hooks or is not exactly an nn.Conv2d (nn/_common.py)."""
+        c = self.conv
+        reason = global_hook_reason() or module_reason("conv", c, nn.Conv2d)
+        if reason is not None:
+            out = self.forward_eager(inputs)
+            record_module_path(self, reason)
+            return out
         self._check_input(inputs)
         r, s, bias = self._scales(inputs.shape[0])
-        c = self.conv
         out = PF.packed_conv2d(inputs * r, c.weight, None, c.stride, c.padding, c.dilation, c.groups,
                                c.padding_mode) * s
         return out if bias is None else out + bias

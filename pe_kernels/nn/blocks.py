@@ -5,16 +5,19 @@ Semantics are those of the unfused blocks::
     Basic:      out = relu(dropout(bn1(conv1 x)));  out = relu(bn2(conv2 out) + shortcut(x))
     Bottleneck: out = relu(bn1(conv1 x)); out = relu(dropout(bn2(conv2 out))); out = relu(bn3(conv3 out) + shortcut(x))
 
-Fused schedule (when every norm is an nn.BatchNorm2d, the activation is ReLU and dropout is inactive):
+Fused schedule (when every conv is exactly an nn.Conv2d or PackedConv2d, every norm exactly an nn.BatchNorm2d,
+the dropout exactly an inactive nn.Dropout2d, the shortcut an nn.Sequential of a conv and a norm or empty, the
+activation ReLU, and no submodule has hooks: nn/_common.py):
 * training: conv1 with statistics; its BN+ReLU is applied in the prologue of conv2 (and conv2's in conv3's),
   so the normalised tensors never touch memory; the tail bn3-apply + shortcut-BN-apply + add + ReLU is one pass.
 * eval: each BN folded into its conv's epilogue; the last conv adds the residual and applies ReLU in its epilogue.
-Otherwise the block runs module by module, exactly as torch-uncertainty does.
+Otherwise the block runs module by module, exactly as torch-uncertainty does (`forward_modules`), and
+pe_kernels.last_dispatch() says why.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,9 @@ from torch import nn
 
 from .. import functional as PF
 from ..ops import bn_apply
+from ._common import (NoTorchScript, activation_reason, check_batched_4d, dropout_shortcut_reason,
+                      global_hook_reason, record_module_path)
+from .fused import conv_bn_reason
 from .packed import PackedConv2d
 
 Tensor = torch.Tensor
@@ -41,36 +47,45 @@ def _conv_kwargs(module: nn.Module) -> dict:
                 groups=c.groups, padding_mode=c.padding_mode)
 
 
-class _FusedResidualBlock(nn.Module):
-    """Shared forward of the fused blocks; subclasses define the modules and `_chain()`."""
+class _FusedResidualBlock(NoTorchScript, nn.Module):
+    """Shared forward of the fused blocks; subclasses define the modules, `_names` and `_dropout_index`."""
 
     dropout: nn.Module
     shortcut: nn.Sequential
     activation_fn = staticmethod(F.relu)
+    _names: tuple[tuple[str, str], ...]  # (conv, norm) attribute names in order
+    _dropout_index: int                  # index in _names of the pair whose output the dropout follows
 
+    # Submodules are read from self._modules on the hot path: nn.Module.__getattr__ costs ~1 µs a lookup.
     def _chain(self) -> list[tuple[nn.Module, nn.Module]]:
         """(conv, norm) pairs in order."""
-        raise NotImplementedError
+        mods = self._modules
+        return [(mods[conv], mods[bn]) for conv, bn in self._names]
 
-    def _dropout_index(self) -> int:
-        """Index in _chain() of the pair whose output the dropout follows."""
-        raise NotImplementedError
+    def module_path_reason(self) -> Optional[str]:
+        """Why the fused kernels cannot stand in for the submodules now (None: they can). See nn/_common.py."""
+        reason = global_hook_reason()
+        if reason is not None:
+            return reason
+        mods = self._modules
+        for conv_name, bn_name in self._names:
+            reason = conv_bn_reason(conv_name, mods[conv_name], bn_name, mods[bn_name])
+            if reason is not None:
+                return reason
+        reason = activation_reason(self.activation_fn)
+        if reason is None:
+            reason, parts = dropout_shortcut_reason(mods["dropout"], mods["shortcut"])
+        if reason is not None or not parts:
+            return reason
+        return conv_bn_reason("shortcut.0", parts[0], "shortcut.1", parts[1])
 
-    def _fusable(self) -> bool:
-        norms = [bn for _, bn in self._chain()] + list(self.shortcut)[1:]
-        if not all(isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm) for bn in norms):
-            return False
-        if self.activation_fn is not F.relu and self.activation_fn is not torch.relu:
-            return False
-        dropout_active = self.training and getattr(self.dropout, "p", 0.0) > 0
-        return not dropout_active
-
-    def _forward_unfused(self, x: Tensor) -> Tensor:
+    def forward_modules(self, x: Tensor) -> Tensor:
+        """torch-uncertainty's forward, module by module (every submodule called, so its hooks fire)."""
         chain = self._chain()
         out = x
         for i, (conv, bn) in enumerate(chain[:-1]):
             out = bn(conv(out))
-            if i == self._dropout_index():
+            if i == self._dropout_index:
                 out = self.dropout(out)
             out = self.activation_fn(out)
         conv, bn = chain[-1]
@@ -78,8 +93,12 @@ class _FusedResidualBlock(nn.Module):
         return self.activation_fn(out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fusable():
-            return self._forward_unfused(x)
+        check_batched_4d(self, x)
+        reason = self.module_path_reason()
+        if reason is not None:
+            out = self.forward_modules(x)
+            record_module_path(self, reason)
+            return out
         chain = self._chain()
         h: PF.Activation = x
         for conv, bn in chain[:-1]:
@@ -127,11 +146,8 @@ class PackedBasicBlock(_FusedResidualBlock):
         self.shortcut = _packed_shortcut(in_planes, self.expansion * planes, stride, alpha, num_estimators, gamma,
                                          groups, conv_bias, normalization_layer)
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
-
-    def _dropout_index(self) -> int:
-        return 0
+    _names = (("conv1", "bn1"), ("conv2", "bn2"))
+    _dropout_index = 0
 
 
 class PackedBottleneck(_FusedResidualBlock):
@@ -156,11 +172,8 @@ class PackedBottleneck(_FusedResidualBlock):
         self.shortcut = _packed_shortcut(in_planes, self.expansion * planes, stride, alpha, num_estimators, gamma,
                                          groups, conv_bias, normalization_layer)
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
-
-    def _dropout_index(self) -> int:
-        return 1
+    _names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    _dropout_index = 1
 
 
 def _shortcut(in_planes, out_planes, stride, groups, conv_bias, normalization_layer) -> nn.Sequential:
@@ -188,11 +201,8 @@ class BasicBlock(_FusedResidualBlock):
         self.bn2 = normalization_layer(planes)
         self.shortcut = _shortcut(in_planes, self.expansion * planes, stride, groups, conv_bias, normalization_layer)
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
-
-    def _dropout_index(self) -> int:
-        return 0
+    _names = (("conv1", "bn1"), ("conv2", "bn2"))
+    _dropout_index = 0
 
 
 class Bottleneck(_FusedResidualBlock):
@@ -214,8 +224,5 @@ class Bottleneck(_FusedResidualBlock):
         self.bn3 = normalization_layer(self.expansion * planes)
         self.shortcut = _shortcut(in_planes, self.expansion * planes, stride, groups, conv_bias, normalization_layer)
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
-
-    def _dropout_index(self) -> int:
-        return 1
+    _names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    _dropout_index = 1

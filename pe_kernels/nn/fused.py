@@ -3,6 +3,8 @@
 Submodules `conv` (a PackedConv2d) and `bn` (an nn.BatchNorm2d), so the state_dict is that of the three
 separate modules. Eval: BN folded into the conv epilogue, one kernel. Train: conv with per-channel statistics,
 BN finalize (running statistics updated exactly as BatchNorm2d), one apply + ReLU pass.
+When `conv`, `conv.conv` or `bn` has hooks or is not exactly its stock class, the module calls `bn(conv(x))`
+instead (nn/_common.py), and pe_kernels.last_dispatch() says why.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import torch
 from torch import nn
 
 from .. import functional as PF
-from .packed import PackedConv2d
+from ._common import NoTorchScript, check_batched_4d, global_hook_reason, module_reason, record_module_path
+from .packed import PackedConv2d, conv_reason
 
 Tensor = torch.Tensor
 
 
-class PackedConvBNReLU2d(nn.Module):
+def conv_bn_reason(conv_name: str, conv: nn.Module, bn_name: str, bn: nn.Module) -> Optional[str]:
+    """None when PF.conv_bn may stand in for calling `conv` then `bn` (an exact nn.Conv2d or PackedConv2d and an
+    exact nn.BatchNorm2d, none hooked); else why not. The caller checks global_hook_reason() once."""
+    return conv_reason(conv_name, conv) or module_reason(bn_name, bn, nn.BatchNorm2d)
+
+
+class PackedConvBNReLU2d(NoTorchScript, nn.Module):
     """act(BatchNorm2d(PackedConv2d(x))) with act = ReLU or None."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, alpha: float, num_estimators: int,
@@ -38,11 +47,22 @@ class PackedConvBNReLU2d(nn.Module):
         self.bn = nn.BatchNorm2d(self.conv.conv.out_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats, device=device, dtype=dtype)
 
+    def forward_modules(self, x: Tensor) -> Tensor:
+        """The module-by-module forward: act(bn(conv(x))), each submodule called (hooks fire)."""
+        out = self.bn(self.conv(x))
+        return torch.relu(out) if self.activation == "relu" else out
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"PackedConvBNReLU2d expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        c = self.conv.conv
-        return PF.conv_bn(x, c.weight, c.bias, self.bn, c.stride, c.padding, c.dilation, c.groups,
+        check_batched_4d(self, x)
+        mods = self._modules  # not self.conv, self.bn: nn.Module.__getattr__ costs ~1 µs on this hot path
+        conv, bn = mods["conv"], mods["bn"]
+        reason = global_hook_reason() or conv_bn_reason("conv", conv, "bn", bn)
+        if reason is not None:
+            out = self.forward_modules(x)
+            record_module_path(self, reason)
+            return out
+        c = conv._modules["conv"]
+        return PF.conv_bn(x, c.weight, c.bias, bn, c.stride, c.padding, c.dilation, c.groups,
                           activation=self.activation, padding_mode=c.padding_mode)
 
     def extra_repr(self) -> str:

@@ -3,9 +3,11 @@
 PackedConv{1,2,3}d(in, out, k, alpha, num_estimators, gamma=1, ...) hold `self.conv`, an nn.Conv{1,2,3}d with
 ext_in = int(in * (1 if first else alpha)) inputs, ext_out = int(out * (M if last else alpha)) outputs and
 G = 1 if first else gamma*groups*M groups, gamma reduced while a group would have fewer than
-`minimum_channels_per_group` inputs. PackedConv2d runs through pe_kernels.functional (fast paths);
-1d/3d run ATen. PackedLinear holds `weight` (G, ext_out/G, ext_in/G). `last=True` moves the estimators from
-channels to the batch: "b (m c) ... -> (m b) c ...".
+`minimum_channels_per_group` inputs. PackedConv2d runs through pe_kernels.functional (fast paths) unless its
+`conv` has hooks or is not exactly an nn.Conv2d (then it calls `conv`: nn/_common.py); 1d/3d run ATen.
+Unbatched inputs (C, H, W) work as in nn.Conv2d when last=False. PackedLinear holds `weight`
+(G, ext_out/G, ext_in/G) and computes its block-diagonal map the way `implementation` says.
+`last=True` moves the estimators from channels to the batch: "b (m c) ... -> (m b) c ...".
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import functional as PF
+from ._common import NoTorchScript, global_hook_reason, module_reason, record_module_path
 
 Tensor = torch.Tensor
 
@@ -62,8 +65,9 @@ def packed_conv_channels(in_channels: int, out_channels: int, alpha: float, num_
     return ext_in, ext_out, conv_groups
 
 
-class _PackedConvNd(nn.Module):
+class _PackedConvNd(NoTorchScript, nn.Module):
     _conv_cls: type[nn.Module] = nn.Conv2d
+    _batched_dim = 4  # dimensions of a batched input (N, C, H, W)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, alpha: float, num_estimators: int,
                  gamma: int = 1, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -90,12 +94,22 @@ class _PackedConvNd(nn.Module):
         """The bias of the underlying convolution."""
         return self.conv.bias
 
+    def _check_batched(self, inputs: Tensor) -> bool:
+        """True for a batched input; an unbatched one (no N) is refused with last=True."""
+        batched = inputs.dim() == self._batched_dim
+        if not batched and self.last:
+            raise ValueError(f"{type(self).__name__}(last=True) needs a batched input (N, C, ...): it moves the "
+                             "estimators from the channels into the batch dimension, which an unbatched input "
+                             f"of shape {tuple(inputs.shape)} does not have; add one with inputs.unsqueeze(0)")
+        return batched
+
     def _to_batch(self, out: Tensor) -> Tensor:
         if not self.last:
             return out
         return rearrange(out, "b (m c) ... -> (m b) c ...", m=self.num_estimators)
 
     def forward(self, inputs: Tensor) -> Tensor:
+        self._check_batched(inputs)
         return self._to_batch(self.conv(inputs))
 
 
@@ -103,12 +117,14 @@ class PackedConv1d(_PackedConvNd):
     """Packed-Ensembles Conv1d (runs ATen's conv1d)."""
 
     _conv_cls = nn.Conv1d
+    _batched_dim = 3
 
 
 class PackedConv3d(_PackedConvNd):
     """Packed-Ensembles Conv3d (runs ATen's conv3d)."""
 
     _conv_cls = nn.Conv3d
+    _batched_dim = 5
 
 
 class PackedConv2d(_PackedConvNd):
@@ -117,17 +133,36 @@ class PackedConv2d(_PackedConvNd):
     _conv_cls = nn.Conv2d
 
     def forward(self, inputs: Tensor) -> Tensor:
-        c = self.conv
-        if inputs.dim() != 4:
-            raise ValueError(f"PackedConv2d expects a 4-D input (N, C, H, W), got shape {tuple(inputs.shape)}")
-        out = PF.packed_conv2d(inputs, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, c.padding_mode)
-        return self._to_batch(out)
+        if inputs.dim() not in (3, 4):
+            raise ValueError(f"PackedConv2d expects a 4-D input (N, C, H, W) or an unbatched 3-D one (C, H, W), "
+                             f"got shape {tuple(inputs.shape)}")
+        batched = self._check_batched(inputs)
+        c = self._modules["conv"]  # not self.conv: nn.Module.__getattr__ costs ~1 µs on this hot path
+        reason = global_hook_reason() or module_reason("conv", c, nn.Conv2d)
+        if reason is not None:
+            out = self._to_batch(c(inputs))
+            record_module_path(self, reason)
+            return out
+        x = inputs if batched else inputs.unsqueeze(0)
+        out = PF.packed_conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, c.padding_mode)
+        return self._to_batch(out) if batched else out.squeeze(0)
 
 
-class PackedLinear(nn.Module):
-    """Packed-Ensembles Linear: a block-diagonal map with weight (G, ext_out/G, ext_in/G), G = M*gamma."""
+def conv_reason(name: str, conv: nn.Module) -> Optional[str]:
+    """None when a kernel may replace calling `conv`, an exact nn.Conv2d or an exact PackedConv2d (last=False)
+    around one, none of them hooked; else why not (nn/_common.py). `name` is its path in the fused module."""
+    if type(conv) is PackedConv2d:  # conv._modules: nn.Module.__getattr__ costs ~1 µs on this hot path
+        return (module_reason(name, conv, PackedConv2d)
+                or module_reason(f"{name}.conv", conv._modules["conv"], nn.Conv2d)
+                or (f"{name}.last is True" if conv.last else None))
+    return module_reason(name, conv, nn.Conv2d)
 
-    IMPLEMENTATIONS = ("einsum", "conv1d", "full", "sparse")
+
+class PackedLinear(NoTorchScript, nn.Module):
+    """Packed-Ensembles Linear: a block-diagonal map with weight (G, ext_out/G, ext_in/G), G = M*gamma, computed
+    as `implementation` says (pe_kernels.functional.packed_linear)."""
+
+    IMPLEMENTATIONS = PF.LINEAR_IMPLEMENTATIONS
 
     def __init__(self, in_features: int, out_features: int, alpha: float, num_estimators: int, gamma: int = 1,
                  bias: bool = True, first: bool = False, last: bool = False, implementation: str = "einsum",
@@ -155,8 +190,9 @@ class PackedLinear(nn.Module):
         self.out_features = ext_out // groups
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((groups, ext_out // groups, ext_in // groups), **factory))
-        self.bias = nn.Parameter(torch.empty(ext_out, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(ext_out, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
@@ -170,7 +206,7 @@ class PackedLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, inputs: Tensor) -> Tensor:
-        out = PF.packed_linear(inputs, self.weight, self.bias)
+        out = PF.packed_linear(inputs, self.weight, self.bias, self.implementation)
         if not self.last:
             return out
         return rearrange(out, "b ... (m h) -> (m b) ... h", m=self.num_estimators)

@@ -65,12 +65,14 @@ def cast_vector(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 
 def pair(value, name: str) -> list[int]:
-    """(a, b) from an int or a 2-sequence of ints."""
+    """[a, b] from an int, a 1-sequence (expanded, as ATen and nn.Conv2d do: padding=(1,)) or a 2-sequence."""
     if isinstance(value, int):
         return [value, value]
     values = list(value)
+    if len(values) == 1:
+        values = values * 2
     if len(values) != 2 or not all(isinstance(v, int) for v in values):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a sequence of one or two ints, got {value!r}")
     return values
 
 

@@ -3,7 +3,8 @@
     out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
 
 It is BN-apply + ReLU after a training conv, and the tail of a residual block (bn3 apply + shortcut-BN apply +
-add + ReLU). Backward (`pe_kernels::bn_apply_backward`) fuses dReLU with the reductions sum(g*y) and sum(g); it
+add + ReLU). Backward (`pe_kernels::bn_apply_backward`) fuses dReLU, g = where(out <= 0, 0, grad_out) (torch's
+threshold_backward: the gradient passes where out is NaN), with the reductions sum(g*y) and sum(g); it
 runs on the backend requested when the forward ran (recorded in the autograd context, see pe_kernels._backend).
 """
 
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
+from . import _transforms
 from ..reference import APPLY_GRAD_NAMES, param_dtype
 from ._common import (autocast_dtype, cast_vector, check_4d, check_floating, check_same_device, check_vector,
                       empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
@@ -72,6 +74,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     y, scale, shift, residual, residual_scale, residual_shift, out = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in range(6)]
+    if _transforms.create_graph_required("bn_apply_backward", ctx.backend):  # double backward
+        out = _transforms.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, ctx.relu)
+        inputs = [y, scale, shift, residual, residual_scale, residual_shift]
+        return (*_transforms.differentiable_vjp([out], [grad_out], inputs, needs), None)
     grads = unpack_grads(torch.ops.pe_kernels.bn_apply_backward(
         grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out, needs, ctx.backend))
     return (*grads, None)
@@ -104,4 +110,6 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
     vec_dtype = param_dtype(y.dtype)
     scale, shift, residual_scale, residual_shift = (cast_vector(t, vec_dtype)
                                                     for t in (scale, shift, residual_scale, residual_shift))
+    if _transforms.composite_required("bn_apply"):
+        return _transforms.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, bool(relu))
     return torch.ops.pe_kernels.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, bool(relu))

@@ -1,10 +1,14 @@
 """`pe_kernels::bn_finalize` and `pe_kernels::bn_running_update`: BatchNorm from conv statistics.
 
-With n = count (N*P*Q) and stats = [sum y, sum y^2]::
+With n = count (N*P*Q) and stats = [mean, m2] (m2 = sum of squared deviations, see ops/conv_fused.py)::
 
-    mean = stats[0]/n,  var = stats[1]/n - mean^2,  invstd = (var + eps)^-1/2
+    mean = stats[0],  var = stats[1]/n  (biased),  invstd = (var + eps)^-1/2    (no clamp: NaN stays NaN)
     scale = weight * invstd,  shift = bias - mean * scale              (training BN as an affine map)
-    running_mean <- (1-f) running_mean + f mean,  running_var <- (1-f) running_var + f var n/(n-1)
+    running_mean <- (1-f) running_mean + f mean,  running_var <- (1-f) running_var + f m2/(n-1)
+
+Backward of bn_finalize (plain torch on K-vectors), g_tot = g_scale - mean * g_shift:
+    d_weight = g_tot * invstd,  d_bias = g_shift,  d_var = g_tot * weight * (-1/2) * invstd^3,
+    d_stats = [d_mean, d_m2] = [-scale * g_shift, d_var / n]
 
 `f` is BatchNorm2d's exponential_average_factor (momentum, or 1/num_batches_tracked when momentum is None);
 the module computes it, exactly as BatchNorm2d does. Vectors are fp32 (fp64 for fp64 activations).
@@ -17,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from . import _transforms
 from ._common import check_vector, no_autocast
 
 Tensor = torch.Tensor
@@ -47,8 +52,8 @@ def _backward(ctx, grad_scale, grad_shift):
     """Chain rule through mean, var and invstd (K-element vectors: plain torch ops)."""
     stats, weight = ctx.saved_tensors
     n = ctx.count
-    mean = stats[0] / n
-    var = (stats[1] / n - mean * mean).clamp_min(0)
+    mean = stats[0]
+    var = stats[1] / n
     invstd = torch.rsqrt(var + ctx.eps)
     w = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
     scale = w * invstd
@@ -58,8 +63,7 @@ def _backward(ctx, grad_scale, grad_shift):
     d_weight = g_scale_total * invstd if weight is not None and ctx.needs_input_grad[2] else None
     d_bias = g_shift if ctx.needs_input_grad[3] else None
     d_var = g_scale_total * w * (-0.5) * invstd ** 3
-    d_mean = -scale * g_shift - 2 * mean * d_var
-    d_stats = torch.stack([d_mean / n, d_var / n]) if ctx.needs_input_grad[0] else None
+    d_stats = torch.stack([-scale * g_shift, d_var / n]) if ctx.needs_input_grad[0] else None
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return d_stats, None, d_weight, d_bias, None
@@ -101,6 +105,8 @@ def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optio
     dtype = stats.dtype
     weight = weight if weight is None else weight.to(dtype)
     bias = bias if bias is None else bias.to(dtype)
+    if _transforms.composite_required("bn_finalize"):
+        return _transforms.bn_finalize(stats, count, weight, bias, float(eps))
     return torch.ops.pe_kernels.bn_finalize(stats, count, weight, bias, float(eps))
 
 
@@ -112,4 +118,7 @@ def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_v
     check_vector(running_var, "running_var", k, stats)
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+    if _transforms.composite_required("bn_running_update"):
+        _transforms.bn_running_update(stats, count, running_mean, running_var, float(momentum))
+        return
     torch.ops.pe_kernels.bn_running_update(stats, count, running_mean, running_var, float(momentum))

@@ -3,10 +3,14 @@
     x'    = act_in(x * in_scale[c] + in_shift[c])                  (padding stays zero)
     acc   = conv(x', w, stride, padding, dilation, groups) + bias[k]
     y     = act_out(acc * out_scale[k] + out_shift[k] + residual)   channels_last, x.dtype
-    stats = [sum acc, sum acc^2] over N, P, Q                         (2, K) fp32, or (0,) when not asked
+    stats = [mean, m2] over N, P, Q  (n = N*P*Q values per channel)   (2, K) fp32, or (0,) when not asked
+            mean = sum acc / n,  m2 = sum (acc - mean)^2  (computed stably: two passes / Chan merges, no clamp)
 
 Backward (`pe_kernels::conv_fused_backward`) returns the gradients of x, weight, bias, in_scale, in_shift,
-out_scale, out_shift and residual; the gradient of `stats` flows back through acc. Both ops dispatch to the
+out_scale, out_shift and residual; the gradient of `stats` flows back through acc,
+    g_acc = g * out_scale + grad_stats[0] / n + 2 * grad_stats[1] * (acc - mean),
+so it takes the forward's `stats` (saved in the autograd context). ReLU backward (prologue and epilogue) is
+torch's: where(v <= 0, 0, grad), the gradient passes where v is NaN. Both ops dispatch to the
 backend chosen by pe_kernels._backend; the backward to the one requested when the forward ran (`backend`, recorded
 in the autograd context, since autograd may run the backward on a thread that does not see use_backend()).
 Autocast: x, weight, bias and residual run in the autocast dtype, the per-channel vectors and the statistics stay
@@ -20,7 +24,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend
-from ..reference import CONV_GRAD_NAMES, param_dtype
+from . import _transforms
+from ..reference import CONV_GRAD_NAMES, check_backward_stats, param_dtype
 from ._common import (autocast_dtype, cast_activation, cast_vector, check_4d, check_floating, check_same_device,
                       check_vector, empty_channels_last, empty_grad, no_autocast, pack_grads, pair, unpack_grads)
 
@@ -61,10 +66,13 @@ def _conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor
                          in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                          residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
                          dilation: Sequence[int], groups: int, y: Tensor, needs_grad: Sequence[bool],
-                         backend: str = "") -> list[Tensor]:
-    """`backend`: the request recorded by the forward ('' = the current request)."""
+                         stats: Optional[Tensor] = None, backend: str = "") -> list[Tensor]:
+    """`stats`: the forward's (2, K) [mean, m2], needed when grad_stats is given. `backend`: the request recorded
+    by the forward ('' = the current request)."""
     args = (grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-            out_relu, stride, padding, dilation, groups, y, needs_grad)
+            out_relu, stride, padding, dilation, groups, y, needs_grad, stats)
+    check_backward_stats(grad_stats if grad_stats is not None and grad_stats.numel() else None, stats,
+                         weight.shape[0])
     backend, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
     with no_autocast(x.device):
         grads = backend.conv_fused_backward(*args)
@@ -75,7 +83,7 @@ def _conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor
 @_conv_fused_backward.register_fake
 def _conv_fused_backward_fake(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale,
                               out_shift, residual, out_relu, stride, padding, dilation, groups, y, needs_grad,
-                              backend=""):
+                              stats=None, backend=""):
     likes = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
     out = []
     for name, like, need in zip(CONV_GRAD_NAMES, likes, needs_grad):
@@ -91,23 +99,30 @@ def _conv_fused_backward_fake(grad_y, grad_stats, x, weight, bias, in_scale, in_
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
      dilation, groups, compute_stats) = inputs
-    ctx.save_for_backward(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, output[0])
+    stats = output[1] if compute_stats else None  # the gradient of stats flows through acc - mean
+    ctx.save_for_backward(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, output[0], stats)
     ctx.config = (in_relu, out_relu, list(stride), list(padding), list(dilation), groups, compute_stats)
     ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
 
 
 def _backward(ctx, grad_y, grad_stats):
-    x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, y = ctx.saved_tensors
+    x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, y, stats = ctx.saved_tensors
     in_relu, out_relu, stride, padding, dilation, groups, compute_stats = ctx.config
     tensor_inputs = (0, 1, 2, 3, 4, 6, 7, 8)  # positions of x ... residual among the op's inputs
     needs = [bool(ctx.needs_input_grad[i]) for i in tensor_inputs]
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     if not compute_stats or grad_stats is None:
-        grad_stats = None
-    grads = unpack_grads(torch.ops.pe_kernels.conv_fused_backward(
-        grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-        out_relu, stride, padding, dilation, groups, y, needs, ctx.backend))
+        grad_stats = stats = None
+    if _transforms.create_graph_required("conv_fused_backward", ctx.backend):  # double backward
+        y, stats = _transforms.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
+                                          residual, out_relu, stride, padding, dilation, groups, compute_stats)
+        grads = _transforms.differentiable_vjp([y, stats], [grad_y, grad_stats], [x, weight, bias, in_scale,
+                                               in_shift, out_scale, out_shift, residual], needs)
+    else:
+        grads = unpack_grads(torch.ops.pe_kernels.conv_fused_backward(
+            grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+            out_relu, stride, padding, dilation, groups, y, needs, stats, ctx.backend))
     dx, dw, db, d_in_scale, d_in_shift, d_out_scale, d_out_shift, d_residual = grads
     return (dx, dw, db, d_in_scale, d_in_shift, None, d_out_scale, d_out_shift, d_residual, None, None, None,
             None, None, None)
@@ -134,6 +149,9 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
                          f"padding={padding}, dilation={dilation}")
     n, c, h, w = x.shape
     k, c_per_group, r, s = weight.shape
+    if min(weight.shape) < 1:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} (out_channels, in_channels/groups, kernel_h, "
+                         "kernel_w): every dimension must be >= 1 (kernel size should be greater than zero)")
     if c != c_per_group * groups:
         raise ValueError(f"x has {c} channels but weight {tuple(weight.shape)} with groups={groups} expects "
                          f"{c_per_group * groups}")
@@ -165,6 +183,8 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
                                                 for t in (in_scale, in_shift, out_scale, out_shift))
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
-    return torch.ops.pe_kernels.conv_fused(x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift,
-                                           residual, bool(out_relu), stride, padding, dilation, groups,
-                                           bool(compute_stats))
+    args = (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
+            stride, padding, dilation, groups, bool(compute_stats))
+    if _transforms.composite_required("conv_fused"):
+        return _transforms.conv_fused(*args)
+    return torch.ops.pe_kernels.conv_fused(*args)

@@ -3,7 +3,8 @@ pe_kernels.reference (the contract). GPU in production; on CPU only under TRITON
 
 Activations in fp16, bf16 or fp32 (fp64 raises TypeError: the dispatcher sends it to the torch backend);
 per-channel vectors and statistics in fp32; every 4-D output is channels_last. All reductions are
-deterministic (per-tile partial sums reduced in a fixed order, no atomics).
+deterministic (per-tile partial sums reduced in a fixed order, no atomics); the BN statistics [mean, m2] are
+per-tile [count, mean, M2] merged with Chan's formula (conv_fwd.py), stable when the mean dwarfs the spread.
 
 Files: conv_fwd.py (fused grouped conv forward + statistics), conv_bwd.py (its backward: epilogue backward,
 dgrad with the prologue backward, split-M wgrad), bn_finalize.py (statistics -> scale/shift, running stats),

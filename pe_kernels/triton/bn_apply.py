@@ -4,7 +4,7 @@ Math (pe_kernels.reference.bn_apply / bn_apply_backward)::
 
     out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
 
-    g = grad_out * [out > 0]  (if relu)
+    g = where(out <= 0, 0, grad_out)  (if relu; torch's ReLU backward: a NaN out passes the gradient)
     dy = g * scale,  d_scale = sum g * y,  d_shift = sum g
     d_residual = g * residual_scale,  d_residual_scale = sum g * residual,  d_residual_shift = sum g
 
@@ -100,7 +100,7 @@ def _bn_apply_bwd_kernel(
     g = g.to(tl.float32)
     if RELU:
         o = tl.load(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow), mask=mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)
     # Every slot of the three sums is written (zeros where unused): the buffer needs no zeroing.
     zero = tl.zeros((BLOCK_K,), dtype=tl.float32)
     store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)

@@ -1,11 +1,12 @@
 """BatchNorm finalize: batch statistics -> affine map, and the running-statistics update of BatchNorm2d.
 
-Math (pe_kernels.reference.bn_finalize / bn_running_update), stats = [sum y, sum y^2] per channel, n = count::
+Math (pe_kernels.reference.bn_finalize / bn_running_update), stats = [mean, m2] per channel (m2 = the sum of
+squared deviations), n = count::
 
-    mean = stats[0] / n,  var = max(stats[1] / n - mean^2, 0),  invstd = 1 / sqrt(var + eps)
+    mean = stats[0],  var = stats[1] / n,  invstd = 1 / sqrt(var + eps)     (no clamp: a NaN m2 stays NaN)
     scale = weight * invstd,  shift = bias - mean * scale          (weight = 1, bias = 0 when absent)
     running_mean = (1 - momentum) * running_mean + momentum * mean
-    running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)     (unbiased)
+    running_var  = (1 - momentum) * running_var  + momentum * m2 / (n - 1)          (unbiased)
 
 One small kernel does either or both (runtime flags, so one compiled kernel serves both); fp32 math, running
 buffers updated in place in their own dtype and strides.
@@ -24,7 +25,7 @@ from ._common import Tensor, affine_pair, check_same_device, check_vector, dummy
 
 @triton.jit(do_not_specialize=["K", "s_row", "affine", "running"])
 def _bn_finalize_kernel(
-    stats_ptr,      # (2, K) fp32 [sum y, sum y^2]
+    stats_ptr,      # (2, K) fp32 [mean, m2]
     weight_ptr,     # (K,) BN weight (gamma; ones when absent) or unused
     bias_ptr,       # (K,) BN bias (beta; zeros when absent) or unused
     scale_ptr,      # out: (K,) fp32 contiguous, or unused
@@ -36,7 +37,6 @@ def _bn_finalize_kernel(
     sw, sb,         # weight / bias strides (1 when unused)
     srm, srv,       # running_mean / running_var strides (1 when unused)
     count,          # n, the number of values per channel (float)
-    unbias,         # n / (n - 1)
     eps,            # BN epsilon
     momentum,       # running-statistics momentum
     affine,         # 1: write scale, shift (a runtime flag: one compiled kernel serves both uses)
@@ -45,11 +45,10 @@ def _bn_finalize_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
-    s1 = tl.load(stats_ptr + offs * s_col, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(stats_ptr + s_row + offs * s_col, mask=mask, other=0.0).to(tl.float32)
-    mean = s1 / count
-    var = tl.maximum(s2 / count - mean * mean, 0.0)
+    mean = tl.load(stats_ptr + offs * s_col, mask=mask, other=0.0).to(tl.float32)
+    m2 = tl.load(stats_ptr + s_row + offs * s_col, mask=mask, other=0.0).to(tl.float32)
     if affine != 0:
+        var = m2 / count
         scale = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32) / tl.sqrt_rn(var + eps)
         shift = tl.load(bias_ptr + offs * sb, mask=mask, other=0.0).to(tl.float32) - mean * scale
         tl.store(scale_ptr + offs, scale, mask=mask)
@@ -58,7 +57,7 @@ def _bn_finalize_kernel(
         rm = tl.load(rmean_ptr + offs * srm, mask=mask, other=0.0)
         rv = tl.load(rvar_ptr + offs * srv, mask=mask, other=0.0)
         rm = rm.to(tl.float32) * (1.0 - momentum) + momentum * mean
-        rv = rv.to(tl.float32) * (1.0 - momentum) + momentum * (var * unbias)
+        rv = rv.to(tl.float32) * (1.0 - momentum) + momentum * (m2 / (count - 1.0))
         tl.store(rmean_ptr + offs * srm, rm.to(rmean_ptr.dtype.element_ty), mask=mask)
         tl.store(rvar_ptr + offs * srv, rv.to(rvar_ptr.dtype.element_ty), mask=mask)
 
@@ -93,7 +92,7 @@ def bn_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optio
     block = _block(K)
     _bn_finalize_kernel[(triton.cdiv(K, block),)](
         stats, weight, bias, scale, shift, unused, unused,
-        K, stats.stride(0), stats.stride(1), weight.stride(0), bias.stride(0), 1, 1, float(count), 1.0,
+        K, stats.stride(0), stats.stride(1), weight.stride(0), bias.stride(0), 1, 1, float(count),
         float(eps), 0.0, 1, 0, BLOCK=block)
     return scale, shift
 
@@ -112,4 +111,4 @@ def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_v
     _bn_finalize_kernel[(triton.cdiv(K, block),)](
         stats, unused, unused, unused, unused, running_mean, running_var,
         K, stats.stride(0), stats.stride(1), 1, 1, running_mean.stride(0), running_var.stride(0),
-        float(count), count / (count - 1), 0.0, float(momentum), 0, 1, BLOCK=block)
+        float(count), 0.0, float(momentum), 0, 1, BLOCK=block)

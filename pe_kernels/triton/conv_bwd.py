@@ -2,13 +2,14 @@
 
 Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x') + bias)::
 
-    g         = g_y * [y > 0]  (if out_relu)
+    g         = where(y <= 0, 0, g_y)  (if out_relu; torch's ReLU backward: a NaN y passes the gradient)
     d_residual = g,  d_out_shift[k] = sum g,  d_out_scale[k] = sum g * acc
-    g_acc     = g * out_scale[k] + grad_stats[0, k] + 2 * acc * grad_stats[1, k]
+    g_acc     = g * out_scale[k] + grad_stats[0, k] / n + 2 * grad_stats[1, k] * (acc - mean[k])
+                (stats = [mean, m2] of the forward, n = N*P*Q; acc - mean before the product: no cancellation)
     d_bias[k] = sum g_acc
     dx'       = conv_transpose(g_acc, w)                  (dgrad: implicit GEMM over (r, s, k))
-    mask      = [x * in_scale + in_shift > 0]  (if in_relu)
-    dx        = dx' * mask * in_scale,  d_in_scale[c] = sum dx' * mask * x,  d_in_shift[c] = sum dx' * mask
+    gm        = where(x * in_scale + in_shift <= 0, 0, dx')  (if in_relu, else dx')
+    dx        = gm * in_scale,  d_in_scale[c] = sum gm * x,  d_in_shift[c] = sum gm
     dw[k,c,r,s] = sum_{n,p,q} g_acc[n,k,p,q] * x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]   (wgrad)
 
 Sums run over (n, p, q) or (n, h, w). All of them are deterministic: every program writes fp32 partial sums
@@ -53,10 +54,12 @@ def _conv_bwd_epilogue_kernel(
     acc_ptr,        # accumulator (N, K, P, Q): y itself or recomputed in fp32, any strides, or unused
     out_scale_ptr,  # (K,) contiguous or unused
     gs_ptr,         # grad_stats (2, K) fp32 contiguous or unused
+    stats_ptr,      # the forward's stats (2, K) fp32 contiguous [mean, m2] (with gs_ptr) or unused
     gacc_ptr,       # out: g_acc (N, K, P, Q), any strides
     dres_ptr,       # out: d_residual (N, K, P, Q), any strides, or unused
     part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g, sum g*acc, sum g_acc]
     K, P, Q, M,                  # channels, output height/width, M = N*P*Q
+    inv_n,                       # 1 / M (float): grad_stats[0] is the gradient of a mean
     M_KEY,                       # M rounded up to a power of two (autotune key)
     sgn, sgc, sgh, sgw,          # grad_y strides
     syn, syc, syh, syw,          # y strides
@@ -75,7 +78,7 @@ def _conv_bwd_epilogue_kernel(
     g = g.to(tl.float32)
     if OUT_RELU:
         yv = tl.load(y_ptr + tile_offsets(n, p, q, k, syn, syc, syh, syw), mask=mask, other=0.0)
-        g = tl.where(yv > 0, g, 0.0)
+        g = tl.where(yv <= 0, 0.0, g)
     if STORE_DRES:
         tl.store(dres_ptr + tile_offsets(n, p, q, k, sdn, sdc, sdh, sdw),
                  g.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -88,7 +91,8 @@ def _conv_bwd_epilogue_kernel(
     if HAS_GS:
         gs0 = tl.load(gs_ptr + offs_k, mask=mask_k, other=0.0)
         gs1 = tl.load(gs_ptr + K + offs_k, mask=mask_k, other=0.0)
-        g_acc = g_acc + tl.where(mask, gs0[None, :] + 2.0 * a * gs1[None, :], 0.0)
+        mean = tl.load(stats_ptr + offs_k, mask=mask_k, other=0.0)
+        g_acc = g_acc + tl.where(mask, (gs0 * inv_n)[None, :] + 2.0 * gs1[None, :] * (a - mean[None, :]), 0.0)
     tl.store(gacc_ptr + tile_offsets(n, p, q, k, son, soc, soh, sow),
              g_acc.to(gacc_ptr.dtype.element_ty), mask=mask)
 
@@ -185,7 +189,7 @@ def _conv_dgrad_kernel(
                          mask=mask, other=0.0).to(tl.float32)
         if IN_RELU:
             pre = xv * scale[None, :] + tl.load(in_shift_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            gm = tl.where(pre > 0, gm, 0.0)
+            gm = tl.where(pre <= 0, 0.0, gm)
         if STATS:
             gm_m = tl.where(mask, gm, 0.0)
             store_part(part_ptr, pid_m, M, 2 * C, c, mask_n, tl.sum(gm_m * xv, axis=0), PART_M, BLOCK_M)
@@ -288,7 +292,7 @@ def _tile_m(tiles: Optional[dict]) -> Optional[int]:
     return _INTERPRET_BLOCK_M if INTERPRET else None
 
 
-def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu, geo: ConvGeometry,
+def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo: ConvGeometry,
                        need_dres: bool, act_dtype, tiles: Optional[dict]):
     """Returns (g_acc channels_last in act_dtype, d_residual or None, sums (3, K) fp32)."""
     M = geo.N * geo.P * geo.Q
@@ -304,8 +308,9 @@ def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu
     args = (grad_y, y if out_relu else grad_y, unused if acc is None else acc,
             unused if out_scale is None else out_scale.contiguous(),
             unused if grad_stats is None else grad_stats.to(torch.float32).contiguous(),
+            unused if grad_stats is None else stats.to(torch.float32).contiguous(),
             g_acc, grad_y if d_res is None else d_res, part,
-            geo.K, geo.P, geo.Q, M, triton.next_power_of_2(max(M, 1)), *strides4(grad_y),
+            geo.K, geo.P, geo.Q, M, 1.0 / max(M, 1), triton.next_power_of_2(max(M, 1)), *strides4(grad_y),
             *strides4(y if out_relu else None), *strides4(acc), *strides4(g_acc), *strides4(d_res))
     meta = dict(OUT_RELU=bool(out_relu), HAS_OUT_SCALE=out_scale is not None, HAS_ACC=acc is not None,
                 HAS_GS=grad_stats is not None, STORE_DRES=need_dres, PART_M=part_m, BLOCK_N=block_n)
@@ -391,8 +396,10 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
              in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor],
              out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
              padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
-             needs_grad: Sequence[bool], tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
-    """Launcher of the fused backward; `tiles` overrides tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)."""
+             needs_grad: Sequence[bool], stats: Optional[Tensor] = None,
+             tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
+    """Launcher of the fused backward; `stats`: the forward's (2, K) [mean, m2], needed with grad_stats;
+    `tiles` overrides tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)."""
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     out_shape = (geo.N, geo.K, geo.P, geo.Q)
     check_4d("grad_y", grad_y)
@@ -409,7 +416,13 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
         grad_stats = None
     if grad_stats is not None:
         check_shape("grad_stats", grad_stats, (2, geo.K))
-    check_same_device(x.device, grad_y=grad_y, grad_stats=grad_stats, bias=bias, in_scale=in_scale,
+        if stats is None or stats.numel() == 0:
+            raise ValueError("triton conv_fused_backward: grad_stats is given but the forward's stats are missing "
+                             "(pass the (2, K) [mean, m2] that conv_fused returned as `stats`)")
+        check_shape("stats", stats, (2, geo.K))
+    else:
+        stats = None
+    check_same_device(x.device, grad_y=grad_y, grad_stats=grad_stats, stats=stats, bias=bias, in_scale=in_scale,
                       in_shift=in_shift, out_scale=out_scale, out_shift=out_shift, residual=residual,
                       y=y if out_relu else None)
     needs_grad = [bool(v) for v in needs_grad]
@@ -433,7 +446,7 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
         else:
             acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
                               padding, dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
-    g_acc, d_res, sums = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, residual, out_relu, geo,
+    g_acc, d_res, sums = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo,
                                             need_res, x.dtype, tiles)
     grads[1] = _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo, tiles) if need_w else None
     if need_x or need_isc or need_ish:
@@ -459,7 +472,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                         in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                         residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], groups: int, y: Tensor,
-                        needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+                        needs_grad: Sequence[bool], stats: Optional[Tensor] = None) -> list[Optional[Tensor]]:
     """Triton implementation of pe_kernels.reference.conv_fused_backward (same arguments, same results)."""
     return conv_bwd(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
-                    residual, out_relu, stride, padding, dilation, groups, y, needs_grad)
+                    residual, out_relu, stride, padding, dilation, groups, y, needs_grad, stats)

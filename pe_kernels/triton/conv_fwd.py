@@ -6,7 +6,7 @@ Math (pe_kernels.reference.conv_fused)::
     acc[n,k,p,q] = sum_{c in group(k), r, s} x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] * w[k, c - c0, r, s]
                    + bias[k]
     y = act_out(acc * out_scale[k] + out_shift[k] + residual[n,k,p,q])     stored in x.dtype
-    stats[0,k] = sum_{n,p,q} acc,  stats[1,k] = sum_{n,p,q} acc**2         fp32
+    stats[0,k] = mean_k = sum_{n,p,q} acc / n,  stats[1,k] = m2_k = sum_{n,p,q} (acc - mean_k)**2    fp32
 
 GEMM view, per group g: rows m = (n, p, q) (M = N*P*Q), columns k in [g*K_g, (g+1)*K_g), reduction index
 j = (r, s, c) flattened with c fastest (RSC = R*S*C_g), so a narrow group (C_g of 8) with a 3x3 filter fills a
@@ -16,10 +16,17 @@ contiguous for every filter size.
 Tensors are addressed through their strides (NCHW, channels_last and sliced inputs all work without a copy;
 NHWC gives contiguous loads along c and k). The output is channels_last.
 
-Statistics are deterministic: each M tile writes its column sums to its own slot of a (cdiv(M, PART_M), 2, K)
-fp32 buffer, summed over the slot axis afterwards in a fixed order (no atomics). The buffer's layout does not
-depend on the autotune config and every config writes all of it (store_part), so autotune trials leave no
-stale partial sums and the buffer needs no zeroing.
+Statistics are stable and deterministic. Each M tile computes, from its fp32 accumulator in registers, its
+count c_t of valid rows, mean_t and M2_t = sum (acc - mean_t)^2 over those rows (two passes: the mean, then
+the deviations, whose own sum also corrects the mean's rounding; no cancellation), and writes
+[c_t, mean_t, M2_t] to its own slot of a (cdiv(M, PART_M), 3, K) fp32 buffer. `_stats_merge_kernel` (one
+launch, parallel over channels) then merges the slots with Chan et al.'s formula in a fixed order (no atomics),
+skipping slots of count 0:
+    n = nA + nB,  d = meanB - meanA,  mean = meanA + d nB / n,  M2 = M2A + M2B + d^2 nA nB / n
+(blocks of slots at once in its k-way form, the blocks folded in slot order).
+The buffer's layout does not depend on the autotune config and every config writes all of it (store_part: a
+program's first slot gets its values, its other slots zeros, i.e. count 0), so autotune trials leave nothing
+stale and the buffer needs no zeroing.
 
 Dtypes: fp16/bf16/fp32 activations (weight in the same dtype), fp32 accumulation; fp32 operands use TF32 when
 torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any float dtype, read as fp32.
@@ -73,6 +80,9 @@ def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
     groups = int(groups)
     N, C, H, W = x.shape
     K, C_g, R, S = weight.shape
+    if min(K, C_g, R, S) < 1:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} (K, C/groups, R, S): every dimension must be "
+                         ">= 1 (kernel size should be greater than zero)")
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     if C % groups != 0 or K % groups != 0:
@@ -112,7 +122,7 @@ def _conv_fwd_kernel(
     out_shift_ptr,  # (K,) epilogue shift (contiguous) or unused
     res_ptr,        # residual (N, K, P, Q), any strides, or unused
     y_ptr,          # output (N, K, P, Q), any strides; its element type is the stored dtype
-    part_ptr,       # (cdiv(M, PART_M), 2, K) fp32 per-slot [sum acc, sum acc^2], or unused
+    part_ptr,       # (cdiv(M, PART_M), 3, K) fp32 per-slot [count, mean, M2], or unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_KEY,                       # M rounded up to a power of two: the autotune key (unused in the body)
@@ -187,10 +197,19 @@ def _conv_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if STATS:
-        # Rows past M would carry the bias: drop them. Columns past K_g are zero and are not stored.
-        acc_m = tl.where(mask_m[:, None], acc, 0.0)
-        store_part(part_ptr, pid_m, M, 2 * K, k, mask_n, tl.sum(acc_m, axis=0), PART_M, BLOCK_M)
-        store_part(part_ptr + K, pid_m, M, 2 * K, k, mask_n, tl.sum(acc_m * acc_m, axis=0), PART_M, BLOCK_M)
+        # [count, mean, M2] of this tile's valid rows (rows past M would carry the bias: dropped), two passes
+        # over the accumulator in registers. Columns past K_g are not stored. The grid gives every program >= 1
+        # valid row.
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean_t = tl.sum(tl.where(mask_m[:, None], acc, 0.0), axis=0) / rows
+        dev = tl.where(mask_m[:, None], acc - mean_t[None, :], 0.0)
+        # Corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum fixes the rounding of mean_t.
+        dev_sum = tl.sum(dev, axis=0)
+        m2_t = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / rows, 0.0,
+                          propagate_nan=tl.PropagateNan.ALL)   # >= 0 as m2 is (a NaN stays NaN)
+        store_part(part_ptr, pid_m, M, 3 * K, k, mask_n, tl.zeros_like(mean_t) + rows, PART_M, BLOCK_M)
+        store_part(part_ptr + K, pid_m, M, 3 * K, k, mask_n, mean_t + dev_sum / rows, PART_M, BLOCK_M)
+        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, k, mask_n, m2_t, PART_M, BLOCK_M)
 
     z = acc
     if EPILOGUE:
@@ -208,6 +227,70 @@ def _conv_fwd_kernel(
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     y_ptrs = y_ptr + (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) partials; a side of count 0 is skipped (the other is
+    returned as it is, so an inf or NaN is never multiplied by a zero weight)."""
+    n = n_a + n_b
+    f = n_b / tl.maximum(n, 1.0)
+    d = mean_b - mean_a
+    mean = tl.where(n_b == 0, mean_a, tl.where(n_a == 0, mean_b, mean_a + d * f))
+    m2 = tl.where(n_b == 0, m2_a, tl.where(n_a == 0, m2_b, m2_a + m2_b + d * d * n_a * f))
+    return n, mean, m2
+
+
+@triton.jit(do_not_specialize=["K", "n_slots"])
+def _stats_merge_kernel(
+    part_ptr,       # (n_slots, 3, K) fp32 contiguous per-slot [count, mean, M2]
+    stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2]
+    K, n_slots,     # channels, slots
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,   # slots per step, channels per program
+):
+    """Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's formula, two passes
+    over the registers (n_b = sum c, mean_b = sum c mean / n_b plus its rounding corrected with the deviations,
+    M2_b = sum M2 + c (mean - mean_b)^2: no cancellation), then folds (n_b, mean_b, M2_b) into the running
+    total with the pairwise formula, steps in slot order. Slots of count 0 (and the masked tail) are skipped,
+    whatever they hold."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    n = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for s0 in range(0, n_slots, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = (offs_s < n_slots)[:, None] & mask_k[None, :]
+        ptrs = part_ptr + (offs_s.to(tl.int64) * 3 * K)[:, None] + offs_k[None, :]
+        c = tl.load(ptrs, mask=mask, other=0.0)
+        used = c > 0
+        mu = tl.load(ptrs + K, mask=mask, other=0.0)
+        q = tl.load(ptrs + 2 * K, mask=mask, other=0.0)
+        n_b = tl.sum(c, axis=0)
+        w = c / tl.maximum(n_b, 1.0)[None, :]
+        mean_b = tl.sum(tl.where(used, w * mu, 0.0), axis=0)
+        mean_b += tl.sum(tl.where(used, w * (mu - mean_b[None, :]), 0.0), axis=0)   # the sum's rounding, corrected
+        dev = mu - mean_b[None, :]
+        m2_b = tl.sum(tl.where(used, q + c * dev * dev, 0.0), axis=0)
+        n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
+    tl.store(stats_ptr + offs_k, mean, mask=mask_k)
+    tl.store(stats_ptr + K + offs_k, m2, mask=mask_k)
+
+
+# The merge: one config for every layer (one compile). Under the interpreter, one program and one step.
+_MERGE_BLOCKS = dict(BLOCK_S=128, BLOCK_K=32)
+
+
+def merge_stats(part: Tensor) -> Tensor:
+    """(2, K) [mean, m2] from (slots, 3, K) per-slot [count, mean, M2] partials: one launch (zeros for 0 slots)."""
+    n_slots, _, K = part.shape
+    if n_slots == 0:
+        return torch.zeros((2, K), dtype=torch.float32, device=part.device)
+    stats = torch.empty((2, K), dtype=torch.float32, device=part.device)  # every element written
+    blocks = (dict(BLOCK_S=pow2_tile(n_slots, 16, 256), BLOCK_K=pow2_tile(K, 16, 256)) if INTERPRET
+              else _MERGE_BLOCKS)
+    _stats_merge_kernel[(triton.cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks, num_warps=4)
+    return stats
 
 
 # GPU configs: two, so that a model's first step compiles few kernels (each config is one compile per
@@ -272,7 +355,7 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     epilogue = out_scale is not None or out_shift is not None
     out_scale, out_shift = affine_pair(out_scale, out_shift, geo.K, x) if epilogue else (unused, unused)
     # Every slot is written by every config (store_part): no zeroing, nothing stale between autotune trials.
-    part = (torch.empty((cdiv(M, part_m), 2, geo.K), dtype=torch.float32, device=x.device)
+    part = (torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=x.device)
             if compute_stats else unused)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.K_g, m["BLOCK_N"]))  # noqa: E731
     weight, w_strides = krsc(weight)
@@ -285,10 +368,10 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m)
-    if M > 0:  # an empty batch launches nothing (its statistics, a sum over no slot, are zeros)
+    if M > 0:  # an empty batch launches nothing (its statistics, a merge of no slot, are zeros)
         launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, grid, args, meta, tiles_m)
     if compute_stats:
-        stats = part.sum(dim=0)
+        stats = merge_stats(part)
     else:
         stats = torch.empty((0,), dtype=torch.float32, device=x.device)
     return y, stats
