@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize, prune
 
+from _bn import randomize_bn as _randomize_bn
 import pe_kernels
 from _devices import ieee_fp32, kernel_device, require_backend
 from pe_kernels import _backend
@@ -72,16 +73,6 @@ BYPASSED = [("PackedConv2d", "conv"),
             ("BasicBlock", "conv1"), ("BasicBlock", "bn2"), ("BasicBlock", "shortcut.0")]
 
 
-def _randomize_bn(module):
-    gen = torch.Generator().manual_seed(0)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return module
 
 
 def _pair(name, device, train=True):

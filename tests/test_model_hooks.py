@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
+from _bn import randomize_bn as _randomize_bn
 import pe_kernels
 from pe_kernels.models import batched_resnet, eager_twin, packed_resnet, resnet
 
@@ -53,16 +54,6 @@ class ShiftedBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x) + 0.5
 
 
-def _randomize_bn(model):
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
 
 
 def _model_and_twin(name, train, dtype=torch.float64):

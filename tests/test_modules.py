@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from _bn import randomize_bn as _randomize_bn
 import pe_kernels
 from pe_kernels.models import packed_resnet, resnet
 from pe_kernels.nn import (BasicBlock, Bottleneck, PackedBasicBlock, PackedBottleneck, PackedConv2d,
@@ -51,16 +52,6 @@ def plain_model(model, x):
     return plain_linear(model.linear, out)
 
 
-def _randomize_bn(module, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return module
 
 
 def _compare(module, x, forward_ref, train, dtype=torch.float64, rtol=1e-7, atol=1e-9):
