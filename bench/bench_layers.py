@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,7 +61,8 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("eager", "eager-channels-last", "compile", "pe-triton", "pe-cuda", "pe-auto")
 CSV_ENV = "PE_BENCH_LAYERS_CSV"
 CSV_FIELDS = ("group", "model", "layer", "count", "pass", "dtype", "provider", "batch", "size", "device",
-              "median_s", "flops", "bytes", "h100_roofline_floor_ms", "pct_of_h100_roofline")
+              "median_s", "flops", "bytes", "h100_roofline_floor_ms", "pct_of_h100_roofline", "git_commit",
+              "torch_version", "triton_version")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +91,39 @@ def benchmark_group(layer: ConvLayer, pass_: str, dtype_name: str) -> str:
     return f"{layer.id}-{pass_}-{dtype_name}"
 
 
+@functools.lru_cache(maxsize=None)
+def _provenance() -> tuple:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+    return (("git_commit", commit), ("torch_version", torch.__version__), ("triton_version", triton_version))
+
+
+def provenance() -> dict:
+    """The commit (with -dirty), torch and triton versions each row records."""
+    return dict(_provenance())
+
+
 def append_csv_row(path: Path, row: dict) -> None:
     """Append one finished case to the CSV at `path` (header written when the file is new), flushed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    fields = CSV_FIELDS
+    if not new:  # a file written before a column was added keeps its own columns
+        with path.open(newline="") as fh:
+            fields = tuple(next(csv.reader(fh), CSV_FIELDS))
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def _out_size(size: int, conv: nn.Conv2d) -> int:
@@ -219,7 +246,7 @@ def test_conv_bn_relu(benchmark, layer: ConvLayer, pass_: str, dtype_name: str, 
                                 provider=provider, batch=batch, size=size,
                                 device=torch.cuda.get_device_name(device) if gpu else "cpu",
                                 flops=flops, bytes=nbytes, h100_roofline_floor_ms=1e3 * floor_s,
-                                peak_source=H100_SOURCE, **{"pass": pass_})
+                                peak_source=H100_SOURCE, **provenance(), **{"pass": pass_})
     benchmark(run)
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None and getattr(stats, "stats", None) is not None else None

@@ -284,3 +284,34 @@ def test_smoke_and_cpu_results_are_git_ignored():
         assert proc.returncode == 0, f"bench/results/{name} is not git-ignored"
     proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", "bench/results/throughput_cuda_x.csv"])
     assert proc.returncode == 1                          # GPU results are committed
+
+
+def test_layers_report_medians_per_class_and_readme_markers(tmp_path):
+    """layers_report.py: % of roofline per layer class is the median over the class's rows; totals weight by count;
+    the README gets the tables between its markers; CPU rows never reach the README."""
+    layers_report = _load("layers_report")
+    fields = ("group", "model", "layer", "count", "pass", "dtype", "provider", "device", "median_s",
+              "pct_of_h100_roofline")
+    rows = [("single-l.a-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "a", 2, "fwd", "fp16", "pe-triton", "GPU", 0.001, 1.0),
+            ("single-l.b-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "b", 1, "fwd", "fp16", "pe-triton", "GPU", 0.002, 3.0),
+            ("single-l.c-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "c", 1, "fwd", "fp16", "pe-triton", "GPU", 0.004, 8.0),
+            ("single-l.d-8to8-k1s2g1-h4-x1-fwd-fp16", "single", "d", 3, "fwd", "fp16", "eager", "GPU", 0.001, 5.0)]
+    path = tmp_path / "layers.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    table = layers_report.render([path])
+    assert "| fwd | fp16 | k3s1 | - | 3.00 % |" in table            # median of 1, 3, 8; eager has no k3s1 row
+    assert "| fwd | fp16 | k1s2 | 5.00 % | - |" in table
+    assert "| fwd | fp16 | single | 3.00 | 8.00 |" in table            # eager 3 x 1 ms; triton 2x1 + 2 + 4 ms
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{layers_report.START}\nold\n{layers_report.END}\noutro\n")
+    layers_report.update_readme(table, readme)
+    text = readme.read_text()
+    assert "old" not in text and table in text and text.endswith("outro\n")
+    cpu = tmp_path / "cpu.csv"
+    cpu.write_text(path.read_text().replace(",GPU,", ",cpu,"))
+    assert layers_report.main([str(cpu), "--update-readme"]) == 2
+    with pytest.raises(ValueError, match="kernel size"):
+        layers_report.layer_class("no-geometry-here")

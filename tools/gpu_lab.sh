@@ -14,6 +14,7 @@
 #   run: bash tools/gpu_lab.sh build memcheck       compute-sanitizer (then racecheck)
 #   run: bash tools/gpu_lab.sh build layers-fwd     per-layer benches (then layers-fwdbwd, layers-compile-*)
 #   run: bash tools/gpu_lab.sh plan                 every stage's command, nothing run
+#   run: bash tools/gpu_lab.sh unstash build ...  (carry .lab_state) after `stash` brought back lab_state.tgz
 # `build` is skipped when pe_kernels._C already imports and csrc/ is unchanged (a warm machine keeps it).
 # Replay rows go to one CSV per UTC day ($REPLAY_CSV); copy it from $OUT into bench/results/ before the next
 # replay call so that the later stages append to it (bench/report.py and bench/plot.py fill the ratios to
@@ -60,7 +61,7 @@ declare -A LAYERS=(
 )
 LAYERS_ORDER="layers-fwd layers-fwdbwd layers-compile-fwd-single layers-compile-fwd-pe layers-compile-fwdbwd-single
   layers-compile-fwdbwd-pe"
-STAGES="plan build warmup gpu suite memcheck racecheck $REPLAY_ORDER $(echo $LAYERS_ORDER)"
+STAGES="plan unstash stash build warmup gpu suite memcheck racecheck $REPLAY_ORDER $(echo $LAYERS_ORDER)"
 
 say() { echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s into the call)"; }
 die() { echo "GPU LAB STOPPED: $*" >&2; limit_out; exit "${2:-1}"; }
@@ -109,6 +110,21 @@ for stage in "$@"; do
     plan)       # what each stage runs (nothing is run)
       for r in $REPLAY_ORDER; do echo "$r: $(throughput_cmd "$r" $(( CALL_LIMIT - 120 )))"; done
       for l in $LAYERS_ORDER; do echo "$l: pytest bench/bench_layers.py -k \"${LAYERS[$l]}\""; done ;;
+    unstash)    # a cold machine: restore what `stash` brought back (carry .lab_state), so `build` is skipped
+      if [[ -f .lab_state/lab_state.tgz ]]; then
+        tar xzf .lab_state/lab_state.tgz && echo "unstashed: $(tar tzf .lab_state/lab_state.tgz | wc -l) entries"
+      else
+        echo "nothing to unstash (.lab_state/lab_state.tgz absent)"
+      fi ;;
+    stash)      # the built _C and the compile caches as one file in $OUT (copy it to .lab_state/ and carry that)
+      rel_state=${STATE#$PWD/}; rel_triton=${TRITON_CACHE_DIR#$PWD/}   # relative, so unstash restores in place
+      tar czf "$OUT/lab_state.tgz" pe_kernels/_C*.so "$rel_state/csrc.sha1" "$rel_triton" 2>/dev/null \
+        || tar czf "$OUT/lab_state.tgz" pe_kernels/_C*.so "$rel_state/csrc.sha1"
+      size=$(stat -c %s "$OUT/lab_state.tgz")
+      if (( size > 15000000 )); then   # over what one file may bring back: the build alone
+        tar czf "$OUT/lab_state.tgz" pe_kernels/_C*.so "$rel_state/csrc.sha1"; size=$(stat -c %s "$OUT/lab_state.tgz")
+      fi
+      echo "stashed $size bytes in $OUT/lab_state.tgz" ;;
     build)      # the CUDA extension against this machine's torch; stops the script if it fails
       mkdir -p "$STATE"
       if [[ -f "$STATE/csrc.sha1" && "$(cat "$STATE/csrc.sha1")" == "$(csrc_hash)" ]] && python3 -c \
