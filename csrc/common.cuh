@@ -45,6 +45,24 @@ struct Cvt<double> {
   static __device__ __forceinline__ double from_acc(double v) { return v; }
 };
 
+// acc as it is stored in the activation type T and read back: fp16/bf16 round to T; the identity for fp32 and
+// fp64. The BatchNorm statistics (and the backward's acc - mean) are taken of these values, since the BN apply
+// reads the stored (rounded) y: statistics of the unrounded acc would turn the rounding into (y - mean) * invstd,
+// up to 1/sqrt(eps) times it at a constant channel (.lab/CONTRACT.md, issue 10).
+template <typename T>
+__device__ __forceinline__ typename Cvt<T>::Acc stored(typename Cvt<T>::Acc v) {
+  return Cvt<T>::to_acc(Cvt<T>::from_acc(v));
+}
+
+// Rounded products and sums the compiler never contracts into an fma. The forward epilogue and the backward's
+// recomputation of z = acc*out_scale + out_shift + residual both use them, so that the backward's ReLU mask from
+// the recomputed acc is bitwise the forward's (a contracted fma there could decide z <= 0 differently when
+// acc*out_scale rounds to -out_shift).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 template <typename A>
 __device__ __forceinline__ A relu(A v) {
   return v < A(0) ? A(0) : v;  // NaN stays NaN, as torch.relu

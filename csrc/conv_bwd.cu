@@ -3,11 +3,15 @@
 // 1. Epilogue backward (elementwise over rows = N*P*Q, K channels, per-channel sums in one pass):
 //      z = acc*out_scale + out_shift + residual;  dz = grad_y, zeroed where z <= 0 if out_relu (NaN z passes,
 //      as torch's threshold_backward)
-//      dacc = dz*out_scale + grad_stats[0]/n + 2*grad_stats[1]*(acc - mean)  (stored in T: the input of 2 and 3)
-//      with stats = [mean, M2] the forward's statistics over n = N*P*Q rows (d mean/d acc = 1/n, d M2/d acc =
-//      2*(acc - mean)); grad_residual = dz; grad_out_shift = sum dz; grad_out_scale = sum dz*acc; grad_bias = sum dacc
-//    With `acc` (recomputed by the forward kernel with acc_out) the ReLU mask is z <= 0 exactly as the reference;
-//    without it the mask is y <= 0 (y = T(relu(z)), equal unless z rounds to zero in T).
+//      dacc = dz*out_scale + grad_stats[0]/n + 2*grad_stats[1]*(acc_s - mean)  (stored in T: the input of 2 and 3)
+//      with stats = [mean, M2] the forward's statistics over n = N*P*Q rows of acc_s = stored<T>(acc) (acc rounded
+//      to T, as the forward took them; acc itself in fp32/fp64): d mean/d acc = 1/n, d M2/d acc = 2*(acc_s - mean).
+//      Without grad_stats the statistics term is absent, not 0 * (acc - mean): a NaN acc must not make dacc NaN.
+//      grad_residual = dz; grad_out_shift = sum dz; grad_out_scale = sum dz*acc; grad_bias = sum dacc
+//    With `acc` (recomputed by the forward kernel with acc_out) the ReLU mask is z <= 0, z rounded exactly as the
+//    forward epilogue rounds it (mul_rn/add_rn: bitwise the z the forward's y was made from); without it the mask
+//    is y <= 0 (y = T(relu(z)), equal unless z rounds to zero in T). Against a float64 oracle either may flip
+//    where |z| is within rounding of 0 (tests/test_cuda_ops.py: _kink_band).
 // 2. Dgrad: per group g, GEMM over rows (n, h, w) of the input, columns c < C/groups, reduction
 //    red = (r, s, k), k fastest:  dx'[n,h,w,g*Cg+c] = sum dacc[n,p,q,g*Kg+k] * w[g*Kg+k, r, s, c] over the taps
 //    with h = p*sh - ph + r*dh, w = q*sw - pw + s*dw (p, q integral and in range). dx' is rounded to T (as the
@@ -40,12 +44,13 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_ke
   const T* __restrict__ res = static_cast<const T*>(a.residual);
   T* __restrict__ gacc = static_cast<T*>(a.grad_acc);
   T* __restrict__ gres = static_cast<T*>(a.grad_residual);
-  // dacc = dz*os + gs_mean + gs_m2x2*(acc - mean): the stats terms are zero without grad_stats.
+  // dacc = dz*os (+ gs_mean + gs_m2x2*(acc_s - mean) with grad_stats).
+  const bool has_gs = a.grad_stats != nullptr;
   Acc os = Acc(1), osh = Acc(0), gs_mean = Acc(0), gs_m2x2 = Acc(0), mean = Acc(0);
   if (valid_k) {
     if (a.out_scale != nullptr) os = static_cast<const Acc*>(a.out_scale)[k];
     if (a.out_shift != nullptr) osh = static_cast<const Acc*>(a.out_shift)[k];
-    if (a.grad_stats != nullptr) {
+    if (has_gs) {
       gs_mean = static_cast<const Acc*>(a.grad_stats)[k] / static_cast<Acc>(a.rows);
       gs_m2x2 = Acc(2) * static_cast<const Acc*>(a.grad_stats)[a.K + k];
       mean = static_cast<const Acc*>(a.stats)[k];
@@ -64,14 +69,23 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_ke
       if (a.out_relu) {
         Acc z;
         if (acc != nullptr) {
-          z = av * os + osh;
-          if (res != nullptr) z = z + Cvt<T>::to_acc(res[off]);
+          // Rounded as the forward epilogue rounds it (no fma; os = 1, osh = 0 when absent are exact), so that
+          // this mask is bitwise the forward's, the one its y was made with.
+          z = add_rn(mul_rn(av, os), osh);
+          if (res != nullptr) z = add_rn(z, Cvt<T>::to_acc(res[off]));
         } else {
           z = Cvt<T>::to_acc(y[off]);
         }
         if (z <= Acc(0)) dz = Acc(0);  // NaN z passes dz, as torch's threshold_backward
       }
-      const Acc da = dz * os + gs_mean + gs_m2x2 * (av - mean);
+      // The statistics term only with grad_stats: without it, 0 * (acc - mean) would turn a NaN (or Inf) acc into a
+      // NaN dacc, and so NaN dgrad/wgrad/grad_bias where torch passes finite gradients (the ReLU backward passes
+      // dz at a NaN z). acc_s = stored<T>(acc): the values the forward's statistics were taken of (identity in
+      // fp32/fp64). The explicit fmas keep the rounding of the former dz*os + gs_mean + gs_m2x2*(acc - mean)
+      // (contracted to these two fmas), so fp32/fp64 results are unchanged; a plain expression let the compiler
+      // reuse dz*os and round twice.
+      Acc da = dz * os;
+      if (has_gs) da = fma(gs_m2x2, stored<T>(av) - mean, fma(dz, os, gs_mean));
       gacc[off] = Cvt<T>::from_acc(da);
       if (gres != nullptr) gres[off] = Cvt<T>::from_acc(dz);
       s_dz += dz;

@@ -9,9 +9,11 @@
 //   B[red, k] = w[g*Kg + k, r, s, c]
 // Prologue: x' = T(relu?(x*in_scale[c] + in_shift[c])) computed in fp32 (fp64), as the reference rounds x' to T.
 // Epilogue: acc = Y + bias; y = T(relu?(acc*out_scale + out_shift + residual)) or, with acc_out, acc itself.
-// Statistics (BatchNorm's, numerically stable): stats[0, k] = mean of acc over the n = N*P*Q rows, stats[1, k] =
-// M2 = sum (acc - mean)^2. Per CTA, two passes over the accumulator tile in shared memory give, per channel and over
-// its valid rows, count c_t, mean_t and M2_t = sum (acc - mean_t)^2 (partial buffer, 3 x m_tiles x K); a second
+// Statistics (BatchNorm's, numerically stable): stats[0, k] = mean of acc_s over the n = N*P*Q rows, stats[1, k] =
+// M2 = sum (acc_s - mean)^2, with acc_s = stored<T>(acc) = acc rounded to T and back (fp16/bf16; acc itself for
+// fp32/fp64): the values the BN apply will read from the stored y (.lab/CONTRACT.md, issue 10). Per CTA, two
+// passes over the accumulator tile in shared memory give, per channel and over its valid rows, count c_t, mean_t
+// and M2_t = sum (acc_s - mean_t)^2 (partial buffer, 3 x m_tiles x K); a second
 // kernel merges the row tiles in increasing order with Chan et al.'s formula
 //   n = nA + nB, d = meanB - meanA, mean = meanA + d*nB/n, M2 = M2A + M2B + d^2*nA*nB/n
 // (count-0 tiles skipped). No atomics: results are deterministic. No clamping: a NaN or Inf acc gives NaN M2.
@@ -106,16 +108,18 @@ __global__ void __launch_bounds__(THREADS) conv_fwd_kernel(const ConvFwdArgs a) 
       acc_out[off] = v;
       continue;
     }
-    if (out_scale != nullptr) v = v * out_scale[gk];
-    if (out_shift != nullptr) v = v + out_shift[gk];
-    if (residual != nullptr) v = v + Cvt<T>::to_acc(residual[off]);
+    // Uncontracted (mul_rn/add_rn), as the backward recomputes z from acc: its ReLU mask is bitwise this one.
+    if (out_scale != nullptr) v = mul_rn(v, out_scale[gk]);
+    if (out_shift != nullptr) v = add_rn(v, out_shift[gk]);
+    if (residual != nullptr) v = add_rn(v, Cvt<T>::to_acc(residual[off]));
     if (a.out_relu) v = relu(v);
     y[off] = Cvt<T>::from_acc(v);
   }
 
   if (a.stats != nullptr) {
     // Per channel over this CTA's valid rows (rows in increasing order): the mean first, then the sum of squared
-    // deviations from it. part[(q*m_tiles + tile)*K + k], q = 0: count, 1: mean, 2: M2.
+    // deviations from it, both of acc_s = stored<T>(acc + bias) (rounded to T as y is stored; identity in fp32 and
+    // fp64). part[(q*m_tiles + tile)*K + k], q = 0: count, 1: mean, 2: M2.
     Acc* __restrict__ part = static_cast<Acc*>(a.workspace);
     const int64_t m_tiles = gridDim.x;
     const int rows = static_cast<int>(M - m0 < BM ? M - m0 : BM);  // >= 1: every row tile holds a row
@@ -125,11 +129,11 @@ __global__ void __launch_bounds__(THREADS) conv_fwd_kernel(const ConvFwdArgs a) 
       const int gk = g * Kg + k;
       const Acc b = bias != nullptr ? bias[gk] : Acc(0);
       Acc sum = Acc(0);
-      for (int i = 0; i < rows; ++i) sum += sm.c[i * LDC + j] + b;
+      for (int i = 0; i < rows; ++i) sum += stored<T>(sm.c[i * LDC + j] + b);
       const Acc mean = sum / Acc(rows);
       Acc m2 = Acc(0);
       for (int i = 0; i < rows; ++i) {
-        const Acc d = (sm.c[i * LDC + j] + b) - mean;
+        const Acc d = stored<T>(sm.c[i * LDC + j] + b) - mean;
         m2 += d * d;
       }
       part[int64_t(blockIdx.x) * K + gk] = Acc(rows);

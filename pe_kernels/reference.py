@@ -8,8 +8,12 @@ The kernel family (one grouped convolution with a prologue and an epilogue)::
     x'   = act_in(x * in_scale[c] + in_shift[c])                 prologue; the conv's zero padding stays zero
     acc  = conv(x', w, stride, padding, dilation, groups) + bias[k]
     y    = act_out(acc * out_scale[k] + out_shift[k] + residual)  epilogue, stored in x.dtype, channels_last
-    stats[0, k] = mean_k = (1/n) sum_{n,p,q} acc,   stats[1, k] = m2_k = sum_{n,p,q} (acc - mean_k)**2
-                                                                  (optional, fp32; n = N*P*Q; two passes)
+    stats[0, k] = mean_k = (1/n) sum_{n,p,q} acc_s,   stats[1, k] = m2_k = sum_{n,p,q} (acc_s - mean_k)**2
+                  acc_s = acc rounded to x.dtype (and back to fp32)   (optional, fp32; n = N*P*Q; two passes)
+
+The statistics describe acc as stored (acc_s = acc.to(x.dtype).to(fp32); acc itself for fp32/fp64), so that
+a BN apply of the stored y with them is exact where stock BatchNorm is (a constant channel gives exactly the BN
+bias); the backward's statistics term uses the same acc_s: 2 * grad_stats[1] * (acc_s - mean).
 
 The statistics are the mean and the sum of squared deviations (m2), not [sum acc, sum acc^2]: the one-pass
 form cancels catastrophically when a channel's mean is large against its spread. An empty problem gives
@@ -24,6 +28,9 @@ BatchNorm (training) from those statistics::
 Apply (the BN tail of a residual block when `residual_scale` is given)::
 
     out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
+
+Scale gradients (d_scale = sum g*y, d_residual_scale, d_in_scale, d_out_scale) are formed centred on the channel's
+mean (sum_centred), so that the BatchNorm weight gradient they become (sum g*y - mean * sum g) does not cancel.
 
 Dtypes: activations and weights in fp16, bf16, fp32 or fp64; per-channel vectors (scales, shifts,
 statistics) in fp32 (fp64 when the activations are fp64). All 4-D outputs are channels_last.
@@ -102,6 +109,20 @@ def _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, ou
     return acc, z
 
 
+def sum_centred(g: Tensor, v: Tensor) -> Tensor:
+    """Per channel, sum over (N, H, W) of g * v, formed as sum g (v - m) + m sum g with m the channel's mean of v
+    (0 where it is not finite: then the plain sum). The scale gradients (sum g*y of an apply, sum g*x of a
+    prologue, sum g*acc of an epilogue) reach a BatchNorm weight as sum g*y - mean * sum g (bn_finalize backward,
+    or the folded affine's autograd in eval): formed plainly, the fp32 rounding of sum g*y (n u |mean| sum |g|)
+    survives that cancellation and is multiplied by invstd (up to 1/sqrt(eps) at a constant channel); centred,
+    only a rounding of m * sum g does, as in stock BatchNorm's two-pass sum g (y - mean)."""
+    dims = (0, 2, 3)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    m = v.mean(dim=dims) if v.numel() else v.new_zeros(v.shape[1])
+    m = torch.where(torch.isfinite(m), m, zero)
+    return (g * (v - _per_channel(m))).sum(dims) + torch.where(m == 0, zero, m * g.sum(dims))
+
+
 def _relu_backward(grad: Tensor, v: Tensor) -> Tensor:
     """torch's threshold_backward: zero where v <= 0, the gradient elsewhere (NaN v included)."""
     return torch.where(v <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
@@ -117,6 +138,14 @@ def check_backward_stats(grad_stats: Optional[Tensor], stats: Optional[Tensor], 
     if tuple(stats.shape) != (2, channels) or tuple(grad_stats.shape) != (2, channels):
         raise ValueError(f"conv_fused_backward: stats {tuple(stats.shape)} and grad_stats "
                          f"{tuple(grad_stats.shape)} must both be (2, {channels})")
+
+
+def stored_acc(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """acc (fp32/fp64) rounded to the stored activation dtype and back: the values the statistics are taken of
+    (and the conv backward's acc - mean uses). Identity for fp32/fp64 activations. In fp16/bf16 the statistics
+    must describe the rounded y that the BN apply normalises: statistics of the unrounded accumulator applied to
+    the rounded y turn the rounding into (y - mean) * invstd, up to 1/sqrt(eps) times it at a constant channel."""
+    return acc if acc.dtype == dtype else acc.to(dtype).to(acc.dtype)
 
 
 def _stats(acc: Tensor) -> Tensor:
@@ -142,7 +171,7 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     acc, z = _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
                               out_relu, stride, padding, dilation, groups)
     y = channels_last_like(z, x.dtype)
-    stats = _stats(acc) if compute_stats else acc.new_empty((0,))
+    stats = _stats(stored_acc(acc, x.dtype)) if compute_stats else acc.new_empty((0,))
     return y, stats.contiguous()
 
 
@@ -155,7 +184,8 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
     """Gradients of conv_fused w.r.t. CONV_GRAD_NAMES (None where needs_grad is False or the input is None).
 
     g     = where(z <= 0, 0, grad_y) if out_relu else grad_y    (z: the epilogue before the downcast)
-    g_acc = g * out_scale + grad_stats[0] / n + 2 * grad_stats[1] * (acc - stats[0])     (n = N*P*Q)
+    g_acc = g * out_scale + grad_stats[0] / n + 2 * grad_stats[1] * (acc_s - stats[0])   (n = N*P*Q; acc_s:
+            acc rounded to x.dtype, the values the forward's statistics were taken of)
     d_out_shift = sum g, d_out_scale = sum g * acc, d_bias = sum g_acc, d_residual = g
     dx', dw = convolution_backward(g_acc)   (ATen: cuDNN on GPU)
     dpre = where(pre <= 0, 0, dx') if in_relu,  dx = dpre * in_scale,  d_in_scale = sum dpre * x,
@@ -191,12 +221,13 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
     if out_shift is not None and need["out_shift"]:
         out["out_shift"] = g.sum(dims)
     if out_scale is not None and need["out_scale"]:
-        out["out_scale"] = (g * acc).sum(dims)
+        out["out_scale"] = sum_centred(g, acc)
     g_acc = g if out_scale is None else g * _per_channel(out_scale)
     if grad_stats is not None:
         n = acc.shape[0] * acc.shape[2] * acc.shape[3]
         gs, mean = grad_stats.to(acc_dtype), stats.to(acc_dtype)[0]
-        g_acc = g_acc + _per_channel(gs[0] / max(n, 1)) + 2 * _per_channel(gs[1]) * (acc - _per_channel(mean))
+        acc_s = stored_acc(acc, x.dtype)  # the values the forward's statistics were taken of
+        g_acc = g_acc + _per_channel(gs[0] / max(n, 1)) + 2 * _per_channel(gs[1]) * (acc_s - _per_channel(mean))
     if bias is not None and need["bias"]:
         out["bias"] = g_acc.sum(dims).to(bias.dtype)
     need_dxp = need["x"] or need["in_scale"] or need["in_shift"]
@@ -214,7 +245,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
                 dx = dpre if in_scale is None else dpre * _per_channel(in_scale)
                 out["x"] = channels_last_like(dx, x.dtype)
             if in_scale is not None and need["in_scale"]:
-                out["in_scale"] = (dpre * x.to(acc_dtype)).sum(dims)
+                out["in_scale"] = sum_centred(dpre, x.to(acc_dtype))
             if in_shift is not None and need["in_shift"]:
                 out["in_shift"] = dpre.sum(dims)
     return [out[name] for name in CONV_GRAD_NAMES]
@@ -279,7 +310,7 @@ def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
     if need["y"]:
         result["y"] = channels_last_like(g * _per_channel(scale), y.dtype)
     if need["scale"]:
-        result["scale"] = (g * y.to(acc_dtype)).sum(dims)
+        result["scale"] = sum_centred(g, y.to(acc_dtype))
     if need["shift"]:
         result["shift"] = g.sum(dims)
     if residual is not None:
@@ -287,7 +318,7 @@ def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
             dr = g if residual_scale is None else g * _per_channel(residual_scale)
             result["residual"] = channels_last_like(dr, residual.dtype)
         if need["residual_scale"] and residual_scale is not None:
-            result["residual_scale"] = (g * residual.to(acc_dtype)).sum(dims)
+            result["residual_scale"] = sum_centred(g, residual.to(acc_dtype))
         if need["residual_shift"] and residual_shift is not None:
             result["residual_shift"] = g.sum(dims)
     return [result[name] for name in APPLY_GRAD_NAMES]

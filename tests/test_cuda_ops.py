@@ -77,6 +77,42 @@ def _to(t, device, dtype):
     return t.to(device=device, dtype=ref.param_dtype(dtype))
 
 
+def _kink_band(cpu64, conv, dtype, tf32):
+    """Where the tested dtype cannot decide the epilogue ReLU: |z64| <= a first-order bound of |z - z64| for any
+    correct kernel, z64 = the float64 pre-activation. x, x' = relu(x*in_scale + in_shift), w and the residual are
+    rounded to the dtype (TF32 rounds x', w to 10 bits), acc sums fan_in products in fp32:
+        |z - z64| <= (3u |out_scale| conv(|x| in_scale + |in_shift|, |w|) + u |residual| + fp32 accumulation)
+                  <= (2 eps + fan_in * 2^-24) * mag,   u = eps/2,
+        mag = |out_scale| (conv(|x| |in_scale| + |in_shift|, |w|) + |bias|) + |out_shift| + |residual|.
+    The `same` reference (cuDNN, acc rounded to the dtype) stays within it too (one more u |acc|). A kernel that
+    masks on its own z (the cuda backend recomputes acc when d out_scale or grad_stats is wanted) may decide such an
+    element either way, which moves d weight by ~ |grad_y * out_scale * x'| (up to 4.5 in bf16 at these shapes;
+    the float64 oracle cannot see it, the same-dtype reference flips elsewhere): the backward test zeroes grad_y
+    there, so every element it judges has a decidable mask (tests/test_bn_stability.py's KINK, on the
+    pre-activation, so that masked elements stay tested)."""
+    eps = 2.0 ** -10 if (tf32 and dtype == torch.float32) else torch.finfo(dtype).eps
+    acc_eps = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    w = cpu64["weight"]
+    a = cpu64["x"].abs()
+    if cpu64["in_scale"] is not None:
+        a = a * _nchw(cpu64["in_scale"].abs())
+    if cpu64["in_shift"] is not None:
+        a = a + _nchw(cpu64["in_shift"].abs())
+    mag = F.conv2d(a, w.abs(), None, **conv)
+    if cpu64["bias"] is not None:
+        mag = mag + _nchw(cpu64["bias"].abs())
+    if cpu64["out_scale"] is not None:
+        mag = mag * _nchw(cpu64["out_scale"].abs())
+    if cpu64["out_shift"] is not None:
+        mag = mag + _nchw(cpu64["out_shift"].abs())
+    if cpu64["residual"] is not None:
+        mag = mag + cpu64["residual"].abs()
+    z64, _ = ref.conv_fused(cpu64["x"], w, cpu64["bias"], cpu64["in_scale"], cpu64["in_shift"], cpu64["in_relu"],
+                            cpu64["out_scale"], cpu64["out_shift"], cpu64["residual"], False, conv["stride"],
+                            conv["padding"], conv["dilation"], conv["groups"], False)
+    return z64.abs() <= (2 * eps + w[0].numel() * acc_eps) * mag
+
+
 @pytest.fixture(params=[False, True], ids=["ieee", "tf32"])
 def tf32(request):
     """torch's cuDNN TF32 flag, which the cuda backend follows for fp32 convolutions."""
@@ -114,6 +150,10 @@ def test_conv_fused_forward_and_backward(shape, dtype, atol, fused, tf32):
     n = y64.shape[0] * y64.shape[2] * y64.shape[3]
     # grad_acc gets grad_stats[0] / n + 2 * grad_stats[1] * (acc - mean): both terms ~1e-2 of grad_y.
     gs64 = torch.randn(2, y64.shape[1], generator=g, dtype=torch.float64) * 1e-2 * torch.tensor([[float(n)], [1.0]])
+    if args["out_relu"]:  # no judgement where the dtype cannot decide the epilogue ReLU (_kink_band)
+        band = _kink_band(cpu64, conv, dtype, tf32)
+        assert band.double().mean() < 0.15, f"test set-up: {band.double().mean():.1%} of the elements undecidable"
+        gy64 = torch.where(band, torch.zeros((), dtype=gy64.dtype), gy64)
     needs = [True] * 8
     back = lambda mod, a, gy, gs, yy, st: mod.conv_fused_backward(  # noqa: E731
         gy, gs, a["x"], a["weight"], a["bias"], a["in_scale"], a["in_shift"], a["in_relu"], a["out_scale"],
@@ -121,9 +161,10 @@ def test_conv_fused_forward_and_backward(shape, dtype, atol, fused, tf32):
         conv["groups"], yy, needs, st)
     pdt = ref.param_dtype(dtype)
     gsd = gs64.to(dev, pdt)
-    # The backward is a function of the saved output y (its ReLU mask) and of the forward's stats (the mean in the
-    # gradient of m2): give all three the same y, rounded to the tested dtype, and the same stats (the float64
-    # forward's), so that a forward rounding is not mistaken for a backward error.
+    # The backward is a function of the ReLU mask and of the forward's stats (the mean in the gradient of m2): give
+    # all three the same y, rounded to the tested dtype, and the same stats (the float64 forward's), so that a
+    # forward rounding is not mistaken for a backward error. The mask comes from y (or, where the kernel recomputes
+    # acc, from its own z, which agrees with y's where it is decidable: grad_y is zero in the kink band above).
     y_common = y64.to(dtype)
     g64 = back(ref, cpu64, gy64, gs64, y_common.double(), st64)
     g_same = back(ref, gpu, gy64.to(dev, dtype), gsd, y_common.to(dev), st64.to(dev, pdt))
@@ -378,3 +419,163 @@ def test_conv_relu_backward_passes_nan(mask_from):
             assert got[name] is None, name
             continue
         torch.testing.assert_close(got[name].cpu(), t[name].grad, rtol=1e-9, atol=1e-9, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("with_grad_stats", [False, True], ids=["no_grad_stats", "grad_stats"])
+def test_conv_backward_nan_acc_without_relu(with_grad_stats):
+    """A NaN input pixel makes acc NaN around it. With d out_scale wanted the kernel recomputes acc; without
+    grad_stats the statistics term of grad acc is absent (not 0 * (acc - mean) = NaN), so grad x, grad bias and
+    grad in_shift stay finite as torch's; with grad_stats the NaN channel mean makes that channel's grad acc NaN,
+    as in the reference. No ReLU anywhere (the NaN reaches grad acc only through acc). Oracle: the float64
+    reference on CPU (NaN positions exactly, values to 1e-9), the kernels in float64."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, C, H, W, K, groups = 2, 8, 6, 6, 8, 2
+    g = torch.Generator().manual_seed(7)
+    r64 = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    a = dict(x=r64(N, C, H, W), weight=r64(K, C // groups, 3, 3) / 12 ** 0.5, bias=r64(K) * 0.1,
+             in_scale=r64(C).abs() + 0.5, in_shift=r64(C) * 0.1, out_scale=r64(K).abs() + 0.5,
+             out_shift=r64(K) * 0.1, residual=r64(N, K, H, W))
+    a["x"][1, 2, 3, 3] = float("nan")
+    conv = ((1, 1), (1, 1), (1, 1), groups)
+    d = {k: v.to(dev) for k, v in a.items()}
+    fwd = lambda m, t: m.conv_fused(t["x"], t["weight"], t["bias"], t["in_scale"], t["in_shift"], False,  # noqa
+                                    t["out_scale"], t["out_shift"], t["residual"], False, *conv, True)
+    y, st = fwd(cuda_backend, d)
+    y64, st64 = fwd(ref, a)
+    assert torch.equal(st.isnan().cpu(), st64.isnan()) and st64.isnan().any()
+    gy = r64(*y64.shape)
+    gs = r64(2, K) if with_grad_stats else None
+    needs = [True] * 8
+    bwd = lambda m, t, gy_, gs_, y_, st_: m.conv_fused_backward(  # noqa: E731
+        gy_, gs_, t["x"], t["weight"], t["bias"], t["in_scale"], t["in_shift"], False, t["out_scale"],
+        t["out_shift"], t["residual"], False, *conv, y_, needs, st_)
+    got = dict(zip(ref.CONV_GRAD_NAMES, bwd(cuda_backend, d, gy.to(dev), None if gs is None else gs.to(dev), y,
+                                            st if with_grad_stats else None)))
+    want = dict(zip(ref.CONV_GRAD_NAMES, bwd(ref, a, gy, gs, y64, st64 if with_grad_stats else None)))
+    if not with_grad_stats:
+        for name in ("x", "bias", "in_shift", "out_shift", "residual"):
+            assert got[name].isfinite().all(), f"grad {name}: NaN where torch's is finite (0 * NaN acc)"
+    for name in ref.CONV_GRAD_NAMES:
+        torch.testing.assert_close(got[name].cpu(), want[name], rtol=1e-9, atol=1e-9, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16",
+                                                                                         "float32"])
+def test_relu_mask_same_from_acc_and_from_y(dtype):
+    """With the kernel's own forward output y, the two ways the backward finds the epilogue ReLU mask agree: from y
+    (nothing recomputed) and from z of the recomputed acc (d out_scale wanted). So a mask flip against the float64
+    oracle (_kink_band) is a rounding the forward made too, never a backward of another function than the forward
+    computed. grad residual = the masked grad_y, compared exactly."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    shape = (2, 128, 5, 5, 256, 3, 3, 1, 1, 1, 4)
+    x, w, args, conv = _make(shape, dtype, prologue=True, epilogue=True, residual=True, bias=True)
+    d = {k: _to(v, dev, dtype) for k, v in dict(x=x, weight=w, **args).items()}
+    tail = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    with ieee_fp32():
+        y, _ = cuda_backend.conv_fused(d["x"], d["weight"], d["bias"], d["in_scale"], d["in_shift"], True,
+                                       d["out_scale"], d["out_shift"], d["residual"], True, *tail, False)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(dev, dtype)
+        res = []
+        for from_acc in (False, True):
+            needs = [False, False, False, False, False, from_acc, False, True]  # out_scale: recompute acc
+            grads = cuda_backend.conv_fused_backward(gy, None, d["x"], d["weight"], d["bias"], d["in_scale"],
+                                                     d["in_shift"], True, d["out_scale"], d["out_shift"],
+                                                     d["residual"], True, *tail, y, needs, None)
+            res.append(grads[7])
+    zero = y == 0
+    assert zero.any() and not zero.all()
+    assert torch.equal(res[0], res[1]), (f"ReLU mask from acc differs from the mask from y at "
+                                         f"{int((res[0] != res[1]).sum())} elements")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["float16", "bfloat16", "float32", "float64"])
+def test_stats_describe_the_stored_output(dtype):
+    """Issue 10 in fp16/bf16: the statistics are those of acc rounded to the stored dtype, the values the BN apply
+    reads from y. Without an epilogue y = T(acc), so they are [mean, m2] of y itself (to fp32 summation): a constant
+    channel (zero weights, a bias that T cannot represent) has mean == y exactly and m2 == 0, and BN of y gives
+    exactly the BN bias there, not (T(b) - b) * weight / sqrt(eps). Channels with a large mean against a small
+    spread make the rounding of acc visible in mean and m2 too. fp32/fp64: unchanged (acc_s = acc = y)."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, C, H, W, K, groups = 3, 16, 9, 9, 32, 2  # n = 243 rows: several row tiles, the last one partial
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(K, C // groups, 3, 3, generator=g) * 0.1 / (9 * C // groups) ** 0.5
+    const = torch.arange(K) % 4 == 0
+    w[const] = 0.0
+    bias = 3.0 + 0.0123 * torch.arange(K, dtype=torch.float32) + 1e-4  # not representable in fp16/bf16
+    pdt = ref.param_dtype(dtype)
+    assert ((bias.to(dtype).float() - bias)[const] != 0).all() or dtype in (torch.float32, torch.float64)
+    tail = (None, None, False, None, None, None, False, (1, 1), (1, 1), (1, 1), groups, True)
+    with ieee_fp32():
+        y, st = cuda_backend.conv_fused(x.to(dev, dtype), w.to(dev, dtype), bias.to(dev, pdt), *tail)
+    yd = y.double().cpu()
+    st = st.double().cpu()
+    n = N * H * W
+    rounded = dtype in (torch.float16, torch.bfloat16)
+    yc = yd[:, const]
+    assert (yc == yc[:1, :, :1, :1]).all(), "test set-up: the zero-weight channels must be constant"
+    if rounded:
+        # Constant channels: exact (a value of <= 11 significant bits summed <= 128 times per row tile is exact in
+        # fp32, and so are the tile mean and Chan's merge of equal means).
+        assert torch.equal(st[0, const], yc[0, :, 0, 0]), (st[0, const] - yc[0, :, 0, 0])
+        assert (st[1, const] == 0).all(), st[1, const]
+    # Every channel: the statistics of the stored y, to fp32 summation (the missing rounding is ~1e-3 of m2 here).
+    mean64 = yd.mean((0, 2, 3))
+    m2_64 = (yd - _nchw(mean64)).square().sum((0, 2, 3))
+    # fp16/bf16 values sum exactly within a row tile (few significant bits); fp32 ones round at every addition.
+    tol = {torch.float64: 1e-13, torch.float32: 2.0 ** -16}.get(dtype, 2.0 ** -20)
+    assert ((st[0] - mean64).abs() <= tol * mean64.abs()).all(), (st[0] - mean64).abs().max()
+    m2_tol = 16 * tol * m2_64 + n * (tol * mean64.abs()) ** 2  # the second term: a constant fp32/fp64 channel
+    assert ((st[1] - m2_64).abs() <= m2_tol).all(), ((st[1] - m2_64).abs() - m2_tol).max()
+    if not rounded:
+        return  # fp32/fp64: acc_s = acc = y, nothing else changed by issue 10
+    # BN of y with these statistics: exactly the bias at the constant channels.
+    beta = torch.randn(K, generator=g).to(dev, pdt)
+    weight = (torch.rand(K, generator=g) + 0.5).to(dev, pdt)
+    sc, sh = cuda_backend.bn_finalize(st.to(dev, pdt), n, weight, beta, 1e-5)
+    out = cuda_backend.bn_apply(y, sc, sh, None, None, None, False).double().cpu()
+    want = beta.to(dtype).double().cpu()
+    err = (out[:, const] - _nchw(want[const])).abs()
+    # One rounding of out to the dtype, plus the fp32 rounding of y * scale (~1e3 here) that shift cancels.
+    bound = 2 * torch.finfo(dtype).eps * _nchw(want[const].abs()) + 8 * 2.0 ** -24 * (yc * _nchw(sc.cpu()[const])).abs()
+    assert (err <= bound).all(), f"BN of a constant channel: max err {err.max():.3e} (stock BatchNorm: 0)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16",
+                                                                                         "float32"])
+def test_grad_of_m2_uses_the_stored_acc(dtype):
+    """The backward's statistics term is 2 * grad_stats[1] * (acc_s - mean) with the acc_s the forward's statistics
+    were taken of (acc rounded to the stored dtype). With grad_y = 0 and grad_stats = [0, 1], grad bias =
+    2 * sum (acc_s - mean) = 0 up to fp32 summation of the mean: exactly 0 at a constant channel (acc - mean would
+    give 2 n (b - T(b)) there), tiny elsewhere (acc - mean would leave 2 sum (acc - T(acc)))."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    N, C, H, W, K, groups = 3, 16, 9, 9, 32, 2
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(K, C // groups, 3, 3, generator=g) * 0.1 / (9 * C // groups) ** 0.5
+    const = torch.arange(K) % 4 == 0
+    w[const] = 0.0
+    bias = 3.0 + 0.0123 * torch.arange(K, dtype=torch.float32) + 1e-4
+    pdt = ref.param_dtype(dtype)
+    conv = ((1, 1), (1, 1), (1, 1), groups)
+    xd, wd, bd = x.to(dev, dtype), w.to(dev, dtype), bias.to(dev, pdt)
+    with ieee_fp32():
+        y, st = cuda_backend.conv_fused(xd, wd, bd, None, None, False, None, None, None, False, *conv, True)
+        gs = torch.stack([torch.zeros(K), torch.ones(K)]).to(dev, pdt)
+        needs = [False, False, True, False, False, False, False, False]
+        grads = cuda_backend.conv_fused_backward(torch.zeros_like(y), gs, xd, wd, bd, None, None, False, None,
+                                                 None, None, False, *conv, y, needs, st)
+    gb = grads[2].double().cpu()
+    n = N * H * W
+    if dtype != torch.float32:  # fp32: the mean of a constant fp32 channel is itself rounded (acc_s = acc)
+        assert (gb[const] == 0).all(), f"grad bias at constant channels: {gb[const]}"
+    # 2 n |mean error|: a few ulps where the tile sums are exact (fp16/bf16 values), up to a tile's (128 rows)
+    # worth of fp32 roundings in fp32.
+    ulps = 128 if dtype == torch.float32 else 4
+    tol = 2 * n * ulps * 2.0 ** -24 * y.double().abs().max().item()
+    assert (gb.abs() <= tol).all(), f"grad bias = 2 sum(acc_s - mean) must vanish: max {gb.abs().max():.3e} > {tol:.3e}"

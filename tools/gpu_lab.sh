@@ -7,6 +7,12 @@
 # measured), and when more than 8 files would come back the logs are packed into one archive. Suggested calls:
 #   run: bash tools/gpu_lab.sh build gpu            the CUDA extension, then `pytest -m gpu` (full log: gpu.log)
 #   run: bash tools/gpu_lab.sh build suite          the whole suite with compiled Triton and _C (suite.log)
+#   run: SUITE_SHARD=1/2 bash tools/gpu_lab.sh build suite stash         the suite in two calls when one cannot
+#   run: SUITE_SHARD=2/2 bash tools/gpu_lab.sh unstash build suite       hold it: halves by whole test files
+#        (suite-1of2.log, suite-2of2.log; carry .lab_state with lab_state.tgz copied into it for the second call,
+#        which then skips the rebuild and keeps the Triton cache when it fit in the stash). The suite launches each
+#        autotuned Triton kernel with its first config (tests/conftest.py; every config is still checked by
+#        tests/test_triton_configs.py); PE_KERNELS_TRITON_CONFIG=autotune before `bash` runs it autotuned.
 #   run: bash tools/gpu_lab.sh build warmup         compile + autotune caches for replay1 (first steps: ~40 s a
 #                                                   block on a cold Triton cache), kept under .cache/
 #   run: bash tools/gpu_lab.sh build replay1        Table 8, fp16 Single + PE-(2,4,1), the main providers
@@ -160,8 +166,14 @@ sys.exit('BUILD FAILED: backend(s) unavailable after the build: ' + '; '.join(mi
     gpu)        # the tests marked gpu: every backend against cuDNN on the real device
       run_pytest gpu -m gpu || status=1 ;;
     suite)      # the whole suite with compiled Triton and _C (never -x: one failure must not hide the rest);
-                # SUITE_ARGS (e.g. "tests/test_triton_conv.py") narrows it when one call cannot hold it all
-      run_pytest suite ${SUITE_ARGS:-} || status=1 ;;
+                # SUITE_ARGS (e.g. "tests/test_triton_conv.py") narrows it; SUITE_SHARD=i/n runs the i-th of n
+                # parts (whole files, balanced by test count: tests/conftest.py, PE_KERNELS_TEST_SHARD)
+      if [[ -n ${SUITE_SHARD:-} ]]; then
+        [[ $SUITE_SHARD =~ ^[0-9]+/[0-9]+$ ]] || die "SUITE_SHARD must be i/n, e.g. 1/2 (got '$SUITE_SHARD')" 2
+        PE_KERNELS_TEST_SHARD=$SUITE_SHARD run_pytest "suite-${SUITE_SHARD/\//of}" ${SUITE_ARGS:-} || status=1
+      else
+        run_pytest suite ${SUITE_ARGS:-} || status=1
+      fi ;;
     memcheck|racecheck)   # compute-sanitizer on one fused-block step of each fast backend
       for backend in cuda triton; do
         t=$(budget 280)

@@ -73,7 +73,10 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
                out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                compute_stats: bool) -> tuple[Tensor, Tensor]:
-    """Grouped conv with prologue/epilogue (reference.conv_fused). Returns (y channels_last, stats (2, K) or (0,))."""
+    """Grouped conv with prologue/epilogue (reference.conv_fused). Returns (y channels_last, stats (2, K) or (0,)).
+
+    stats = [mean, M2] of acc rounded to x.dtype and back (fp16/bf16; acc itself for fp32/fp64): the values the BN
+    apply reads from the stored y (.lab/CONTRACT.md)."""
     C = _ext.get()
     pdt = param_dtype(x.dtype)
     return C.conv_fused(_act(x), _act(weight, x.dtype), _vec(bias, pdt), _vec(in_scale, pdt), _vec(in_shift, pdt),
@@ -91,7 +94,9 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
     """Gradients w.r.t. reference.CONV_GRAD_NAMES (None where needs_grad is False or the input is None).
 
     `stats` is the forward's (2, K) [mean, M2]; required with grad_stats, which flows into the accumulator as
-    grad_stats[0]/n + 2*grad_stats[1]*(acc - mean), n = N*P*Q.
+    grad_stats[0]/n + 2*grad_stats[1]*(acc_s - mean), n = N*P*Q, acc_s = acc rounded to x.dtype and back (the
+    values the forward's statistics were taken of; acc itself for fp32/fp64). Without grad_stats that term is absent
+    (a NaN acc does not make the gradients NaN).
     """
     pdt = param_dtype(x.dtype)
     gs = None if grad_stats is None or grad_stats.numel() == 0 else grad_stats.to(pdt).contiguous()

@@ -7,7 +7,8 @@ the math of the `torch` backend (pe_kernels.reference), which every transform di
 exactly. `auto` takes it with its reason in `last_dispatch()`; a forced `triton` or `cuda` backend raises
 BackendUnavailableError instead of falling back. Under torch.compile (tracing) the ops stay custom ops.
 
-Statistics as the op contract: stats = [mean, m2] with m2 = sum (acc - mean)^2 (two passes, stable).
+Statistics as the op contract: stats = [mean, m2] with m2 = sum (acc_s - mean)^2 (two passes, stable), acc_s = acc
+rounded to x.dtype (reference.stored_acc; straight-through here, so that autograd sees d acc_s / d acc = 1).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     y = z.to(x.dtype)
     if not compute_stats:
         return y, acc.new_empty((0,))
-    mean = acc.mean(dim=(0, 2, 3))
-    m2 = (acc - mean.view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))
+    # The statistics of acc as stored (reference.stored_acc), straight-through for autograd: d acc_s / d acc = 1,
+    # so the gradient of m2 reaches acc as 2 (acc_s - mean), as conv_fused_backward forms it.
+    acc_s = acc if acc.dtype == x.dtype else acc + (reference.stored_acc(acc.detach(), x.dtype) - acc.detach())
+    mean = acc_s.mean(dim=(0, 2, 3))
+    m2 = (acc_s - mean.view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))
     return y, torch.stack([mean, m2])
 
 

@@ -4,11 +4,12 @@
     acc   = conv(x', w, stride, padding, dilation, groups) + bias[k]
     y     = act_out(acc * out_scale[k] + out_shift[k] + residual)   channels_last, x.dtype
     stats = [mean, m2] over N, P, Q  (n = N*P*Q values per channel)   (2, K) fp32, or (0,) when not asked
-            mean = sum acc / n,  m2 = sum (acc - mean)^2  (computed stably: two passes / Chan merges, no clamp)
+            mean = sum acc_s / n,  m2 = sum (acc_s - mean)^2  (computed stably: two passes / Chan merges, no clamp)
+            acc_s = acc rounded to x.dtype and back (acc itself in fp32/fp64): the statistics of y as stored
 
 Backward (`pe_kernels::conv_fused_backward`) returns the gradients of x, weight, bias, in_scale, in_shift,
 out_scale, out_shift and residual; the gradient of `stats` flows back through acc,
-    g_acc = g * out_scale + grad_stats[0] / n + 2 * grad_stats[1] * (acc - mean),
+    g_acc = g * out_scale + grad_stats[0] / n + 2 * grad_stats[1] * (acc_s - mean),
 so it takes the forward's `stats` (saved in the autograd context). ReLU backward (prologue and epilogue) is
 torch's: where(v <= 0, 0, grad), the gradient passes where v is NaN. Both ops dispatch to the
 backend chosen by pe_kernels._backend; the backward to the one requested when the forward ran (`backend`, recorded

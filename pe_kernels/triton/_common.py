@@ -3,6 +3,18 @@
 Nothing here queries a GPU at import time. `INTERPRET` is read once, at import, because `triton.jit` itself
 decides at decoration time whether a kernel becomes an interpreted function (tests/conftest.py sets
 TRITON_INTERPRET=1 before any kernel module is imported on a machine without CUDA).
+
+PE_KERNELS_TRITON_CONFIG (read once, at import, into `CONFIG_POLICY`; never on the hot path) chooses how an
+autotuned kernel is launched on a GPU:
+  autotune (default)  Triton's autotuner: the first launch of each new autotune key compiles and benchmarks
+                      every config, then runs the fastest.
+  first               the first config of the kernel's list, launched directly: one compile per specialisation
+                      and no benchmarking. For test runs (tests/conftest.py sets it on a GPU machine, where the
+                      ~1150 tests otherwise spend most of their time compiling and benchmarking configs they do
+                      not test) and for a quick first step. Every config is still checked by
+                      tests/test_triton_configs.py, which launches each one explicitly.
+Under the interpreter the launchers pass explicit tiles, so the variable changes nothing there. A test or a tool
+may change `CONFIG_POLICY` at run time (monkeypatch); the launch reads the module attribute.
 """
 
 from __future__ import annotations
@@ -18,6 +30,19 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+CONFIG_POLICIES = ("autotune", "first")
+
+
+def config_policy_from_env(value: Optional[str]) -> str:
+    """PE_KERNELS_TRITON_CONFIG's value as one of CONFIG_POLICIES (unset or empty: autotune; case-insensitive)."""
+    policy = (value or "autotune").strip().lower()
+    if policy not in CONFIG_POLICIES:
+        raise ValueError(f"unknown PE_KERNELS_TRITON_CONFIG={value!r}: choose one of {', '.join(CONFIG_POLICIES)}")
+    return policy
+
+
+CONFIG_POLICY = config_policy_from_env(os.environ.get("PE_KERNELS_TRITON_CONFIG"))
 
 # dtypes the kernels take for activations; fp64 goes to the reference backend.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -204,8 +229,12 @@ def affine_pair(scale: Optional[Tensor], shift: Optional[Tensor], length: int, l
 
 def launch(kernel, tuned_kernel, grid, args: tuple, meta: dict, tiles: Optional[dict]) -> None:
     """Run `tuned_kernel` (autotuned on a GPU), or `kernel` with explicit `tiles` (the interpreter's single
-    config, or a caller's override such as a small-tile test)."""
+    config, or a caller's override such as a small-tile test), or, with CONFIG_POLICY "first", `kernel` with the
+    first of `tuned_kernel`'s configs (the same compile as that config's autotune trial: same constexprs, warps
+    and stages)."""
     if tiles is not None:
         kernel[grid](*args, **meta, **tiles)
+    elif CONFIG_POLICY == "first":
+        kernel[grid](*args, **meta, **tuned_kernel.configs[0].all_kwargs())
     else:
         tuned_kernel[grid](*args, **meta)

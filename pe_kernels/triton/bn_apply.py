@@ -8,6 +8,9 @@ Math (pe_kernels.reference.bn_apply / bn_apply_backward)::
     dy = g * scale,  d_scale = sum g * y,  d_shift = sum g
     d_residual = g * residual_scale,  d_residual_scale = sum g * residual,  d_residual_shift = sum g
 
+The scale sums are formed centred on each tile's mean (sum_centred): sum g (y - m_t) + m_t sum g, so that the BN
+weight gradient, sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's sum g (y - mean).
+
 Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
 per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual], reduced afterwards in a fixed order
 (deterministic, no atomics); every slot is written (store_part), so the buffer needs no zeroing.
@@ -29,6 +32,22 @@ from ._common import (INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_acti
 
 # Spatial sizes do not help code generation: not specialised on (strides and K are).
 _NOT_SPECIALIZED = ["H", "W", "M"]
+
+
+@triton.jit
+def sum_centred(g, v, mask):
+    """Per column, sum over the tile's rows of g * v, formed as sum g (v - m) + m sum g, m = the tile's mean of v
+    over the `mask`ed elements (0 where it is not finite; then it is the plain sum). A scale gradient sum g*y
+    reaches the BatchNorm weight as sum g*y - mean * sum g (bn_finalize backward): formed plainly, the fp32
+    rounding of sum g*y (n u |mean| sum |g|) survives that cancellation and is multiplied by invstd (1/sqrt(eps)
+    at a constant channel); centred, what survives is one rounding of m * sum g per tile, as in the two-pass
+    sum g (y - mean) of stock BatchNorm."""
+    cnt = tl.sum(mask.to(tl.float32), axis=0)
+    m = tl.sum(tl.where(mask, v, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+    m = tl.where(tl.abs(m) < 3.0e38, m, 0.0)   # NaN and inf fail the test: no centring
+    gm = tl.where(mask, g, 0.0)
+    s1 = tl.sum(gm * (v - m[None, :]), axis=0)
+    return s1 + tl.where(m == 0.0, 0.0, m * tl.sum(gm, axis=0))
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -110,7 +129,7 @@ def _bn_apply_bwd_kernel(
                  dy.to(dy_ptr.dtype.element_ty), mask=mask)
     if SUM_GY:
         yv = tl.load(y_ptr + tile_offsets(n, h, w, k, syn, syc, syh, syw), mask=mask, other=0.0)
-        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g * yv.to(tl.float32), axis=0), PART_M,
+        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, sum_centred(g, yv.to(tl.float32), mask), PART_M,
                    BLOCK_M)
     else:
         store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
@@ -122,7 +141,7 @@ def _bn_apply_bwd_kernel(
                  dr.to(dres_ptr.dtype.element_ty), mask=mask)
     if SUM_GR:
         rv = tl.load(res_ptr + tile_offsets(n, h, w, k, srn, src, srh, srw), mask=mask, other=0.0)
-        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g * rv.to(tl.float32), axis=0),
+        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, sum_centred(g, rv.to(tl.float32), mask),
                    PART_M, BLOCK_M)
     else:
         store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)

@@ -4,12 +4,14 @@ Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x')
 
     g         = where(y <= 0, 0, g_y)  (if out_relu; torch's ReLU backward: a NaN y passes the gradient)
     d_residual = g,  d_out_shift[k] = sum g,  d_out_scale[k] = sum g * acc
-    g_acc     = g * out_scale[k] + grad_stats[0, k] / n + 2 * grad_stats[1, k] * (acc - mean[k])
-                (stats = [mean, m2] of the forward, n = N*P*Q; acc - mean before the product: no cancellation)
+    g_acc     = g * out_scale[k] + grad_stats[0, k] / n + 2 * grad_stats[1, k] * (acc_s - mean[k])
+                (stats = [mean, m2] of the forward, n = N*P*Q; acc_s - mean before the product: no cancellation;
+                acc_s = acc rounded to x.dtype, the values the forward's statistics were taken of)
     d_bias[k] = sum g_acc
     dx'       = conv_transpose(g_acc, w)                  (dgrad: implicit GEMM over (r, s, k))
     gm        = where(x * in_scale + in_shift <= 0, 0, dx')  (if in_relu, else dx')
     dx        = gm * in_scale,  d_in_scale[c] = sum gm * x,  d_in_shift[c] = sum gm
+    (the scale sums d_out_scale and d_in_scale are formed centred on each tile's mean: bn_apply.sum_centred)
     dw[k,c,r,s] = sum_{n,p,q} g_acc[n,k,p,q] * x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]   (wgrad)
 
 Sums run over (n, p, q) or (n, h, w). All of them are deterministic: every program writes fp32 partial sums
@@ -39,6 +41,7 @@ import triton.language as tl
 from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_same_device, check_shape,
                       check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n, krsc, launch, nhwc_tile,
                       part_rows, pow2_tile, store_part, strides4, tile_offsets, upcast_bf16)
+from .bn_apply import sum_centred
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
 
 _INTERPRET_BLOCK_M = 128   # the interpreter's single configuration
@@ -92,14 +95,17 @@ def _conv_bwd_epilogue_kernel(
         gs0 = tl.load(gs_ptr + offs_k, mask=mask_k, other=0.0)
         gs1 = tl.load(gs_ptr + K + offs_k, mask=mask_k, other=0.0)
         mean = tl.load(stats_ptr + offs_k, mask=mask_k, other=0.0)
-        g_acc = g_acc + tl.where(mask, (gs0 * inv_n)[None, :] + 2.0 * gs1[None, :] * (a - mean[None, :]), 0.0)
+        # acc as the forward's statistics saw it: rounded to the stored dtype (g_acc's, x.dtype); a no-op when acc
+        # is the saved y, a rounding when it was recomputed in fp32 (an epilogue).
+        a_s = a.to(gacc_ptr.dtype.element_ty).to(tl.float32)
+        g_acc = g_acc + tl.where(mask, (gs0 * inv_n)[None, :] + 2.0 * gs1[None, :] * (a_s - mean[None, :]), 0.0)
     tl.store(gacc_ptr + tile_offsets(n, p, q, k, son, soc, soh, sow),
              g_acc.to(gacc_ptr.dtype.element_ty), mask=mask)
 
     # Every slot of all three sums is written (zeros where unused): the buffer needs no zeroing.
     store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)
     if HAS_ACC:
-        g_a = tl.sum(g * a, axis=0)
+        g_a = sum_centred(g, a, mask)
     else:
         g_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
     store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, g_a, PART_M, BLOCK_M)
@@ -192,7 +198,7 @@ def _conv_dgrad_kernel(
             gm = tl.where(pre <= 0, 0.0, gm)
         if STATS:
             gm_m = tl.where(mask, gm, 0.0)
-            store_part(part_ptr, pid_m, M, 2 * C, c, mask_n, tl.sum(gm_m * xv, axis=0), PART_M, BLOCK_M)
+            store_part(part_ptr, pid_m, M, 2 * C, c, mask_n, sum_centred(gm_m, xv, mask), PART_M, BLOCK_M)
             store_part(part_ptr + C, pid_m, M, 2 * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
         gm = gm * scale[None, :]
     if STORE_DX:

@@ -6,7 +6,8 @@ Math (pe_kernels.reference.conv_fused)::
     acc[n,k,p,q] = sum_{c in group(k), r, s} x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] * w[k, c - c0, r, s]
                    + bias[k]
     y = act_out(acc * out_scale[k] + out_shift[k] + residual[n,k,p,q])     stored in x.dtype
-    stats[0,k] = mean_k = sum_{n,p,q} acc / n,  stats[1,k] = m2_k = sum_{n,p,q} (acc - mean_k)**2    fp32
+    stats[0,k] = mean_k = sum_{n,p,q} acc_s / n,  stats[1,k] = m2_k = sum_{n,p,q} (acc_s - mean_k)**2    fp32
+                 acc_s = acc rounded to the stored dtype and back (acc.to(y dtype).to(fp32); acc in fp32)
 
 GEMM view, per group g: rows m = (n, p, q) (M = N*P*Q), columns k in [g*K_g, (g+1)*K_g), reduction index
 j = (r, s, c) flattened with c fastest (RSC = R*S*C_g), so a narrow group (C_g of 8) with a 3x3 filter fills a
@@ -200,9 +201,11 @@ def _conv_fwd_kernel(
         # [count, mean, M2] of this tile's valid rows (rows past M would carry the bias: dropped), two passes
         # over the accumulator in registers. Columns past K_g are not stored. The grid gives every program >= 1
         # valid row.
+        # The statistics describe acc as stored: rounded to y's dtype (identity in fp32), as the BN apply reads it.
+        acc_s = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean_t = tl.sum(tl.where(mask_m[:, None], acc, 0.0), axis=0) / rows
-        dev = tl.where(mask_m[:, None], acc - mean_t[None, :], 0.0)
+        mean_t = tl.sum(tl.where(mask_m[:, None], acc_s, 0.0), axis=0) / rows
+        dev = tl.where(mask_m[:, None], acc_s - mean_t[None, :], 0.0)
         # Corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum fixes the rounding of mean_t.
         dev_sum = tl.sum(dev, axis=0)
         m2_t = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / rows, 0.0,
