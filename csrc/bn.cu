@@ -7,7 +7,8 @@
 //   apply:     out = relu?(y*scale + shift + residual*residual_scale + residual_shift)
 //   backward:  g = grad_out, zeroed where out <= 0 if relu (NaN passes, as torch's threshold_backward);
 //              grad_y = g*scale; grad_residual = g*residual_scale;
-//              per-channel sums of g, g*y, g*residual in one pass (per-block partials + fixed-order reduce).
+//              per-channel sums of g, g*y, g*residual in one pass (per-block partials + fixed-order reduce);
+//              the scale gradients' sums g*y, g*residual centred on the channel's row 0 (common.cuh).
 // The elementwise kernels view an NHWC tensor as rows x K: block (32 channels) x (8 row lanes), 64 rows per
 // block; each thread loads its channel's parameters once. Nothing is clamped: a NaN M2 gives NaN, as in torch.
 //
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) bn_apply_kernel(cons
   }
 }
 
-// Partials layout: workspace[(q*row_blocks + blockIdx.x)*K + k], q = 0: sum g, 1: sum g*y, 2: sum g*residual.
+// Partials layout: workspace[(q*row_blocks + blockIdx.x)*K + k], q = 0: sum g, 1: sum g*y, 2: sum g*residual
+// (1 and 2 centred on the channel's row 0: common.cuh).
 template <typename T>
 __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) bn_apply_bwd_kernel(const BnApplyBwdArgs a) {
   using Acc = typename Cvt<T>::Acc;
@@ -92,7 +94,16 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) bn_apply_bwd_kernel(
   }
   Acc s_g = Acc(0), s_gy = Acc(0), s_gr = Acc(0);
   const int64_t row0 = int64_t(blockIdx.x) * kEwRowsPerBlock;
+  // Centred sums (common.cuh): sum g*(y - y0) here; the block holding row 0 hands y0 (r0) to the reduction in
+  // the output vector, which adds y0 * sum g once.
+  Acc y0 = Acc(0), r0 = Acc(0);
   if (valid_k) {
+    if (want_sy) y0 = shift_or_zero(Cvt<T>::to_acc(y[k]));
+    if (want_sr) r0 = shift_or_zero(Cvt<T>::to_acc(res[k]));
+    if (blockIdx.x == 0 && threadIdx.y == 0 && a.workspace != nullptr) {
+      if (want_sy) static_cast<Acc*>(a.grad_scale)[k] = y0;
+      if (want_sr) static_cast<Acc*>(a.grad_residual_scale)[k] = r0;
+    }
 #pragma unroll 4
     for (int t = threadIdx.y; t < kEwRowsPerBlock; t += kEwRowLanes) {
       const int64_t m = row0 + t;
@@ -103,8 +114,8 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) bn_apply_bwd_kernel(
       if (gy != nullptr) gy[off] = Cvt<T>::from_acc(g * sc);
       if (gres != nullptr) gres[off] = Cvt<T>::from_acc(g * rsc);
       s_g += g;
-      if (want_sy) s_gy += g * Cvt<T>::to_acc(y[off]);
-      if (want_sr) s_gr += g * Cvt<T>::to_acc(res[off]);
+      if (want_sy) s_gy += g * (Cvt<T>::to_acc(y[off]) - y0);
+      if (want_sr) s_gr += g * (Cvt<T>::to_acc(res[off]) - r0);
     }
   }
   const Acc sums[3] = {s_g, s_gy, s_gr};
@@ -175,6 +186,8 @@ cudaError_t launch_bn_apply_bwd(const BnApplyBwdArgs& a, cudaStream_t stream) {
     const Acc* part = static_cast<const Acc*>(a.workspace);
     PartialOuts<Acc> outs{{static_cast<Acc*>(a.grad_shift), static_cast<Acc*>(a.grad_scale),
                            static_cast<Acc*>(a.grad_residual_scale), nullptr}};
+    outs.centred = 0b110u;  // sum g*y, sum g*residual: centred on y0, r0 (common.cuh); sum g is q = 0
+    outs.g_q = 0;
     PE_RETURN_IF_ERROR(launch_reduce_partials<Acc>(part, 3, plan.m_tiles, a.K, outs, stream));
     if (a.grad_residual_shift != nullptr) {
       PartialOuts<Acc> o2{{static_cast<Acc*>(a.grad_residual_shift), nullptr, nullptr, nullptr}};

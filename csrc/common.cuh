@@ -68,6 +68,12 @@ __device__ __forceinline__ A relu(A v) {
   return v < A(0) ? A(0) : v;  // NaN stays NaN, as torch.relu
 }
 
+// The shift of a centred scale-gradient sum (below): v itself where finite, else 0 (then the plain sum).
+template <typename A>
+__device__ __forceinline__ A shift_or_zero(A v) {
+  return isfinite(v) ? v : A(0);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Tile multiply.
 
@@ -294,6 +300,19 @@ struct InputGather {
   }
 };
 
+// Centred scale-gradient sums. A BatchNorm scale gradient sum_rows g*v (v: the normalised value's input) reaches
+// the BN weight as sum g*v - mean * sum g (bn_finalize backward): formed plainly, the fp32 rounding of sum g*v
+// (~ rows * u * |mean| * sum |g|) survives that cancellation and is multiplied by invstd (up to 1/sqrt(eps) at a
+// constant channel, where the exact answer is 0). So these sums are formed around a shift v0 per channel, as
+// reference.sum_centred / triton bn_apply.sum_centred do (with the mean there): the kernels accumulate
+// sum g*(v - v0) in their usual per-lane / per-tile partials, and the fixed-order reduction adds v0 * (sum g)
+// once, with sum g summed from the same partials in the same order as the sum g output (bitwise that value). At a
+// constant channel v - v0 = 0 at every row and the result is fl(v0 * sum g): what the backward's
+// mean * sum g subtracts, exactly when the mean is v0. v0 = the channel's value at row 0, or 0 where that is not
+// finite (shift_or_zero: then the plain sum, so a NaN/Inf there poisons nothing it did not before); v0 = 0 adds
+// nothing (not 0 * sum g: an Inf sum g stays out). The block (tile) holding row 0 writes v0 into the output
+// vector; reduce_partials_kernel reads it back (stream order) for the quantities marked in PartialOuts::centred.
+
 // Row-block partials of the elementwise kernels (block = kEwChannels x kEwRowLanes threads): each thread holds
 // NQ sums over its rows; lanes are combined in lane order and written to part[(q*row_blocks + block)*K + k].
 // Must be reached by every thread of the block (contains __syncthreads).
@@ -329,10 +348,15 @@ __device__ __forceinline__ void fill_tile(T* dst, const F& f) {
 }
 
 // out_q[k] = sum_{t=0}^{T-1} part[(q*T + t)*K + k] for q < nq, in increasing t (deterministic). outs[q] may be
-// nullptr (that quantity is not wanted). grid (ceil(K/256), nq), block 256.
+// nullptr (that quantity is not wanted). A quantity q with bit q of `centred` set is a centred sum (above): its
+// partials hold g*(v - v0), out_q[k] holds v0 on entry (written by the producing kernel), and
+// out_q[k] = sum + v0 * sum_t part[(g_q*T + t)*K + k] (the sum of g, in the same order). grid (ceil(K/256), nq),
+// block 256.
 template <typename Acc>
 struct PartialOuts {
   Acc* out[4];
+  unsigned centred = 0;  // bit q: quantity q is centred
+  int g_q = 0;           // the quantity holding the sum of g (for the centred ones)
 };
 template <typename Acc>
 __global__ void reduce_partials_kernel(const Acc* __restrict__ part, int64_t T, int64_t K, PartialOuts<Acc> outs) {
@@ -343,6 +367,15 @@ __global__ void reduce_partials_kernel(const Acc* __restrict__ part, int64_t T, 
   const Acc* p = part + int64_t(q) * T * K + k;
   Acc s = Acc(0);
   for (int64_t t = 0; t < T; ++t) s += p[t * K];
+  if (T > 0 && ((outs.centred >> q) & 1u)) {  // T = 0: no kernel wrote v0; the plain (empty) sum
+    const Acc v0 = out[k];
+    if (v0 != Acc(0)) {
+      const Acc* pg = part + int64_t(outs.g_q) * T * K + k;
+      Acc s_g = Acc(0);
+      for (int64_t t = 0; t < T; ++t) s_g += pg[t * K];
+      s = s + v0 * s_g;
+    }
+  }
   out[k] = s;
 }
 

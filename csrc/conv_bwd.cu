@@ -8,6 +8,7 @@
 //      to T, as the forward took them; acc itself in fp32/fp64): d mean/d acc = 1/n, d M2/d acc = 2*(acc_s - mean).
 //      Without grad_stats the statistics term is absent, not 0 * (acc - mean): a NaN acc must not make dacc NaN.
 //      grad_residual = dz; grad_out_shift = sum dz; grad_out_scale = sum dz*acc; grad_bias = sum dacc
+//      (sum dz*acc centred on the channel's acc at row 0: common.cuh, "Centred scale-gradient sums")
 //    With `acc` (recomputed by the forward kernel with acc_out) the ReLU mask is z <= 0, z rounded exactly as the
 //    forward epilogue rounds it (mul_rn/add_rn: bitwise the z the forward's y was made from); without it the mask
 //    is y <= 0 (y = T(relu(z)), equal unless z rounds to zero in T). Against a float64 oracle either may flip
@@ -17,7 +18,7 @@
 //    with h = p*sh - ph + r*dh, w = q*sw - pw + s*dw (p, q integral and in range). dx' is rounded to T (as the
 //    reference's conv backward returns T), then the prologue backward: pre = x*in_scale + in_shift,
 //    d = dx' zeroed where pre <= 0 if in_relu (NaN passes), grad_x = d*in_scale, grad_in_scale = sum d*x,
-//    grad_in_shift = sum d.
+//    grad_in_shift = sum d (sum d*x centred on the channel's x at row 0: common.cuh).
 // 3. Wgrad: per group g, GEMM over rows k < K/groups, columns red = (r, s, c), reduction over the N*P*Q output
 //    pixels m:  dw[g*Kg+k, r, s, c] = sum_m dacc[m, g*Kg+k] * x'[m; r, s, c]  with x' the prologue-applied input.
 //    The m range is cut into plan.splits contiguous chunks (grid.z = groups x splits); each writes its fp32
@@ -31,7 +32,7 @@
 namespace pe {
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. Epilogue backward. Partials: q = 0: sum dz, 1: sum dz*acc, 2: sum dacc.
+// 1. Epilogue backward. Partials: q = 0: sum dz, 1: sum dz*acc (centred), 2: sum dacc.
 
 template <typename T>
 __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_kernel(const ConvEpilogueBwdArgs a) {
@@ -58,7 +59,13 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_ke
   }
   Acc s_dz = Acc(0), s_dzacc = Acc(0), s_dacc = Acc(0);
   const int64_t row0 = int64_t(blockIdx.x) * kEwRowsPerBlock;
+  // Centred sum (common.cuh): sum dz*(acc - acc0) here; the block holding row 0 hands acc0 to the reduction in
+  // grad_out_scale, which adds acc0 * sum dz once.
+  Acc acc0 = Acc(0);
   if (valid_k) {
+    if (acc != nullptr) acc0 = shift_or_zero(acc[k]);
+    if (blockIdx.x == 0 && threadIdx.y == 0 && a.workspace != nullptr && a.grad_out_scale != nullptr)
+      static_cast<Acc*>(a.grad_out_scale)[k] = acc0;
 #pragma unroll 2
     for (int t = threadIdx.y; t < kEwRowsPerBlock; t += kEwRowLanes) {
       const int64_t m = row0 + t;
@@ -89,7 +96,7 @@ __global__ void __launch_bounds__(kEwChannels* kEwRowLanes) conv_epilogue_bwd_ke
       gacc[off] = Cvt<T>::from_acc(da);
       if (gres != nullptr) gres[off] = Cvt<T>::from_acc(dz);
       s_dz += dz;
-      s_dzacc += dz * av;
+      s_dzacc += dz * (av - acc0);
       s_dacc += da;
     }
   }
@@ -118,6 +125,8 @@ cudaError_t launch_conv_epilogue_bwd(const ConvEpilogueBwdArgs& a, cudaStream_t 
   if (sums) {
     PartialOuts<Acc> outs{{static_cast<Acc*>(a.grad_out_shift), static_cast<Acc*>(a.grad_out_scale),
                            static_cast<Acc*>(a.grad_bias), nullptr}};
+    outs.centred = 0b010u;  // sum dz*acc: centred on acc0 (common.cuh); sum dz is q = 0
+    outs.g_q = 0;
     PE_RETURN_IF_ERROR(launch_reduce_partials<Acc>(static_cast<const Acc*>(a.workspace), 3, plan.m_tiles, a.K,
                                                    outs, stream));
   }
@@ -140,7 +149,7 @@ cudaError_t conv_epilogue_bwd(const ConvEpilogueBwdArgs& a, DType t, cudaStream_
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2. Dgrad. Partials (when the prologue has parameters): q = 0: sum d*x, 1: sum d; 2 x m_tiles x C.
+// 2. Dgrad. Partials (when the prologue has parameters): q = 0: sum d*x (centred), 1: sum d; 2 x m_tiles x C.
 
 template <typename T, Math MODE, int BM, int BN, int BK, int THREADS>
 __global__ void __launch_bounds__(THREADS) conv_dgrad_kernel(const ConvDgradArgs a) {
@@ -261,10 +270,14 @@ __global__ void __launch_bounds__(THREADS) conv_dgrad_kernel(const ConvDgradArgs
       const int c = c0 + j;
       if (c >= Cg) continue;
       const int gc = g * Cg + c;
+      // Centred (common.cuh): sum d*(x - x0) here, x0 = the channel's x at row 0 (0 if not finite); the tile
+      // holding row 0 hands x0 to the reduction in grad_in_scale, which adds x0 * sum d once.
+      const Acc x0 = shift_or_zero(Cvt<T>::to_acc(x[gc]));
+      if (blockIdx.x == 0 && a.grad_in_scale != nullptr) static_cast<Acc*>(a.grad_in_scale)[gc] = x0;
       Acc s_dx = Acc(0), s_d = Acc(0);
       for (int i = 0; i < rows; ++i) {
         const Acc d = sm.c[i * LDC + j];
-        s_dx += d * Cvt<T>::to_acc(x[(m0 + i) * C + gc]);
+        s_dx += d * (Cvt<T>::to_acc(x[(m0 + i) * C + gc]) - x0);
         s_d += d;
       }
       part[int64_t(blockIdx.x) * C + gc] = s_dx;
@@ -282,6 +295,8 @@ cudaError_t launch_conv_dgrad(const ConvDgradArgs& a, const LaunchPlan& plan, cu
   PE_RETURN_IF_ERROR(cudaGetLastError());
   if (a.workspace != nullptr) {
     PartialOuts<Acc> outs{{static_cast<Acc*>(a.grad_in_scale), static_cast<Acc*>(a.grad_in_shift), nullptr, nullptr}};
+    outs.centred = 0b01u;  // sum d*x: centred on x0 (common.cuh); sum d is q = 1
+    outs.g_q = 1;
     PE_RETURN_IF_ERROR(launch_reduce_partials<Acc>(static_cast<const Acc*>(a.workspace), 2, plan.m_tiles,
                                                    a.shape.C, outs, stream));
   }

@@ -579,3 +579,139 @@ def test_grad_of_m2_uses_the_stored_acc(dtype):
     ulps = 128 if dtype == torch.float32 else 4
     tol = 2 * n * ulps * 2.0 ** -24 * y.double().abs().max().item()
     assert (gb.abs() <= tol).all(), f"grad bias = 2 sum(acc_s - mean) must vanish: max {gb.abs().max():.3e} > {tol:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Centred scale-gradient sums (csrc/common.cuh, "Centred scale-gradient sums"; reference.sum_centred): the BN
+# weight gradient is invstd (sum g*v - mean sum g); at a constant channel its exact value is 0.
+
+@pytest.mark.parametrize("path", ["apply", "prologue"])
+def test_scale_gradient_at_a_constant_channel(path):
+    """tests/test_bn_stability.py::test_scale_gradient_at_a_constant_channel on the cuda backend: fp32, 1024
+    values a channel (16 row blocks of bn_apply_bwd, 16 row tiles of the dgrad), channels 1 and 3 constant.
+    The apply (bn_apply's d_scale, batch_norm_act) and the prologue (conv_bn defer=True, then a conv: the dgrad's
+    d_in_scale). Budget as there: 4 roundings of mean * sum g times invstd |w|. A CPU emulation of the kernels'
+    summation order (csrc/README.md) puts the plain sums at 2.7x (apply) and 8.5x (prologue) one rounding on
+    channel 1, a shift per lane at 6.75x (apply) and one per row block / tile at 1.35x / 5.7x; the kernels'
+    (one shift per channel, v0 * sum g added once in the reduction with the same sum g as d_shift) at exactly 0:
+    v0 = mean = 3.25 there, so fl(v0 sum g) - fl(mean sum g) = 0."""
+    import copy
+
+    import pe_kernels
+    from pe_kernels.functional import batch_norm_act, conv_bn
+    from _oracle import ATOL, check_budget
+
+    _cuda()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    y = torch.randn(16, 4, 8, 8)
+    y[:, 1] = 3.25
+    y[:, 3] = -2.75
+    bn = torch.nn.BatchNorm2d(4)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(0.1, 0.5)   # > 0: the constant channels' output is past the ReLU kink
+    grad = torch.randn(y.shape)
+
+    def step(bn, conv, y, backend):
+        y = y.clone().requires_grad_()
+        with pe_kernels.use_backend(backend or "torch"):
+            if backend is None:
+                out = conv(torch.relu(bn(y))) if path == "prologue" else torch.relu(bn(y))
+            elif path == "apply":
+                out = batch_norm_act(y, bn, "relu")
+            else:
+                eye = torch.zeros(4, 4, 1, 1, dtype=y.dtype, device=y.device)
+                eye[:, :, 0, 0] = torch.eye(4, dtype=y.dtype, device=y.device)
+                h = conv_bn(y, eye, None, bn, activation="relu", defer=True)
+                out = conv_bn(h, conv.weight, None, torch.nn.BatchNorm2d(4).to(y.device, y.dtype).eval(), padding=1,
+                              activation=None)
+            if backend is not None:
+                assert pe_kernels.last_dispatch().backend == backend
+            (out * grad.to(out.device, out.dtype)).sum().backward()
+        return bn.weight.grad.detach().cpu().double(), bn.bias.grad.detach().cpu().double()
+
+    ref64, sum_g = step(copy.deepcopy(bn).double(), copy.deepcopy(conv).double(), y.double(), None)
+    with ieee_fp32():
+        stock = step(copy.deepcopy(bn).to(dev), copy.deepcopy(conv).to(dev), y.to(dev), None)[0]
+        ours = step(copy.deepcopy(bn).to(dev), copy.deepcopy(conv).to(dev), y.to(dev), "cuda")[0]
+    assert stock[[1, 3]].abs().max() == 0 and ref64[[1, 3]].abs().max() == 0
+    y64 = y.double()
+    invstd = (y64.var((0, 2, 3), unbiased=False) + bn.eps).rsqrt()
+    one_rounding = 2.0 ** -24 * y64.mean((0, 2, 3)).abs() * invstd * bn.weight.detach().double().abs() * sum_g.abs()
+    check_budget(f"cuda {path} bn.weight.grad", ours, stock, ref64, ATOL[torch.float32] * ref64.abs().max(),
+                 slack=4 * one_rounding)
+
+
+def _one_rounding_check(what, s_v, s_g, c, dtype):
+    """At a channel of constant value c the centred sum is fl(c * sum g) (g*(v - v0) = 0 at every row, and the
+    reduction adds v0 * sum g once, with sum g summed as the kernel's own sum g output), so
+    |sum g*v - c sum g| <= one rounding of c * sum g whatever the number of row blocks. The plain sum g*v (and a
+    shift per block or lane) rounds at every row (block, lane)."""
+    s_v, s_g = float(s_v), float(s_g)
+    u = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    err = abs(s_v - c * s_g)
+    assert err <= u * abs(c * s_g), f"{what}: |sum g*v - c sum g| = {err:.3e} > one rounding {u * abs(c * s_g):.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64],
+                         ids=["float16", "float32", "float64"])
+def test_centred_sums_at_a_constant_channel(dtype):
+    """Every centred sum of the CUDA backend at a constant channel, 256 rows (4 row blocks, 4 dgrad row tiles):
+    bn_apply_backward's d_scale (y) and d_residual_scale (residual), conv_fused_backward's d_out_scale (acc: the
+    channel's weights 0, its bias c) and d_in_scale (x, the dgrad's prologue). Each must be within one rounding
+    of c * (the kernel's sum g). Also NaN and Inf at row 0 (the shift's row): that channel is the plain sum (NaN,
+    +-Inf, as the reference gives) and the other channels are untouched."""
+    cuda_backend = _cuda()
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(11)
+    N, K, H, W = 4, 6, 8, 8   # 256 rows: 4 row blocks (bn_apply_bwd, epilogue) and 4 dgrad row tiles
+    c_y, c_r = 3.25, -2.75
+    y = torch.randn(N, K, H, W, generator=gen, dtype=torch.float64)
+    y[:, 1] = c_y
+    y[0, 4, 0, 0] = float("nan")   # the shift's row of channel 4: NaN, the sum NaN
+    y[0, 5, 0, 0] = float("inf")   # channel 5: Inf, the sum +-Inf (the plain sum), not NaN
+    r = torch.randn(N, K, H, W, generator=gen, dtype=torch.float64)
+    r[:, 2] = c_r
+    r64 = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    sc, sh = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5, r64(K)
+    rs, rsh = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5, r64(K)
+    go = torch.randn(N, K, H, W, generator=gen, dtype=torch.float64)
+    cpu = (y, sc, sh, r, rs, rsh)
+    gpu = [_to(t, dev, dtype) for t in cpu]
+    out = cuda_backend.bn_apply(*gpu, False)
+    grads = cuda_backend.bn_apply_backward(go.to(dev, dtype), *gpu, False, out, [False, True, True, False, True, True])
+    got = {name: (None if t is None else t.double().cpu()) for name, t in zip(ref.APPLY_GRAD_NAMES, grads)}
+    _one_rounding_check("bn_apply d_scale", got["scale"][1], got["shift"][1], c_y, dtype)
+    _one_rounding_check("bn_apply d_residual_scale", got["residual_scale"][2], got["residual_shift"][2], c_r, dtype)
+    want = ref.bn_apply_backward(go.to(dtype).double(), y.to(dtype).double(), *cpu[1:3], r.to(dtype).double(),
+                                 *cpu[4:], False, None, [False, True, True, False, True, True])
+    assert got["scale"][4].isnan() and got["scale"][5].isinf()
+    assert torch.sign(got["scale"][5]) == torch.sign(want[1][5])
+    finite = [0, 1, 2, 3]
+    torch.testing.assert_close(got["scale"][finite], want[1][finite], rtol=1e-2 if dtype == torch.float16 else 1e-5,
+                               atol=1e-3, msg="d_scale, finite channels")
+
+    # conv_fused_backward: 1x1 conv K -> K; output channel 1 has zero weights and bias c_y (acc = c_y); input
+    # channel 1 of x is c_y (the dgrad's d_in_scale at a constant channel).
+    x = y.clone()
+    x[0, 4, 0, 0] = 0.5
+    x[0, 5, 0, 0] = -0.5
+    w = torch.randn(K, K, 1, 1, generator=gen, dtype=torch.float64) / K ** 0.5
+    w[1] = 0.0
+    b = torch.randn(K, generator=gen, dtype=torch.float64)
+    b[1] = c_y
+    d = dict(x=x, weight=w, bias=b, in_scale=sc, in_shift=sh, out_scale=rs, out_shift=rsh)
+    d = {k: _to(v, dev, dtype) for k, v in d.items()}
+    tail = ((1, 1), (0, 0), (1, 1), 1)
+    with ieee_fp32():
+        yy, _ = cuda_backend.conv_fused(d["x"], d["weight"], d["bias"], d["in_scale"], d["in_shift"], False,
+                                        d["out_scale"], d["out_shift"], None, False, *tail, False)
+        gy = go.to(dev, dtype)
+        cg = cuda_backend.conv_fused_backward(gy, None, d["x"], d["weight"], d["bias"], d["in_scale"], d["in_shift"],
+                                              False, d["out_scale"], d["out_shift"], None, False, *tail, yy,
+                                              [True, False, False, True, True, True, True, False], None)
+    cg = {name: (None if t is None else t.double().cpu()) for name, t in zip(ref.CONV_GRAD_NAMES, cg)}
+    _one_rounding_check("conv d_out_scale (acc)", cg["out_scale"][1], cg["out_shift"][1], c_y, dtype)
+    _one_rounding_check("conv d_in_scale (x)", cg["in_scale"][1], cg["in_shift"][1], c_y, dtype)

@@ -6,6 +6,11 @@ vectors contiguous in the parameter dtype (fp32; fp64 for fp64 activations) — 
 to their inputs' dtypes. 4-D outputs are channels_last. fp32 convolutions use TF32 when
 torch.backends.cudnn.allow_tf32 is set (torch's default for convolutions).
 
+The scale gradients (d scale and d residual_scale of bn_apply_backward, d in_scale and d out_scale of
+conv_fused_backward) are centred sums as reference.sum_centred: sum g*(v - v0) + v0 * sum g, v0 = the channel's
+value at row 0 (0 where not finite), the second term added once in the kernels' fixed-order reduction
+(csrc/README.md, "Centred scale-gradient sums").
+
 When the extension is missing every function raises RuntimeError with `load_error()` (why it is missing).
 Importing this module never raises and never queries a GPU. The kernels are compile-checked in CI only and have
 not been validated on a GPU yet (csrc/README.md).
