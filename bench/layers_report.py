@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import re
 import statistics
 import sys
@@ -65,12 +66,11 @@ def render(paths: list[Path]) -> str:
 
 
 def update_readme(table: str, readme: Path = README) -> None:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    """The tables between the README's layers markers (bench/report.py's writer)."""
+    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).with_name("report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    report.update_readme(table, readme, START, END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,13 +93,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path = README) -> None:
+def update_readme(table: str, readme: Path = README, start: str = START, end: str = END) -> None:
+    """Replace what stands between the `start` and `end` markers of `readme` with `table`."""
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 def main(argv=None) -> int:

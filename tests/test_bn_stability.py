@@ -45,7 +45,7 @@ KINK = 0.05          # upstream gradient zeroed where |ref64 output| < KINK
 
 
 def _device(backend: str, kernel_device: torch.device) -> torch.device:
-    return kernel_device if backend == "triton" else torch.device("cpu")
+    return kernel_device if backend in ("triton", "cuda") else torch.device("cpu")
 
 
 def _chain(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, x: torch.Tensor, grad: torch.Tensor,
@@ -294,7 +294,7 @@ def test_constant_channel_in_low_precision(backend, transform, dtype, kernel_dev
 
 
 @pytest.mark.parametrize("path", ["apply", "prologue"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_scale_gradient_at_a_constant_channel(backend, path, kernel_device):
     """The BN weight gradient is sum g x_hat = invstd (sum g*y - mean sum g): formed plainly (the scale sum
     first), the fp32 rounding of sum g*y, ~n u |mean| sum|g|, is multiplied by invstd (316 at a constant channel,
@@ -327,12 +327,14 @@ def test_scale_gradient_at_a_constant_channel(backend, path, kernel_device):
                 h = conv_bn(y, eye, None, bn, activation="relu", defer=True)
                 out = conv_bn(h, conv.weight, None, torch.nn.BatchNorm2d(4).to(y.device, y.dtype).eval(), padding=1,
                               activation=None)
+            if backend is not None:
+                assert pe_kernels.last_dispatch().backend == backend
             (out * grad.to(out.device, out.dtype)).sum().backward()
         return bn.weight.grad.detach().cpu().double(), bn.bias.grad.detach().cpu().double()
 
     ref64, sum_g = step(copy.deepcopy(bn).double(), copy.deepcopy(conv).double(), y.double(), None)
-    stock = step(copy.deepcopy(bn).to(device), copy.deepcopy(conv).to(device), y.to(device), None)[0]
     with ieee_fp32():
+        stock = step(copy.deepcopy(bn).to(device), copy.deepcopy(conv).to(device), y.to(device), None)[0]
         ours = step(copy.deepcopy(bn).to(device), copy.deepcopy(conv).to(device), y.to(device), backend)[0]
     assert stock[[1, 3]].abs().max() == 0 and ref64[[1, 3]].abs().max() == 0
     # What the contract cannot avoid (d_scale and d_shift reach bn_finalize's backward apart): a few roundings of
