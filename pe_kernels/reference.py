@@ -30,7 +30,7 @@ Apply (the BN tail of a residual block when `residual_scale` is given)::
     out = act(y * scale[k] + shift[k] + residual * residual_scale[k] + residual_shift[k])
 
 Scale gradients (d_scale = sum g*y, d_residual_scale, d_in_scale, d_out_scale) are formed centred on the channel's
-mean (sum_centred), so that the BatchNorm weight gradient they become (sum g*y - mean * sum g) does not cancel.
+shift (sum_centred), so that the BatchNorm weight gradient they become (sum g*y - mean * sum g) does not cancel.
 
 Dtypes: activations and weights in fp16, bf16, fp32 or fp64; per-channel vectors (scales, shifts,
 statistics) in fp32 (fp64 when the activations are fp64). All 4-D outputs are channels_last.
@@ -109,18 +109,19 @@ def _conv_fused_math(x, weight, bias, in_scale, in_shift, in_relu, out_scale, ou
     return acc, z
 
 
-def sum_centred(g: Tensor, v: Tensor) -> Tensor:
-    """Per channel, sum over (N, H, W) of g * v, formed as sum g (v - m) + m sum g with m the channel's mean of v
-    (0 where it is not finite: then the plain sum). The scale gradients (sum g*y of an apply, sum g*x of a
-    prologue, sum g*acc of an epilogue) reach a BatchNorm weight as sum g*y - mean * sum g (bn_finalize backward,
-    or the folded affine's autograd in eval): formed plainly, the fp32 rounding of sum g*y (n u |mean| sum |g|)
-    survives that cancellation and is multiplied by invstd (up to 1/sqrt(eps) at a constant channel); centred,
-    only a rounding of m * sum g does, as in stock BatchNorm's two-pass sum g (y - mean)."""
+def sum_centred(g: Tensor, v: Tensor, g_sum: Tensor) -> Tensor:
+    """Per channel, sum over (N, H, W) of g * v, formed as sum g (v - v0) + v0 * g_sum, with v0 the channel's first
+    value (0 where it is not finite: then the plain sum) and g_sum = sum g (the caller's shift gradient). The
+    scale gradients (sum g*y of an apply, sum g*x of a prologue, sum g*acc of an epilogue) reach a BatchNorm
+    weight as sum g*y - mean * sum g (bn_finalize backward, or the folded affine's autograd in eval): formed
+    plainly, the fp32 rounding of sum g*y (n u |mean| sum |g|) survives that cancellation and is multiplied by
+    invstd (up to 1/sqrt(eps) at a constant channel); shifted, only a rounding of v0 * sum g does (|v - v0| is of
+    the channel's spread). One shift a channel, as the CUDA kernels' (a view: no extra pass over v)."""
     dims = (0, 2, 3)
-    zero = torch.zeros((), dtype=v.dtype, device=v.device)
-    m = v.mean(dim=dims) if v.numel() else v.new_zeros(v.shape[1])
-    m = torch.where(torch.isfinite(m), m, zero)
-    return (g * (v - _per_channel(m))).sum(dims) + torch.where(m == 0, zero, m * g.sum(dims))
+    if v.numel() == 0:
+        return (g * v).sum(dims)
+    v0 = torch.nan_to_num(v[0, :, 0, 0], nan=0.0, posinf=0.0, neginf=0.0)
+    return (g * (v - _per_channel(v0))).sum(dims) + torch.where(v0 == 0, 0.0, v0 * g_sum)
 
 
 def _relu_backward(grad: Tensor, v: Tensor) -> Tensor:
@@ -218,10 +219,11 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
     out: dict[str, Optional[Tensor]] = dict.fromkeys(CONV_GRAD_NAMES)
     if residual is not None and need["residual"]:
         out["residual"] = channels_last_like(g, residual.dtype)
+    g_sum = g.sum(dims) if (out_shift is not None and need["out_shift"]) or need["out_scale"] else None
     if out_shift is not None and need["out_shift"]:
-        out["out_shift"] = g.sum(dims)
+        out["out_shift"] = g_sum
     if out_scale is not None and need["out_scale"]:
-        out["out_scale"] = sum_centred(g, acc)
+        out["out_scale"] = sum_centred(g, acc, g_sum)
     g_acc = g if out_scale is None else g * _per_channel(out_scale)
     if grad_stats is not None:
         n = acc.shape[0] * acc.shape[2] * acc.shape[3]
@@ -244,10 +246,11 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
             if need["x"]:
                 dx = dpre if in_scale is None else dpre * _per_channel(in_scale)
                 out["x"] = channels_last_like(dx, x.dtype)
+            dpre_sum = dpre.sum(dims) if need["in_scale"] or need["in_shift"] else None
             if in_scale is not None and need["in_scale"]:
-                out["in_scale"] = sum_centred(dpre, x.to(acc_dtype))
+                out["in_scale"] = sum_centred(dpre, x.to(acc_dtype), dpre_sum)
             if in_shift is not None and need["in_shift"]:
-                out["in_shift"] = dpre.sum(dims)
+                out["in_shift"] = dpre_sum
     return [out[name] for name in CONV_GRAD_NAMES]
 
 
@@ -309,16 +312,18 @@ def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
     result: dict[str, Optional[Tensor]] = dict.fromkeys(APPLY_GRAD_NAMES)
     if need["y"]:
         result["y"] = channels_last_like(g * _per_channel(scale), y.dtype)
+    g_sum = g.sum(dims) if need["scale"] or need["shift"] or need["residual_scale"] or need["residual_shift"] \
+        else None
     if need["scale"]:
-        result["scale"] = sum_centred(g, y.to(acc_dtype))
+        result["scale"] = sum_centred(g, y.to(acc_dtype), g_sum)
     if need["shift"]:
-        result["shift"] = g.sum(dims)
+        result["shift"] = g_sum
     if residual is not None:
         if need["residual"]:
             dr = g if residual_scale is None else g * _per_channel(residual_scale)
             result["residual"] = channels_last_like(dr, residual.dtype)
         if need["residual_scale"] and residual_scale is not None:
-            result["residual_scale"] = sum_centred(g, residual.to(acc_dtype))
+            result["residual_scale"] = sum_centred(g, residual.to(acc_dtype), g_sum)
         if need["residual_shift"] and residual_shift is not None:
-            result["residual_shift"] = g.sum(dims)
+            result["residual_shift"] = g_sum.clone() if need["shift"] else g_sum   # outputs must not alias
     return [result[name] for name in APPLY_GRAD_NAMES]

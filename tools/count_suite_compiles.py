@@ -20,7 +20,7 @@ session's policy; the other policy's column is derived from the same launches. U
 BLOCK_M) instead of the GPU's (BLOCK_N 64 or 128, BLOCK_K 64): the counts are then an estimate of the GPU's, with
 each autotuned launch's configs substituted for its tile and warps. GPU-only tests are skipped there. The columns
 `gpu autotune` / `gpu first` count the same launches with the tiles the launchers choose on a GPU (GPU_TILE_RULES,
-a copy of the launchers' rules: conv BLOCK_N 64/128 by group width and BLOCK_K 64, the wgrad's 64x64x64, bn_apply's
+the launchers' rules, through their helpers where they have one: conv BLOCK_N 64/128 by group width and BLOCK_K 64, the wgrad's 64x64x64, bn_apply's
 BLOCK_K <= 128, the merge's fixed blocks; no bf16 upcast): the closer estimate of what a GPU compiles.
 A compile costs ~1 s or more on an H100 (tests/test_triton_compile_count.py); a benchmarking round ~0.1-0.3 s
 per config (triton.testing.do_bench: 25 ms warm-up + 100 ms of repeats).
@@ -50,27 +50,27 @@ def _tool():
     return module
 
 
-def _pow2_tile(n: int, lo: int, hi: int) -> int:
-    p = 1
-    while p < max(int(n), 1):
-        p *= 2
-    return max(lo, min(hi, p))
-
-
-def _gpu_conv_n(n: int) -> int:
-    return 64 if n <= 64 else 128
+def _common():
+    """pe_kernels.triton._common, imported when first needed: after tests/conftest.py has set TRITON_INTERPRET,
+    which the package reads at import."""
+    return importlib.import_module("pe_kernels.triton._common")
 
 
 def _bn_apply_tiles(a: dict, part: bool) -> dict:
-    block_k = _pow2_tile(a["K"], 16, 128)
+    block_k = _common().pow2_tile(a["K"], 16, 128)   # bn_apply._tiles' GPU branch (its interpreter branch differs)
     block_m = max(16, 4096 // block_k)
     return dict(BLOCK_K=block_k, BLOCK_M=block_m, **({"PART_M": block_m} if part else {}))
 
 
+def _gemm_tiles(n: int) -> dict:
+    """The conv GEMMs' BLOCK_N (from the group width) and BLOCK_K on a GPU."""
+    return dict(BLOCK_N=_common().gpu_tile_n(n), BLOCK_K=_common().GPU_TILE_K)
+
+
 # kernel -> constexprs the launchers choose on a GPU, from the bound arguments (pe_kernels/triton/*.py, 2026-11)
 GPU_TILE_RULES = {
-    "_conv_fwd_kernel": lambda a: dict(BLOCK_N=_gpu_conv_n(a["K_g"]), BLOCK_K=64, PART_M=128),
-    "_conv_dgrad_kernel": lambda a: dict(BLOCK_N=_gpu_conv_n(a["C_g"]), BLOCK_K=64, PART_M=128),
+    "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"]), PART_M=128),
+    "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"]), PART_M=128),
     "_conv_bwd_epilogue_kernel": lambda a: dict(BLOCK_N=64, PART_M=64),
     "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
     "_bn_apply_kernel": lambda a: _bn_apply_tiles(a, False),
