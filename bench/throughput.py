@@ -16,6 +16,14 @@ torch.cuda.max_memory_allocated.
 Providers: eager / eager-channels-last (the stock PyTorch twin: nn.Conv2d -> BatchNorm2d -> ReLU modules, the
 "eager cuDNN" of the paper), compile (torch.compile of that twin), pe-triton / pe-cuda / pe-auto (pe_kernels'
 fused model under use_backend(...)). A provider that cannot run is reported as skipped with the reason.
+Graph replay, so that host cost is compared without it on both sides (CUDA only): eager-graph (the stock twin,
+channels_last) and pe-triton-graph / pe-cuda-graph / pe-auto-graph, each captured with torch.cuda.CUDAGraph after
+3 warm-up calls on a side stream (PyTorch's recipe) and replayed; each replay first copies the batch into the
+static inputs. Inference captures model(x) (eval, no_grad, autocast). Training captures the whole step: forward,
+loss, backward, SGD step and, for fp16, GradScaler's scale/step/update. The graph SGD is fused (its step takes
+GradScaler's scale and inf flag as tensors: no .item()) with momentum buffers zeroed up front; gradients are set
+to None before warm-up and capture, and the captured backward writes them in place. The training batch is formed
+(registry.format_batch, MIMO's random shuffle included) once, before capture. A failed capture is an error row.
 
 Output: a table on stdout (ours beside the paper's RTX 3090 row, and the time ratio to Single within each
 source), and CSV + JSON rows under --out with the run's metadata. Each row is appended to the CSV (and flushed)
@@ -67,6 +75,7 @@ class Provider:
     backend: Optional[str] = None  # pe_kernels backend for kind "pe"
     channels_last: bool = False
     description: str = ""
+    graph: bool = False  # captured once with torch.cuda.CUDAGraph, then replayed (CUDA only)
 
 
 PROVIDERS = {p.name: p for p in (
@@ -76,7 +85,13 @@ PROVIDERS = {p.name: p for p in (
     Provider("pe-triton", "pe", "triton", description="pe_kernels fused model, triton backend"),
     Provider("pe-cuda", "pe", "cuda", description="pe_kernels fused model, cuda backend (pe_kernels._C)"),
     Provider("pe-auto", "pe", "auto", description="pe_kernels fused model, auto dispatch"),
+    Provider("eager-graph", "eager", channels_last=True, graph=True,
+             description="stock PyTorch twin, channels_last, CUDA graph replay"),
+    Provider("pe-triton-graph", "pe", "triton", graph=True, description="pe_kernels, triton, CUDA graph replay"),
+    Provider("pe-cuda-graph", "pe", "cuda", graph=True, description="pe_kernels, cuda, CUDA graph replay"),
+    Provider("pe-auto-graph", "pe", "auto", graph=True, description="pe_kernels, auto, CUDA graph replay"),
 )}
+GRAPH_WARMUP = 3  # eager calls on a side stream before a capture (PyTorch's CUDA-graph recipe)
 CPU_DEFAULT_PROVIDERS = ("eager", "pe-auto")
 
 
@@ -181,6 +196,8 @@ def amp_dtype(dtype: str, device: torch.device) -> tuple[Optional[torch.dtype], 
 def skip_reason(provider: Provider, cfg: Config) -> Optional[str]:
     """Why `provider` cannot (or will not) run here; None when it runs."""
     on_cpu = cfg.device.type == "cpu"
+    if provider.graph and cfg.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
     if provider.kind == "pe" and provider.backend != "auto":
         status = pe_kernels.backends()[provider.backend]
         if not status.available:
@@ -299,6 +316,46 @@ def prepare_model(base: torch.nn.Module, provider: Provider, device: torch.devic
     return model
 
 
+def graph_sgd(params, **kwargs) -> torch.optim.SGD:
+    """SGD as a captured training step runs it: fused (one kernel; its step takes GradScaler's scale and inf flag as
+    tensors, so scaler.step needs no .item()), momentum buffers made zeros up front. With dampening 0 a zero buffer
+    gives stock SGD's first step (buf = g); it also keeps a first step that GradScaler skips from leaving the
+    buffers uninitialised (torch's fused SGD allocates them with empty_like and its kernel returns on inf)."""
+    optimizer = torch.optim.SGD(params, fused=True, **kwargs)
+    for group in optimizer.param_groups:
+        if group["momentum"] != 0:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
+def capture(fn: Callable[[], object], device: torch.device, warmup: int = GRAPH_WARMUP,
+            before: Callable[[], None] = lambda: None) -> tuple["torch.cuda.CUDAGraph", object]:
+    """(graph, its static output): `fn` called `warmup` times on a side stream (compiles, autotuning, lazy state
+    such as GradScaler's scale), then captured once with torch.cuda.graph. `before` runs ahead of each warm-up call
+    and of the capture, outside it (a training step's zero_grad(set_to_none=True)). An exception in the warm-up
+    propagates as it is; one during capture as a RuntimeError that says so and names the first error."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            before()
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    before()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as exc:
+        root = exc  # torch.cuda.graph's exit ends the capture even after an error, and may raise its own
+        while root.__context__ is not None:
+            root = root.__context__
+        then = f" (then {type(exc).__name__}: {exc})" if root is not exc else ""
+        raise RuntimeError(f"CUDA graph capture failed: {type(root).__name__}: {root}{then}") from exc
+    return graph, out
+
+
 def measure(entry: Table8Model, base: torch.nn.Module, provider: Provider, mode: str, dtype: str,
             cfg: Config, label: str) -> Row:
     """Time one (model, provider, mode, dtype) cell."""
@@ -320,16 +377,14 @@ def measure(entry: Table8Model, base: torch.nn.Module, provider: Provider, mode:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    capture_s = 0.0
     if mode == "train":
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        sgd = graph_sgd if provider.graph else torch.optim.SGD
+        optimizer = sgd(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
         scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
 
-        def step() -> None:
-            inputs, targets = entry.format_batch(x, y)
-            with backend_ctx(), autocast():
-                loss = F.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
+        def update(loss: torch.Tensor) -> None:
             with backend_ctx():
                 if scaler is None:
                     loss.backward()
@@ -338,16 +393,59 @@ def measure(entry: Table8Model, base: torch.nn.Module, provider: Provider, mode:
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
+
+        if provider.graph:
+            inputs, targets = entry.format_batch(x, y)  # once, before capture
+            static = inputs.clone(), targets.clone()
+
+            def captured_step() -> None:
+                with backend_ctx(), autocast():
+                    loss = F.cross_entropy(model(static[0]), static[1])
+                update(loss)
+
+            t0 = time.perf_counter()
+            graph, _ = capture(captured_step, device, before=lambda: optimizer.zero_grad(set_to_none=True))
+            capture_s = time.perf_counter() - t0
+
+            def step() -> None:
+                static[0].copy_(inputs)
+                static[1].copy_(targets)
+                graph.replay()
+            row.reason = _join(row.reason, f"CUDA graph of the whole step (forward, loss, backward, fused SGD"
+                               f"{', GradScaler' if scaler is not None else ''}); the batch formed once before "
+                               "capture, copied into the static inputs per replay")
+        else:
+            def step() -> None:
+                inputs, targets = entry.format_batch(x, y)
+                with backend_ctx(), autocast():
+                    loss = F.cross_entropy(model(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                update(loss)
         steps = cfg.steps
     else:
         model.eval()
         steps = max(1, math.ceil(cfg.infer_images / cfg.batch_size))
 
-        def step() -> None:
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), backend_ctx(), autocast():
-                model(x)
+                return model(inputs)
+
+        if provider.graph:
+            static_x = x.clone()
+            t0 = time.perf_counter()
+            graph, _ = capture(lambda: forward(static_x), device)
+            capture_s = time.perf_counter() - t0
+
+            def step() -> None:
+                static_x.copy_(x)
+                graph.replay()
+            row.reason = _join(row.reason, "CUDA graph of model(x); the batch copied into the static input per replay")
+        else:
+            def step() -> None:
+                forward(x)
 
     times, row.warmup_s = time_steps(step, cfg.warmup, steps, device, Progress(label, cfg.warmup + steps))
+    row.warmup_s += capture_s  # a graph's warm-up calls and capture count as warm-up
     row.steps = steps
     row.median_ms = 1e3 * statistics.median(times)
     row.p20_ms = 1e3 * _quantile(times, 0.2)
@@ -364,6 +462,10 @@ def measure(entry: Table8Model, base: torch.nn.Module, provider: Provider, mode:
     if device.type == "cuda":
         row.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
     return row
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
 
 
 # ---------------------------------------------------------------- ratios, table, files

@@ -82,7 +82,15 @@ def requested_backend() -> str:
     forced = _forced.get()
     if forced is not None:
         return forced
-    return _check_name(os.environ.get("PE_KERNELS_BACKEND", "").strip() or "auto", "PE_KERNELS_BACKEND")
+    raw = os.environ.get("PE_KERNELS_BACKEND", "")
+    parsed = _env_parsed.get(raw)
+    if parsed is None:  # parsed once per value (an invalid one raises every time)
+        parsed = _check_name(raw.strip() or "auto", "PE_KERNELS_BACKEND")
+        _env_parsed[raw] = parsed
+    return parsed
+
+
+_env_parsed: dict[str, str] = {}
 
 
 @contextlib.contextmanager
@@ -291,6 +299,39 @@ def _auto_choice(op: str, device: torch.device, dtype: torch.dtype, args: tuple 
             return Dispatch(op, "torch", f"auto: {backend} is listed for {op} on {arch} but {reason}")
     return Dispatch(op, "torch", f"auto: no validated fast path for {op} ({dtype_name}) on {arch} in the "
                                  "dispatch table; using the cuDNN/ATen reference")
+
+
+def stock_path(op: str, device: torch.device, dtype: torch.dtype) -> Optional[Dispatch]:
+    """Dispatch(op, 'torch', why) when a whole layer runs as the stock modules' ATen ops (F.conv2d, BatchNorm2d's
+    F.batch_norm, relu: cuDNN on a GPU, with stock launches and host cost), else None (the layer runs the kernels'
+    ops, each choosing its backend with select()). Stock: the torch backend requested, or `auto` with neither a
+    measured choice on this device (pe_kernels.autotune) nor a validated fast path for `op` in the dispatch table."""
+    name = requested_backend()
+    if name != "torch" and (name != "auto" or _autotune_module().has_choices(device)):
+        return None
+    key = (op, name, device, dtype)
+    choice = _stock_choices.get(key)
+    if choice is None:  # the decision depends on nothing else (the dispatch table is read once)
+        choice = _stock_choices[key] = _stock_choice(op, name, device, dtype)
+    return choice or None
+
+
+_stock_choices: dict[tuple, object] = {}
+
+
+def _stock_choice(op: str, name: str, device: torch.device, dtype: torch.dtype):
+    """stock_path's answer (False for the kernels' path) for request `name` ('torch', or 'auto' with nothing
+    measured)."""
+    if name == "torch":
+        return Dispatch(op, "torch", "requested: the stock modules' ATen ops")
+    if device.type != "cuda":
+        return Dispatch(op, "torch", f"auto: {device.type} tensors run the stock modules' ATen ops")
+    arch = _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    dtype_name = str(dtype).replace("torch.", "")
+    if any(e.get("op") == op and e.get("arch") == arch and dtype_name in e.get("dtypes", ()) for e in dispatch_table()):
+        return False
+    return Dispatch(op, "torch", f"auto: no validated fast path for {op} ({dtype_name}) on {arch} in the dispatch "
+                                 "table; the stock modules' ATen ops (cuDNN)")
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype,

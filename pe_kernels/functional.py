@@ -1,4 +1,5 @@
-"""Functional API: the only entry the modules call. Layouts NCHW or channels_last in, channels_last out.
+"""Functional API: the only entry the modules call. Layouts NCHW or channels_last in; the kernels' path gives
+channels_last out, the stock path what the stock modules give.
 
 * packed_conv2d(x, weight, bias, ...)              plain grouped conv (PackedConv2d)
 * conv_bn(x, weight, bn, ...)                       conv -> BatchNorm (train: batch stats; eval: folded) -> act
@@ -9,6 +10,15 @@
 BatchNorm semantics are BatchNorm2d's, edge cases included: one value per channel in training raises its
 ValueError; an empty batch gives an empty output, bumps num_batches_tracked and leaves the running statistics.
 
+Stock path: where the layer's backend is `torch` (requested, or `auto` without a measured or validated kernel:
+_backend.stock_path), a layer runs the stock modules' ATen ops — F.conv2d, BatchNorm2d's own forward, relu — so
+it costs what the stock modules cost (launches and host time). Kernel path: eval conv -> BN -> act is one
+conv_fused launch; the folded BN (scale, shift) and, under autocast, the weight's cast are cached per parameter
+version (tensor version counters: recomputed when a parameter or buffer changes), except while torch.compile
+traces, while a CUDA graph captures (the graph then recomputes them in its own kernels) or when they need a
+gradient. Training: conv with statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then
+the apply or the next conv's prologue.
+
 Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
 affine and activation not applied — and the next conv_bn/packed_conv2d applies it while loading its input, so
 the normalised tensor never touches memory (the MLPerf-ResNet pattern). `materialize()` applies it explicitly.
@@ -17,13 +27,16 @@ the normalised tensor never touches memory (the MLPerf-ResNet pattern). `materia
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import ops
+from . import _backend, ops
+from .ops import _transforms
 from .reference import param_dtype
 
 Tensor = torch.Tensor
@@ -96,13 +109,62 @@ def _conv(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding
     if isinstance(x, Deferred):
         prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu)
         x = x.y
-    return ops.conv_fused(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                          **prologue, **epilogue)
+    return ops.conv_fused(x, _cast_weight(weight, x), bias, stride=stride, padding=padding, dilation=dilation,
+                          groups=groups, **prologue, **epilogue)
+
+
+def stock_layer(x: Activation, weight: Optional[Tensor]) -> Optional[_backend.Dispatch]:
+    """The stock-path decision of a layer whose first op reads `x` (see the module docstring; `weight`, its conv's
+    weight, is not consulted yet): a Dispatch recorded as last_dispatch() when the layer runs the stock modules'
+    ATen ops, else None (the kernels' ops). Under a torch.func transform or forward-mode AD the ops' composite
+    path decides instead (None)."""
+    if _transforms.transforms_active():
+        return None
+    t = x.y if isinstance(x, Deferred) else x
+    if torch.compiler.is_compiling():
+        reason = _traced_stock_reason(t.device, t.dtype)
+        return None if reason is None else _backend.Dispatch("conv_fused", "torch", reason)
+    choice = _backend.stock_path("conv_fused", t.device, t.dtype)
+    if choice is not None:
+        _backend.record(choice.op, choice.backend, choice.reason)
+    return choice
+
+
+@torch.compiler.assume_constant_result
+def _traced_stock_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """stock_path's reason, read once when torch.compile traces (the request as the graph is traced: the
+    backend request lives in a contextvar, which dynamo does not trace)."""
+    choice = _backend.stock_path("conv_fused", device, dtype)
+    return None if choice is None else choice.reason
+
+
+def _stock_conv(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
+                padding_mode: str) -> Tensor:
+    """F.conv2d, the stock module's op (autocast casts as it does for nn.Conv2d; the output's memory format is
+    the one ATen gives, as for the stock modules)."""
+    x, padding = _prepare_input(materialize(x), padding_mode, padding, tuple(weight.shape[2:]),
+                                ops._common.pair(dilation, "dilation"))
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _stock_tail(y: Tensor, bn: nn.BatchNorm2d, relu: bool, residual: Optional[Tensor] = None,
+                residual_affine: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """act(bn(y) + residual * rs + rb) with BatchNorm2d's own forward (its running statistics, num_batches_tracked
+    and errors) and ATen ops."""
+    out = bn.forward(y)
+    if residual is not None:
+        if residual_affine is not None:
+            residual = residual * residual_affine[0].view(1, -1, 1, 1) + residual_affine[1].view(1, -1, 1, 1)
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
 def packed_conv2d(x: Activation, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, padding_mode: str = "zeros") -> Tensor:
     """y = conv2d(x, weight, bias) with `groups` groups (a Deferred input is normalised on load)."""
+    ops._common.check_4d(x.y if isinstance(x, Deferred) else x, "x")
+    if stock_layer(x, weight) is not None:
+        return _stock_conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
     return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
 
 
@@ -110,49 +172,113 @@ def _is_batch_norm_2d(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
 
 
-def _average_factor(bn: nn.BatchNorm2d) -> Optional[float]:
-    """BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as BatchNorm2d does."""
-    if not (bn.training and bn.track_running_stats):
-        return None
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            return 1.0 / float(bn.num_batches_tracked)
-    return 0.0 if bn.momentum is None else bn.momentum
-
-
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
+def _version(t: Optional[Tensor]) -> tuple:
+    return (None,) if t is None else (t.data_ptr(), t._version)
+
+
+def _same_sources(refs: tuple, tensors: tuple) -> bool:
+    """The cached entry was made from these very tensor objects (a new tensor at a freed one's address, with the
+    same version count, must not hit)."""
+    return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
+
+
+def _refs(tensors: tuple) -> tuple:
+    return tuple(None if t is None else weakref.ref(t) for t in tensors)
+
+
+def _cacheable(device: torch.device, *tensors: Optional[Tensor]) -> bool:
+    """Whether values derived from `tensors` may be reused across calls: not while torch.compile traces, not while
+    a CUDA graph captures (its replays must recompute them from the live parameters), not when autograd must see
+    them, not for tensor subclasses or inference tensors whose version counter cannot be read."""
+    if torch.compiler.is_compiling() or not ops._common.eager_dispatch(*tensors):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if any(t is not None and t.is_inference() for t in tensors):
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+# module -> (key, weak refs to the sources, derived tensors); parameter -> (key, derived); entries die with their owner
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_CAST = WeakTensorKeyDictionary()  # (tensor keys compare by identity)
+
+
 def _folded_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Eval-mode BN as scale/shift: scale = w / sqrt(running_var + eps), shift = b - running_mean * scale."""
-    invstd = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight.to(dtype) * invstd
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
+    """Eval-mode BN as scale/shift: scale = w / sqrt(running_var + eps), shift = b - running_mean * scale;
+    cached per version of the four tensors (see _cacheable)."""
+    w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    if not _cacheable(rv.device, w, b, rm, rv):
+        return _fold(w, b, rm, rv, bn.eps, dtype)
+    key = (dtype, bn.eps, *_version(w), *_version(b), *_version(rm), *_version(rv))
+    hit = _FOLDED.get(bn)
+    if hit is not None and hit[0] == key and _same_sources(hit[1], (w, b, rm, rv)):
+        return hit[2]
+    with torch.no_grad():
+        folded = _fold(w, b, rm, rv, bn.eps, dtype)
+    _FOLDED[bn] = (key, _refs((w, b, rm, rv)), folded)
+    return folded
+
+
+def _fold(weight, bias, running_mean, running_var, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    scale = invstd if weight is None else weight.to(dtype) * invstd
+    shift = -running_mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
     return scale, shift
+
+
+def _cast_weight(weight: Tensor, x: Activation) -> Tensor:
+    """The conv weight as the kernels read it: in the dtype the op runs in (autocast's) and channels_last (KRSC).
+    Made once per weight version where that is cacheable (eval); otherwise once per call, differentiably, so that
+    the forward and backward launchers get it without copying again."""
+    x_t = x.y if isinstance(x, Deferred) else x
+    amp = ops._common.autocast_dtype(x_t)
+    dtype = weight.dtype if amp is None else amp
+    krsc = weight.is_contiguous(memory_format=torch.channels_last)
+    if dtype == weight.dtype and krsc:
+        return weight
+    if not _cacheable(weight.device, weight):  # one copy, saved for the backward too (no copy per launcher)
+        return weight.to(dtype, memory_format=torch.channels_last)
+    key = (dtype, *_version(weight))
+    hit = _CAST.get(weight)  # keyed by the tensor object itself
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        cast = weight.to(dtype, memory_format=torch.channels_last)
+    _CAST[weight] = (key, cast)
+    return cast
 
 
 def _batch_affine(bn: nn.BatchNorm2d, stats: Optional[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
     """Training-mode BN of `y` (the BN input) as scale/shift from its batch statistics `stats`; updates the
-    running statistics. As BatchNorm2d: num_batches_tracked is bumped first; one value per channel raises
-    ValueError; an empty batch (stats None) leaves the running statistics alone and gives scale = weight,
-    shift = bias, so that the empty output stays connected to them (zero gradients, not None)."""
+    running statistics (ops.bn_train_finalize: one kernel, no host sync). As BatchNorm2d: num_batches_tracked is
+    bumped (also for an empty batch); one value per channel raises ValueError; an empty batch (stats None) leaves
+    the running statistics alone and gives scale = weight, shift = bias, so that the empty output stays connected
+    to them (zero gradients, not None)."""
     count = y.shape[0] * y.shape[2] * y.shape[3]
-    factor = _average_factor(bn)
-    if count == 1:
+    tracked = bn.training and bn.track_running_stats
+    nbt = bn.num_batches_tracked if tracked else None
+    if count == 1:  # BatchNorm2d bumps num_batches_tracked before F.batch_norm raises
+        if nbt is not None:
+            nbt.add_(1)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
     dtype = param_dtype(y.dtype) if stats is None else stats.dtype
     weight = None if bn.weight is None else bn.weight.to(dtype)
     bias = None if bn.bias is None else bn.bias.to(dtype)
     if count == 0:
+        if nbt is not None:
+            nbt.add_(1)
         scale = torch.ones(y.shape[1], dtype=dtype, device=y.device) if weight is None else weight
         return scale, (torch.zeros_like(scale) if bias is None else bias)
-    if factor is not None and bn.running_mean is not None:
-        ops.bn_running_update(stats.detach(), count, bn.running_mean, bn.running_var, factor)
-    return ops.bn_finalize(stats, count, weight, bias, bn.eps)
+    running = tracked and bn.running_mean is not None
+    return ops.bn_train_finalize(stats, count, weight, bias, bn.eps, bn.running_mean if running else None,
+                                 bn.running_var if running else None, nbt, bn.momentum)
 
 
 def _conv_with_stats(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
@@ -180,6 +306,10 @@ def conv_bn(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchN
     """
     relu = _check_activation(activation)
     _check_bn(bn, weight.shape[0])
+    ops._common.check_4d(x.y if isinstance(x, Deferred) else x, "x")
+    if stock_layer(x, weight) is not None:
+        y = _stock_conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+        return _stock_tail(y, bn, relu, residual)
     if not _uses_batch_stats(bn):
         scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
         return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,
@@ -193,7 +323,8 @@ def conv_bn(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchN
 
 def conv_bn_pending(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1, padding=0,
                     dilation=1, groups: int = 1, padding_mode: str = "zeros") -> tuple[Tensor, Tensor, Tensor]:
-    """(y, scale, shift) so that BN(conv(x)) = y * scale + shift, in train (batch stats) and eval (folded)."""
+    """(y, scale, shift) so that BN(conv(x)) = y * scale + shift, in train (batch stats) and eval (folded).
+    The kernels' path only (a block asks stock_layer() first)."""
     _check_bn(bn, weight.shape[0])
     if not _uses_batch_stats(bn):
         y = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
@@ -208,6 +339,9 @@ def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = No
     """act(BN(y) + residual*rs + rb) in one pass (BatchNorm2d semantics; y's statistics computed here)."""
     relu = _check_activation(activation)
     _check_bn(bn, y.shape[1])
+    ops._common.check_4d(y, "y")
+    if stock_layer(y, None) is not None:
+        return _stock_tail(y, bn, relu, residual, residual_affine)
     if _uses_batch_stats(bn):
         stats = _stats_of(y) if y.shape[0] * y.shape[2] * y.shape[3] > 0 else None
         scale, shift = _batch_affine(bn, stats, y)

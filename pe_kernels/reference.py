@@ -53,12 +53,16 @@ __all__ = [
     "conv_fused_backward",
     "bn_finalize",
     "bn_running_update",
+    "bn_train_finalize",
+    "bn_finalize_backward",
     "bn_apply",
     "bn_apply_backward",
 ]
 
 # Order of the gradients returned by conv_fused_backward.
 CONV_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "out_scale", "out_shift", "residual")
+# Order of the gradients returned by bn_finalize_backward.
+FINALIZE_GRAD_NAMES = ("stats", "weight", "bias")
 # Order of the gradients returned by bn_apply_backward.
 APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residual_shift")
 
@@ -275,6 +279,66 @@ def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_v
         var = stats[1] / (count - 1)
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+
+
+def average_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> Tensor | float:
+    """BatchNorm2d's exponential_average_factor after its num_batches_tracked bump: momentum, or 1/num_batches_tracked
+    (a tensor: no host sync) when momentum is None, or 0.0 when momentum and num_batches_tracked are both None."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        return 0.0
+    return 1.0 / num_batches_tracked.to(torch.float64)
+
+
+def bn_train_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Training BatchNorm's whole per-batch bookkeeping, as BatchNorm2d does it, in one call (one kernel in the
+    kernel backends): num_batches_tracked += 1 (when given); running_mean/running_var updated in place with
+    f = average_factor(momentum, num_batches_tracked) (when given; count >= 2); returns bn_finalize's
+    (scale, shift). momentum None is the cumulative average, f = 1 / num_batches_tracked after the bump, read on
+    the device (no host sync)."""
+    bn_bookkeeping(stats, count, running_mean, running_var, num_batches_tracked, momentum)
+    return bn_finalize(stats, count, weight, bias, eps)
+
+
+def bn_bookkeeping(stats: Tensor, count: int, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> None:
+    """bn_train_finalize's in-place part: the num_batches_tracked bump and the running update (ATen ops)."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None and running_var is not None:
+            if count < 2:
+                raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+            f = average_factor(momentum, num_batches_tracked)
+            mean, var = stats[0], stats[1] / (count - 1)
+            running_mean.copy_((running_mean * (1 - f) + mean * f).to(running_mean.dtype))
+            running_var.copy_((running_var * (1 - f) + var * f).to(running_var.dtype))
+
+
+def bn_finalize_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], stats: Tensor, count: int,
+                         weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Gradients of bn_finalize's (scale, shift) w.r.t. FINALIZE_GRAD_NAMES (None where not needed or absent).
+
+    invstd = (m2/n + eps)^-1/2, scale = w invstd, shift = b - mean scale; with g_tot = g_scale - mean g_shift:
+    d_weight = g_tot invstd,  d_bias = g_shift,  d_stats = [-scale g_shift, g_tot w (-1/2) invstd^3 / n]."""
+    need = dict(zip(FINALIZE_GRAD_NAMES, needs_grad))
+    mean, m2 = stats[0], stats[1]
+    invstd = torch.rsqrt(m2 / count + eps)
+    w = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
+    g_scale = torch.zeros_like(invstd) if grad_scale is None else grad_scale.to(invstd.dtype)
+    g_shift = torch.zeros_like(invstd) if grad_shift is None else grad_shift.to(invstd.dtype)
+    g_tot = g_scale - mean * g_shift
+    out: dict[str, Optional[Tensor]] = dict.fromkeys(FINALIZE_GRAD_NAMES)
+    if need["stats"]:
+        out["stats"] = torch.stack([-(w * invstd) * g_shift, g_tot * w * (-0.5) * invstd ** 3 / count])
+    if need["weight"] and weight is not None:
+        out["weight"] = (g_tot * invstd).to(weight.dtype)
+    if need["bias"]:
+        out["bias"] = g_shift.clone() if grad_shift is not None else g_shift
+    return [out[name] for name in FINALIZE_GRAD_NAMES]
 
 
 def _bn_apply_math(y, scale, shift, residual, residual_scale, residual_shift, relu):

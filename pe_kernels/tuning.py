@@ -344,6 +344,14 @@ def _first_call_session() -> Optional[_Session]:
     return _Session(default_cache_dir(), remeasure=False)
 
 
+def has_choices(device: torch.device) -> bool:
+    """True while pe_kernels.autotune measures (a session, or PE_KERNELS_AUTOTUNE=1), or when this device has
+    measured choices on disk: then `auto` asks lookup() op by op."""
+    if _session is not None or _first_call_session() is not None:
+        return True
+    return bool(_table(_identity(device.type, device.index)))
+
+
 def lookup(op: str, device: torch.device, dtype: torch.dtype, args: tuple) -> Optional[Dispatch]:
     """`auto`'s first question: a measured choice for this call (tuning it first when a session asks)."""
     ident = _identity(device.type, device.index)

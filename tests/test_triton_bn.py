@@ -1,4 +1,5 @@
-"""pe_kernels.triton bn_finalize / bn_running_update / bn_apply / bn_apply_backward against the reference.
+"""pe_kernels.triton bn_finalize / bn_running_update / bn_train_finalize / bn_finalize_backward / bn_apply /
+bn_apply_backward against the reference, and the launches each makes per call.
 
 Two oracles: the float64 reference on CPU with the error budget |kernel - ref64| <= 2 |torch_same_dtype - ref64|
 + atol (tests/_oracle.py), and nn.BatchNorm2d (+ ReLU) in fp32, running statistics included. The kernels run on
@@ -16,7 +17,7 @@ from pe_kernels.triton.bn_apply import bn_apply_bwd, bn_apply_fwd
 
 from _devices import ieee_fp32
 from _oracle import assert_budget
-from test_triton_conv import DTYPES, make_layout
+from test_triton_conv import DTYPES, launches_per_call, make_layout
 
 SHAPES = {"2x16x8x8": (2, 16, 8, 8), "1x7x5x3_odd": (1, 7, 5, 3), "2x40x3x5": (2, 40, 3, 5)}
 LAYOUTS = ["channels_last", "nchw", "sliced"]
@@ -124,6 +125,168 @@ def test_bn_finalize_errors(kernel_device):
         tri.bn_finalize(zeros(2, 4), 8, zeros(5) + 1, None, 1e-5)
     with pytest.raises(TypeError, match="float32"):
         tri.bn_finalize(zeros(2, 4, dtype=torch.float64), 8, None, None, 1e-5)
+
+
+# One finalize per BatchNorm and training step: num_batches_tracked, running statistics, (scale, shift), one launch.
+TRAIN_FINALIZE = {
+    # name: (K, affine, momentum, with num_batches_tracked, with running stats, running dtype)
+    "odd_affine": (7, True, 0.1, True, True, torch.float32),
+    "cumulative": (7, True, None, True, True, torch.float32),             # momentum None: f = 1 / nbt (device)
+    "no_affine_cumulative": (64, False, None, True, True, torch.float32),
+    "no_nbt": (19, True, 0.3, False, True, torch.float32),
+    "no_nbt_cumulative": (19, True, None, False, True, torch.float32),    # f = 0: running stats kept
+    "no_running": (19, True, 0.1, True, False, None),                     # track_running_stats=False
+    "wide": (1500, True, 0.1, True, True, torch.float32),                 # several loop steps of one program
+    "fp16_running": (33, True, 0.1, True, True, torch.float16),
+    "bf16_running_cumulative": (33, False, None, True, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_FINALIZE))
+def test_bn_train_finalize(name, kernel_device):
+    K, affine, momentum, with_nbt, with_running, rdtype = TRAIN_FINALIZE[name]
+    y = torch.randn(4, K, 3, 5) * 3 + 2
+    stats, count = _stats(y).to(kernel_device), 4 * 3 * 5
+    weight = (torch.rand(K) + 0.5).to(kernel_device) if affine else None
+    bias = torch.randn(K).to(kernel_device) if affine else None
+
+    def buffers():
+        gen = torch.Generator().manual_seed(K)
+        rm, rv = torch.randn(K, generator=gen), torch.rand(K, generator=gen) + 0.5
+        running = (rm.to(kernel_device, rdtype), rv.to(kernel_device, rdtype)) if with_running else (None, None)
+        nbt = torch.tensor(3, dtype=torch.long, device=kernel_device) if with_nbt else None
+        return (*running, nbt)
+
+    mine, same, r64 = buffers(), buffers(), buffers()
+    scale, shift = tri.bn_train_finalize(stats, count, weight, bias, 1e-5, *mine, momentum)
+    s_same, b_same = ref.bn_train_finalize(stats, count, weight, bias, 1e-5, *same, momentum)
+    s64, b64 = ref.bn_train_finalize(to64(stats), count, to64(weight), to64(bias), 1e-5,
+                                     *[to64(t) if t is not None and t.is_floating_point() else t for t in r64],
+                                     momentum)
+    for t in (scale, shift):
+        assert t.dtype == torch.float32 and t.shape == (K,) and t.is_contiguous() and t.device == stats.device
+    assert_budget("scale", scale, s_same, s64, torch.float32)
+    assert_budget("shift", shift, b_same, b64, torch.float32)
+    if with_nbt:
+        assert mine[2].item() == same[2].item() == 4 and mine[2].dtype == torch.long
+    if with_running:
+        tol = dict(rtol=1e-6, atol=1e-6) if rdtype == torch.float32 else {}
+        for name_, got, want in zip(("running_mean", "running_var"), mine[:2], same[:2]):
+            assert got.dtype == rdtype, name_
+            torch.testing.assert_close(got, want, **tol, msg=name_)
+
+
+def test_bn_train_finalize_strided_buffers_and_batchnorm2d(kernel_device):
+    """Running buffers that are strided views, updated in place; momentum None over three steps equals
+    nn.BatchNorm2d(momentum=None) (the cumulative average), num_batches_tracked included."""
+    K = 11
+    bn = torch.nn.BatchNorm2d(K, momentum=None)
+    buf = torch.zeros(K, 3, device=kernel_device)
+    rm, rv = buf[:, 0], buf[:, 2]
+    rm.copy_(bn.running_mean)
+    rv.copy_(bn.running_var)
+    nbt = bn.num_batches_tracked.clone().to(kernel_device)
+    weight, bias = bn.weight.detach().to(kernel_device), bn.bias.detach().to(kernel_device)
+    for step in range(3):
+        y = torch.randn(2, K, 3, 3) * (step + 1) + step
+        bn(y)
+        tri.bn_train_finalize(_stats(y).to(kernel_device), 18, weight, bias, bn.eps, rm, rv, nbt, None)
+    torch.testing.assert_close(rm.cpu(), bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.cpu(), bn.running_var, rtol=1e-5, atol=1e-6)
+    assert nbt.item() == bn.num_batches_tracked.item() == 3
+    assert not buf[:, 1].any()
+
+
+def test_bn_train_finalize_errors(kernel_device):
+    """count < 2 with running statistics raises as the reference does: after the num_batches_tracked bump, with the
+    running statistics untouched."""
+    stats = torch.zeros(2, 4, device=kernel_device)
+    rm, rv = torch.zeros(4, device=kernel_device), torch.ones(4, device=kernel_device)
+    nbt, nbt_ref = (torch.tensor(5, device=kernel_device) for _ in range(2))
+    with pytest.raises(ValueError, match="count=1"):
+        tri.bn_train_finalize(stats, 1, None, None, 1e-5, rm, rv, nbt, 0.1)
+    with pytest.raises(ValueError, match="count=1"):
+        ref.bn_train_finalize(stats, 1, None, None, 1e-5, rm.clone(), rv.clone(), nbt_ref, 0.1)
+    assert nbt.item() == nbt_ref.item() == 6 and not rm.any() and torch.equal(rv, torch.ones_like(rv))
+    scale, _ = tri.bn_train_finalize(stats, 1, None, None, 1e-5, None, None, None, 0.1)  # no running stats: fine
+    assert scale.shape == (4,)
+    with pytest.raises(ValueError, match="given together"):
+        tri.bn_train_finalize(stats, 8, None, None, 1e-5, rm, None, None, 0.1)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        tri.bn_train_finalize(stats, 8, None, None, 1e-5, rm, rv, torch.zeros(2, device=kernel_device), 0.1)
+
+
+FINALIZE_BACKWARD = {
+    # name: (grad_scale given, grad_shift given, weight dtype or None, needs_grad)
+    "all": (True, True, torch.float32, (True, True, True)),
+    "no_grad_scale": (False, True, torch.float32, (True, True, True)),
+    "no_grad_shift": (True, False, torch.float32, (True, True, True)),
+    "no_weight": (True, True, None, (True, True, True)),
+    "fp16_weight": (True, True, torch.float16, (True, True, True)),
+    "stats_only": (True, True, torch.float32, (True, False, False)),
+    "weight_bias": (True, True, torch.float32, (False, True, True)),
+    "bias_only_no_grad_shift": (True, False, torch.float32, (False, False, True)),
+}
+
+
+@pytest.mark.parametrize("K", [7, 1500])
+@pytest.mark.parametrize("name", list(FINALIZE_BACKWARD))
+def test_bn_finalize_backward(name, K, kernel_device):
+    with_gs, with_gb, wdtype, needs_grad = FINALIZE_BACKWARD[name]
+    stats, count = _stats(torch.randn(4, K, 3, 5) * 3 + 2).to(kernel_device), 4 * 3 * 5
+    weight = (torch.rand(K) + 0.5).to(kernel_device, wdtype) if wdtype is not None else None
+    g_scale = torch.randn(K).to(kernel_device) if with_gs else None
+    g_shift = torch.randn(K).to(kernel_device) if with_gb else None
+    args = (g_scale, g_shift, stats, count, weight, 1e-5, list(needs_grad))
+    got = tri.bn_finalize_backward(*args)
+    same = ref.bn_finalize_backward(*args)
+    r64 = ref.bn_finalize_backward(*[to64(a) for a in args])
+    ptrs = set()
+    for gname, g, s_, r in zip(ref.FINALIZE_GRAD_NAMES, got, same, r64):
+        if s_ is None:
+            assert g is None, f"{gname}: expected None"
+            continue
+        assert g.dtype == s_.dtype and g.shape == s_.shape and g.is_contiguous() and g.device == stats.device, gname
+        assert g.data_ptr() not in ptrs, f"{gname}: aliases another output"
+        ptrs.add(g.data_ptr())
+        assert_budget(f"d_{gname}", g, s_, r, g.dtype)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_bn_launches(affine, kernel_device):
+    """One launch per call of each finalize entry point and of the apply; the apply backward two (its sums reduced
+    by a second small kernel), one when it has no sum to reduce; no ATen launch anywhere (no torch.ones/zeros for an
+    absent weight, bias or gradient; no copies of contiguous fp32 vectors; no torch reductions)."""
+    K = 24
+    stats, count = _stats(torch.randn(2, K, 3, 3)).to(kernel_device), 18
+    weight = (torch.rand(K) + 0.5).to(kernel_device) if affine else None
+    bias = torch.randn(K).to(kernel_device) if affine else None
+    rm, rv = torch.zeros(K, device=kernel_device), torch.ones(K, device=kernel_device)
+    nbt = torch.tensor(0, device=kernel_device)
+    g = torch.randn(K).to(kernel_device)
+    inputs = make_apply_inputs((2, K, 3, 3), torch.float16, "channels_last", "residual_bn", kernel_device)
+    out = tri.bn_apply(*inputs, True)
+    grad = torch.randn(out.shape).to(kernel_device, out.dtype)
+    calls = {
+        "bn_train_finalize": (lambda: tri.bn_train_finalize(stats, count, weight, bias, 1e-5, rm, rv, nbt, None),
+                              (1, 0)),
+        "bn_train_finalize_no_running": (lambda: tri.bn_train_finalize(stats, count, weight, bias, 1e-5, None, None,
+                                                                       None, 0.1), (1, 0)),
+        "bn_finalize_backward": (lambda: tri.bn_finalize_backward(g, g, stats, count, weight, 1e-5, [True] * 3),
+                                 (1, 0)),
+        "bn_finalize_backward_no_grad_scale": (lambda: tri.bn_finalize_backward(None, g, stats, count, weight, 1e-5,
+                                                                                [True] * 3), (1, 0)),
+        "bn_finalize": (lambda: tri.bn_finalize(stats, count, weight, bias, 1e-5), (1, 0)),
+        "bn_running_update": (lambda: tri.bn_running_update(stats, count, rm, rv, 0.1), (1, 0)),
+        "bn_apply": (lambda: tri.bn_apply(*inputs, True), (1, 0)),
+        "bn_apply_backward": (lambda: tri.bn_apply_backward(grad, *inputs, True, out, [True] * 6), (2, 0)),
+        "bn_apply_backward_no_sums": (lambda: tri.bn_apply_backward(grad, *inputs, True, out,
+                                                                    [True, False, False, True, False, False]),
+                                      (1, 0)),
+    }
+    for name, (call, expected) in calls.items():
+        counted = launches_per_call(call)
+        assert counted.totals() == expected, (name, counted.triton, counted.aten)
 
 
 # ------------------------------------------------------------------------------------------------- apply

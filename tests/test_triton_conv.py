@@ -8,6 +8,8 @@ CUDA on a GPU machine, CPU under TRITON_INTERPRET=1 elsewhere (conftest.py).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 
 import pytest
@@ -16,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import pe_kernels.reference as ref
 import pe_kernels.triton as tri
+from pe_kernels.triton._common import krsc
 from pe_kernels.triton.conv_bwd import conv_bwd
 from pe_kernels.triton.conv_fwd import conv_fwd
 
@@ -347,6 +350,195 @@ def test_error_backward_needs_grad_length(kernel_device):
     y, _ = run_fwd(conv_fwd, args, False)
     with pytest.raises(ValueError, match="needs_grad must have 8"):
         run_bwd(tri.conv_fused_backward, y, None, args, y, [True] * 7)
+
+
+# --------------------------------------------------------------------------------------------- launches
+# ATen ops that launch no GPU kernel: allocations, views and metadata. `to`, `_to_copy`, `contiguous` and `clone` are
+# listed too: when they copy, the copy_ they call is counted instead.
+NO_LAUNCH_OPS = frozenset({
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "view_as",
+    "as_strided", "select", "slice", "narrow", "detach", "detach_", "alias", "expand", "expand_as", "unsqueeze",
+    "squeeze",
+    "permute", "transpose", "t", "reshape", "_reshape_alias", "unbind", "split", "chunk", "lift_fresh", "resize_",
+    "size", "sym_size", "stride", "sym_stride", "numel", "sym_numel", "dim", "result_type", "is_nonzero", "to",
+    "_to_copy", "contiguous", "clone", "set_", "item", "_local_scalar_dense",
+})
+_TRITON_LAUNCH = "pe_kernels.test::triton_launch"
+
+
+@dataclasses.dataclass
+class Launches:
+    """What a block launched: Triton kernels and kernel-launching ATen ops, by name."""
+    triton: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    aten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self.triton.values()), sum(self.aten.values())
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Count the launches of the block (TOOLCHAIN.md, "Launch counting on CPU"): every Triton launch (JITFunction.run
+    on a GPU, InterpretedFunction.run under the interpreter) and every ATen op that would launch a GPU kernel, from
+    torch.profiler: the innermost ATen ops outside NO_LAUNCH_OPS (an op whose launching work is done by a child,
+    such as clone's copy_ or zeros' fill_, counts once, through the child). ATen work the interpreter does inside a
+    Triton launch is not counted. Deterministic: fine to assert on."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    result = Launches()
+    saved = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
+
+    def counted(original):
+        def run(self, *args, **kwargs):
+            result.triton[self.fn.__name__] += 1
+            with record_function(_TRITON_LAUNCH):
+                return original(self, *args, **kwargs)
+        return run
+
+    for cls, original in saved:
+        cls.run = counted(original)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield result
+    finally:
+        for cls, original in saved:
+            cls.run = original
+
+    def launches(event) -> bool:
+        return event.name.startswith("aten::") and event.name[len("aten::"):] not in NO_LAUNCH_OPS
+
+    def launching_descendant(event) -> bool:
+        return any(launches(child) or launching_descendant(child) for child in event.cpu_children)
+
+    def in_triton(event) -> bool:
+        while event is not None:
+            if event.name == _TRITON_LAUNCH:
+                return True
+            event = event.cpu_parent
+        return False
+
+    for event in prof.events():
+        if launches(event) and not launching_descendant(event) and not in_triton(event):
+            result.aten[event.name[len("aten::"):]] += 1
+
+
+def launches_per_call(fn) -> Launches:
+    """The launches of one call of `fn`, after a first call (which may make the cached dummy / identity vectors)."""
+    fn()
+    with count_launches() as counted:
+        fn()
+    return counted
+
+
+def krsc_inputs(args: dict) -> dict:
+    """`args` with the weight in KRSC (channels_last) memory order, as a caller's cached copy gives it."""
+    return dict(args, weight=args["weight"].contiguous(memory_format=torch.channels_last))
+
+
+def test_krsc_keeps_a_channels_last_weight():
+    """A weight already channels_last-contiguous is used as it is (no copy: no launch); a KCRS 3x3 one is copied."""
+    w = torch.randn(8, 3, 3, 3)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    assert krsc(w_cl)[0] is w_cl
+    copied, strides = krsc(w)
+    assert copied.data_ptr() != w.data_ptr() and torch.equal(copied, w) and copied.stride() == strides
+    w1 = torch.randn(8, 3, 1, 1)
+    assert krsc(w1)[0] is w1
+
+
+# The train-mode conv (prologue = the previous BN, statistics, no epilogue, no bias) and the eval-mode one (BN folded
+# into the epilogue, bias, residual); weights KRSC as cached by the caller. Expected (Triton launches, ATen launches).
+FORWARD_LAUNCHES = {
+    "plain": ("plain", {}, False, (1, 0)),
+    "stats": ("plain", {}, True, (2, 0)),
+    "prologue_stats": ("plain", {"in_scale", "in_shift", "in_relu"}, True, (2, 0)),
+    "prologue_relu_only_stats": ("plain", {"in_relu"}, True, (2, 0)),       # absent scale/shift: cached identities
+    "epilogue": ("full", set(), False, (1, 0)),
+    "epilogue_stats": ("full", set(), True, (2, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_LAUNCHES))
+def test_forward_launches(name, kernel_device):
+    features, extra, compute_stats, expected = FORWARD_LAUNCHES[name]
+    case = CASES["3x3_pad1_g2_odd"]
+    args = krsc_inputs(make_inputs(case, torch.float16, "channels_last", features, kernel_device))
+    full = make_inputs(case, torch.float16, "channels_last", "full", kernel_device)
+    args.update({k: full[k] for k in extra})
+    counted = launches_per_call(lambda: run_fwd(tri.conv_fused, args, compute_stats))
+    assert counted.totals() == expected, (counted.triton, counted.aten)
+
+
+# needs_grad over CONV_GRAD_NAMES (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)
+ALL, X, W = (True,) * 8, (True,) + (False,) * 7, (False, True) + (False,) * 6
+BACKWARD_LAUNCHES = {
+    # train mode: epilogue backward, wgrad, dgrad (the split and prologue sums reduced inside them)
+    "train": ("train", True, ALL, {}, (3, 0)),
+    "train_split": ("train", True, ALL, {"SPLIT": 3}, (3, 0)),
+    "train_x": ("train", True, X, {}, (2, 0)),
+    "train_weight": ("train", True, W, {}, (2, 0)),
+    "plain_no_grad_stats": ("plain", False, ALL, {}, (3, 0)),
+    # an epilogue: + the forward recomputed (fp32 acc) + one launch for d_bias, d_out_scale, d_out_shift
+    "full": ("full", True, ALL, {}, (5, 0)),
+    "full_bias_in_scale_out_shift": ("full", True, (False, False, True, True, False, False, True, False), {}, (4, 0)),
+    "full_residual_only": ("full", True, (False,) * 7 + (True,), {}, (2, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_LAUNCHES))
+def test_backward_launches(name, kernel_device):
+    features, with_grad_stats, needs_grad, tiles, expected = BACKWARD_LAUNCHES[name]
+    case = CASES["3x3_pad1_g2_odd"]
+    args = make_inputs(case, torch.float16, "channels_last", "plain" if features == "plain" else "full",
+                       kernel_device)
+    if features == "train":
+        args.update(bias=None, out_scale=None, out_shift=None, residual=None, out_relu=False)
+    args = krsc_inputs(args)
+    y, stats = run_fwd(conv_fwd, args, True)
+    grad_y = torch.randn(y.shape).to(kernel_device, y.dtype)
+    grad_stats = (torch.randn(2, case.K) * 0.1).to(kernel_device) if with_grad_stats else None
+    counted = launches_per_call(lambda: run_bwd(conv_bwd, grad_y, grad_stats, args, y, list(needs_grad), stats,
+                                                tiles=tiles or None))
+    assert counted.totals() == expected, (counted.triton, counted.aten)
+
+
+def test_backward_split_reduction_is_deterministic(kernel_device):
+    """The wgrad's split partials and the dgrad's prologue sums, summed by whichever program arrives last, in a
+    fixed order: the same bits on every run."""
+    args = make_inputs(CASES["3x3_pad1_g2_odd"], torch.float32, "channels_last", "full", kernel_device)
+    args.update(bias=None, out_scale=None, out_shift=None, residual=None, out_relu=False)
+    y, stats = run_fwd(conv_fwd, args, True)
+    grad_y = torch.randn(y.shape).to(kernel_device)
+    grad_stats = (torch.randn(2, y.shape[1]) * 0.1).to(kernel_device)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=4)
+    runs = [run_bwd(conv_bwd, grad_y, grad_stats, args, y, [True] * 8, stats, tiles=tiles) for _ in range(2)]
+    for name, a, b in zip(ref.CONV_GRAD_NAMES, *runs):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
+def test_reduction_counters_are_reset(kernel_device):
+    """The last program of each tile resets its counter: a second launch on the same counters (an autotune trial, a
+    CUDA graph replay) reduces again and gives the same result."""
+    from pe_kernels.triton import conv_bwd as conv_bwd_mod
+    from pe_kernels.triton.conv_fwd import conv_geometry
+
+    case = CASES["3x3_pad1_g2_odd"]
+    args = make_inputs(case, torch.float32, "channels_last", "full", kernel_device)
+    geo = conv_geometry(args["x"], args["weight"], case.stride, case.padding, case.dilation, case.groups)
+    g_acc = torch.randn(geo.N, geo.K, geo.P, geo.Q).to(kernel_device).contiguous(memory_format=torch.channels_last)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=4)
+    plan = conv_bwd_mod._wgrad_plan(geo, tiles)
+    meta = conv_bwd_mod._dgrad_meta(geo, tiles)
+    assert plan.split > 1 and plan.counters > 0
+    sems = torch.zeros(64, dtype=torch.int32, device=kernel_device)
+    prologue = (args["in_scale"], args["in_shift"], True)
+    dws = [conv_bwd_mod._wgrad(g_acc, args["x"], args["weight"], *prologue, geo, plan, sems) for _ in range(2)]
+    assert torch.equal(dws[0], dws[1]) and not sems.any()
+    sums = [conv_bwd_mod._dgrad(g_acc, args["weight"], args["x"], *prologue, geo, True, True, meta, sems, tiles)[1]
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*sums)) and not sems.any()
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

@@ -55,8 +55,12 @@ declare -A REPLAY=(
   [replay5]="--model pe-2-4-2 de --dtype fp32 --provider $MAIN_PROVIDERS"
   [replay6]="--model mimo batchensemble --dtype fp32 --provider $MAIN_PROVIDERS"
   [replay7]="--model all --dtype both --provider eager pe-auto"
+  [replay8]="--model single pe-2-4-1 pe-2-4-2 --dtype fp16 --provider eager-graph pe-triton-graph pe-cuda-graph"
+  [replay9]="--model de mimo batchensemble --dtype fp16 --provider eager-graph pe-triton-graph pe-cuda-graph"
+  [replay10]="--model all --dtype fp32 --provider eager-graph pe-triton-graph pe-cuda-graph"
+  [replay11]="--model all --dtype both --provider pe-auto-graph"
 )
-REPLAY_ORDER="replay1 replay2 replay3 replay4 replay5 replay6 replay7"
+REPLAY_ORDER="replay1 replay2 replay3 replay4 replay5 replay6 replay7 replay8 replay9 replay10 replay11"
 declare -A LAYERS=(
   [layers-fwd]="fp16 and fwd and not fwdbwd and not compile"
   [layers-fwdbwd]="fp16 and fwdbwd and not compile"

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import reference
 from ..reference import param_dtype
 from . import _ext
 from ._ext import is_built, load_error
@@ -35,6 +36,8 @@ __all__ = [
     "conv_fused_backward",
     "bn_finalize",
     "bn_running_update",
+    "bn_train_finalize",
+    "bn_finalize_backward",
     "bn_apply",
     "bn_apply_backward",
 ]
@@ -162,6 +165,27 @@ def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_v
     with torch.no_grad():
         running_mean.copy_(rm.view_as(running_mean))
         running_var.copy_(rv.view_as(running_var))
+
+
+def bn_train_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> tuple[Tensor, Tensor]:
+    """reference.bn_train_finalize: the num_batches_tracked bump and the running update (this extension's kernel
+    for a numeric momentum; ATen ops for momentum None, whose factor 1/num_batches_tracked stays on the device),
+    then bn_finalize."""
+    if momentum is None or running_mean is None:
+        reference.bn_bookkeeping(stats, count, running_mean, running_var, num_batches_tracked, momentum)
+    else:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        bn_running_update(stats, count, running_mean, running_var, momentum)
+    return bn_finalize(stats, count, weight, bias, eps)
+
+
+def bn_finalize_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], stats: Tensor, count: int,
+                         weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """reference.bn_finalize_backward (K-element vectors; ATen ops)."""
+    return reference.bn_finalize_backward(grad_scale, grad_shift, stats, count, weight, eps, needs_grad)
 
 
 def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

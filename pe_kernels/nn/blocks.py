@@ -11,6 +11,7 @@ activation ReLU, and no submodule has hooks: nn/_common.py):
 * training: conv1 with statistics; its BN+ReLU is applied in the prologue of conv2 (and conv2's in conv3's),
   so the normalised tensors never touch memory; the tail bn3-apply + shortcut-BN-apply + add + ReLU is one pass.
 * eval: each BN folded into its conv's epilogue; the last conv adds the residual and applies ReLU in its epilogue.
+On the torch backend (PF.stock_layer) the block runs its submodules' stock forwards, as torch-uncertainty does.
 Otherwise the block runs module by module, exactly as torch-uncertainty does (`forward_modules`), and
 pe_kernels.last_dispatch() says why.
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend
 from .. import functional as PF
 from ..ops import bn_apply
 from ._common import (NoTorchScript, activation_reason, check_batched_4d, dropout_shortcut_reason,
@@ -35,7 +37,7 @@ Tensor = torch.Tensor
 
 def conv2d_of(module: nn.Module) -> nn.Conv2d:
     """The nn.Conv2d that holds the weights of a conv module (PackedConv2d wraps one)."""
-    conv = module.conv if isinstance(module, PackedConv2d) else module
+    conv = module._modules["conv"] if isinstance(module, PackedConv2d) else module
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"expected an nn.Conv2d or PackedConv2d, got {type(module).__name__}")
     return conv
@@ -92,6 +94,18 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
         out = bn(conv(out)) + self.shortcut(x)
         return self.activation_fn(out)
 
+    def _forward_stock(self, x: Tensor, chain: list[tuple[nn.Module, nn.Module]]) -> Tensor:
+        """forward_modules without the module calls' overhead: the submodules' own forward methods (nn.Conv2d's,
+        BatchNorm2d's), valid where module_path_reason() found no hook, no subclass and an inactive dropout."""
+        out = x
+        for conv, bn in chain[:-1]:
+            out = torch.relu(bn.forward(conv2d_of(conv).forward(out)))
+        conv, bn = chain[-1]
+        out = bn.forward(conv2d_of(conv).forward(out))
+        parts = tuple(self._modules["shortcut"]._modules.values())
+        residual = parts[1].forward(conv2d_of(parts[0]).forward(x)) if parts else x
+        return torch.relu(out + residual)
+
     def forward(self, x: Tensor) -> Tensor:
         check_batched_4d(self, x)
         reason = self.module_path_reason()
@@ -100,6 +114,12 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
             record_module_path(self, reason)
             return out
         chain = self._chain()
+        stock = PF.stock_layer(x, conv2d_of(chain[0][0]).weight)
+        if stock is not None:  # the torch backend: the stock modules' forwards, one by one
+            out = self._forward_stock(x, chain)
+            if not torch.compiler.is_compiling():
+                _backend.record(stock.op, stock.backend, stock.reason)
+            return out
         h: PF.Activation = x
         for conv, bn in chain[:-1]:
             h = PF.conv_bn(h, bn=bn, activation="relu", defer=True, **_conv_kwargs(conv))

@@ -1,7 +1,8 @@
 """PackedConvBNReLU2d: PackedConv2d -> BatchNorm2d -> ReLU as one fused module.
 
 Submodules `conv` (a PackedConv2d) and `bn` (an nn.BatchNorm2d), so the state_dict is that of the three
-separate modules. Eval: BN folded into the conv epilogue, one kernel. Train: conv with per-channel statistics,
+separate modules. On the torch backend (functional.stock_layer): the stock modules' own forwards. Eval: BN folded
+into the conv epilogue, one kernel. Train: conv with per-channel statistics,
 BN finalize (running statistics updated exactly as BatchNorm2d), one apply + ReLU pass.
 When `conv`, `conv.conv` or `bn` has hooks or is not exactly its stock class, the module calls `bn(conv(x))`
 instead (nn/_common.py), and pe_kernels.last_dispatch() says why.
@@ -62,6 +63,9 @@ class PackedConvBNReLU2d(NoTorchScript, nn.Module):
             record_module_path(self, reason)
             return out
         c = conv._modules["conv"]
+        if PF.stock_layer(x, c.weight) is not None:  # the torch backend: the stock modules' own forwards
+            out = bn.forward(c.forward(x))
+            return torch.relu(out) if self.activation == "relu" else out
         return PF.conv_bn(x, c.weight, c.bias, bn, c.stride, c.padding, c.dilation, c.groups,
                           activation=self.activation, padding_mode=c.padding_mode)
 

@@ -1,12 +1,13 @@
 """torch.library custom ops of the kernel family (namespace `pe_kernels`), each dispatching to a backend.
 
-Public entries (checked, autocast-aware): conv_fused, bn_finalize, bn_running_update, bn_apply.
-Registered ops: torch.ops.pe_kernels.{conv_fused, conv_fused_backward, bn_finalize, bn_running_update,
-bn_apply, bn_apply_backward}.
+Public entries (checked, autocast-aware): conv_fused, bn_finalize, bn_train_finalize, bn_running_update, bn_apply.
+Registered ops: torch.ops.pe_kernels.{conv_fused, conv_fused_backward, bn_finalize, bn_finalize_backward,
+bn_running_update, bn_apply, bn_apply_backward}. In eager mode the public entries call the backends through
+autograd.Functions (ops/_common.eager_dispatch); tracing sees the registered ops.
 """
 
 from .bn_apply import bn_apply
-from .bn_finalize import bn_finalize, bn_running_update
+from .bn_finalize import bn_finalize, bn_running_update, bn_train_finalize
 from .conv_fused import conv_fused, conv_output_size
 
-__all__ = ["conv_fused", "conv_output_size", "bn_finalize", "bn_running_update", "bn_apply"]
+__all__ = ["conv_fused", "conv_output_size", "bn_finalize", "bn_running_update", "bn_train_finalize", "bn_apply"]

@@ -25,13 +25,18 @@ Tensor = torch.Tensor
 _REASON = "torch.func transform or forward-mode AD active: composite ATen ops (the torch backend's math)"
 
 
+def transforms_active() -> bool:
+    """True under a torch.func transform or forward-mode AD (outside torch.compile tracing)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
 def composite_required(op: str) -> bool:
     """True when a torch.func transform or forward-mode AD is active (outside torch.compile tracing).
 
     Raises BackendUnavailableError when the user forced a kernel backend, which cannot run under them."""
-    if torch.compiler.is_compiling():
-        return False
-    if not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
+    if not transforms_active():
         return False
     requested = _backend.requested_backend()
     if requested not in ("auto", "torch"):

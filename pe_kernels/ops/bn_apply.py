@@ -18,7 +18,7 @@ from .. import _backend
 from . import _transforms
 from ..reference import APPLY_GRAD_NAMES, param_dtype
 from ._common import (autocast_dtype, cast_vector, check_4d, check_floating, check_same_device, check_vector,
-                      empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
+                      eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -26,7 +26,11 @@ Tensor = torch.Tensor
 @torch.library.custom_op("pe_kernels::bn_apply", mutates_args=())
 def _bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], residual_scale: Optional[Tensor],
               residual_shift: Optional[Tensor], relu: bool) -> Tensor:
-    args = (y, scale, shift, residual, residual_scale, residual_shift, relu)
+    return _forward_impl((y, scale, shift, residual, residual_scale, residual_shift, relu))
+
+
+def _forward_impl(args: tuple) -> Tensor:
+    y = args[0]
     backend, _ = _backend.select("bn_apply", y.device, y.dtype, args=args)
     with no_autocast(y.device):
         return backend.bn_apply(*args)
@@ -43,10 +47,14 @@ def _bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor
                        needs_grad: Sequence[bool], backend: str = "") -> list[Tensor]:
     """`backend`: the request recorded by the forward ('' = the current request)."""
     args = (grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out, needs_grad)
-    backend, _ = _backend.select("bn_apply_backward", y.device, y.dtype, requested=backend, args=args)
+    return pack_grads(_backward_impl(args, backend), [y, scale, shift, residual, residual_scale, residual_shift], y)
+
+
+def _backward_impl(args: tuple, backend: str) -> list[Optional[Tensor]]:
+    y = args[1]
+    module, _ = _backend.select("bn_apply_backward", y.device, y.dtype, requested=backend, args=args)
     with no_autocast(y.device):
-        grads = backend.bn_apply_backward(*args)
-    return pack_grads(grads, [y, scale, shift, residual, residual_scale, residual_shift], y)
+        return module.bn_apply_backward(*args)
 
 
 @_bn_apply_backward.register_fake
@@ -69,6 +77,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, scale, shift, residual, residual_scale, residual_shift, output)
     ctx.relu = relu
     ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
+    ctx.eager = False
 
 
 def _backward(ctx, grad_out):
@@ -78,12 +87,34 @@ def _backward(ctx, grad_out):
         out = _transforms.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, ctx.relu)
         inputs = [y, scale, shift, residual, residual_scale, residual_shift]
         return (*_transforms.differentiable_vjp([out], [grad_out], inputs, needs), None)
-    grads = unpack_grads(torch.ops.pe_kernels.bn_apply_backward(
-        grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out, needs, ctx.backend))
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if ctx.eager:  # the autograd.Function of eager mode: the backend directly
+        grads = _backward_impl((grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out,
+                                needs), ctx.backend)
+    else:
+        grads = unpack_grads(torch.ops.pe_kernels.bn_apply_backward(
+            grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out, needs, ctx.backend))
     return (*grads, None)
 
 
 _bn_apply.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BnApplyFunction(torch.autograd.Function):
+    """Eager mode's entry (ops/_common.eager_dispatch): the custom op without torch.library's dispatch layers."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _forward_impl(args)
+        _setup_context(ctx, args, out)
+        ctx.eager = True
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
 
 
 def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
@@ -112,4 +143,9 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
                                                     for t in (scale, shift, residual_scale, residual_shift))
     if _transforms.composite_required("bn_apply"):
         return _transforms.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, bool(relu))
-    return torch.ops.pe_kernels.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, bool(relu))
+    args = (y, scale, shift, residual, residual_scale, residual_shift, bool(relu))
+    if eager_dispatch(y, scale, shift, residual, residual_scale, residual_shift):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+            return _BnApplyFunction.apply(*args)
+        return _forward_impl(args)
+    return torch.ops.pe_kernels.bn_apply(*args)

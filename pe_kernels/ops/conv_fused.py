@@ -28,7 +28,8 @@ from .. import _backend
 from . import _transforms
 from ..reference import CONV_GRAD_NAMES, check_backward_stats, param_dtype
 from ._common import (autocast_dtype, cast_activation, cast_vector, check_4d, check_floating, check_same_device,
-                      check_vector, empty_channels_last, empty_grad, no_autocast, pack_grads, pair, unpack_grads)
+                      check_vector, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, pair,
+                      unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -42,8 +43,12 @@ def _conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opt
                 in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                 residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, compute_stats: bool) -> tuple[Tensor, Tensor]:
-    args = (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
-            dilation, groups, compute_stats)
+    return _forward_impl((x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                          stride, padding, dilation, groups, compute_stats))
+
+
+def _forward_impl(args: tuple) -> tuple[Tensor, Tensor]:
+    x = args[0]
     backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=args)
     with no_autocast(x.device):
         return backend.conv_fused(*args)
@@ -72,13 +77,18 @@ def _conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor
     by the forward ('' = the current request)."""
     args = (grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
             out_relu, stride, padding, dilation, groups, y, needs_grad, stats)
-    check_backward_stats(grad_stats if grad_stats is not None and grad_stats.numel() else None, stats,
-                         weight.shape[0])
-    backend, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
-    with no_autocast(x.device):
-        grads = backend.conv_fused_backward(*args)
+    grads = _backward_impl(args, backend)
     likes = [x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual]
     return pack_grads(grads, likes, x)
+
+
+def _backward_impl(args: tuple, backend: str) -> list[Optional[Tensor]]:
+    grad_stats, x, weight, stats = args[1], args[2], args[3], args[18]
+    check_backward_stats(grad_stats if grad_stats is not None and grad_stats.numel() else None, stats,
+                         weight.shape[0])
+    module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
+    with no_autocast(x.device):
+        return module.conv_fused_backward(*args)
 
 
 @_conv_fused_backward.register_fake
@@ -104,6 +114,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, output[0], stats)
     ctx.config = (in_relu, out_relu, list(stride), list(padding), list(dilation), groups, compute_stats)
     ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
+    ctx.eager = False
 
 
 def _backward(ctx, grad_y, grad_stats):
@@ -120,6 +131,9 @@ def _backward(ctx, grad_y, grad_stats):
                                           residual, out_relu, stride, padding, dilation, groups, compute_stats)
         grads = _transforms.differentiable_vjp([y, stats], [grad_y, grad_stats], [x, weight, bias, in_scale,
                                                in_shift, out_scale, out_shift, residual], needs)
+    elif ctx.eager:  # the autograd.Function of eager mode: the backend directly
+        grads = _backward_impl((grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
+                                residual, out_relu, stride, padding, dilation, groups, y, needs, stats), ctx.backend)
     else:
         grads = unpack_grads(torch.ops.pe_kernels.conv_fused_backward(
             grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
@@ -130,6 +144,25 @@ def _backward(ctx, grad_y, grad_stats):
 
 
 _conv_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ConvFusedFunction(torch.autograd.Function):
+    """Eager mode's entry (ops/_common.eager_dispatch): the custom op's forward and backward without torch.library's
+    dispatch layers."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _forward_impl(args)
+        _setup_context(ctx, args, out)
+        ctx.eager = True
+        ctx.set_materialize_grads(False)
+        if not args[-1]:
+            ctx.mark_non_differentiable(out[1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_stats):
+        return _backward(ctx, grad_y, grad_stats)
 
 
 def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_scale: Optional[Tensor] = None,
@@ -188,4 +221,9 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
             stride, padding, dilation, groups, bool(compute_stats))
     if _transforms.composite_required("conv_fused"):
         return _transforms.conv_fused(*args)
+    if eager_dispatch(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                           (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
+            return _ConvFusedFunction.apply(*args)
+        return _forward_impl(args)
     return torch.ops.pe_kernels.conv_fused(*args)

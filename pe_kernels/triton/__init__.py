@@ -7,12 +7,13 @@ deterministic (per-tile partial sums reduced in a fixed order, no atomics); the 
 per-tile [count, mean, M2] merged with Chan's formula (conv_fwd.py), stable when the mean dwarfs the spread.
 
 Files: conv_fwd.py (fused grouped conv forward + statistics), conv_bwd.py (its backward: epilogue backward,
-dgrad with the prologue backward, split-M wgrad), bn_finalize.py (statistics -> scale/shift, running stats),
-bn_apply.py (BN apply + residual tail, and its one-pass backward).
+dgrad with the prologue backward, split-M wgrad), bn_finalize.py (statistics -> scale/shift, running stats,
+num_batches_tracked, and the finalize's backward: one launch each), bn_apply.py (BN apply + residual tail, and its
+one-pass backward).
 """
 
 from .bn_apply import bn_apply, bn_apply_backward
-from .bn_finalize import bn_finalize, bn_running_update
+from .bn_finalize import bn_finalize, bn_finalize_backward, bn_running_update, bn_train_finalize
 from .conv_bwd import conv_fused_backward
 from .conv_fwd import conv_fused
 
@@ -21,6 +22,8 @@ __all__ = [
     "conv_fused_backward",
     "bn_finalize",
     "bn_running_update",
+    "bn_train_finalize",
+    "bn_finalize_backward",
     "bn_apply",
     "bn_apply_backward",
 ]

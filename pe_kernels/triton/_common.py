@@ -139,8 +139,9 @@ def empty_channels_last(shape: Sequence[int], dtype: torch.dtype, device: torch.
 def krsc(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
     """(weight, strides): the weight (K, C_g, R, S) in KRSC memory order (channels_last) and its strides
     (R*S*C_g, 1, S*C_g, C_g) in logical order, also for size-1 dims (whose strides are never used), so B-operand
-    loads are contiguous along c and 1x1 and 3x3 convolutions share compiled kernels. No copy for 1x1 filters
-    or weights already channels_last; a copy of a KCRS 3x3 weight otherwise."""
+    loads are contiguous along c and 1x1 and 3x3 convolutions share compiled kernels. No copy (no launch) for a
+    weight that is already channels_last-contiguous (a caller's cached KRSC copy) or a 1x1 filter; a copy of a KCRS
+    3x3 weight otherwise."""
     weight = weight.contiguous(memory_format=torch.channels_last)
     _, C_g, R, S = weight.shape
     return weight, (R * S * C_g, 1, S * C_g, C_g)
@@ -211,20 +212,120 @@ _DUMMIES: dict = {}
 
 def dummy(device: torch.device) -> Tensor:
     """A 16-byte aligned fp32 tensor for pointer arguments a launch does not use (their loads are compiled
-    out). One dtype for all of them keeps compile and autotune keys independent of which arguments are absent."""
+    out). One dtype for all of them keeps compile and autotune keys independent of which arguments are absent.
+    Made once per device (one launch), not per call."""
     t = _DUMMIES.get(device)
     if t is None:
         t = _DUMMIES[device] = torch.zeros(4, dtype=torch.float32, device=device)
     return t
 
 
+_IDENTITIES: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def identity_vector(value: float, length: int, device: torch.device) -> Tensor:
+    """A read-only contiguous fp32 vector of `length` copies of `value` (1.0 or 0.0: an absent scale or shift),
+    a view of a per-device cached buffer: no launch per call (one when the buffer is made or grown, to a power of
+    two). Made on the host and copied synchronously, so that a kernel on any stream sees it filled; not cached
+    while a CUDA graph captures (the graph's own copy is filled by the captured launch)."""
+    key = (device, float(value))
+    buf = _IDENTITIES.get(key)
+    if buf is None or buf.numel() < length:
+        if _capturing(device):
+            return torch.full((int(length),), float(value), dtype=torch.float32, device=device)
+        size = triton.next_power_of_2(max(int(length), 16))
+        buf = _IDENTITIES[key] = torch.full((size,), float(value), dtype=torch.float32).to(device)
+    return buf[:length]
+
+
 def affine_pair(scale: Optional[Tensor], shift: Optional[Tensor], length: int, like: Tensor
                 ) -> tuple[Tensor, Tensor]:
-    """(scale, shift) as contiguous vectors, the absent one as its identity (ones / zeros), so that a kernel
-    has one affine flag instead of one per vector. The modules always pass both."""
-    scale = torch.ones(length, dtype=torch.float32, device=like.device) if scale is None else scale.contiguous()
-    shift = torch.zeros(length, dtype=torch.float32, device=like.device) if shift is None else shift.contiguous()
+    """(scale, shift) as contiguous vectors, the absent one as its identity (cached ones / zeros: no launch), so
+    that a kernel has one affine flag instead of one per vector. The modules always pass both. A vector that is
+    already contiguous is passed as it is (no copy)."""
+    scale = identity_vector(1.0, length, like.device) if scale is None else scale.contiguous()
+    shift = identity_vector(0.0, length, like.device) if shift is None else shift.contiguous()
     return scale, shift
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reductions of per-slot partial sums, inside the kernels: deterministic (fixed order), no atomics on values.
+# ---------------------------------------------------------------------------------------------------------------
+REDUCE_SLOTS = 32  # slots summed per step by sum_slots (a constexpr: one value, one compile)
+
+
+@triton.jit
+def sum_slots(part_ptr, n_slots, slot_elems, offs, mask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per column `offs` (BLOCK_C of them, `mask`ed), the fp32 sum over slots 0 .. n_slots-1 of a partial-sum
+    buffer (slot stride `slot_elems` elements; `part_ptr` at this sum's slot 0): BLOCK_S slots per step summed in
+    registers, the steps in slot order. A fixed order whoever runs it: deterministic. The loads bypass L1 (.cg): a
+    last-arriving program (last_arrival) reads what the other programs of its launch wrote."""
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, n_slots, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        ptrs = part_ptr + (slots.to(tl.int64) * slot_elems)[:, None] + offs[None, :]
+        v = tl.load(ptrs, mask=(slots < n_slots)[:, None] & mask[None, :], other=0.0, cache_modifier=".cg")
+        total += tl.sum(v, axis=0)
+    return total
+
+
+@triton.jit
+def last_arrival(sem_ptr, arrivals):
+    """True in the last of the `arrivals` programs that call it on the int32 counter at `sem_ptr` (which must be 0
+    when the first arrives; the last program resets it with tl.store(sem_ptr, 0) once done). The barrier orders
+    every thread's earlier stores before the counter's release; the counter's acquire (and the barrier Triton
+    places after a scalar atomic) orders the last program's later loads after every other program's stores.
+    Counting only: the values themselves are reduced in a fixed order (sum_slots), never with atomics."""
+    tl.debug_barrier()
+    return tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+
+
+@triton.jit(do_not_specialize=["n_slots", "K", "rows", "src0", "src1", "src2", "src3"])
+def _sum_slots_kernel(
+    part_ptr,       # (n_slots, rows, K) fp32 contiguous partial sums
+    out0_ptr, out1_ptr, out2_ptr, out3_ptr,   # out: (K,) contiguous, any float dtype, or unused
+    n_slots, K, rows,            # slots, channels, sums per slot
+    src0, src1, src2, src3,      # the row each output sums (-1: that output is not written)
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Up to four per-channel totals of a partial-sum buffer, each written in its output's dtype (zeros for 0
+    slots). Two outputs may sum the same row: each output is its own tensor (no aliasing)."""
+    offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    if src0 >= 0:
+        tl.store(out0_ptr + offs, sum_slots(part_ptr + src0 * K, n_slots, rows * K, offs, mask, BLOCK_S,
+                                            BLOCK_K).to(out0_ptr.dtype.element_ty), mask=mask)
+    if src1 >= 0:
+        tl.store(out1_ptr + offs, sum_slots(part_ptr + src1 * K, n_slots, rows * K, offs, mask, BLOCK_S,
+                                            BLOCK_K).to(out1_ptr.dtype.element_ty), mask=mask)
+    if src2 >= 0:
+        tl.store(out2_ptr + offs, sum_slots(part_ptr + src2 * K, n_slots, rows * K, offs, mask, BLOCK_S,
+                                            BLOCK_K).to(out2_ptr.dtype.element_ty), mask=mask)
+    if src3 >= 0:
+        tl.store(out3_ptr + offs, sum_slots(part_ptr + src3 * K, n_slots, rows * K, offs, mask, BLOCK_S,
+                                            BLOCK_K).to(out3_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_slots(part: Tensor, outputs: Sequence[tuple[int, Optional[Tensor]]]) -> None:
+    """One launch: for each (row, out) with `out` given, out[k] = sum over slots of part[slot, row, k], in out's
+    dtype (fixed order: deterministic). `part` is (n_slots, rows, K) fp32 contiguous; at most four outputs, each a
+    contiguous (K,) tensor of its own."""
+    n_slots, rows, K = part.shape
+    outputs = [(row, out) for row, out in outputs if out is not None]
+    if not outputs or K == 0:
+        return
+    if len(outputs) > 4:
+        raise ValueError(f"reduce_slots writes at most 4 outputs, got {len(outputs)}")
+    unused = dummy(part.device)
+    outputs = outputs + [(-1, unused)] * (4 - len(outputs))
+    block_k = 128  # one tile everywhere (interpreter included): one compile, and the suite's compile count is the GPU's
+    _sum_slots_kernel[(cdiv(K, block_k),)](
+        part, *(out for _, out in outputs), n_slots, K, rows, *(row for row, _ in outputs),
+        BLOCK_S=REDUCE_SLOTS, BLOCK_K=block_k, num_warps=4)
 
 
 def launch(kernel, tuned_kernel, grid, args: tuple, meta: dict, tiles: Optional[dict]) -> None:

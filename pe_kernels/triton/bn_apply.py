@@ -13,7 +13,9 @@ weight gradient, sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's
 
 Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
 per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual], reduced afterwards in a fixed order
-(deterministic, no atomics); every slot is written (store_part), so the buffer needs no zeroing.
+(deterministic, no atomics) by one small launch (_common.reduce_slots) that writes the needed sums as separate
+tensors; every slot is written (store_part), so the buffer needs no zeroing. Launches: the apply, one kernel;
+its backward, two (one when no sum is needed); no other device work.
 Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
 """
 
@@ -26,8 +28,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype, check_same_device,
-                      check_shape, check_vector, dummy, empty_channels_last, nhwc_tile, pow2_tile, store_part, strides4,
-                      tile_offsets)
+                      check_shape, check_vector, dummy, empty_channels_last, nhwc_tile, pow2_tile, reduce_slots,
+                      store_part, strides4, tile_offsets)
 
 
 # Spatial sizes do not help code generation: not specialised on (strides and K are).
@@ -176,6 +178,7 @@ def _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
 
 
 def _vec32(t: Tensor) -> Tensor:
+    """A per-channel vector as contiguous fp32: the vector itself (no copy, no launch) when it already is."""
     return t.to(torch.float32).contiguous()
 
 
@@ -244,17 +247,15 @@ def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, resi
             RELU=bool(relu), HAS_RSCALE=has_res and residual_scale is not None, STORE_DY=need_y,
             SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, PART_M=block_m, BLOCK_M=block_m,
             BLOCK_K=block_k)
-    sums = part.sum(dim=0)
+    # [sum g*y, sum g, sum g*residual] -> d_scale, d_shift, d_residual_scale, d_residual_shift (= sum g again, a
+    # tensor of its own): one launch, zeros for an empty input
+    wanted = [(1, 0, need_scale), (2, 1, need_shift), (4, 2, need_rscale), (5, 1, need_rshift)]
+    for index, _, flag in wanted:
+        if flag:
+            result[index] = torch.empty(K, dtype=torch.float32, device=y.device)
+    reduce_slots(part, [(row, result[index]) for index, row, _ in wanted])
     result[0] = dy
-    if need_scale:
-        result[1] = sums[0].contiguous()
-    if need_shift:
-        result[2] = sums[1].contiguous()
     result[3] = dres
-    if need_rscale:
-        result[4] = sums[2].contiguous()
-    if need_rshift:
-        result[5] = sums[1].clone()
     return result
 
 

@@ -15,32 +15,45 @@ Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x')
     dw[k,c,r,s] = sum_{n,p,q} g_acc[n,k,p,q] * x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]   (wgrad)
 
 Sums run over (n, p, q) or (n, h, w). All of them are deterministic: every program writes fp32 partial sums
-to its own slot, reduced afterwards by torch in a fixed order (no atomics). Slots hold PART_M rows whatever
+to its own slot, reduced afterwards in a fixed order (no atomics on values). Slots hold PART_M rows whatever
 the autotune config, and every config writes every slot (store_part): no zeroing, nothing stale between
 autotune trials. acc (for d_out_scale or grad_stats[1]) is the saved output y when the forward had no
 epilogue (y = acc in x.dtype); otherwise it is recomputed with the forward kernel (fp32 output).
 
+Launches: the epilogue backward, the wgrad and the dgrad, nothing else on the device (a training conv: no
+epilogue, no bias). The wgrad's split-M partials and the dgrad's prologue sums are reduced inside those kernels by
+the last program to arrive at a per-tile int32 counter (_common.last_arrival; fixed-order sums, so the result does
+not depend on which program is last); the counters are zeroed by the epilogue kernel, which runs before them on
+the same stream, and reset by their last program (autotune trials and CUDA graph replays find them at 0). The
+epilogue's own sums (d_bias, d_out_scale, d_out_shift, only with an epilogue or a bias) take one small reduce
+launch (_common.reduce_slots). Outputs are written in their final dtype and layout (dw KCRS in weight's dtype).
+
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
-                             (slots, 3, K) partials [sum g, sum g*acc, sum g_acc].
+                             (slots, 3, K) partials [sum g, sum g*acc, sum g_acc]; zeroes the counters.
   _conv_dgrad_kernel         rows (n, h, w), columns c of group g, reduction j = (r, s, k) with k fastest;
                              an output row p exists for (h, r) only when (h + ph - r*dh) is a multiple of sh.
-                             The prologue backward runs in its epilogue; (slots, 2, C) partials.
+                             The prologue backward runs in its epilogue; (slots, 2, C) partials, summed by
+                             the last M tile of each column block into d_in_scale, d_in_shift.
   _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
-                             m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials.
+                             m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials, summed
+                             by the last split of each tile into dw (KCRS, weight's dtype); SPLIT = 1 writes dw
+                             directly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_same_device, check_shape,
-                      check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n, krsc, launch, nhwc_tile,
-                      part_rows, pow2_tile, store_part, strides4, tile_offsets, upcast_bf16)
+from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_same_device,
+                      check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n, krsc,
+                      last_arrival, launch, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part, strides4,
+                      sum_slots, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
 
@@ -50,7 +63,7 @@ _INTERPRET_BLOCK_M = 128   # the interpreter's single configuration
 # --------------------------------------------------------------------------------------------------------------
 # 1. Epilogue backward (elementwise + per-channel reductions)
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["P", "Q", "M", "M_KEY"])
+@triton.jit(do_not_specialize=["P", "Q", "M", "M_KEY", "n_sem"])
 def _conv_bwd_epilogue_kernel(
     gy_ptr,         # grad_y (N, K, P, Q), any strides
     y_ptr,          # forward output (N, K, P, Q), any strides (ReLU mask) or unused
@@ -60,8 +73,10 @@ def _conv_bwd_epilogue_kernel(
     stats_ptr,      # the forward's stats (2, K) fp32 contiguous [mean, m2] (with gs_ptr) or unused
     gacc_ptr,       # out: g_acc (N, K, P, Q), any strides
     dres_ptr,       # out: d_residual (N, K, P, Q), any strides, or unused
-    part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g, sum g*acc, sum g_acc]
+    part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g, sum g*acc, sum g_acc], or unused
+    sem_ptr,        # out: (n_sem,) int32 counters of the wgrad / dgrad launches that follow, zeroed here
     K, P, Q, M,                  # channels, output height/width, M = N*P*Q
+    n_sem,                       # counters to zero
     inv_n,                       # 1 / M (float): grad_stats[0] is the gradient of a mean
     M_KEY,                       # M rounded up to a power of two (autotune key)
     sgn, sgc, sgh, sgw,          # grad_y strides
@@ -71,10 +86,16 @@ def _conv_bwd_epilogue_kernel(
     sdn, sdc, sdh, sdw,          # d_residual strides
     OUT_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_ACC: tl.constexpr, HAS_GS: tl.constexpr,
     STORE_DRES: tl.constexpr,
+    SUMS: tl.constexpr,          # write the partial sums (d_bias, d_out_scale or d_out_shift is needed)
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    offs_m, offs_k, mask_m, mask_k, n, p, q, k = nhwc_tile(pid_m, tl.program_id(1), M, K, P, Q, BLOCK_M, BLOCK_N)
+    pid_k = tl.program_id(1)
+    if (pid_m == 0) & (pid_k == 0):
+        for s0 in range(0, n_sem, 1024):
+            offs_s = s0 + tl.arange(0, 1024)
+            tl.store(sem_ptr + offs_s, tl.zeros((1024,), dtype=tl.int32), mask=offs_s < n_sem)
+    offs_m, offs_k, mask_m, mask_k, n, p, q, k = nhwc_tile(pid_m, pid_k, M, K, P, Q, BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_k[None, :]
 
     g = tl.load(gy_ptr + tile_offsets(n, p, q, k, sgn, sgc, sgh, sgw), mask=mask, other=0.0)
@@ -102,14 +123,15 @@ def _conv_bwd_epilogue_kernel(
     tl.store(gacc_ptr + tile_offsets(n, p, q, k, son, soc, soh, sow),
              g_acc.to(gacc_ptr.dtype.element_ty), mask=mask)
 
-    # Every slot of all three sums is written (zeros where unused): the buffer needs no zeroing.
-    store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)
-    if HAS_ACC:
-        g_a = sum_centred(g, a, mask)
-    else:
-        g_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, g_a, PART_M, BLOCK_M)
-    store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g_acc, axis=0), PART_M, BLOCK_M)
+    if SUMS:
+        # Every slot of all three sums is written (zeros where unused): the buffer needs no zeroing.
+        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)
+        if HAS_ACC:
+            g_a = sum_centred(g, a, mask)
+        else:
+            g_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, g_a, PART_M, BLOCK_M)
+        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g_acc, axis=0), PART_M, BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,6 +146,9 @@ def _conv_dgrad_kernel(
     in_shift_ptr,   # (C,) contiguous or unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused
     part_ptr,       # out: (cdiv(M, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
+    dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS), or unused
+    dshift_ptr,     # out: (C,) d_in_shift = the total of the second sum (STATS), or unused
+    sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch (STATS), or unused
     C, H, W, P, Q, M,            # input channels, input height/width, output height/width, M = N*H*W
     C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
     M_KEY,                       # M rounded up to a power of two (autotune key)
@@ -134,9 +159,10 @@ def _conv_dgrad_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     PROLOGUE: tl.constexpr,      # the forward loaded x' = act(x * in_scale + in_shift)
     IN_RELU: tl.constexpr,
-    STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / the in_scale, in_shift partials (needs PROLOGUE)
+    STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / d_in_scale, d_in_shift (needs PROLOGUE)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,       # slots per step of the last program's reduction
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -204,6 +230,27 @@ def _conv_dgrad_kernel(
     if STORE_DX:
         tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
                  gm.to(dx_ptr.dtype.element_ty), mask=mask)
+    if PROLOGUE and STATS:
+        # The last M tile of this column block sums every slot, in slot order, and resets the counter (after the
+        # dx store: the accumulator is dead, its registers free for the reduction).
+        if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
+            _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, grp * C_g + pid_n * BLOCK_N,
+                                 tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N), tl.cdiv(M, PART_M), C, BLOCK_S, BLOCK_N)
+            tl.store(sem_ptr + pid_gn, 0)
+
+
+@triton.jit(noinline=True)
+def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, c0, n_cols, n_slots, C, BLOCK_S: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """d_in_scale, d_in_shift of columns c0 .. c0 + n_cols - 1 from the (n_slots, 2, C) partials (a function of its
+    own: its registers do not add to the GEMM's)."""
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < n_cols
+    c = c0 + offs
+    d_scale = sum_slots(part_ptr, n_slots, 2 * C, c, mask, BLOCK_S, BLOCK_N)
+    tl.store(dscale_ptr + c, d_scale.to(dscale_ptr.dtype.element_ty), mask=mask)
+    d_shift = sum_slots(part_ptr + C, n_slots, 2 * C, c, mask, BLOCK_S, BLOCK_N)
+    tl.store(dshift_ptr + c, d_shift.to(dshift_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,7 +262,10 @@ def _conv_wgrad_kernel(
     x_ptr,          # forward input (N, C, H, W), any strides
     in_scale_ptr,   # (C,) contiguous or unused
     in_shift_ptr,   # (C,) contiguous or unused
-    part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest
+    dw_ptr,         # out: dw (K, C_g, R, S) contiguous (KCRS) in weight's dtype
+    part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest; unused if
+                    # SPLIT = 1
+    sem_ptr,        # (tiles of k x j, groups) int32 counters, 0 at launch (SPLIT > 1), or unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_PER_SPLIT,                 # rows of M per split (a multiple of BLOCK_M)
@@ -280,8 +330,24 @@ def _conv_wgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    out = part_ptr + (split.to(tl.int64) * K + k.to(tl.int64))[:, None] * RSC + offs_j[None, :]
-    tl.store(out, acc, mask=mask_k[:, None] & mask_j[None, :])
+    # dw[k, c_l, r, s] sits at k*RSC + c_l*R*S + (r*S + s) in KCRS; j = (r*S + s)*C_g + c_l
+    mask = mask_k[:, None] & mask_j[None, :]
+    dw_offs = (k.to(tl.int64) * RSC)[:, None] + (c_l * (RSC // C_g) + rs)[None, :]
+    n_split = tl.num_programs(2)
+    if n_split == 1:
+        tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    else:
+        tile = (k.to(tl.int64) * RSC)[:, None] + offs_j[None, :]
+        tl.store(part_ptr + split.to(tl.int64) * K * RSC + tile, acc, mask=mask)
+        # The last split of this tile sums the SPLIT partials in split order and resets the counter.
+        sem = sem_ptr + pid_nk + grp * tl.num_programs(0)
+        if last_arrival(sem, n_split):
+            total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for i in range(0, n_split):
+                total += tl.load(part_ptr + tl.cast(i, tl.int64) * K * RSC + tile, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=mask)
+            tl.store(sem, 0)
 
 
 # Two configs for the dgrad GEMM (as the forward); the elementwise epilogue backward runs one.
@@ -299,30 +365,34 @@ def _tile_m(tiles: Optional[dict]) -> Optional[int]:
 
 
 def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo: ConvGeometry,
-                       need_dres: bool, act_dtype, tiles: Optional[dict]):
-    """Returns (g_acc channels_last in act_dtype, d_residual or None, sums (3, K) fp32)."""
+                       need_dres: bool, need_sums: bool, sems: Tensor, n_sem: int, act_dtype,
+                       tiles: Optional[dict]):
+    """Returns (g_acc channels_last in act_dtype, d_residual or None, (slots, 3, K) fp32 partials
+    [sum g, sum g*acc, sum g_acc] or None). Zeroes the first `n_sem` counters of `sems`."""
     M = geo.N * geo.P * geo.Q
     g_acc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), act_dtype, grad_y.device)
     d_res = empty_channels_last(residual.shape, residual.dtype, grad_y.device) if need_dres else None
     tile_m = _tile_m(tiles)
     tiles_m = {"BLOCK_M": tile_m} if tile_m else None
     part_m = part_rows(EPILOGUE_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
-    part = torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=grad_y.device)
+    unused = dummy(grad_y.device)
+    part = (torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=grad_y.device) if need_sums
+            else None)
     block_n = (tiles or {}).get("BLOCK_N") or (pow2_tile(geo.K, 16, 256) if INTERPRET else 64)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(geo.K, m["BLOCK_N"]))  # noqa: E731
-    unused = dummy(grad_y.device)
     args = (grad_y, y if out_relu else grad_y, unused if acc is None else acc,
             unused if out_scale is None else out_scale.contiguous(),
             unused if grad_stats is None else grad_stats.to(torch.float32).contiguous(),
             unused if grad_stats is None else stats.to(torch.float32).contiguous(),
-            g_acc, grad_y if d_res is None else d_res, part,
-            geo.K, geo.P, geo.Q, M, 1.0 / max(M, 1), triton.next_power_of_2(max(M, 1)), *strides4(grad_y),
+            g_acc, grad_y if d_res is None else d_res, unused if part is None else part, sems,
+            geo.K, geo.P, geo.Q, M, n_sem, 1.0 / max(M, 1), triton.next_power_of_2(max(M, 1)), *strides4(grad_y),
             *strides4(y if out_relu else None), *strides4(acc), *strides4(g_acc), *strides4(d_res))
     meta = dict(OUT_RELU=bool(out_relu), HAS_OUT_SCALE=out_scale is not None, HAS_ACC=acc is not None,
-                HAS_GS=grad_stats is not None, STORE_DRES=need_dres, PART_M=part_m, BLOCK_N=block_n)
+                HAS_GS=grad_stats is not None, STORE_DRES=need_dres, SUMS=need_sums, PART_M=part_m,
+                BLOCK_N=block_n)
     if M > 0:
         launch(_conv_bwd_epilogue_kernel, _conv_bwd_epilogue_kernel_tuned, grid, args, meta, tiles_m)
-    return g_acc, d_res, part.sum(dim=0)
+    return g_acc, d_res, part
 
 
 def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor) -> tuple[bool, Tensor, Tensor]:
@@ -332,9 +402,21 @@ def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor)
     return False, dummy(x.device), dummy(x.device)
 
 
+def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
+    """The dgrad's BLOCK_N (column tile over C_g) and BLOCK_K (reduction tile over R*S*K_g)."""
+    rsk = geo.R * geo.S * geo.K_g
+    if INTERPRET:
+        meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
+    else:
+        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=GPU_TILE_K)
+    meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
+    return meta
+
+
 def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
-           tiles: Optional[dict]):
-    """Returns (dx channels_last in x.dtype or None, sums (2, C) fp32 [d_in_scale, d_in_shift] or None)."""
+           meta: dict, sems: Tensor, tiles: Optional[dict]):
+    """Returns (dx channels_last in x.dtype or None, (d_in_scale, d_in_shift) or None). With the prologue sums, the
+    first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (the epilogue kernel zeroes them)."""
     M = geo.N * geo.H * geo.W
     dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
     tile_m = _tile_m(tiles)
@@ -342,35 +424,49 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
     part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
     prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     need_stats = need_stats and prologue
-    part = (torch.empty((cdiv(M, part_m), 2, geo.C), dtype=torch.float32, device=x.device)
-            if need_stats else dummy(x.device))
+    unused = dummy(x.device)
+    sums = None
+    part = unused
+    if need_stats:
+        part = torch.empty((cdiv(M, part_m), 2, geo.C), dtype=torch.float32, device=x.device)
+        vec_dtype = lambda v: torch.float32 if v is None else v.dtype  # noqa: E731
+        if M == 0:  # no program runs: the sums of nothing
+            return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
+        sums = tuple(torch.empty(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
     rsk = geo.R * geo.S * geo.K_g
-    if INTERPRET:
-        meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
-    else:
-        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=GPU_TILE_K)
-    meta.update({k: v for k, v in (tiles or {}).items() if k != "BLOCK_M"})
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
     weight, w_strides = krsc(weight)
     args = (g_acc, weight, x, scale, shift, x if dx is None else dx, part,
+            unused if sums is None else sums[0], unused if sums is None else sums[1], sems,
             geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, triton.next_power_of_2(max(M, 1)),
             *strides4(g_acc), *w_strides, *strides4(x), *strides4(dx),
             *geo.stride, *geo.padding, *geo.dilation)
-    meta.update(PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m)
+    meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
     if M > 0:
         launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, grid, args, meta, tiles_m)
-    return dx, (part.sum(dim=0) if need_stats else None)
+    return dx, sums
 
 
-def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, tiles: Optional[dict]):
-    """Weight gradient (K, C_g, R, S) in weight.dtype; deterministic split-M fp32 reduction.
+@dataclass(frozen=True)
+class _WgradPlan:
+    """The wgrad launch: tiles of m (rows reduced), k (rows of dw), j = (r, s, c) (columns), and the split of M."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split: int
+    m_per_split: int
+    grid: tuple[int, int, int]
 
-    Not autotuned: one config, and every (split, k, j) element of the partial buffer is written by the grid."""
+    @property
+    def counters(self) -> int:
+        """Counters the last-split reduction needs (one per (k, j) tile and group), 0 without a split."""
+        return self.grid[0] * self.grid[1] if self.split > 1 else 0
+
+
+def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
-    if M == 0:
-        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
@@ -379,23 +475,36 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, til
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))
         split = max(1, cdiv(cdiv(M, block_m), tiles_per_split))
-    tiles = dict(tiles or {})
-    block_m = tiles.pop("BLOCK_M", None) or block_m
-    block_n = tiles.pop("BLOCK_N", None) or block_n
-    block_k = tiles.pop("BLOCK_K", None) or block_k
-    split = min(tiles.pop("SPLIT", None) or split, cdiv(M, block_m))
-    m_per_split = cdiv(cdiv(M, block_m), split) * block_m
-    split = cdiv(M, m_per_split)
-    part = torch.empty((split, geo.K, rsc), dtype=torch.float32, device=x.device)
+    tiles = tiles or {}
+    block_m = tiles.get("BLOCK_M") or block_m
+    block_n = tiles.get("BLOCK_N") or block_n
+    block_k = tiles.get("BLOCK_K") or block_k
+    split = max(1, min(tiles.get("SPLIT") or split, cdiv(M, block_m)))
+    m_per_split = max(1, cdiv(cdiv(M, block_m), split)) * block_m
+    split = max(1, cdiv(M, m_per_split))
     grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
+    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid)
+
+
+def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan, sems: Tensor):
+    """Weight gradient (K, C_g, R, S), KCRS-contiguous in weight.dtype, written by the kernel; a split-M launch sums
+    its fp32 partials in the last split of each tile (deterministic: split order), on `plan.counters` counters of
+    `sems` that must be 0 (the epilogue kernel zeroes them). Not autotuned: one config, and every (split, k, j)
+    element of the partial buffer is written by the grid."""
+    M = geo.N * geo.P * geo.Q
+    if M == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    rsc = geo.R * geo.S * geo.C_g
+    dw = torch.empty((geo.K, geo.C_g, geo.R, geo.S), dtype=weight.dtype, device=x.device)
+    part = (torch.empty((plan.split, geo.K, rsc), dtype=torch.float32, device=x.device) if plan.split > 1
+            else dummy(x.device))
     prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
-    _conv_wgrad_kernel[grid](
-        g_acc, x, scale, shift, part, geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc,
-        m_per_split, *strides4(g_acc), *strides4(x), *geo.stride, *geo.padding, *geo.dilation,
+    _conv_wgrad_kernel[plan.grid](
+        g_acc, x, scale, shift, dw, part, sems, geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc,
+        plan.m_per_split, *strides4(g_acc), *strides4(x), *geo.stride, *geo.padding, *geo.dilation,
         PROLOGUE=prologue, IN_RELU=bool(in_relu), UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    dw = part.sum(dim=0).view(geo.K, geo.R, geo.S, geo.C_g).permute(0, 3, 1, 2)
-    return dw.to(weight.dtype).contiguous()
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, num_warps=4)
+    return dw
 
 
 def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -452,23 +561,34 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
         else:
             acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
                               padding, dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
-    g_acc, d_res, sums = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo,
-                                            need_res, x.dtype, tiles)
-    grads[1] = _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo, tiles) if need_w else None
-    if need_x or need_isc or need_ish:
+    need_dgrad = need_x or need_isc or need_ish
+    dgrad_sums = (need_isc or need_ish) and has_prologue(in_scale, in_shift, in_relu)
+    need_sums = need[2] or need_osc or need[6]
+    # The counters of the in-kernel reductions (dgrad's prologue sums, the wgrad's split): one int32 buffer, zeroed
+    # by the epilogue kernel; the wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes).
+    wplan = _wgrad_plan(geo, tiles) if need_w else None
+    dmeta = _dgrad_meta(geo, tiles) if need_dgrad else None
+    n_dsem = geo.groups * cdiv(geo.C_g, dmeta["BLOCK_N"]) if dgrad_sums else 0
+    w_first = cdiv(n_dsem, 4) * 4
+    n_sem = w_first + (wplan.counters if wplan is not None else 0)
+    sems = torch.empty(max(n_sem, 4), dtype=torch.int32, device=x.device)
+    g_acc, d_res, part = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo,
+                                            need_res, need_sums, sems, n_sem, x.dtype, tiles)
+    if wplan is not None:
+        grads[1] = _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:])
+    if need_dgrad:
         dx, in_sums = _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
-                             tiles)
+                             dmeta, sems, tiles)
         grads[0] = dx
         if need_isc:
-            grads[3] = in_sums[0].to(in_scale.dtype).contiguous()
+            grads[3] = in_sums[0]
         if need_ish:
-            grads[4] = in_sums[1].to(in_shift.dtype).contiguous()
-    if need[2]:
-        grads[2] = sums[2].to(bias.dtype).contiguous()
-    if need_osc:
-        grads[5] = sums[1].to(out_scale.dtype).contiguous()
-    if need[6]:
-        grads[6] = sums[0].to(out_shift.dtype).contiguous()
+            grads[4] = in_sums[1]
+    if need_sums:  # [sum g, sum g*acc, sum g_acc] -> d_out_shift, d_out_scale, d_bias: one launch
+        outputs = [(0, out_shift, need[6]), (1, out_scale, need_osc), (2, bias, need[2])]
+        totals = {row: torch.empty(geo.K, dtype=v.dtype, device=x.device) for row, v, flag in outputs if flag}
+        reduce_slots(part, list(totals.items()))
+        grads[6], grads[5], grads[2] = totals.get(0), totals.get(1), totals.get(2)
     grads[7] = d_res
     return grads
 
