@@ -37,7 +37,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _backend, ops
 from .ops import _transforms
-from .reference import param_dtype
+from .ops.contract import param_dtype
 
 Tensor = torch.Tensor
 

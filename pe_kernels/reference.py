@@ -45,6 +45,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ops.contract import (APPLY_GRAD_NAMES, CONV_GRAD_NAMES, FINALIZE_GRAD_NAMES,  # noqa: F401 (re-exported)
+                           check_backward_stats, param_dtype)
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -59,17 +62,7 @@ __all__ = [
     "bn_apply_backward",
 ]
 
-# Order of the gradients returned by conv_fused_backward.
-CONV_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "out_scale", "out_shift", "residual")
-# Order of the gradients returned by bn_finalize_backward.
-FINALIZE_GRAD_NAMES = ("stats", "weight", "bias")
-# Order of the gradients returned by bn_apply_backward.
-APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residual_shift")
-
-
-def param_dtype(activation_dtype: torch.dtype) -> torch.dtype:
-    """dtype of per-channel vectors and statistics: fp64 for fp64 activations, fp32 otherwise."""
-    return torch.float64 if activation_dtype == torch.float64 else torch.float32
+# The contract (gradient orders, the per-channel dtype, shared checks) lives in ops/contract.py.
 
 
 def channels_last_like(value: Tensor, dtype: torch.dtype) -> Tensor:
@@ -131,18 +124,6 @@ def sum_centred(g: Tensor, v: Tensor, g_sum: Tensor) -> Tensor:
 def _relu_backward(grad: Tensor, v: Tensor) -> Tensor:
     """torch's threshold_backward: zero where v <= 0, the gradient elsewhere (NaN v included)."""
     return torch.where(v <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
-
-
-def check_backward_stats(grad_stats: Optional[Tensor], stats: Optional[Tensor], channels: int) -> None:
-    """conv_fused_backward needs the forward's (2, K) statistics whenever a gradient of them is given."""
-    if grad_stats is None:
-        return
-    if stats is None or stats.numel() == 0:
-        raise ValueError("conv_fused_backward: grad_stats is given but the forward's stats are missing "
-                         "(pass the (2, K) [mean, m2] that conv_fused returned as `stats`)")
-    if tuple(stats.shape) != (2, channels) or tuple(grad_stats.shape) != (2, channels):
-        raise ValueError(f"conv_fused_backward: stats {tuple(stats.shape)} and grad_stats "
-                         f"{tuple(grad_stats.shape)} must both be (2, {channels})")
 
 
 def stored_acc(acc: Tensor, dtype: torch.dtype) -> Tensor:

@@ -273,3 +273,28 @@ def test_backend_dispatch_is_recorded():
     ops.conv_fused(x, w, padding=1, groups=2)
     last = pe_kernels.last_dispatch()
     assert last.backend == "torch" and "auto" in last.reason
+
+
+@pytest.mark.parametrize("module_name", ["pe_kernels.reference", "pe_kernels.triton", "pe_kernels.cuda"])
+def test_backend_modules_implement_the_contract(module_name):
+    """Every backend module has each function of ops/contract.Backend with exactly its parameters (names, order,
+    defaults), so that the ops can call any backend alike. (Importing pe_kernels.triton/.cuda never needs a GPU;
+    a backend that cannot import here is skipped with the reason.)"""
+    import importlib
+    import inspect
+
+    from pe_kernels.ops import contract
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        pytest.skip(f"{module_name} does not import here: {exc}")
+    for name in contract.BACKEND_FUNCTIONS:
+        assert hasattr(module, name), f"{module_name} lacks {name}"
+        expected = [(p.name, p.default) for p in list(inspect.signature(getattr(contract.Backend, name)).parameters
+                                                      .values())[1:]]
+        got = [(p.name, p.default) for p in inspect.signature(getattr(module, name)).parameters.values()]
+        assert got[:len(expected)] == expected, f"{module_name}.{name}{inspect.signature(getattr(module, name))}"
+        assert all(p.default is not inspect.Parameter.empty for p in
+                   list(inspect.signature(getattr(module, name)).parameters.values())[len(expected):]), \
+            f"{module_name}.{name}: extra parameters must have defaults"

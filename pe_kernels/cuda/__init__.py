@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference
-from ..reference import param_dtype
+from ..ops.contract import param_dtype
 from . import _ext
 from ._ext import is_built, load_error
 

@@ -1,5 +1,7 @@
 """torch.library custom ops of the kernel family (namespace `pe_kernels`), each dispatching to a backend.
 
+The contract the backends implement (functions, gradient orders, per-channel dtype): ops/contract.py.
+
 Public entries (checked, autocast-aware): conv_fused, bn_finalize, bn_train_finalize, bn_running_update, bn_apply.
 Registered ops: torch.ops.pe_kernels.{conv_fused, conv_fused_backward, bn_finalize, bn_finalize_backward,
 bn_running_update, bn_apply, bn_apply_backward}. In eager mode the public entries call the backends through

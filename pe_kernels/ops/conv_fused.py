@@ -26,7 +26,7 @@ import torch
 
 from .. import _backend
 from . import _transforms
-from ..reference import CONV_GRAD_NAMES, check_backward_stats, param_dtype
+from .contract import CONV_GRAD_NAMES, check_backward_stats, param_dtype
 from ._common import (autocast_dtype, cast_activation, cast_vector, check_4d, check_floating, check_same_device,
                       check_vector, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, pair,
                       unpack_grads)
