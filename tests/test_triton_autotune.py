@@ -100,18 +100,26 @@ GEOMETRY = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
 
 @pytest.mark.parametrize("block_ms", SEQUENCES)
 def test_conv_statistics_survive_autotune_trials(replay, block_ms):
-    replay(block_ms)
+    """Statistics after autotune trials on the same buffers: right, and the winner's bit for bit (each run's last
+    programs merge them inside the kernel, the winner's run last; the counters are back at 0 after every trial)."""
     device = _device()
     x, w, v = _conv_inputs()
     geo = GEOMETRY.values()
-    y, stats = conv_fwd_mod.conv_fwd(x.to(device), w.to(device), v["bias"].to(device), v["in_scale"].to(device),
+
+    def forward():
+        return conv_fwd_mod.conv_fwd(x.to(device), w.to(device), v["bias"].to(device), v["in_scale"].to(device),
                                      v["in_shift"].to(device), True, None, None, None, False, *geo, True,
                                      tiles={"BLOCK_M": 64})
+
+    replay(block_ms)
+    y, stats = forward()
     d64 = {k: t.double() for k, t in v.items()}
     y_ref, stats_ref = ref.conv_fused(x.double(), w.double(), d64["bias"], d64["in_scale"], d64["in_shift"], True,
                                       None, None, None, False, *geo, True)
     _close("y", y, y_ref)
     _close("stats", stats, stats_ref)
+    replay(block_ms[-1:])  # the winner alone, on fresh buffers
+    assert torch.equal(forward()[1], stats)
 
 
 @pytest.mark.parametrize("with_epilogue", [True, False], ids=["epilogue", "train-mode"])

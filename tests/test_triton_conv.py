@@ -449,14 +449,15 @@ def test_krsc_keeps_a_channels_last_weight():
 
 
 # The train-mode conv (prologue = the previous BN, statistics, no epilogue, no bias) and the eval-mode one (BN folded
-# into the epilogue, bias, residual); weights KRSC as cached by the caller. Expected (Triton launches, ATen launches).
+# into the epilogue, bias, residual); weights KRSC as cached by the caller. Expected (Triton launches, ATen launches):
+# one launch with statistics too (merged in the kernel by each column block's last program, on persistent counters).
 FORWARD_LAUNCHES = {
     "plain": ("plain", {}, False, (1, 0)),
-    "stats": ("plain", {}, True, (2, 0)),
-    "prologue_stats": ("plain", {"in_scale", "in_shift", "in_relu"}, True, (2, 0)),
-    "prologue_relu_only_stats": ("plain", {"in_relu"}, True, (2, 0)),       # absent scale/shift: cached identities
+    "stats": ("plain", {}, True, (1, 0)),
+    "prologue_stats": ("plain", {"in_scale", "in_shift", "in_relu"}, True, (1, 0)),
+    "prologue_relu_only_stats": ("plain", {"in_relu"}, True, (1, 0)),       # absent scale/shift: cached identities
     "epilogue": ("full", set(), False, (1, 0)),
-    "epilogue_stats": ("full", set(), True, (2, 0)),
+    "epilogue_stats": ("full", set(), True, (1, 0)),
 }
 
 
@@ -539,6 +540,78 @@ def test_reduction_counters_are_reset(kernel_device):
     sums = [conv_bwd_mod._dgrad(g_acc, args["weight"], args["x"], *prologue, geo, True, True, meta, sems, tiles)[1]
             for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*sums)) and not sems.any()
+
+
+# ---------------------------------------------------------------------------------------- in-kernel statistics merge
+# Many slots (PART_M = BLOCK_M = 16: more slots than one merge step of MERGE_SLOTS, a masked tail), several column
+# blocks per group (BLOCK_N = 16), channel counts that are not multiples of 16 (on a GPU the conv's merge and
+# merge_stats then get the same register layout, so the same order of sums: sm_90 TTGIR checked offline).
+MERGE_CASES = {
+    "1x1_k37_3_col_blocks_37_slots": (Case(2, 8, 37, 17, 17, 1, 1), torch.float32),
+    "3x3_g2_k_g_21_2x2_col_blocks": (Case(2, 6, 42, 9, 9, 3, 3, padding=(1, 1), groups=2), torch.float16),
+    "3x3_s2_g4_one_slot": (CASES["3x3_s2_pad1_g4_batch1"], torch.float32),         # 4 column blocks
+}
+MERGE_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+
+
+def merge_partials(case: Case, dtype, device, features="plain", tiles=MERGE_TILES, seed=0):
+    """(stats, partials) of one conv_fwd launch, the partials the kernel merged captured in a buffer of the test's."""
+    torch.manual_seed(seed)
+    args = make_inputs(case, dtype, "channels_last", features, device)
+    P = (case.H + 2 * case.padding[0] - case.dilation[0] * (case.R - 1) - 1) // case.stride[0] + 1
+    Q = (case.W + 2 * case.padding[1] - case.dilation[1] * (case.S - 1) - 1) // case.stride[1] + 1
+    slots = -(-case.N * P * Q // tiles["BLOCK_M"])
+    part = torch.full((slots, 3, case.K), float("nan"), device=device)   # every slot must be written
+    _, stats = run_fwd(conv_fwd, args, True, tiles=tiles, partials=part)
+    assert not part.isnan().any() and torch.equal(part[:, 0].sum(0), torch.full_like(stats[0], case.N * P * Q))
+    return stats, part
+
+
+@pytest.mark.parametrize("name", list(MERGE_CASES))
+def test_stats_merged_in_kernel_equal_the_separate_merge(name, kernel_device):
+    """The last program of each column block merges the slots as merge_stats (the former second launch) does, bit for
+    bit: same fixed slot order, same k-way Chan steps (MERGE_SLOTS slots each; on a GPU the same tile and warps)."""
+    from pe_kernels.triton.conv_fwd import MERGE_SLOTS, merge_stats
+
+    case, dtype = MERGE_CASES[name]
+    stats, part = merge_partials(case, dtype, kernel_device)
+    expected = merge_stats(part, block_s=MERGE_SLOTS, block_k=MERGE_TILES["BLOCK_N"], num_warps=4)
+    assert torch.equal(stats, expected)
+
+
+def test_stats_counters_are_reused_and_left_at_zero(kernel_device, monkeypatch):
+    """The counters come from one persistent buffer per (device, stream): no launch to make or zero them after the
+    first call, reset to 0 by the last programs (a second launch, an autotune trial, finds them ready), grown when a
+    launch has more column blocks; repeated calls give the same bits. While a CUDA graph captures, a fresh zeroed buffer
+    per launch, never cached."""
+    from pe_kernels.triton import _common, conv_fwd as conv_fwd_mod
+
+    used = []
+
+    def spy(n, device):
+        buf = _common.stream_counters(n, device)
+        used.append((n, buf))
+        return buf
+
+    monkeypatch.setattr(conv_fwd_mod, "stream_counters", spy)
+    small, _ = MERGE_CASES["3x3_s2_g4_one_slot"]
+    wide, _ = MERGE_CASES["1x1_k37_3_col_blocks_37_slots"]
+    runs = [merge_partials(small, torch.float32, kernel_device)[0] for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert [n for n, _ in used] == [4] * 3 and len({buf.data_ptr() for _, buf in used}) == 1
+    assert not used[0][1].any()
+    # one counter per column block: 3 here; a buffer grown for a wider launch is used from then on
+    big = _common.stream_counters(1024, kernel_device)
+    assert big.numel() >= 1024 and big.data_ptr() != used[0][1].data_ptr()
+    stats, _ = merge_partials(wide, torch.float32, kernel_device)
+    assert used[-1][0] == 3 and used[-1][1] is big and not big.any()
+    assert torch.equal(stats, merge_partials(wide, torch.float32, kernel_device)[0])
+    # capture: a fresh buffer per launch, the cached one left alone
+    capturing = _common._capturing
+    monkeypatch.setattr(_common, "_capturing", lambda device: True)
+    assert torch.equal(merge_partials(small, torch.float32, kernel_device)[0], runs[0])
+    monkeypatch.setattr(_common, "_capturing", capturing)
+    assert used[-1][1] is not big and not used[-1][1].any() and _common.stream_counters(1, kernel_device) is big
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

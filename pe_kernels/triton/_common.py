@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -210,13 +211,14 @@ def part_rows(configs, tiles: Optional[dict], interpret_block_m: int) -> int:
 _DUMMIES: dict = {}
 
 
-def dummy(device: torch.device) -> Tensor:
-    """A 16-byte aligned fp32 tensor for pointer arguments a launch does not use (their loads are compiled
-    out). One dtype for all of them keeps compile and autotune keys independent of which arguments are absent.
-    Made once per device (one launch), not per call."""
-    t = _DUMMIES.get(device)
+def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 16-byte aligned tensor for pointer arguments a launch does not use (their loads are compiled out). fp32 for
+    all float arguments: one dtype for all of them keeps compile and autotune keys independent of which arguments are
+    absent (the autotuner keys on every tensor argument's dtype); int32 for an absent int32 counter buffer, for the
+    same reason. Made once per device and dtype (one launch), not per call."""
+    t = _DUMMIES.get((device, dtype))
     if t is None:
-        t = _DUMMIES[device] = torch.zeros(4, dtype=torch.float32, device=device)
+        t = _DUMMIES[(device, dtype)] = torch.zeros(16 // dtype.itemsize, dtype=dtype, device=device)
     return t
 
 
@@ -240,6 +242,30 @@ def identity_vector(value: float, length: int, device: torch.device) -> Tensor:
         size = triton.next_power_of_2(max(int(length), 16))
         buf = _IDENTITIES[key] = torch.full((size,), float(value), dtype=torch.float32).to(device)
     return buf[:length]
+
+
+_COUNTERS: dict = {}
+
+
+def stream_counters(n: int, device: torch.device) -> Tensor:
+    """At least `n` int32 counters, all 0, for a launch whose last-arriving programs (last_arrival) reset the counters
+    they use: no launch per call. One buffer per (device, CUDA stream), made with torch.zeros on first use (one
+    launch, on that stream) and again only when a launch needs more counters (grown to a power of two, the old buffer
+    dropped: the caching allocator reuses its memory in stream order). Launches on one stream run one after the other,
+    so no two of them use the counters at the same time; a launch on another stream has its own buffer. Under the
+    interpreter (CPU) launches run on the calling thread: one buffer per (device, thread). While a CUDA graph captures,
+    a fresh zeroed buffer for this launch only (a memset node of the graph), never cached: a cached buffer baked into a
+    graph would be shared with whatever runs on the stream the graph is replayed on."""
+    if _capturing(device):
+        return torch.zeros(max(int(n), 1), dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, threading.get_ident())
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(triton.next_power_of_2(max(int(n), 64)), dtype=torch.int32, device=device)
+    return buf
 
 
 def affine_pair(scale: Optional[Tensor], shift: Optional[Tensor], length: int, like: Tensor

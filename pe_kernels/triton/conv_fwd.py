@@ -20,14 +20,18 @@ NHWC gives contiguous loads along c and k). The output is channels_last.
 Statistics are stable and deterministic. Each M tile computes, from its fp32 accumulator in registers, its
 count c_t of valid rows, mean_t and M2_t = sum (acc - mean_t)^2 over those rows (two passes: the mean, then
 the deviations, whose own sum also corrects the mean's rounding; no cancellation), and writes
-[c_t, mean_t, M2_t] to its own slot of a (cdiv(M, PART_M), 3, K) fp32 buffer. `_stats_merge_kernel` (one
-launch, parallel over channels) then merges the slots with Chan et al.'s formula in a fixed order (no atomics),
-skipping slots of count 0:
+[c_t, mean_t, M2_t] to its own slot of a (cdiv(M, PART_M), 3, K) fp32 buffer. In the same launch, the last M
+tile of each column block to finish (an int32 counter per column block, _common.last_arrival) merges that column
+block's slots with Chan et al.'s formula in a fixed order (no atomics on values), skipping slots of count 0:
     n = nA + nB,  d = meanB - meanA,  mean = meanA + d nB / n,  M2 = M2A + M2B + d^2 nA nB / n
-(blocks of slots at once in its k-way form, the blocks folded in slot order).
+(BLOCK_S slots at once in its k-way form, the blocks folded in slot order: `_merge_slots`), and writes the (2, K)
+stats. The order does not depend on which program is last: the same bits whatever the completion order.
 The buffer's layout does not depend on the autotune config and every config writes all of it (store_part: a
 program's first slot gets its values, its other slots zeros, i.e. count 0), so autotune trials leave nothing
-stale and the buffer needs no zeroing.
+stale and the buffer needs no zeroing; each trial merges again and the last run (the winning config's) writes the
+stats. The counters cost no launch: a persistent buffer per (device, stream) (_common.stream_counters), at 0 between
+launches because each last program resets its own. `merge_stats` (`_stats_merge_kernel`, the same `_merge_slots`
+in a launch of its own) merges a partial buffer apart (tests).
 
 Dtypes: fp16/bf16/fp32 activations (weight in the same dtype), fp32 accumulation; fp32 operands use TF32 when
 torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any float dtype, read as fp32.
@@ -44,9 +48,13 @@ import triton.language as tl
 
 from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
                       check_same_device, check_shape, check_vector, dot_precision, dummy, empty_channels_last,
-                      gpu_tile_n, krsc, launch, pair, part_rows, pow2_tile, store_part, strides4, upcast_bf16)
+                      gpu_tile_n, krsc, last_arrival, launch, pair, part_rows, pow2_tile, store_part,
+                      stream_counters, strides4, upcast_bf16)
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
+# Slots per step of the in-kernel statistics merge, every layer and config (one value: one compile): three
+# (MERGE_SLOTS x BLOCK_N) fp32 tiles, 96 registers per thread at BLOCK_N = 128 and 4 warps.
+MERGE_SLOTS = 32
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,9 @@ def _conv_fwd_kernel(
     out_shift_ptr,  # (K,) epilogue shift (contiguous) or unused
     res_ptr,        # residual (N, K, P, Q), any strides, or unused
     y_ptr,          # output (N, K, P, Q), any strides; its element type is the stored dtype
-    part_ptr,       # (cdiv(M, PART_M), 3, K) fp32 per-slot [count, mean, M2], or unused
+    part_ptr,       # (cdiv(M, PART_M), 3, K) fp32 contiguous per-slot [count, mean, M2], or unused
+    stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2] (STATS), or unused
+    sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch, left at 0 (STATS), or unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_KEY,                       # M rounded up to a power of two: the autotune key (unused in the body)
@@ -137,11 +147,12 @@ def _conv_fwd_kernel(
     IN_RELU: tl.constexpr,
     EPILOGUE: tl.constexpr,      # y = acc * out_scale + out_shift (+ residual if HAS_RES, then ReLU if OUT_RELU)
     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr,
-    STATS: tl.constexpr,         # write the per-slot statistics
+    STATS: tl.constexpr,         # write the per-slot statistics and merge them into stats
     UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -230,6 +241,8 @@ def _conv_fwd_kernel(
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     y_ptrs = y_ptr + (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
+    if STATS:  # after the y store: the accumulator is dead, its registers free for the merge
+        _merge_if_last(part_ptr, stats_ptr, sem_ptr, K, K_g, M, PART_M, BLOCK_S, BLOCK_N)
 
 
 @triton.jit
@@ -244,20 +257,15 @@ def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
-@triton.jit(do_not_specialize=["K", "n_slots"])
-def _stats_merge_kernel(
-    part_ptr,       # (n_slots, 3, K) fp32 contiguous per-slot [count, mean, M2]
-    stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2]
-    K, n_slots,     # channels, slots
-    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,   # slots per step, channels per program
-):
-    """Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's formula, two passes
-    over the registers (n_b = sum c, mean_b = sum c mean / n_b plus its rounding corrected with the deviations,
-    M2_b = sum M2 + c (mean - mean_b)^2: no cancellation), then folds (n_b, mean_b, M2_b) into the running
-    total with the pairwise formula, steps in slot order. Slots of count 0 (and the masked tail) are skipped,
-    whatever they hold."""
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
+@triton.jit
+def _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, m2) of columns `offs_k` (BLOCK_K of them, `mask_k`ed) from the (n_slots, 3, K) fp32 contiguous per-slot
+    [count, mean, M2]. Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's formula,
+    two passes over the registers (n_b = sum c, mean_b = sum c mean / n_b plus its rounding corrected with the
+    deviations, M2_b = sum M2 + c (mean - mean_b)^2: no cancellation), then folds (n_b, mean_b, M2_b) into the
+    running total with the pairwise formula, steps in slot order. Slots of count 0 (and the masked tail) are skipped,
+    whatever they hold. A fixed order whoever runs it; the loads bypass L1 (.cg): a last-arriving program
+    (last_arrival) reads what the other programs of its launch wrote."""
     n = tl.zeros((BLOCK_K,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_K,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -265,10 +273,10 @@ def _stats_merge_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = (offs_s < n_slots)[:, None] & mask_k[None, :]
         ptrs = part_ptr + (offs_s.to(tl.int64) * 3 * K)[:, None] + offs_k[None, :]
-        c = tl.load(ptrs, mask=mask, other=0.0)
+        c = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
         used = c > 0
-        mu = tl.load(ptrs + K, mask=mask, other=0.0)
-        q = tl.load(ptrs + 2 * K, mask=mask, other=0.0)
+        mu = tl.load(ptrs + K, mask=mask, other=0.0, cache_modifier=".cg")
+        q = tl.load(ptrs + 2 * K, mask=mask, other=0.0, cache_modifier=".cg")
         n_b = tl.sum(c, axis=0)
         w = c / tl.maximum(n_b, 1.0)[None, :]
         mean_b = tl.sum(tl.where(used, w * mu, 0.0), axis=0)
@@ -276,23 +284,67 @@ def _stats_merge_kernel(
         dev = mu - mean_b[None, :]
         m2_b = tl.sum(tl.where(used, q + c * dev * dev, 0.0), axis=0)
         n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
+    return mean, m2
+
+
+@triton.jit(noinline=True)
+def _merge_if_last(part_ptr, stats_ptr, sem_ptr, K, K_g, M, PART_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """In the last M tile of this program's column block to arrive at its counter: stats[:, columns of the block]
+    from the (cdiv(M, PART_M), 3, K) partials, in slot order, then the counter reset to 0. A function of its own,
+    counter included: its registers do not add to the GEMM's (inlined, or with the counter in the kernel, the
+    4-warp 128-column config spilled ~200 bytes more for sm_90 with Triton 3.9's ptxas; as it is, ~16)."""
+    pid_gn = tl.program_id(1)
+    if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
+        num_n = tl.cdiv(K_g, BLOCK_N)
+        offs = (pid_gn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < K_g
+        k = (pid_gn // num_n) * K_g + offs
+        mean, m2 = _merge_slots(part_ptr, tl.cdiv(M, PART_M), K, k, mask, BLOCK_S, BLOCK_N)
+        tl.store(stats_ptr + k, mean, mask=mask)
+        tl.store(stats_ptr + K + k, m2, mask=mask)
+        tl.store(sem_ptr + pid_gn, 0)
+
+
+@triton.jit(do_not_specialize=["K", "n_slots"])
+def _stats_merge_kernel(
+    part_ptr,       # (n_slots, 3, K) fp32 contiguous per-slot [count, mean, M2]
+    stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2]
+    K, n_slots,     # channels, slots
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,   # slots per step, channels per program
+):
+    """The merge of `_conv_fwd_kernel`'s last programs in a launch of its own, parallel over channels."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mean, m2 = _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S, BLOCK_K)
     tl.store(stats_ptr + offs_k, mean, mask=mask_k)
     tl.store(stats_ptr + K + offs_k, m2, mask=mask_k)
 
 
-# The merge: one config for every layer (one compile). Under the interpreter, one program and one step.
+# The separate merge: one config for every layer (one compile). Under the interpreter, one program and one step.
 _MERGE_BLOCKS = dict(BLOCK_S=128, BLOCK_K=32)
 
 
-def merge_stats(part: Tensor) -> Tensor:
-    """(2, K) [mean, m2] from (slots, 3, K) per-slot [count, mean, M2] partials: one launch (zeros for 0 slots)."""
+def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[int] = None,
+                num_warps: int = 4) -> Tensor:
+    """(2, K) [mean, m2] from (slots, 3, K) per-slot [count, mean, M2] partials: one launch (zeros for 0 slots).
+    Not on conv_fwd's path (its kernel merges in place); for tests and tools. `block_s` (slots per step) sets the
+    rounding: with MERGE_SLOTS it gives conv_fwd's stats of the same partials bit for bit. On a GPU the order of
+    the sums within a step also follows the register layout: the same with block_k = the conv's BLOCK_N, its
+    num_warps and K not a multiple of 16 (the conv kernel specialises on K's divisibility and then vectorises the
+    merge's loads; this kernel does not)."""
     n_slots, _, K = part.shape
     if n_slots == 0:
         return torch.zeros((2, K), dtype=torch.float32, device=part.device)
     stats = torch.empty((2, K), dtype=torch.float32, device=part.device)  # every element written
     blocks = (dict(BLOCK_S=pow2_tile(n_slots, 16, 256), BLOCK_K=pow2_tile(K, 16, 256)) if INTERPRET
-              else _MERGE_BLOCKS)
-    _stats_merge_kernel[(triton.cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks, num_warps=4)
+              else dict(_MERGE_BLOCKS))
+    if block_s is not None:
+        blocks["BLOCK_S"] = int(block_s)
+    if block_k is not None:
+        blocks["BLOCK_K"] = int(block_k)
+    _stats_merge_kernel[(triton.cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks,
+                                                              num_warps=num_warps)
     return stats
 
 
@@ -322,11 +374,14 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
              in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
              residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
              dilation: Sequence[int], groups: int, compute_stats: bool, out_dtype: Optional[torch.dtype] = None,
-             tiles: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """Launcher of the fused forward. Returns (y channels_last in `out_dtype` (default x.dtype), stats).
+             tiles: Optional[dict] = None, partials: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Launcher of the fused forward: one launch (none for an empty batch). Returns (y channels_last in `out_dtype`
+    (default x.dtype), stats).
 
     `tiles` overrides the tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K; a test uses it to exercise the masks).
     With out_dtype=float32 and no epilogue arguments, y is the fp32 accumulator `acc` (used by the backward).
+    `partials` (tests): a (cdiv(N*P*Q, PART_M), 3, K) fp32 contiguous buffer that receives the per-slot
+    [count, mean, M2] the stats are merged from (else one is allocated); PART_M is BLOCK_M with `tiles`.
     """
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     check_vector("bias", bias, geo.K)
@@ -357,25 +412,36 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     in_scale, in_shift = affine_pair(in_scale, in_shift, geo.C, x) if prologue else (unused, unused)
     epilogue = out_scale is not None or out_shift is not None
     out_scale, out_shift = affine_pair(out_scale, out_shift, geo.K, x) if epilogue else (unused, unused)
-    # Every slot is written by every config (store_part): no zeroing, nothing stale between autotune trials.
-    part = (torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=x.device)
-            if compute_stats else unused)
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.K_g, m["BLOCK_N"]))  # noqa: E731
+    n_cols = geo.groups * triton.cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
+    part = stats = unused
+    sems = dummy(x.device, torch.int32)
+    if compute_stats and M == 0:  # no program runs: the statistics of nothing (a merge of no slot)
+        stats = torch.zeros((2, geo.K), dtype=torch.float32, device=x.device)
+    elif compute_stats:
+        # Every slot is written by every config (store_part): no zeroing, nothing stale between autotune trials.
+        part_shape = (cdiv(M, part_m), 3, geo.K)
+        part = torch.empty(part_shape, dtype=torch.float32, device=x.device) if partials is None else partials
+        if (tuple(part.shape) != part_shape or part.dtype != torch.float32 or not part.is_contiguous()
+                or part.device != x.device):
+            raise ValueError(f"partials must be a contiguous fp32 tensor of shape {part_shape} on {x.device}, got "
+                             f"{part.dtype} {tuple(part.shape)} on {part.device}")
+        stats = torch.empty((2, geo.K), dtype=torch.float32, device=x.device)  # every element written
+        sems = stream_counters(n_cols, x.device)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), n_cols)  # noqa: E731
     weight, w_strides = krsc(weight)
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
-            x if residual is None else residual, y, part,
+            x if residual is None else residual, y, part, stats, sems,
             geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
             triton.next_power_of_2(max(M, 1)),
             *strides4(x), *w_strides, *strides4(residual), *strides4(y),
             *geo.stride, *geo.padding, *geo.dilation)
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m)
-    if M > 0:  # an empty batch launches nothing (its statistics, a merge of no slot, are zeros)
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m,
+                BLOCK_S=MERGE_SLOTS)
+    if M > 0:  # an empty batch launches nothing
         launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, grid, args, meta, tiles_m)
-    if compute_stats:
-        stats = merge_stats(part)
-    else:
+    if not compute_stats:
         stats = torch.empty((0,), dtype=torch.float32, device=x.device)
     return y, stats
 
