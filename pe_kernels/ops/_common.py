@@ -51,6 +51,15 @@ def no_autocast(device: torch.device):
     return _NULL
 
 
+def eager_context(ctx, setup_context, inputs: tuple, output):
+    """An eager autograd.Function's ctx filled as the custom op's `setup_context` fills it, marked `eager` (its
+    backward calls the backend directly) and with absent output gradients passed as None; returns `output`."""
+    setup_context(ctx, inputs, output)
+    ctx.eager = True
+    ctx.set_materialize_grads(False)
+    return output
+
+
 def eager_dispatch(*tensors: Optional[Tensor]) -> bool:
     """True when an op may call its backend directly (an autograd.Function in eager mode) instead of going
     through torch.library's dispatch, whose Python layers cost ~90 us a call (measured on CPU, 2026-11): not

@@ -18,7 +18,7 @@ from .. import _backend
 from . import _transforms
 from .contract import APPLY_GRAD_NAMES, param_dtype
 from ._common import (autocast_dtype, cast_vector, check_4d, check_floating, check_same_device, check_vector,
-                      eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
+                      eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -106,11 +106,7 @@ class _BnApplyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        out = _forward_impl(args)
-        _setup_context(ctx, args, out)
-        ctx.eager = True
-        ctx.set_materialize_grads(False)
-        return out
+        return eager_context(ctx, _setup_context, args, _forward_impl(args))
 
     @staticmethod
     def backward(ctx, grad_out):

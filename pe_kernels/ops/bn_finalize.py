@@ -26,7 +26,8 @@ import torch
 
 from .. import _backend, reference
 from . import _transforms
-from ._common import check_vector, eager_dispatch, empty_grad, no_autocast, pack_grads, unpack_grads
+from ._common import (check_vector, eager_context, eager_dispatch, empty_grad, no_autocast, pack_grads,
+                      unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -101,19 +102,20 @@ def _backward(ctx, grad_scale, grad_shift):
 _bn_finalize.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _finalize_impl(function: str, finalize_args: tuple, args: tuple) -> tuple[Tensor, Tensor]:
+    """backend.<function>(*args) on the backend bn_finalize would run (the op pe_kernels.autotune measures)."""
+    stats = args[0]
+    backend, _ = _backend.select("bn_finalize", stats.device, torch.float32, args=finalize_args)
+    with no_autocast(stats.device):
+        return getattr(backend, function)(*args)
+
+
 class _BnFinalizeFunction(torch.autograd.Function):
     """Eager mode's bn_finalize (ops/_common.eager_dispatch), without torch.library's dispatch layers."""
 
     @staticmethod
     def forward(ctx, *args):
-        stats = args[0]
-        backend, _ = _backend.select("bn_finalize", stats.device, torch.float32, args=args)
-        with no_autocast(stats.device):
-            out = backend.bn_finalize(*args)
-        _setup_context(ctx, args, out)
-        ctx.eager = True
-        ctx.set_materialize_grads(False)
-        return out
+        return eager_context(ctx, _setup_context, args, _finalize_impl("bn_finalize", args, args))
 
     @staticmethod
     def backward(ctx, grad_scale, grad_shift):
@@ -124,17 +126,10 @@ class _BnTrainFinalizeFunction(torch.autograd.Function):
     """Eager mode's bn_train_finalize: bn_finalize's gradient, the bookkeeping done by the same kernel."""
 
     @staticmethod
-    def forward(ctx, stats, count, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum):
-        # the backend bn_finalize would run ('bn_finalize' is what pe_kernels.autotune measures)
-        backend, _ = _backend.select("bn_finalize", stats.device, torch.float32,
-                                     args=(stats, count, weight, bias, eps))
-        with no_autocast(stats.device):
-            out = backend.bn_train_finalize(stats, count, weight, bias, eps, running_mean, running_var,
-                                            num_batches_tracked, momentum)
-        _setup_context(ctx, (stats, count, weight, bias, eps), out)
-        ctx.eager = True
-        ctx.set_materialize_grads(False)
-        return out
+    def forward(ctx, *args):
+        finalize_args = args[:5]  # (stats, count, weight, bias, eps): what bn_finalize's gradient needs
+        return eager_context(ctx, _setup_context, finalize_args,
+                             _finalize_impl("bn_train_finalize", finalize_args, args))
 
     @staticmethod
     def backward(ctx, grad_scale, grad_shift):

@@ -28,8 +28,8 @@ from .. import _backend
 from . import _transforms
 from .contract import CONV_GRAD_NAMES, check_backward_stats, param_dtype
 from ._common import (autocast_dtype, cast_activation, cast_vector, check_4d, check_floating, check_same_device,
-                      check_vector, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, pair,
-                      unpack_grads)
+                      check_vector, eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast,
+                      pack_grads, pair, unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -152,10 +152,7 @@ class _ConvFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        out = _forward_impl(args)
-        _setup_context(ctx, args, out)
-        ctx.eager = True
-        ctx.set_materialize_grads(False)
+        out = eager_context(ctx, _setup_context, args, _forward_impl(args))
         if not args[-1]:
             ctx.mark_non_differentiable(out[1])
         return out
