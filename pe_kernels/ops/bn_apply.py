@@ -18,7 +18,8 @@ from .. import _backend
 from . import _transforms
 from .contract import APPLY_GRAD_NAMES, param_dtype
 from ._common import (autocast_dtype, cast_vector, check_4d, check_floating, check_same_device, check_vector,
-                      eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads, unpack_grads)
+                      eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads,
+                      unpack_grads)
 
 Tensor = torch.Tensor
 
