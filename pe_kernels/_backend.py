@@ -288,17 +288,25 @@ def _auto_choice(op: str, device: torch.device, dtype: torch.dtype, args: tuple 
         return measured
     if device.type != "cuda":
         return Dispatch(op, "torch", f"auto: {device.type} tensors run on the torch reference path")
+    arch, dtype_name, entry = _table_entry(op, device, dtype)
+    if entry is not None:
+        backend = entry["backend"]
+        reason = _call_reason(backend, device, dtype)
+        if reason is None:
+            return Dispatch(op, backend, f"auto: validated on {arch} ({entry.get('evidence', 'bench/results')})")
+        return Dispatch(op, "torch", f"auto: {backend} is listed for {op} on {arch} but {reason}")
+    return Dispatch(op, "torch", f"auto: no validated fast path for {op} ({dtype_name}) on {arch} in the "
+                                 "dispatch table; using the cuDNN/ATen reference")
+
+
+def _table_entry(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str, Optional[dict]]:
+    """(arch, dtype name, the dispatch table's first entry for `op` on this CUDA device's arch and dtype or None)."""
     arch = _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
     dtype_name = str(dtype).replace("torch.", "")
     for entry in dispatch_table():
         if entry.get("op") == op and entry.get("arch") == arch and dtype_name in entry.get("dtypes", ()):
-            backend = entry["backend"]
-            reason = _call_reason(backend, device, dtype)
-            if reason is None:
-                return Dispatch(op, backend, f"auto: validated on {arch} ({entry.get('evidence', 'bench/results')})")
-            return Dispatch(op, "torch", f"auto: {backend} is listed for {op} on {arch} but {reason}")
-    return Dispatch(op, "torch", f"auto: no validated fast path for {op} ({dtype_name}) on {arch} in the "
-                                 "dispatch table; using the cuDNN/ATen reference")
+            return arch, dtype_name, entry
+    return arch, dtype_name, None
 
 
 def stock_path(op: str, device: torch.device, dtype: torch.dtype) -> Optional[Dispatch]:
@@ -326,9 +334,8 @@ def _stock_choice(op: str, name: str, device: torch.device, dtype: torch.dtype):
         return Dispatch(op, "torch", "requested: the stock modules' ATen ops")
     if device.type != "cuda":
         return Dispatch(op, "torch", f"auto: {device.type} tensors run the stock modules' ATen ops")
-    arch = _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-    dtype_name = str(dtype).replace("torch.", "")
-    if any(e.get("op") == op and e.get("arch") == arch and dtype_name in e.get("dtypes", ()) for e in dispatch_table()):
+    arch, dtype_name, entry = _table_entry(op, device, dtype)
+    if entry is not None:
         return False
     return Dispatch(op, "torch", f"auto: no validated fast path for {op} ({dtype_name}) on {arch} in the dispatch "
                                  "table; the stock modules' ATen ops (cuDNN)")

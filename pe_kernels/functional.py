@@ -3,6 +3,7 @@ channels_last out, the stock path what the stock modules give.
 
 * packed_conv2d(x, weight, bias, ...)              plain grouped conv (PackedConv2d)
 * conv_bn(x, weight, bn, ...)                       conv -> BatchNorm (train: batch stats; eval: folded) -> act
+  (conv_bn_fused: its kernels' path, once the caller has asked stock_layer)
 * batch_norm_act(y, bn, residual, residual_bn)      BN apply (+ BN'd residual) + act, one pass
 * packed_linear(x, weight, bias, implementation)     block-diagonal linear of PackedLinear (einsum, conv1d, full,
                                                     sparse: torch-uncertainty's four ways)
@@ -304,12 +305,23 @@ def conv_bn(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchN
     Eval: BN folded into the conv epilogue — one kernel. Train: conv with statistics, finalize, then
     one apply pass — or, with defer=True and no residual, a Deferred for the next conv's prologue.
     """
+    ops._common.check_4d(x.y if isinstance(x, Deferred) else x, "x")
+    if stock_layer(x, weight) is None:
+        return conv_bn_fused(x, weight, bias, bn, stride, padding, dilation, groups, activation, residual,
+                             padding_mode, defer)
     relu = _check_activation(activation)
     _check_bn(bn, weight.shape[0])
-    ops._common.check_4d(x.y if isinstance(x, Deferred) else x, "x")
-    if stock_layer(x, weight) is not None:
-        y = _stock_conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
-        return _stock_tail(y, bn, relu, residual)
+    y = _stock_conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+    return _stock_tail(y, bn, relu, residual)
+
+
+def conv_bn_fused(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1, padding=0,
+                  dilation=1, groups: int = 1, activation: Optional[str] = "relu", residual: Optional[Tensor] = None,
+                  padding_mode: str = "zeros", defer: bool = False) -> Activation:
+    """conv_bn's kernels' path, for a caller that found stock_layer(x, weight) None (a module asks once per
+    forward, not once per conv)."""
+    relu = _check_activation(activation)
+    _check_bn(bn, weight.shape[0])
     if not _uses_batch_stats(bn):
         scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
         return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,

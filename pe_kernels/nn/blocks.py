@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backend
 from .. import functional as PF
 from ..ops import bn_apply
 from ._common import (NoTorchScript, activation_reason, check_batched_4d, dropout_shortcut_reason,
@@ -115,21 +114,18 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
             return out
         chain = self._chain()
         stock = PF.stock_layer(x, conv2d_of(chain[0][0]).weight)
-        if stock is not None:  # the torch backend: the stock modules' forwards, one by one
-            out = self._forward_stock(x, chain)
-            if not torch.compiler.is_compiling():
-                _backend.record(stock.op, stock.backend, stock.reason)
-            return out
+        if stock is not None:  # the torch backend: the stock modules' forwards, one by one (recorded by stock_layer)
+            return self._forward_stock(x, chain)
         h: PF.Activation = x
         for conv, bn in chain[:-1]:
-            h = PF.conv_bn(h, bn=bn, activation="relu", defer=True, **_conv_kwargs(conv))
+            h = PF.conv_bn_fused(h, bn=bn, activation="relu", defer=True, **_conv_kwargs(conv))
         conv, bn = chain[-1]
         has_shortcut = len(self.shortcut) > 0
         if has_shortcut:
             sc_conv, sc_bn = self.shortcut[0], self.shortcut[1]
         if not bn.training and not (has_shortcut and sc_bn.training):
-            residual = PF.conv_bn(x, bn=sc_bn, activation=None, **_conv_kwargs(sc_conv)) if has_shortcut else x
-            return PF.conv_bn(h, bn=bn, activation="relu", residual=residual, **_conv_kwargs(conv))
+            residual = PF.conv_bn_fused(x, bn=sc_bn, activation=None, **_conv_kwargs(sc_conv)) if has_shortcut else x
+            return PF.conv_bn_fused(h, bn=bn, activation="relu", residual=residual, **_conv_kwargs(conv))
         y, scale, shift = PF.conv_bn_pending(h, bn=bn, **_conv_kwargs(conv))
         if has_shortcut:
             ys, s_scale, s_shift = PF.conv_bn_pending(x, bn=sc_bn, **_conv_kwargs(sc_conv))

@@ -66,8 +66,8 @@ class PackedConvBNReLU2d(NoTorchScript, nn.Module):
         if PF.stock_layer(x, c.weight) is not None:  # the torch backend: the stock modules' own forwards
             out = bn.forward(c.forward(x))
             return torch.relu(out) if self.activation == "relu" else out
-        return PF.conv_bn(x, c.weight, c.bias, bn, c.stride, c.padding, c.dilation, c.groups,
-                          activation=self.activation, padding_mode=c.padding_mode)
+        return PF.conv_bn_fused(x, c.weight, c.bias, bn, c.stride, c.padding, c.dilation, c.groups,
+                                activation=self.activation, padding_mode=c.padding_mode)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
