@@ -58,7 +58,7 @@ from throughput import _int_at_least, _quantile, environment  # noqa: E402  (ben
 
 MODES = ("eval", "train")
 TARGETS = {"eval": 1.0, "train": 1.5}  # issue 11: pe host time <= target x stock
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = pe_kernels.backend_names()
 
 
 @dataclasses.dataclass(frozen=True)

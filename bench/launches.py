@@ -14,7 +14,8 @@ What a GPU step would launch, counted without a GPU (deterministic, so tests/tes
 "inference" is one eval forward under no_grad; "training step" is forward, loss and backward (gradients set to
 None before, as optimizer.zero_grad() does; the optimizer is the same for every provider and not counted), after
 one warm-up step of each (caches filled, first-call work done). Batch 2, 8x8 images: counts do not depend on size.
-pe providers run the model under use_backend(<backend>); eager runs registry.eager_twin(model), channels_last.
+pe providers run the model under use_backend(<backend>), eager runs registry.eager_twin(model); both channels_last
+(model.to(memory_format=torch.channels_last): NHWC activations, KRSC conv weights, as the bench's providers run).
 """
 
 from __future__ import annotations
@@ -115,16 +116,15 @@ def count(model_name: str, mode: str, provider: str = "pe-triton", batch: int = 
     triton_log = None
     stack = contextlib.ExitStack()
     with stack:
-        if provider == "eager":
-            model = eager_twin(model).to(memory_format=torch.channels_last)
-        elif provider == "pe-triton":
+        model = (eager_twin(model) if provider == "eager" else model).to(memory_format=torch.channels_last)
+        if provider == "pe-triton":
             tool = _load_tool("count_triton_compiles")
             triton_log = tool.CompileLog()
             stack.enter_context(tool.triton_on_cpu_tensors())
             stack.enter_context(tool.dry_launches(triton_log))
         elif provider.startswith("pe-"):
             stack.enter_context(pe_kernels.use_backend(provider[3:]))
-        else:
+        elif provider != "eager":
             raise ValueError(f"provider must be eager, pe-triton, pe-torch or pe-auto, got {provider!r}")
         model.train(mode == "train")
         x = torch.randn(batch, 3, image, image)

@@ -6,12 +6,14 @@ Backend choice: `pe_kernels.use_backend(name)`, `PE_KERNELS_BACKEND`, `pe_kernel
 Nothing here touches a GPU at import.
 """
 
-from ._backend import BackendUnavailableError, backends, last_dispatch, use_backend
+from ._backend import (BackendSpec, BackendUnavailableError, backend_names, backends, last_dispatch,
+                       register_backend, use_backend)
 from . import functional, ops  # noqa: E402  (registers the torch.library ops)
 from . import nn, models  # noqa: E402
 from .tuning import AutotuneReport, autotune  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "use_backend", "last_dispatch", "BackendUnavailableError", "autotune", "AutotuneReport",
+__all__ = ["backends", "backend_names", "register_backend", "BackendSpec", "use_backend", "last_dispatch",
+           "BackendUnavailableError", "autotune", "AutotuneReport",
            "functional", "ops", "nn", "models", "__version__"]

@@ -36,12 +36,11 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
-CHOICES = BACKENDS + ("auto",)
+BACKENDS = ("torch", "triton", "cuda")  # the built-in backends (registered below); backend_names() lists all
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DISPATCH_TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 
@@ -67,13 +66,57 @@ class Dispatch:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """A backend as the dispatcher finds it (register_backend): the module implementing ops/contract.Backend and
+    three questions, each answered without touching a GPU at import."""
+    name: str
+    module: str                                                   # importable module, e.g. "pe_kernels.triton"
+    unavailable: Callable[[], Optional[str]]                      # why it cannot run in this process, else None
+    call_reason: Callable[[torch.device, torch.dtype], Optional[str]]   # why not this call's (device, dtype)
+    runs_on: Callable[[], str]                                    # where it runs, for backends() (when available)
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+_stock_choices: dict[tuple, object] = {}  # stock_path's answers per (op, request, device, dtype)
+_env_parsed: dict[str, str] = {}  # PE_KERNELS_BACKEND values parsed
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Make backend `spec.name` selectable (use_backend, PE_KERNELS_BACKEND, autotune candidates). Its module
+    must implement ops/contract.Backend (tests/test_ops.py checks the registered ones); it is imported when first
+    selected. Re-registering a name replaces it."""
+    if not isinstance(spec, BackendSpec):
+        raise TypeError(f"register_backend takes a BackendSpec, got {type(spec).__name__}")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name) or spec.name == "auto":
+        raise ValueError(f"backend name must be lower-case [a-z][a-z0-9_]* and not 'auto', got {spec.name!r}")
+    _REGISTRY[spec.name] = spec
+    _env_parsed.clear()
+    _stock_choices.clear()
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend registered with register_backend (the built-in ones cannot be removed)."""
+    if name in BACKENDS:
+        raise ValueError(f"{name!r} is a built-in backend")
+    _REGISTRY.pop(name, None)
+    _env_parsed.clear()
+    _stock_choices.clear()
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered backends, built-in ones first."""
+    return tuple(_REGISTRY)
+
+
 def _check_name(name: str, source: Optional[str] = None) -> str:
-    """`name` as one of CHOICES, case and surrounding whitespace ignored ('Torch ' -> 'torch').
+    """`name` as a registered backend or 'auto', case and surrounding whitespace ignored ('Torch ' -> 'torch').
     `source` names where it came from in the error (the environment variable)."""
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in CHOICES:
+    if key != "auto" and key not in _REGISTRY:
         what = f"{source}={name!r}" if source else f"pe_kernels backend {name!r}"
-        raise ValueError(f"unknown {what}: choose one of {', '.join(CHOICES)} (case-insensitive)")
+        raise ValueError(f"unknown {what}: choose one of {', '.join(backend_names() + ('auto',))} "
+                         "(case-insensitive)")
     return key
 
 
@@ -90,7 +133,6 @@ def requested_backend() -> str:
     return parsed
 
 
-_env_parsed: dict[str, str] = {}
 
 
 @contextlib.contextmanager
@@ -132,8 +174,7 @@ def _import_error(module: str) -> Optional[str]:
 
 
 def _module(name: str) -> ModuleType:
-    return importlib.import_module({"torch": "pe_kernels.reference", "triton": "pe_kernels.triton",
-                                    "cuda": "pe_kernels.cuda"}[name])
+    return importlib.import_module(_REGISTRY[name].module)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -209,53 +250,65 @@ def _triton_reason() -> Optional[str]:
     return reason or _import_error("pe_kernels.triton")
 
 
+def _cuda_reason() -> Optional[str]:
+    """Why the cuda backend cannot run anywhere in this process (None if it can run somewhere)."""
+    err = _import_error("pe_kernels.cuda")
+    if err is not None:
+        return err
+    from pe_kernels.cuda import _ext
+
+    if not _ext.is_built():
+        return _ext.load_error() or "pe_kernels._C is not built"
+    if not torch.cuda.is_available():
+        return "the cuda backend needs a CUDA device (none found)"
+    return None
+
+
+def _kernel_call_reason(name: str, interpreted: bool):
+    """call_reason of a kernel backend: fp16/bf16/fp32 CUDA tensors (and CPU tensors where `interpreted` and
+    TRITON_INTERPRET=1)."""
+    def reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if dtype not in FAST_DTYPES:
+            return f"the {name} backend handles float16, bfloat16 and float32, not {dtype}"
+        if device.type == "cuda" or (interpreted and device.type == "cpu" and _interpreter_on()):
+            return None
+        return f"the {name} backend needs CUDA tensors, got a tensor on {device}"
+    return reason
+
+
+for _spec in (
+    BackendSpec("torch", "pe_kernels.reference", lambda: None, lambda device, dtype: None,
+                lambda: "ATen (cuDNN on CUDA, native on CPU)"),
+    BackendSpec("triton", "pe_kernels.triton", _triton_reason, _kernel_call_reason("triton", True),
+                lambda: "Triton interpreter on CPU" if not torch.cuda.is_available() else "Triton on CUDA"),
+    BackendSpec("cuda", "pe_kernels.cuda", _cuda_reason, _kernel_call_reason("cuda", False),
+                lambda: "pe_kernels._C on CUDA"),
+):
+    register_backend(_spec)
+
+
 def _static_reason(name: str) -> Optional[str]:
     """Why backend `name` cannot run anywhere in this process (None if it can run somewhere)."""
-    if name == "torch":
-        return None
-    if name == "triton":
-        return _triton_reason()
-    if name == "cuda":
-        err = _import_error("pe_kernels.cuda")
-        if err is not None:
-            return err
-        from pe_kernels.cuda import _ext
-
-        if not _ext.is_built():
-            return _ext.load_error() or "pe_kernels._C is not built"
-        if not torch.cuda.is_available():
-            return "the cuda backend needs a CUDA device (none found)"
-        return None
-    raise ValueError(f"unknown backend {name!r}")
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ValueError(f"unknown backend {name!r}")
+    return spec.unavailable()
 
 
 def backends() -> dict[str, BackendStatus]:
-    """Each backend's availability in this process, with the reason when it is unavailable."""
+    """Each registered backend's availability in this process, with the reason when it is unavailable."""
     out = {}
-    for name in BACKENDS:
-        reason = _static_reason(name)
-        if reason is None:
-            where = {"torch": "ATen (cuDNN on CUDA, native on CPU)",
-                     "triton": "Triton interpreter on CPU" if not torch.cuda.is_available() else "Triton on CUDA",
-                     "cuda": "pe_kernels._C on CUDA"}[name]
-            out[name] = BackendStatus(name, True, where)
-        else:
-            out[name] = BackendStatus(name, False, reason)
+    for name, spec in _REGISTRY.items():
+        reason = spec.unavailable()
+        out[name] = BackendStatus(name, True, spec.runs_on()) if reason is None else BackendStatus(name, False,
+                                                                                                    reason)
     return out
 
 
 def _call_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why backend `name` cannot run a call on (device, dtype); None if it can."""
     reason = _static_reason(name)
-    if reason is not None or name == "torch":
-        return reason
-    if dtype not in FAST_DTYPES:
-        return f"the {name} backend handles float16, bfloat16 and float32, not {dtype}"
-    if device.type == "cuda":
-        return None
-    if name == "triton" and device.type == "cpu" and _interpreter_on():
-        return None
-    return f"the {name} backend needs CUDA tensors, got a tensor on {device}"
+    return reason if reason is not None else _REGISTRY[name].call_reason(device, dtype)
 
 
 @functools.lru_cache(maxsize=1)
@@ -323,8 +376,6 @@ def stock_path(op: str, device: torch.device, dtype: torch.dtype) -> Optional[Di
         choice = _stock_choices[key] = _stock_choice(op, name, device, dtype)
     return choice or None
 
-
-_stock_choices: dict[tuple, object] = {}
 
 
 def _stock_choice(op: str, name: str, device: torch.device, dtype: torch.dtype):

@@ -290,6 +290,30 @@ def _conv_with_stats(x: Activation, weight: Tensor, bias: Optional[Tensor], stri
     return y, (stats if batch > 0 else None)
 
 
+def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride, padding,
+                   dilation, groups: int, padding_mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, scale, shift) with BN(conv(x)) = y * scale + shift from the batch statistics: ops.conv_bn_train (one
+    autograd node; one launch forward and two backward on the triton backend), BatchNorm2d's bookkeeping included.
+    An empty batch or one value per channel takes conv + _batch_affine (BatchNorm2d's own behaviour for them)."""
+    dilation = ops._common.pair(dilation, "dilation")
+    x, padding = _prepare_input(x, padding_mode, padding, tuple(weight.shape[2:]), dilation)
+    t = x.y if isinstance(x, Deferred) else x
+    pad, step = ops._common.pair(padding, "padding"), ops._common.pair(stride, "stride")
+    count = t.shape[0] * ops.conv_output_size(t.shape[2], weight.shape[2], step[0], pad[0], dilation[0]) * \
+        ops.conv_output_size(t.shape[3], weight.shape[3], step[1], pad[1], dilation[1])
+    if count < 2:
+        y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, "zeros")
+        return (y, *_batch_affine(bn, stats, y))
+    prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
+    tracked = bn.training and bn.track_running_stats
+    running = tracked and bn.running_mean is not None
+    return ops.conv_bn_train(t, _cast_weight(weight, t), bias, **prologue, stride=stride, padding=padding,
+                             dilation=dilation, groups=groups, bn_weight=bn.weight, bn_bias=bn.bias, eps=bn.eps,
+                             running_mean=bn.running_mean if running else None,
+                             running_var=bn.running_var if running else None,
+                             num_batches_tracked=bn.num_batches_tracked if tracked else None, momentum=bn.momentum)
+
+
 def _check_bn(bn: nn.Module, channels: int) -> None:
     if not _is_batch_norm_2d(bn):
         raise TypeError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
@@ -326,8 +350,7 @@ def conv_bn_fused(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.
         scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
         return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,
                      out_shift=shift, residual=residual, out_relu=relu)[0]
-    y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, padding_mode)
-    scale, shift = _batch_affine(bn, stats, y)
+    y, scale, shift = _conv_bn_batch(x, weight, bias, bn, stride, padding, dilation, groups, padding_mode)
     if defer and residual is None:
         return Deferred(y, scale, shift, relu)
     return ops.bn_apply(y, scale, shift, residual=residual, relu=relu)
@@ -341,8 +364,7 @@ def conv_bn_pending(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: n
     if not _uses_batch_stats(bn):
         y = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
         return (y, *_folded_affine(bn, param_dtype(y.dtype)))
-    y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, padding_mode)
-    return (y, *_batch_affine(bn, stats, y))
+    return _conv_bn_batch(x, weight, bias, bn, stride, padding, dilation, groups, padding_mode)
 
 
 def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = None,

@@ -40,13 +40,15 @@ gradient passes where the pre-activation or output is NaN.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .ops.contract import (APPLY_GRAD_NAMES, CONV_GRAD_NAMES, FINALIZE_GRAD_NAMES,  # noqa: F401 (re-exported)
-                           check_backward_stats, param_dtype)
+from .ops.contract import (APPLY_GRAD_NAMES, CONV_BN_GRAD_NAMES, CONV_GRAD_NAMES,  # noqa: F401 (re-exported)
+                           FINALIZE_GRAD_NAMES, check_backward_stats, composed_conv_bn_train,
+                           composed_conv_bn_train_backward, param_dtype)
 
 Tensor = torch.Tensor
 
@@ -320,6 +322,34 @@ def bn_finalize_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tens
     if need["bias"]:
         out["bias"] = g_shift.clone() if grad_shift is not None else g_shift
     return [out[name] for name in FINALIZE_GRAD_NAMES]
+
+
+def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                  in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor],
+                  momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A training conv -> BatchNorm's batch in one call: (y, stats, scale, shift) = conv_fused with statistics (no
+    epilogue), then bn_train_finalize of those statistics (count N*P*Q; running statistics and num_batches_tracked
+    updated in place). BN(conv(x)) = y * scale + shift."""
+    return composed_conv_bn_train(sys.modules[__name__], x, weight, bias, in_scale, in_shift, in_relu, stride,
+                                  padding, dilation, groups, bn_weight, bn_bias, eps, running_mean, running_var,
+                                  num_batches_tracked, momentum)
+
+
+def conv_bn_train_backward(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor],
+                           x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                           in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], groups: int, y: Tensor, stats: Tensor,
+                           bn_weight: Optional[Tensor], eps: float,
+                           needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Gradients of conv_bn_train's (y, scale, shift) w.r.t. CONV_BN_GRAD_NAMES: bn_finalize_backward gives
+    grad_stats, conv_fused_backward the rest; so that, with d_mean, d_m2 = grad_stats,
+        g_acc = grad_y + d_mean / n + 2 d_m2 (y - mean)."""
+    return composed_conv_bn_train_backward(sys.modules[__name__], grad_y, grad_scale, grad_shift, x, weight, bias,
+                                           in_scale, in_shift, in_relu, stride, padding, dilation, groups, y, stats,
+                                           bn_weight, eps, needs_grad)
 
 
 def _bn_apply_math(y, scale, shift, residual, residual_scale, residual_shift, relu):

@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from . import _backend, reference
-from ._backend import BACKENDS, Dispatch
+from ._backend import Dispatch, backend_names
 from .ops._common import no_autocast
 
 Timer = Callable[[str, str, Callable[[], object]], float]  # (op, backend, one call) -> milliseconds
@@ -77,9 +77,9 @@ class AutotuneReport:
         lines = [f"pe_kernels.autotune on {self.device}; cache {self.cache_file}"]
         if not self.rows:
             return lines[0] + "\n(no pe_kernels op ran: nothing to tune)"
-        head = ("op", "dtype", "shape", "chosen", "why") + tuple(f"{b} ms" for b in BACKENDS)
+        head = ("op", "dtype", "shape", "chosen", "why") + tuple(f"{b} ms" for b in backend_names())
         table = [head] + [(r.op, r.dtype, r.shape, r.backend, r.why) +
-                          tuple(f"{r.median_ms[b]:.4g}" if b in r.median_ms else "-" for b in BACKENDS)
+                          tuple(f"{r.median_ms[b]:.4g}" if b in r.median_ms else "-" for b in backend_names())
                           for r in self.rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
@@ -289,14 +289,14 @@ def measure(op: str, args: tuple, device: torch.device, dtype: torch.dtype, *, t
     `candidates` replaces the module of a backend (tests inject one that is wrong or raises)."""
     timer = timer or (cuda_event_timer if device.type == "cuda" else wall_timer)
     candidates = dict(candidates or {})
-    unknown = set(candidates) - set(BACKENDS)
+    unknown = set(candidates) - set(backend_names())
     if unknown:
-        raise ValueError(f"candidates {sorted(unknown)} are not backends; choose among {BACKENDS}")
+        raise ValueError(f"candidates {sorted(unknown)} are not backends; choose among {backend_names()}")
     checked = _consistent_inputs(op, args)
     ref64 = _run(reference, op, _copy(checked, torch.float64))
     same = _run(reference, op, _copy(checked))
     median_ms, refused = {}, {}
-    for name in BACKENDS:
+    for name in backend_names():
         why = _backend._call_reason(name, device, dtype)
         if why is not None:
             refused[name] = f"unavailable: {why}"

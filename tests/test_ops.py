@@ -275,6 +275,13 @@ def test_backend_dispatch_is_recorded():
     assert last.backend == "torch" and "auto" in last.reason
 
 
+def test_registered_backends_are_the_three_modules():
+    from pe_kernels import _backend
+
+    assert {name: _backend._REGISTRY[name].module for name in pe_kernels.backend_names()} == {
+        "torch": "pe_kernels.reference", "triton": "pe_kernels.triton", "cuda": "pe_kernels.cuda"}
+
+
 @pytest.mark.parametrize("module_name", ["pe_kernels.reference", "pe_kernels.triton", "pe_kernels.cuda"])
 def test_backend_modules_implement_the_contract(module_name):
     """Every backend module has each function of ops/contract.Backend with exactly its parameters (names, order,

@@ -254,8 +254,8 @@ def test_bn_finalize_backward(name, K, kernel_device):
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 def test_bn_launches(affine, kernel_device):
-    """One launch per call of each finalize entry point and of the apply; the apply backward two (its sums reduced
-    by a second small kernel), one when it has no sum to reduce; no ATen launch anywhere (no torch.ones/zeros for an
+    """One launch per call of each finalize entry point, of the apply and of its backward (its sums reduced by the
+    last programs of the same launch); no ATen launch anywhere (no torch.ones/zeros for an
     absent weight, bias or gradient; no copies of contiguous fp32 vectors; no torch reductions)."""
     K = 24
     stats, count = _stats(torch.randn(2, K, 3, 3)).to(kernel_device), 18
@@ -279,7 +279,7 @@ def test_bn_launches(affine, kernel_device):
         "bn_finalize": (lambda: tri.bn_finalize(stats, count, weight, bias, 1e-5), (1, 0)),
         "bn_running_update": (lambda: tri.bn_running_update(stats, count, rm, rv, 0.1), (1, 0)),
         "bn_apply": (lambda: tri.bn_apply(*inputs, True), (1, 0)),
-        "bn_apply_backward": (lambda: tri.bn_apply_backward(grad, *inputs, True, out, [True] * 6), (2, 0)),
+        "bn_apply_backward": (lambda: tri.bn_apply_backward(grad, *inputs, True, out, [True] * 6), (1, 0)),
         "bn_apply_backward_no_sums": (lambda: tri.bn_apply_backward(grad, *inputs, True, out,
                                                                     [True, False, False, True, False, False]),
                                       (1, 0)),

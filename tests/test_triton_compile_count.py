@@ -9,7 +9,11 @@ fp16, train step + eval forward at batch 128, 32x32: 320 compiles and 96 autotun
 added two more, one compile each for every layer: `_bn_finalize_bwd_kernel` (the BN finalize backward in one launch,
 replacing ATen ops) and `_sum_slots_kernel` (the fixed-order reduction of the bn_apply backward's partial sums,
 replacing a torch sum); 42 since the Chan merge runs inside `_conv_fwd_kernel` (its last program per column block),
-so `_stats_merge_kernel` is no longer compiled for a step (autotune keys unchanged: 42). Skip with `-m "not slow"`
+so `_stats_merge_kernel` is no longer compiled for a step (autotune keys unchanged: 42); 38 since the training
+conv + BatchNorm became one forward launch and two backward ones (ops.conv_bn_train: the finalize runs in the conv's
+last programs, the wgrad and dgrad form g_acc on load, the apply backward sums in-kernel), so a step no longer
+compiles `_bn_finalize_kernel`, `_bn_finalize_bwd_kernel`, `_conv_bwd_epilogue_kernel` or `_sum_slots_kernel`
+(autotune keys: 42). Skip with `-m "not slow"`
 (a dry run of a ResNet-50 at batch 128 on CPU, ~15 s).
 """
 
@@ -28,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "count_triton_compiles.py"
 
-COMPILE_BUDGET = 42        # PE-(2,4,1) fp16, train step + eval forward
+COMPILE_BUDGET = 38        # PE-(2,4,1) fp16, train step + eval forward
 AUTOTUNE_KEY_BUDGET = 44
 
 
@@ -56,11 +60,9 @@ def test_pe_2_4_1_first_step_compiles_within_budget():
     assert summary["total_compiles"] <= COMPILE_BUDGET, per_kernel
     assert summary["total_autotune_keys"] <= AUTOTUNE_KEY_BUDGET, summary["autotune_keys"]
     # every kernel family of a training step was reached (a dry run that launched nothing would pass the budget)
-    assert set(per_kernel) == {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
-                               "_conv_bwd_epilogue_kernel", "_bn_finalize_kernel", "_bn_apply_kernel",
-                               "_bn_apply_bwd_kernel", "_bn_finalize_bwd_kernel",
-                               "_sum_slots_kernel"}
-    assert summary["total_launches"] > 300
+    assert set(per_kernel) == {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_bn_apply_kernel",
+                               "_bn_apply_bwd_kernel"}
+    assert summary["total_launches"] > 200
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pe_kernels.nn import PackedBottleneck
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="cuda", choices=pe_kernels._backend.CHOICES)
+    parser.add_argument("--backend", default="cuda", choices=pe_kernels._backend.backend_names() + ("auto",))
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)

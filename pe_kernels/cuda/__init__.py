@@ -18,12 +18,13 @@ not been validated on a GPU yet (csrc/README.md).
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import torch
 
 from .. import reference
-from ..ops.contract import param_dtype
+from ..ops.contract import composed_conv_bn_train, composed_conv_bn_train_backward, param_dtype
 from . import _ext
 from ._ext import is_built, load_error
 
@@ -38,6 +39,8 @@ __all__ = [
     "bn_running_update",
     "bn_train_finalize",
     "bn_finalize_backward",
+    "conv_bn_train",
+    "conv_bn_train_backward",
     "bn_apply",
     "bn_apply_backward",
 ]
@@ -186,6 +189,30 @@ def bn_finalize_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tens
                          weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
     """reference.bn_finalize_backward (K-element vectors; ATen ops)."""
     return reference.bn_finalize_backward(grad_scale, grad_shift, stats, count, weight, eps, needs_grad)
+
+
+def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                  in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor],
+                  momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """reference.conv_bn_train as this extension's conv_fused then bn_train_finalize (no fused kernel yet)."""
+    return composed_conv_bn_train(sys.modules[__name__], x, weight, bias, in_scale, in_shift, in_relu, stride,
+                                  padding, dilation, groups, bn_weight, bn_bias, eps, running_mean, running_var,
+                                  num_batches_tracked, momentum)
+
+
+def conv_bn_train_backward(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor],
+                           x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                           in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], groups: int, y: Tensor, stats: Tensor,
+                           bn_weight: Optional[Tensor], eps: float,
+                           needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """reference.conv_bn_train_backward as bn_finalize_backward then this extension's conv_fused_backward."""
+    return composed_conv_bn_train_backward(sys.modules[__name__], grad_y, grad_scale, grad_shift, x, weight, bias,
+                                           in_scale, in_shift, in_relu, stride, padding, dilation, groups, y, stats,
+                                           bn_weight, eps, needs_grad)
 
 
 def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

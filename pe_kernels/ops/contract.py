@@ -20,6 +20,8 @@ Tensor = torch.Tensor
 CONV_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "out_scale", "out_shift", "residual")
 # Order of the gradients returned by bn_finalize_backward.
 FINALIZE_GRAD_NAMES = ("stats", "weight", "bias")
+# Order of the gradients returned by conv_bn_train_backward.
+CONV_BN_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "bn_weight", "bn_bias")
 # Order of the gradients returned by bn_apply_backward.
 APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residual_shift")
 
@@ -72,6 +74,20 @@ class Backend(Protocol):
                              count: int, weight: Optional[Tensor], eps: float,
                              needs_grad: Sequence[bool]) -> list[Optional[Tensor]]: ...
 
+    def conv_bn_train(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                      in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor],
+                      momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+    def conv_bn_train_backward(self, grad_y: Optional[Tensor], grad_scale: Optional[Tensor],
+                               grad_shift: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+                               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                               y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float,
+                               needs_grad: Sequence[bool]) -> list[Optional[Tensor]]: ...
+
     def bn_apply(self, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                  residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor: ...
 
@@ -82,3 +98,48 @@ class Backend(Protocol):
 
 
 BACKEND_FUNCTIONS = tuple(name for name in Backend.__dict__ if not name.startswith("_"))
+
+
+def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                           in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor],
+                           bn_bias: Optional[Tensor], eps: float, running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                           momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """conv_bn_train from `backend`'s conv_fused (statistics, no epilogue) and bn_train_finalize: what it means,
+    and how a backend without a fused kernel implements it.
+        y, stats = conv_fused(x, weight, bias, in_scale, in_shift, in_relu, -, -, -, False, ..., compute_stats=True)
+        scale, shift = bn_train_finalize(stats, N*P*Q, bn_weight, bn_bias, eps, running_mean, running_var,
+                                         num_batches_tracked, momentum)
+    Returns (y, stats, scale, shift)."""
+    y, stats = backend.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
+                                  padding, dilation, groups, True)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    scale, shift = backend.bn_train_finalize(stats, count, bn_weight, bn_bias, eps, running_mean, running_var,
+                                             num_batches_tracked, momentum)
+    return y, stats, scale, shift
+
+
+def composed_conv_bn_train_backward(backend, grad_y: Optional[Tensor], grad_scale: Optional[Tensor],
+                                    grad_shift: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+                                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                                    groups: int, y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float,
+                                    needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """conv_bn_train's gradients (CONV_BN_GRAD_NAMES; None where not needed or absent) from `backend`'s
+    bn_finalize_backward (-> grad_stats) and conv_fused_backward. An absent grad_y / grad_scale / grad_shift is
+    zero."""
+    needs = [bool(v) for v in needs_grad]
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    conv_needs = needs[:5] + [False] * 3
+    need_stats = any(conv_needs)
+    d_stats, d_bn_weight, d_bn_bias = backend.bn_finalize_backward(grad_scale, grad_shift, stats, count, bn_weight,
+                                                                   eps, [need_stats, needs[5], needs[6]])
+    grads: list[Optional[Tensor]] = [None] * 5
+    if need_stats:
+        if grad_y is None:
+            grad_y = torch.zeros_like(y, memory_format=torch.channels_last)
+        grads = list(backend.conv_fused_backward(grad_y, d_stats, x, weight, bias, in_scale, in_shift, in_relu, None,
+                                                 None, None, False, stride, padding, dilation, groups, y, conv_needs,
+                                                 stats)[:5])
+    return [*grads, d_bn_weight if needs[5] else None, d_bn_bias if needs[6] else None]

@@ -102,8 +102,8 @@ def _conv_fused_backward_fake(grad_y, grad_stats, x, weight, bias, in_scale, in_
             out.append(empty_grad(x))
         elif name in ("x", "residual"):
             out.append(empty_channels_last(like, like.shape))
-        else:
-            out.append(like.new_empty(like.shape))
+        else:  # the weight's gradient in the weight's strides (the kernels write dw so), vectors contiguous
+            out.append(torch.empty_like(like))
     return out
 
 
@@ -168,6 +168,26 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
                stride=1, padding=0, dilation=1, groups: int = 1,
                compute_stats: bool = False) -> tuple[Tensor, Tensor]:
     """Checked, autocast-aware entry to `pe_kernels::conv_fused`. Returns (y, stats); see the module docstring."""
+    args = checked_args(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                        stride, padding, dilation, groups, compute_stats)
+    x, weight, bias, in_scale, in_shift, _, out_scale, out_shift, residual = args[:9]
+    if _transforms.composite_required("conv_fused"):
+        return _transforms.conv_fused(*args)
+    if eager_dispatch(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                           (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
+            return _ConvFusedFunction.apply(*args)
+        return _forward_impl(args)
+    return torch.ops.pe_kernels.conv_fused(*args)
+
+
+def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                 in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+                 residual: Optional[Tensor], out_relu: bool, stride, padding, dilation, groups: int,
+                 compute_stats: bool) -> tuple:
+    """conv_fused's arguments checked (ValueError/TypeError naming the values) and cast for autocast: the op's
+    15-tuple (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
+    padding, dilation, groups, compute_stats) with stride/padding/dilation as [a, b] lists."""
     check_4d(x, "x")
     check_4d(weight, "weight")
     check_floating(x, "x")
@@ -214,13 +234,5 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
                                                 for t in (in_scale, in_shift, out_scale, out_shift))
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
-    args = (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
+    return (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
             stride, padding, dilation, groups, bool(compute_stats))
-    if _transforms.composite_required("conv_fused"):
-        return _transforms.conv_fused(*args)
-    if eager_dispatch(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
-                                           (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
-            return _ConvFusedFunction.apply(*args)
-        return _forward_impl(args)
-    return torch.ops.pe_kernels.conv_fused(*args)

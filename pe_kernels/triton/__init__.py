@@ -6,16 +6,17 @@ per-channel vectors and statistics in fp32; every 4-D output is channels_last. A
 deterministic (per-tile partial sums reduced in a fixed order, no atomics); the BN statistics [mean, m2] are
 per-tile [count, mean, M2] merged with Chan's formula (conv_fwd.py), stable when the mean dwarfs the spread.
 
-Files: conv_fwd.py (fused grouped conv forward + statistics), conv_bwd.py (its backward: epilogue backward,
-dgrad with the prologue backward, split-M wgrad), bn_finalize.py (statistics -> scale/shift, running stats,
-num_batches_tracked, and the finalize's backward: one launch each), bn_apply.py (BN apply + residual tail, and its
-one-pass backward).
+Files: conv_fwd.py (fused grouped conv forward + statistics; conv_bn_train: + the BatchNorm finalize by the
+conv's last programs, one launch), conv_bwd.py (its backward: epilogue backward, dgrad with the prologue backward,
+split-M wgrad; conv_bn_train_backward: wgrad and dgrad forming g_acc on load, two launches), bn_finalize.py
+(statistics -> scale/shift, running stats, num_batches_tracked, and the finalize's backward: one launch each),
+bn_apply.py (BN apply + residual tail, and its one-pass backward).
 """
 
 from .bn_apply import bn_apply, bn_apply_backward
 from .bn_finalize import bn_finalize, bn_finalize_backward, bn_running_update, bn_train_finalize
-from .conv_bwd import conv_fused_backward
-from .conv_fwd import conv_fused
+from .conv_bwd import conv_bn_train_backward, conv_fused_backward
+from .conv_fwd import conv_bn_train, conv_fused
 
 __all__ = [
     "conv_fused",
@@ -24,6 +25,8 @@ __all__ = [
     "bn_running_update",
     "bn_train_finalize",
     "bn_finalize_backward",
+    "conv_bn_train",
+    "conv_bn_train_backward",
     "bn_apply",
     "bn_apply_backward",
 ]

@@ -12,10 +12,11 @@ The scale sums are formed centred on each tile's mean (sum_centred): sum g (y - 
 weight gradient, sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's sum g (y - mean).
 
 Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
-per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual], reduced afterwards in a fixed order
-(deterministic, no atomics) by one small launch (_common.reduce_slots) that writes the needed sums as separate
-tensors; every slot is written (store_part), so the buffer needs no zeroing. Launches: the apply, one kernel;
-its backward, two (one when no sum is needed); no other device work.
+per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual]; in the same launch the last M tile of each
+column block to arrive at its counter (_common.last_arrival, counters from _common.stream_counters, reset by that
+program) sums its columns' slots in slot order (deterministic, no atomics on values) into the needed sums, each a
+tensor of its own; every slot is written (store_part), so the buffer needs no zeroing. Launches: the apply, one
+kernel; its backward, one; no other device work.
 Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
 """
 
@@ -27,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype, check_same_device,
-                      check_shape, check_vector, dummy, empty_channels_last, nhwc_tile, pow2_tile, reduce_slots,
-                      store_part, strides4, tile_offsets)
+from ._common import (INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
+                      check_same_device, check_shape, check_vector, dummy, empty_channels_last, last_arrival,
+                      nhwc_tile, pow2_tile, store_part, stream_counters, strides4, sum_slots, tile_offsets)
 
 
 # Spatial sizes do not help code generation: not specialised on (strides and K are).
@@ -101,6 +102,11 @@ def _bn_apply_bwd_kernel(
     dy_ptr,         # out: dy, any strides, or unused
     dres_ptr,       # out: d_residual, any strides, or unused
     part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g*y, sum g, sum g*residual], all written
+    dscale_ptr,     # out: (K,) fp32 d_scale = sum g*y (SUM_GY), or unused
+    dshift_ptr,     # out: (K,) fp32 d_shift = sum g (SUM_G), or unused
+    drscale_ptr,    # out: (K,) fp32 d_residual_scale = sum g*residual (SUM_GR), or unused
+    drshift_ptr,    # out: (K,) fp32 d_residual_shift = sum g (SUM_G_RES), or unused
+    sem_ptr,        # (column blocks,) int32 counters, 0 at launch, left at 0 (SUMS), or unused
     K, H, W, M,                  # channels, height, width, M = N*H*W
     sgn, sgc, sgh, sgw,          # grad_out strides
     son, soc, soh, sow,          # out strides
@@ -110,8 +116,11 @@ def _bn_apply_bwd_kernel(
     sen, sec, seh, sew,          # d_residual strides
     RELU: tl.constexpr, HAS_RSCALE: tl.constexpr,
     STORE_DY: tl.constexpr, SUM_GY: tl.constexpr, STORE_DRES: tl.constexpr, SUM_GR: tl.constexpr,
+    SUM_G: tl.constexpr, SUM_G_RES: tl.constexpr,   # write d_shift / d_residual_shift
+    SUMS: tl.constexpr,          # any of the four sums: the last program of each column block reduces the slots
     PART_M: tl.constexpr,        # rows per partial-sum slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,       # slots per step of the reduction (REDUCE_SLOTS)
 ):
     pid_m = tl.program_id(0)
     offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(pid_m, tl.program_id(1), M, K, H, W, BLOCK_M, BLOCK_K)
@@ -147,6 +156,35 @@ def _bn_apply_bwd_kernel(
                    PART_M, BLOCK_M)
     else:
         store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
+    if SUMS:
+        _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, K, M, SUM_GY, SUM_G,
+                      SUM_GR, SUM_G_RES, PART_M, BLOCK_S, BLOCK_K)
+
+
+@triton.jit(noinline=True)
+def _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, K, M, SUM_GY: tl.constexpr,
+                  SUM_G: tl.constexpr, SUM_GR: tl.constexpr, SUM_G_RES: tl.constexpr, PART_M: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """In the last M tile of this column block to arrive: d_scale, d_shift, d_residual_scale, d_residual_shift of
+    its columns from the (cdiv(M, PART_M), 3, K) partials (those asked for), then the counter reset to 0."""
+    pid_k = tl.program_id(1)
+    if last_arrival(sem_ptr + pid_k, tl.num_programs(0)):
+        offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        n_slots = tl.cdiv(M, PART_M)
+        if SUM_GY:
+            total = sum_slots(part_ptr, n_slots, 3 * K, offs, mask, BLOCK_S, BLOCK_K)
+            tl.store(dscale_ptr + offs, total, mask=mask)
+        if SUM_G or SUM_G_RES:
+            total = sum_slots(part_ptr + K, n_slots, 3 * K, offs, mask, BLOCK_S, BLOCK_K)
+            if SUM_G:
+                tl.store(dshift_ptr + offs, total, mask=mask)
+            if SUM_G_RES:
+                tl.store(drshift_ptr + offs, total, mask=mask)
+        if SUM_GR:
+            total = sum_slots(part_ptr + 2 * K, n_slots, 3 * K, offs, mask, BLOCK_S, BLOCK_K)
+            tl.store(drscale_ptr + offs, total, mask=mask)
+        tl.store(sem_ptr + pid_k, 0)
 
 
 def _tiles(K: int, tiles: Optional[dict]) -> tuple[int, int]:
@@ -236,24 +274,26 @@ def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, resi
     # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part).
     part = torch.empty((cdiv(M, block_m), 3, K), dtype=torch.float32, device=y.device)
     unused = dummy(y.device)
-    grid = lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(K, m["BLOCK_K"]))  # noqa: E731
-    if M * K > 0:  # an empty input launches nothing (its sums are zeros)
-        _bn_apply_bwd_kernel[grid](
+    # d_scale, d_shift, d_residual_scale, d_residual_shift (= sum g again, a tensor of its own), summed in the
+    # kernel; zeros for an empty input (no program runs)
+    sums = (need_scale, need_shift, need_rscale, need_rshift)
+    make = torch.zeros if M == 0 else torch.empty
+    for index, flag in zip((1, 2, 4, 5), sums):
+        if flag:
+            result[index] = make(K, dtype=torch.float32, device=y.device)
+    n_cols = cdiv(K, block_k)
+    sems = stream_counters(n_cols, y.device) if any(sums) else dummy(y.device, torch.int32)
+    if M * K > 0:  # an empty input launches nothing
+        _bn_apply_bwd_kernel[(cdiv(M, block_m), n_cols)](
             grad_out, out if relu else grad_out, y, residual if has_res else y, _vec32(scale),
             _vec32(residual_scale) if has_res and residual_scale is not None else unused,
             dy if need_y else y, dres if need_res else y, part,
+            *(unused if result[index] is None else result[index] for index in (1, 2, 4, 5)), sems,
             K, H, W, M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y), *strides4(residual),
             *strides4(dy), *strides4(dres),
             RELU=bool(relu), HAS_RSCALE=has_res and residual_scale is not None, STORE_DY=need_y,
-            SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, PART_M=block_m, BLOCK_M=block_m,
-            BLOCK_K=block_k)
-    # [sum g*y, sum g, sum g*residual] -> d_scale, d_shift, d_residual_scale, d_residual_shift (= sum g again, a
-    # tensor of its own): one launch, zeros for an empty input
-    wanted = [(1, 0, need_scale), (2, 1, need_shift), (4, 2, need_rscale), (5, 1, need_rshift)]
-    for index, _, flag in wanted:
-        if flag:
-            result[index] = torch.empty(K, dtype=torch.float32, device=y.device)
-    reduce_slots(part, [(row, result[index]) for index, row, _ in wanted])
+            SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, SUM_G=need_shift, SUM_G_RES=need_rshift,
+            SUMS=any(sums), PART_M=block_m, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_S=REDUCE_SLOTS)
     result[0] = dy
     result[3] = dres
     return result

@@ -17,7 +17,9 @@ stats = [mean, m2] per channel (m2 = the sum of squared deviations), n = count::
 One launch per call, no other GPU work: `_bn_finalize_kernel` (runtime flags, so one compiled kernel serves
 bn_finalize, bn_running_update and bn_train_finalize) is a single program that loops over the channels, so the
 num_batches_tracked read-modify-write happens once, before the factor is used (K <= a few thousand: a few loop
-steps). An absent weight / bias / gradient is read from a cached identity vector (no torch.ones / zeros launch).
+steps). The per-channel math is `finalize_channels` (and `running_factor` for f), which conv_fwd.py's kernel also
+calls to finalize its own columns in the conv's launch (conv_bn_train). An absent weight / bias / gradient is read
+from a cached identity vector (no torch.ones / zeros launch).
 fp32 math; running buffers updated in place in their own dtype and strides.
 """
 
@@ -32,6 +34,38 @@ import triton.language as tl
 from ._common import Tensor, check_same_device, check_vector, dummy, identity_vector
 
 _BLOCK = 1024  # channels per loop step of the single-program finalize; per program of the backward's grid
+
+
+@triton.jit
+def running_factor(nbt, momentum, cumulative):
+    """f of the running update: momentum, or 1 / nbt (num_batches_tracked after the bump, an integer scalar) when
+    `cumulative` is nonzero (momentum None), computed in fp64 and rounded once to fp32."""
+    f = momentum
+    if cumulative != 0:
+        f = (1.0 / nbt.to(tl.float64)).to(tl.float32)
+    return f
+
+
+@triton.jit
+def finalize_channels(mean, m2, offs, mask, count, eps, f, weight_ptr, sw, bias_ptr, sb, scale_ptr, shift_ptr,
+                      rmean_ptr, srm, rvar_ptr, srv, affine, running):
+    """The finalize of channels `offs` (`mask`ed) from their fp32 batch statistics mean, m2 (count values each):
+    scale = w / sqrt(m2/count + eps), shift = b - mean * scale into the fp32 contiguous scale/shift (when `affine`);
+    running_mean/var (strides srm, srv; updated in their own dtype) <- (1 - f) * old + f * (mean, m2 / (count - 1))
+    (when `running`). `affine`, `running`: ints, runtime or literal."""
+    if affine != 0:
+        var = m2 / count
+        scale = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32) / tl.sqrt_rn(var + eps)
+        shift = tl.load(bias_ptr + offs * sb, mask=mask, other=0.0).to(tl.float32) - mean * scale
+        tl.store(scale_ptr + offs, scale, mask=mask)
+        tl.store(shift_ptr + offs, shift, mask=mask)
+    if running != 0:
+        rm = tl.load(rmean_ptr + offs * srm, mask=mask, other=0.0)
+        rv = tl.load(rvar_ptr + offs * srv, mask=mask, other=0.0)
+        rm = rm.to(tl.float32) * (1.0 - f) + f * mean
+        rv = rv.to(tl.float32) * (1.0 - f) + f * (m2 / (count - 1.0))
+        tl.store(rmean_ptr + offs * srm, rm.to(rmean_ptr.dtype.element_ty), mask=mask)
+        tl.store(rvar_ptr + offs * srv, rv.to(rvar_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["K", "s_row", "s_col", "sw", "sb", "srm", "srv", "affine", "running", "has_nbt",
@@ -63,26 +97,27 @@ def _bn_finalize_kernel(
     if has_nbt != 0:
         nbt = tl.load(nbt_ptr) + 1
         tl.store(nbt_ptr, nbt)
-        if cumulative != 0:
-            f = (1.0 / nbt.to(tl.float64)).to(tl.float32)
+        f = running_factor(nbt, momentum, cumulative)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
         mean = tl.load(stats_ptr + offs * s_col, mask=mask, other=0.0).to(tl.float32)
         m2 = tl.load(stats_ptr + s_row + offs * s_col, mask=mask, other=0.0).to(tl.float32)
-        if affine != 0:
-            var = m2 / count
-            scale = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32) / tl.sqrt_rn(var + eps)
-            shift = tl.load(bias_ptr + offs * sb, mask=mask, other=0.0).to(tl.float32) - mean * scale
-            tl.store(scale_ptr + offs, scale, mask=mask)
-            tl.store(shift_ptr + offs, shift, mask=mask)
-        if running != 0:
-            rm = tl.load(rmean_ptr + offs * srm, mask=mask, other=0.0)
-            rv = tl.load(rvar_ptr + offs * srv, mask=mask, other=0.0)
-            rm = rm.to(tl.float32) * (1.0 - f) + f * mean
-            rv = rv.to(tl.float32) * (1.0 - f) + f * (m2 / (count - 1.0))
-            tl.store(rmean_ptr + offs * srm, rm.to(rmean_ptr.dtype.element_ty), mask=mask)
-            tl.store(rvar_ptr + offs * srv, rv.to(rvar_ptr.dtype.element_ty), mask=mask)
+        finalize_channels(mean, m2, offs, mask, count, eps, f, weight_ptr, sw, bias_ptr, sb, scale_ptr, shift_ptr,
+                          rmean_ptr, srm, rvar_ptr, srv, affine, running)
+
+
+@triton.jit
+def bn_finalize_grads(g_scale, g_shift, mean, m2, w, count, eps):
+    """The BN finalize's backward per channel (fp32 vectors; reference.bn_finalize_backward): with
+    invstd = 1 / sqrt(m2/count + eps), scale = w invstd, shift = b - mean scale and g_tot = g_scale - mean g_shift,
+    returns (d_weight, d_bias, d_mean, d_m2) = (g_tot invstd, g_shift, -w invstd g_shift,
+    g_tot w (-1/2) invstd^3 / count)."""
+    invstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
+    g_tot = g_scale - mean * g_shift
+    d_mean = -(w * invstd) * g_shift
+    d_m2 = g_tot * w * (-0.5) * (invstd * invstd * invstd) / count
+    return g_tot * invstd, g_shift, d_mean, d_m2
 
 
 @triton.jit(do_not_specialize=["K", "s_row", "s_col", "sgs", "sgb", "sw", "need_stats", "need_weight",
@@ -107,18 +142,17 @@ def _bn_finalize_bwd_kernel(
     mask = offs < K
     mean = tl.load(stats_ptr + offs * s_col, mask=mask, other=0.0).to(tl.float32)
     m2 = tl.load(stats_ptr + s_row + offs * s_col, mask=mask, other=0.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
     w = tl.load(weight_ptr + offs * sw, mask=mask, other=0.0).to(tl.float32)
     g_scale = tl.load(gscale_ptr + offs * sgs, mask=mask, other=0.0).to(tl.float32)
     g_shift = tl.load(gshift_ptr + offs * sgb, mask=mask, other=0.0).to(tl.float32)
-    g_tot = g_scale - mean * g_shift
+    d_weight, d_bias, d_mean, d_m2 = bn_finalize_grads(g_scale, g_shift, mean, m2, w, count, eps)
     if need_stats != 0:
-        tl.store(dstats_ptr + offs, -(w * invstd) * g_shift, mask=mask)
-        tl.store(dstats_ptr + K + offs, g_tot * w * (-0.5) * (invstd * invstd * invstd) / count, mask=mask)
+        tl.store(dstats_ptr + offs, d_mean, mask=mask)
+        tl.store(dstats_ptr + K + offs, d_m2, mask=mask)
     if need_weight != 0:
-        tl.store(dweight_ptr + offs, (g_tot * invstd).to(dweight_ptr.dtype.element_ty), mask=mask)
+        tl.store(dweight_ptr + offs, d_weight.to(dweight_ptr.dtype.element_ty), mask=mask)
     if need_bias != 0:
-        tl.store(dbias_ptr + offs, g_shift, mask=mask)
+        tl.store(dbias_ptr + offs, d_bias, mask=mask)
 
 
 def _check_stats(stats: Tensor) -> int:
@@ -141,6 +175,32 @@ def _check_nbt(num_batches_tracked: Optional[Tensor], device: torch.device) -> N
         raise ValueError("num_batches_tracked must be a one-element integer tensor, got "
                          f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
     check_same_device(device, num_batches_tracked=num_batches_tracked)
+
+
+def check_train_args(K: int, device: torch.device, weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     num_batches_tracked: Optional[Tensor], prefix: str = "") -> None:
+    """bn_train_finalize's tensor arguments for K channels on `device` (ValueError/TypeError naming them; `prefix`
+    before weight and bias: conv_bn_train's bn_weight, bn_bias)."""
+    check_vector(prefix + "weight", weight, K)
+    check_vector(prefix + "bias", bias, K)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    check_vector("running_mean", running_mean, K)
+    check_vector("running_var", running_var, K)
+    check_same_device(device, **{prefix + "weight": weight, prefix + "bias": bias}, running_mean=running_mean,
+                      running_var=running_var)
+    _check_nbt(num_batches_tracked, device)
+
+
+def check_train_count(count: int, running: bool, num_batches_tracked: Optional[Tensor]) -> None:
+    """As the reference (and BatchNorm2d): a running update from count < 2 values raises ValueError, after
+    num_batches_tracked (when given) was bumped (one launch, then)."""
+    if running and count < 2:
+        if num_batches_tracked is not None:  # the reference bumps it before it raises
+            no_stats = dummy(num_batches_tracked.device).view(2, -1)  # read, nothing written: only the bump
+            _finalize(no_stats, count, None, None, 0.0, None, None, num_batches_tracked, 0.0, False)
+        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
 
 
 def _finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -201,18 +261,8 @@ def bn_train_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias:
     running statistics raises ValueError after num_batches_tracked was bumped."""
     K = _check_stats(stats)
     _check_count(count)
-    check_vector("weight", weight, K)
-    check_vector("bias", bias, K)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    check_vector("running_mean", running_mean, K)
-    check_vector("running_var", running_var, K)
-    check_same_device(stats.device, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    _check_nbt(num_batches_tracked, stats.device)
-    if running_mean is not None and count < 2:
-        if num_batches_tracked is not None:  # the reference bumps it before it raises
-            _finalize(stats, count, None, None, 0.0, None, None, num_batches_tracked, 0.0, False)
-        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
+    check_train_args(K, stats.device, weight, bias, running_mean, running_var, num_batches_tracked)
+    check_train_count(count, running_mean is not None, num_batches_tracked)
     return _finalize(stats, count, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum,
                      True)
 

@@ -1,4 +1,5 @@
-"""Fused grouped convolution, backward: epilogue backward, dgrad (+ prologue backward), wgrad.
+"""Fused grouped convolution, backward: epilogue backward, dgrad (+ prologue backward), wgrad; and the backward of
+a training conv -> BatchNorm (conv_bn_train_backward) in the wgrad and the dgrad alone.
 
 Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x') + bias)::
 
@@ -26,7 +27,18 @@ the last program to arrive at a per-tile int32 counter (_common.last_arrival; fi
 not depend on which program is last); the counters are zeroed by the epilogue kernel, which runs before them on
 the same stream, and reset by their last program (autotune trials and CUDA graph replays find them at 0). The
 epilogue's own sums (d_bias, d_out_scale, d_out_shift, only with an epilogue or a bias) take one small reduce
-launch (_common.reduce_slots). Outputs are written in their final dtype and layout (dw KCRS in weight's dtype).
+launch (_common.reduce_slots). Outputs are written in their final dtype and layout (dw in the weight's dtype and
+strides: a channels_last weight gets a channels_last dw).
+
+conv -> BN training backward (conv_bn_bwd; reference.conv_bn_train_backward): BN's batch statistics are those of
+the saved y = acc (no epilogue), and its finalize's backward (bn_finalize_grads, per channel, from grad_scale,
+grad_shift, stats, bn_weight, eps, n) gives grad_stats = [d_mean, d_m2] and d_bn_weight, d_bn_bias. With
+GACC_ON_LOAD the wgrad and the dgrad compute those per-channel terms themselves and form
+g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load (stats_grad_on_load, the epilogue kernel's expression, g_acc
+rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's); the wgrad's programs of j tile
+0 and split 0 write d_bn_weight, d_bn_bias. Two launches, no epilogue kernel and no finalize-backward kernel, when
+the weight's gradient is needed and the conv bias's is not; the counters are then _common.stream_counters. Other
+cases: the composition (ops/contract.composed_conv_bn_train_backward).
 
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
@@ -37,7 +49,7 @@ Kernels:
                              the last M tile of each column block into d_in_scale, d_in_shift.
   _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
                              m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials, summed
-                             by the last split of each tile into dw (KCRS, weight's dtype); SPLIT = 1 writes dw
+                             by the last split of each tile into dw (weight's strides and dtype); SPLIT = 1 writes dw
                              directly.
 """
 
@@ -51,13 +63,40 @@ import triton
 import triton.language as tl
 
 from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_same_device,
-                      check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n, krsc,
-                      last_arrival, launch, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part, strides4,
-                      sum_slots, tile_offsets, upcast_bf16)
+                      check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n,
+                      identity_vector, krsc, last_arrival, launch, nhwc_tile, part_rows, pow2_tile, reduce_slots,
+                      store_part, stream_counters, strides4, sum_slots, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
+from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
 
 _INTERPRET_BLOCK_M = 128   # the interpreter's single configuration
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 0. The BN statistics' gradient terms of g_acc (the epilogue kernel, and the wgrad / dgrad on load)
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bn_grad_terms(gscale_ptr, gshift_ptr, stats_ptr, bnw_ptr, k, mask, stats_row, count, inv_n, eps):
+    """Per output channel k (`mask`ed): (mean, c0, c1, d_bn_weight, d_bn_bias) with c0 = d_mean / n, c1 = 2 d_m2, so
+    that g_acc = g + c0 + c1 (y - mean) (stats_grad_on_load). Vectors fp32 contiguous, stats (2, K) with row stride
+    `stats_row`; the terms a caller does not use are compiled out."""
+    mean = tl.load(stats_ptr + k, mask=mask, other=0.0)
+    m2 = tl.load(stats_ptr + stats_row + k, mask=mask, other=0.0)
+    g_scale = tl.load(gscale_ptr + k, mask=mask, other=0.0)
+    g_shift = tl.load(gshift_ptr + k, mask=mask, other=0.0)
+    w = tl.load(bnw_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    d_w, d_b, d_mean, d_m2 = bn_finalize_grads(g_scale, g_shift, mean, m2, w, count, eps)
+    return mean, d_mean * inv_n, 2.0 * d_m2, d_w, d_b
+
+
+@triton.jit
+def stats_grad_on_load(g, a, c0, c1, mean, mask):
+    """g_acc = g + c0 + c1 (a - mean) where `mask`, g elsewhere (tiles broadcast by the caller; fp32): the statistics'
+    gradient added to the output's, with d_mean/n = c0, 2 d_m2 = c1, a = acc as the forward's statistics saw it
+    (a - mean before the product: no cancellation). One expression for the epilogue kernel and the on-load path, so
+    that both round alike."""
+    return g + tl.where(mask, c0 + c1 * (a - mean), 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,7 +158,7 @@ def _conv_bwd_epilogue_kernel(
         # acc as the forward's statistics saw it: rounded to the stored dtype (g_acc's, x.dtype); a no-op when acc
         # is the saved y, a rounding when it was recomputed in fp32 (an epilogue).
         a_s = a.to(gacc_ptr.dtype.element_ty).to(tl.float32)
-        g_acc = g_acc + tl.where(mask, (gs0 * inv_n)[None, :] + 2.0 * gs1[None, :] * (a_s - mean[None, :]), 0.0)
+        g_acc = stats_grad_on_load(g_acc, a_s, (gs0 * inv_n)[None, :], (2.0 * gs1)[None, :], mean[None, :], mask)
     tl.store(gacc_ptr + tile_offsets(n, p, q, k, son, soc, soh, sow),
              g_acc.to(gacc_ptr.dtype.element_ty), mask=mask)
 
@@ -137,13 +176,18 @@ def _conv_bwd_epilogue_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # 2. dgrad: transposed grouped implicit GEMM, prologue backward in the epilogue
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["stats_row"])
 def _conv_dgrad_kernel(
-    g_ptr,          # g_acc (N, K, P, Q), any strides
+    g_ptr,          # g_acc (N, K, P, Q), any strides; grad_y with GACC_ON_LOAD
     w_ptr,          # weight (K, C_g, R, S), any strides
     x_ptr,          # forward input (N, C, H, W), any strides (prologue recompute) or unused
     in_scale_ptr,   # (C,) contiguous or unused
     in_shift_ptr,   # (C,) contiguous or unused
+    y_ptr,          # GACC_ON_LOAD: the forward output y (N, K, P, Q), any strides; else unused
+    gscale_ptr,     # GACC_ON_LOAD: grad_scale (K,) fp32 contiguous (cached zeros when absent); else unused
+    gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
+    stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
+    bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused
     part_ptr,       # out: (cdiv(M, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
     dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS), or unused
@@ -152,7 +196,10 @@ def _conv_dgrad_kernel(
     C, H, W, P, Q, M,            # input channels, input height/width, output height/width, M = N*H*W
     C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
     M_KEY,                       # M rounded up to a power of two (autotune key)
-    sgn, sgc, sgh, sgw,          # g_acc strides
+    count, inv_n, eps,           # GACC_ON_LOAD: n = N*P*Q (float), 1 / n, BN epsilon
+    stats_row,                   # GACC_ON_LOAD: K, the row stride of stats
+    sgn, sgc, sgh, sgw,          # g_acc (grad_y) strides
+    syn, syc, syh, syw,          # y strides (GACC_ON_LOAD)
     swk, swc, swr, sws,          # weight strides
     sxn, sxc, sxh, sxw,          # x strides
     sdn, sdc, sdh, sdw,          # dx strides
@@ -160,6 +207,7 @@ def _conv_dgrad_kernel(
     PROLOGUE: tl.constexpr,      # the forward loaded x' = act(x * in_scale + in_shift)
     IN_RELU: tl.constexpr,
     STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / d_in_scale, d_in_shift (needs PROLOGUE)
+    GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the last program's reduction
@@ -178,6 +226,7 @@ def _conv_dgrad_kernel(
     h = hw // W
     w = hw % W
     g_rows = g_ptr + n.to(tl.int64) * sgn
+    y_rows = y_ptr + n.to(tl.int64) * syn
 
     # Columns: input channels of group grp.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,6 +250,14 @@ def _conv_dgrad_kernel(
                  & (wq % STRIDE_W == 0) & (p < P) & (q < Q))
         a_ptrs = g_rows[:, None] + (k.to(tl.int64) * sgc)[None, :] + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
         a = tl.load(a_ptrs, mask=valid, other=0.0)
+        if GACC_ON_LOAD:
+            # k changes along j: the per-channel terms are gathered per step (BLOCK_K values, cached loads)
+            mean, c0, c1, _, _ = _bn_grad_terms(gscale_ptr, gshift_ptr, stats_ptr, bnw_ptr, k, mask_j, stats_row,
+                                                count, inv_n, eps)
+            yv = tl.load(y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
+                         + q.to(tl.int64) * syw, mask=valid, other=0.0).to(tl.float32)
+            a = stats_grad_on_load(a.to(tl.float32), yv, c0[None, :], c1[None, :], mean[None, :], valid)
+            a = a.to(w_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
         b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
         b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
@@ -256,24 +313,36 @@ def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, c0, n_cols, n_slots, 
 # --------------------------------------------------------------------------------------------------------------
 # 3. wgrad: grouped implicit GEMM over M = N*P*Q, prologue recomputed on load, split-M fp32 partials
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT", "sdk", "sdc", "sdr", "sds"])
 def _conv_wgrad_kernel(
-    g_ptr,          # g_acc (N, K, P, Q), any strides
+    g_ptr,          # g_acc (N, K, P, Q), any strides; grad_y with GACC_ON_LOAD
     x_ptr,          # forward input (N, C, H, W), any strides
     in_scale_ptr,   # (C,) contiguous or unused
     in_shift_ptr,   # (C,) contiguous or unused
-    dw_ptr,         # out: dw (K, C_g, R, S) contiguous (KCRS) in weight's dtype
+    y_ptr,          # GACC_ON_LOAD: the forward output y (N, K, P, Q), any strides; else unused
+    gscale_ptr,     # GACC_ON_LOAD: grad_scale (K,) fp32 contiguous (cached zeros when absent); else unused
+    gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
+    stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
+    bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
+    dw_ptr,         # out: dw (K, C_g, R, S) in weight's dtype, strides (sdk, sdc, sdr, sds)
     part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest; unused if
                     # SPLIT = 1
     sem_ptr,        # (tiles of k x j, groups) int32 counters, 0 at launch (SPLIT > 1), or unused
+    dbnw_ptr,       # out (GACC_ON_LOAD): d_bn_weight (K,) in the BN weight's dtype; else unused
+    dbnb_ptr,       # out (GACC_ON_LOAD): d_bn_bias (K,) fp32; else unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_PER_SPLIT,                 # rows of M per split (a multiple of BLOCK_M)
-    sgn, sgc, sgh, sgw,          # g_acc strides
+    count, inv_n, eps,           # GACC_ON_LOAD: n = M (float), 1 / n, BN epsilon
+    sgn, sgc, sgh, sgw,          # g_acc (grad_y) strides
+    syn, syc, syh, syw,          # y strides (GACC_ON_LOAD)
     sxn, sxc, sxh, sxw,          # x strides
+    sdk, sdc, sdr, sds,          # dw strides (the weight's memory format)
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     PROLOGUE: tl.constexpr,      # x' = x * in_scale + in_shift (then ReLU if IN_RELU)
     IN_RELU: tl.constexpr,
+    GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train);
+                                 # the programs of j tile 0, split 0 write d_bn_weight, d_bn_bias of their k rows
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
 ):
@@ -297,6 +366,12 @@ def _conv_wgrad_kernel(
     if PROLOGUE:
         scale = tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)
         shift = tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)
+    if GACC_ON_LOAD:
+        mean, c0, c1, d_bn_w, d_bn_b = _bn_grad_terms(gscale_ptr, gshift_ptr, stats_ptr, bnw_ptr, k, mask_k, K,
+                                                      count, inv_n, eps)
+        if (pid_j == 0) & (split == 0):
+            tl.store(dbnw_ptr + k, d_bn_w.to(dbnw_ptr.dtype.element_ty), mask=mask_k)
+            tl.store(dbnb_ptr + k, d_bn_b, mask=mask_k)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
@@ -310,9 +385,16 @@ def _conv_wgrad_kernel(
         q = pq % Q
         n64 = n.to(tl.int64)
         # A = g_acc^T tile (BLOCK_N x BLOCK_M)
+        mask_a = mask_k[:, None] & mask_m[None, :]
         a_ptrs = (g_ptr + (k.to(tl.int64) * sgc)[:, None]
                   + (n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw)[None, :])
-        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        if GACC_ON_LOAD:
+            y_ptrs = (y_ptr + (k.to(tl.int64) * syc)[:, None]
+                      + (n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[None, :])
+            yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
+            a = stats_grad_on_load(a.to(tl.float32), yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
+            a = a.to(x_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
         # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
         hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
         ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
@@ -330,9 +412,9 @@ def _conv_wgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    # dw[k, c_l, r, s] sits at k*RSC + c_l*R*S + (r*S + s) in KCRS; j = (r*S + s)*C_g + c_l
+    # dw[k, c_l, r, s] through dw's strides (the weight's memory format); j = (r*S + s)*C_g + c_l
     mask = mask_k[:, None] & mask_j[None, :]
-    dw_offs = (k.to(tl.int64) * RSC)[:, None] + (c_l * (RSC // C_g) + rs)[None, :]
+    dw_offs = (k.to(tl.int64) * sdk)[:, None] + (c_l.to(tl.int64) * sdc + r * sdr + s * sds)[None, :]
     n_split = tl.num_programs(2)
     if n_split == 1:
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
@@ -402,6 +484,36 @@ def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor)
     return False, dummy(x.device), dummy(x.device)
 
 
+@dataclass(frozen=True)
+class GaccOnLoad:
+    """What the wgrad and the dgrad need to form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load
+    (GACC_ON_LOAD) instead of reading an epilogue kernel's g_acc: the saved output y and the BN finalize's inputs,
+    d_mean and d_m2 computed in the kernels (bn_finalize_grads); and the wgrad's outputs d_bn_weight, d_bn_bias.
+    Vectors fp32 contiguous (K,) (cached identities for absent ones), stats (2, K) fp32 contiguous."""
+    y: Tensor                # (N, K, P, Q), any strides
+    grad_scale: Tensor
+    grad_shift: Tensor
+    stats: Tensor
+    bn_weight: Tensor        # (K,) contiguous, any float dtype
+    count: int               # n = N*P*Q >= 1
+    eps: float
+    d_bn_weight: Tensor      # out: (K,) in the BN weight's dtype
+    d_bn_bias: Tensor        # out: (K,) fp32
+
+    def inputs(self) -> tuple:
+        return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
+
+    def scalars(self) -> tuple:
+        return float(self.count), 1.0 / self.count, float(self.eps)
+
+
+def _on_load_args(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple[tuple, tuple, tuple]:
+    """(the five input pointers, (count, 1/n, eps), y's strides) for a kernel; dummies and zeros without on_load."""
+    if on_load is None:
+        return (dummy(device),) * 5, (1.0, 1.0, 0.0), (0, 0, 0, 0)
+    return on_load.inputs(), on_load.scalars(), strides4(on_load.y)
+
+
 def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
     """The dgrad's BLOCK_N (column tile over C_g) and BLOCK_K (reduction tile over R*S*K_g)."""
     rsk = geo.R * geo.S * geo.K_g
@@ -414,9 +526,10 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
 
 
 def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
-           meta: dict, sems: Tensor, tiles: Optional[dict]):
+           meta: dict, sems: Tensor, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None):
     """Returns (dx channels_last in x.dtype or None, (d_in_scale, d_in_shift) or None). With the prologue sums, the
-    first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (the epilogue kernel zeroes them)."""
+    first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (zeroed by the epilogue kernel, or persistent
+    stream_counters). With `on_load`, `g_acc` is grad_y and g_acc is formed on load (GaccOnLoad)."""
     M = geo.N * geo.H * geo.W
     dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
     tile_m = _tile_m(tiles)
@@ -436,13 +549,15 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
     rsk = geo.R * geo.S * geo.K_g
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
     weight, w_strides = krsc(weight)
-    args = (g_acc, weight, x, scale, shift, x if dx is None else dx, part,
+    load_ptrs, load_scalars, y_strides = _on_load_args(on_load, x.device)
+    args = (g_acc, weight, x, scale, shift, *load_ptrs, x if dx is None else dx, part,
             unused if sums is None else sums[0], unused if sums is None else sums[1], sems,
             geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, triton.next_power_of_2(max(M, 1)),
-            *strides4(g_acc), *w_strides, *strides4(x), *strides4(dx),
+            *load_scalars, geo.K, *strides4(g_acc), *y_strides, *w_strides, *strides4(x), *strides4(dx),
             *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
+                GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
+                PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
     if M > 0:
         launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, grid, args, meta, tiles_m)
     return dx, sums
@@ -486,25 +601,46 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid)
 
 
-def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan, sems: Tensor):
-    """Weight gradient (K, C_g, R, S), KCRS-contiguous in weight.dtype, written by the kernel; a split-M launch sums
-    its fp32 partials in the last split of each tile (deterministic: split order), on `plan.counters` counters of
-    `sems` that must be 0 (the epilogue kernel zeroes them). Not autotuned: one config, and every (split, k, j)
-    element of the partial buffer is written by the grid."""
+def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan, sems: Tensor,
+           on_load: Optional[GaccOnLoad] = None):
+    """Weight gradient (K, C_g, R, S) in weight.dtype and in the weight's strides (torch.empty_like: a channels_last
+    weight gets a channels_last dw, which autograd's AccumulateGrad takes without a copy), written by the kernel; a
+    split-M launch sums its fp32 partials in the last split of each tile (deterministic: split order), on
+    `plan.counters` counters of `sems` that must be 0 (zeroed by the epilogue kernel, or persistent
+    stream_counters). With `on_load`, `g_acc` is grad_y, g_acc is formed on load and the kernel also writes
+    on_load.d_bn_weight, d_bn_bias (needs M > 0). Not autotuned: one config, and every (split, k, j) element of
+    the partial buffer is written by the grid."""
     M = geo.N * geo.P * geo.Q
     if M == 0:
-        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        return torch.zeros_like(weight)
     rsc = geo.R * geo.S * geo.C_g
-    dw = torch.empty((geo.K, geo.C_g, geo.R, geo.S), dtype=weight.dtype, device=x.device)
+    dw = torch.empty_like(weight)
     part = (torch.empty((plan.split, geo.K, rsc), dtype=torch.float32, device=x.device) if plan.split > 1
             else dummy(x.device))
     prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
+    load_ptrs, load_scalars, y_strides = _on_load_args(on_load, x.device)
+    outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (dummy(x.device),) * 2
     _conv_wgrad_kernel[plan.grid](
-        g_acc, x, scale, shift, dw, part, sems, geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc,
-        plan.m_per_split, *strides4(g_acc), *strides4(x), *geo.stride, *geo.padding, *geo.dilation,
-        PROLOGUE=prologue, IN_RELU=bool(in_relu), UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, num_warps=4)
+        g_acc, x, scale, shift, *load_ptrs, dw, part, sems, *outs,
+        geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
+        *strides4(g_acc), *y_strides, *strides4(x), *dw.stride(), *geo.stride, *geo.padding, *geo.dilation,
+        PROLOGUE=prologue, IN_RELU=bool(in_relu), GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype),
+        PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        num_warps=4)
     return dw
+
+
+def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
+                tiles: Optional[dict]) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
+    """(wgrad plan or None, dgrad meta or None, first wgrad counter, counters in all). The counters of the in-kernel
+    reductions (the dgrad's prologue sums, the wgrad's split) share one int32 buffer, the dgrad's first; the wgrad's
+    start 16-byte aligned (one pointer specialisation whatever the sizes)."""
+    wplan = _wgrad_plan(geo, tiles) if need_w else None
+    dmeta = _dgrad_meta(geo, tiles) if need_dgrad else None
+    dgrad_sums = need_dgrad and need_in_sums and has_prologue(in_scale, in_shift, in_relu)
+    n_dsem = geo.groups * cdiv(geo.C_g, dmeta["BLOCK_N"]) if dgrad_sums else 0
+    w_first = cdiv(n_dsem, 4) * 4
+    return wplan, dmeta, w_first, w_first + (wplan.counters if wplan is not None else 0)
 
 
 def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -562,16 +698,10 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
             acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
                               padding, dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
     need_dgrad = need_x or need_isc or need_ish
-    dgrad_sums = (need_isc or need_ish) and has_prologue(in_scale, in_shift, in_relu)
     need_sums = need[2] or need_osc or need[6]
-    # The counters of the in-kernel reductions (dgrad's prologue sums, the wgrad's split): one int32 buffer, zeroed
-    # by the epilogue kernel; the wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes).
-    wplan = _wgrad_plan(geo, tiles) if need_w else None
-    dmeta = _dgrad_meta(geo, tiles) if need_dgrad else None
-    n_dsem = geo.groups * cdiv(geo.C_g, dmeta["BLOCK_N"]) if dgrad_sums else 0
-    w_first = cdiv(n_dsem, 4) * 4
-    n_sem = w_first + (wplan.counters if wplan is not None else 0)
-    sems = torch.empty(max(n_sem, 4), dtype=torch.int32, device=x.device)
+    wplan, dmeta, w_first, n_sem = _gemm_plans(geo, need_w, need_dgrad, need_isc or need_ish, in_scale, in_shift,
+                                               in_relu, tiles)
+    sems = torch.empty(max(n_sem, 4), dtype=torch.int32, device=x.device)  # zeroed by the epilogue kernel
     g_acc, d_res, part = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo,
                                             need_res, need_sums, sems, n_sem, x.dtype, tiles)
     if wplan is not None:
@@ -602,3 +732,98 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
     """Triton implementation of pe_kernels.reference.conv_fused_backward (same arguments, same results)."""
     return conv_bwd(grad_y, grad_stats, x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
                     residual, out_relu, stride, padding, dilation, groups, y, needs_grad, stats)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. conv -> BatchNorm (training) backward: the BN finalize's backward and g_acc inside the wgrad and the dgrad
+# --------------------------------------------------------------------------------------------------------------
+def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
+                weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool],
+                tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
+    """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
+    SPLIT; the fallback ignores them).
+
+    Fast path, two launches (one without dgrad): when the weight's gradient is needed, the conv bias's is not (d_bias
+    = sum g_acc would need a reduction of its own) and N*P*Q > 0. The wgrad and the dgrad read grad_y and y and form
+    g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from the BN finalize's backward computed
+    per channel in the kernels; the wgrad's programs of j tile 0 and split 0 write d_bn_weight and d_bn_bias; no
+    epilogue kernel, no finalize-backward kernel; the counters are the persistent stream_counters. Otherwise the
+    composition contract.composed_conv_bn_train_backward of this backend's bn_finalize_backward and
+    conv_fused_backward (four launches)."""
+    geo = conv_geometry(x, weight, stride, padding, dilation, groups)
+    out_shape = (geo.N, geo.K, geo.P, geo.Q)
+    check_4d("y", y)
+    check_shape("y", y, out_shape)
+    if grad_y is not None:
+        check_4d("grad_y", grad_y)
+        check_shape("grad_y", grad_y, out_shape)
+    check_shape("stats", stats, (2, geo.K))
+    if stats.dtype != torch.float32:
+        raise TypeError(f"triton backend: stats must be float32, got {stats.dtype}")
+    for name, t, n in (("bias", bias, geo.K), ("in_scale", in_scale, geo.C), ("in_shift", in_shift, geo.C),
+                       ("grad_scale", grad_scale, geo.K), ("grad_shift", grad_shift, geo.K),
+                       ("bn_weight", bn_weight, geo.K)):
+        check_vector(name, t, n)
+    check_same_device(x.device, grad_y=grad_y, grad_scale=grad_scale, grad_shift=grad_shift, bias=bias,
+                      in_scale=in_scale, in_shift=in_shift, y=y, stats=stats, bn_weight=bn_weight)
+    needs = [bool(v) for v in needs_grad]
+    if len(needs) != 7:
+        raise ValueError(f"needs_grad must have 7 entries (CONV_BN_GRAD_NAMES), got {len(needs)}")
+    inputs = (x, weight, bias, in_scale, in_shift)
+    need_x, need_w, need_b, need_isc, need_ish = (flag and t is not None for flag, t in zip(needs, inputs))
+    M = geo.N * geo.P * geo.Q
+    if not need_w or need_b or M == 0:
+        import importlib
+
+        from ..ops.contract import composed_conv_bn_train_backward
+        return composed_conv_bn_train_backward(importlib.import_module(__package__), grad_y, grad_scale, grad_shift,
+                                               x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+                                               dilation, groups, y, stats, bn_weight, eps, needs)
+
+    device = x.device
+    zeros = identity_vector(0.0, geo.K, device)
+    if grad_y is None:  # zero: a cached zero read through all-zero strides (no launch)
+        grad_y = identity_vector(0.0, 1, device).view(1, 1, 1, 1).expand(out_shape)
+    on_load = GaccOnLoad(
+        y=y,
+        grad_scale=zeros if grad_scale is None else grad_scale.to(torch.float32).contiguous(),
+        grad_shift=zeros if grad_shift is None else grad_shift.to(torch.float32).contiguous(),
+        stats=stats.contiguous(),
+        bn_weight=identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight.contiguous(),
+        count=M, eps=eps,
+        d_bn_weight=torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
+        d_bn_bias=torch.empty(geo.K, dtype=torch.float32, device=device))
+    need_dgrad = need_x or need_isc or need_ish
+    wplan, dmeta, w_first, n_sem = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift,
+                                               in_relu, tiles)
+    # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
+    sems = stream_counters(max(n_sem, 4), device)
+    grads: list[Optional[Tensor]] = [None] * 7
+    grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:], on_load)
+    if need_dgrad:
+        dx, in_sums = _dgrad(grad_y, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
+                             dmeta, sems, tiles, on_load)
+        grads[0] = dx
+        if need_isc:
+            grads[3] = in_sums[0]
+        if need_ish:
+            grads[4] = in_sums[1]
+    if needs[5] and bn_weight is not None:
+        grads[5] = on_load.d_bn_weight
+    if needs[6]:
+        grads[6] = on_load.d_bn_bias
+    return grads
+
+
+def conv_bn_train_backward(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor],
+                           x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                           in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], groups: int, y: Tensor, stats: Tensor,
+                           bn_weight: Optional[Tensor], eps: float,
+                           needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """Triton implementation of pe_kernels.reference.conv_bn_train_backward (same arguments, same results:
+    CONV_BN_GRAD_NAMES, None where not needed or absent); two launches on the fast path (conv_bn_bwd)."""
+    return conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+                       dilation, groups, y, stats, bn_weight, eps, needs_grad)

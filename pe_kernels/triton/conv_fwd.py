@@ -33,6 +33,14 @@ stats. The counters cost no launch: a persistent buffer per (device, stream) (_c
 launches because each last program resets its own. `merge_stats` (`_stats_merge_kernel`, the same `_merge_slots`
 in a launch of its own) merges a partial buffer apart (tests).
 
+Training conv -> BatchNorm in one launch (FINALIZE, `conv_bn_train`): right after merging its column block's stats,
+the last program of the block finalizes those channels as bn_train_finalize does (bn_finalize.py's
+`finalize_channels`: scale, shift, the running update), from the merged (mean, m2) still in its registers.
+num_batches_tracked is bumped once: each finalizing program reads it (f = 1/(nbt + 1) for the cumulative average)
+before it arrives at one more counter (index groups * column blocks, reset by its last arrival), and the last to
+arrive stores nbt + 1. Autotune trials would repeat these in-place updates: the autotuner restores the running
+statistics and num_batches_tracked after each trial (restore_value), so only the winner's run counts.
+
 Dtypes: fp16/bf16/fp32 activations (weight in the same dtype), fp32 accumulation; fp32 operands use TF32 when
 torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any float dtype, read as fp32.
 """
@@ -50,6 +58,7 @@ from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d
                       check_same_device, check_shape, check_vector, dot_precision, dummy, empty_channels_last,
                       gpu_tile_n, krsc, last_arrival, launch, pair, part_rows, pow2_tile, store_part,
                       stream_counters, strides4, upcast_bf16)
+from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
 # Slots per step of the in-kernel statistics merge, every layer and config (one value: one compile): three
@@ -117,7 +126,7 @@ def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
 # layers differing only in spatial size or conv geometry share one compiled kernel. Strides, channel counts
 # and RSC stay specialised: a unit channel stride and 16-divisible row strides give vectorised NHWC loads.
 _NOT_SPECIALIZED = ["H", "W", "P", "Q", "M", "S", "M_KEY", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H",
-                    "DIL_W"]
+                    "DIL_W", "srm", "srv", "running", "has_nbt", "cumulative"]
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -133,7 +142,14 @@ def _conv_fwd_kernel(
     y_ptr,          # output (N, K, P, Q), any strides; its element type is the stored dtype
     part_ptr,       # (cdiv(M, PART_M), 3, K) fp32 contiguous per-slot [count, mean, M2], or unused
     stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2] (STATS), or unused
-    sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch, left at 0 (STATS), or unused
+    sem_ptr,        # (groups * column blocks (+ 1 with FINALIZE),) int32 counters, 0 at launch, left at 0 (STATS)
+    bn_w_ptr,       # (K,) BN weight (gamma; cached ones when absent), contiguous (FINALIZE), or unused
+    bn_b_ptr,       # (K,) BN bias (beta; cached zeros when absent), contiguous (FINALIZE), or unused
+    scale_ptr,      # out: (K,) fp32 contiguous BN scale (FINALIZE), or unused
+    shift_ptr,      # out: (K,) fp32 contiguous BN shift (FINALIZE), or unused
+    rmean_ptr,      # in/out: running_mean (K,), any stride and float dtype (FINALIZE and running), or unused
+    rvar_ptr,       # in/out: running_var (K,), likewise
+    nbt_ptr,        # in/out: num_batches_tracked, one integer (FINALIZE and has_nbt), or an int64 dummy
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_KEY,                       # M rounded up to a power of two: the autotune key (unused in the body)
@@ -142,12 +158,16 @@ def _conv_fwd_kernel(
     srn, src, srh, srw,          # residual strides
     syn, syc, syh, syw,          # y strides
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,   # conv geometry
+    srm, srv,                    # running_mean / running_var strides (FINALIZE; 1 when unused)
+    count, eps, momentum,        # BN: values per channel (float M), epsilon, running factor f unless cumulative
+    running, has_nbt, cumulative,   # runtime flags (FINALIZE): update running stats; bump nbt; f = 1/nbt
     HAS_BIAS: tl.constexpr,
     PROLOGUE: tl.constexpr,      # x' = x * in_scale + in_shift (then ReLU if IN_RELU)
     IN_RELU: tl.constexpr,
     EPILOGUE: tl.constexpr,      # y = acc * out_scale + out_shift (+ residual if HAS_RES, then ReLU if OUT_RELU)
     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr,
     STATS: tl.constexpr,         # write the per-slot statistics and merge them into stats
+    FINALIZE: tl.constexpr,      # STATS and, in the merging programs, BN's finalize of their columns (conv_bn_train)
     UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
@@ -242,7 +262,9 @@ def _conv_fwd_kernel(
     y_ptrs = y_ptr + (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
     if STATS:  # after the y store: the accumulator is dead, its registers free for the merge
-        _merge_if_last(part_ptr, stats_ptr, sem_ptr, K, K_g, M, PART_M, BLOCK_S, BLOCK_N)
+        _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
+                       nbt_ptr, K, K_g, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative, FINALIZE,
+                       PART_M, BLOCK_S, BLOCK_N)
 
 
 @triton.jit
@@ -288,12 +310,18 @@ def _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S: tl.constexpr, BL
 
 
 @triton.jit(noinline=True)
-def _merge_if_last(part_ptr, stats_ptr, sem_ptr, K, K_g, M, PART_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
+                   nbt_ptr, K, K_g, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative,
+                   FINALIZE: tl.constexpr, PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
     """In the last M tile of this program's column block to arrive at its counter: stats[:, columns of the block]
     from the (cdiv(M, PART_M), 3, K) partials, in slot order, then the counter reset to 0. A function of its own,
     counter included: its registers do not add to the GEMM's (inlined, or with the counter in the kernel, the
-    4-warp 128-column config spilled ~200 bytes more for sm_90 with Triton 3.9's ptxas; as it is, ~16)."""
+    4-warp 128-column config spilled ~200 bytes more for sm_90 with Triton 3.9's ptxas; as it is, ~16).
+
+    FINALIZE: then BN's finalize of the same columns from the merged (mean, m2) still in registers (bn_finalize's
+    `finalize_channels`). num_batches_tracked is bumped once per launch: each finalizing program reads it (for
+    f = 1 / (nbt + 1) when cumulative) BEFORE it arrives at a second counter, sem[column blocks]; the last to arrive
+    there, after every other finalizer has read it (acq_rel), stores nbt + 1 and resets that counter."""
     pid_gn = tl.program_id(1)
     if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
         num_n = tl.cdiv(K_g, BLOCK_N)
@@ -304,6 +332,15 @@ def _merge_if_last(part_ptr, stats_ptr, sem_ptr, K, K_g, M, PART_M: tl.constexpr
         tl.store(stats_ptr + k, mean, mask=mask)
         tl.store(stats_ptr + K + k, m2, mask=mask)
         tl.store(sem_ptr + pid_gn, 0)
+        if FINALIZE:
+            nbt = tl.load(nbt_ptr) + 1   # the count after this launch's bump (an int64 dummy's 0 when absent)
+            finalize_channels(mean, m2, k, mask, count, eps, running_factor(nbt, momentum, cumulative), bn_w_ptr, 1,
+                              bn_b_ptr, 1, scale_ptr, shift_ptr, rmean_ptr, srm, rvar_ptr, srv, 1, running)
+            if has_nbt != 0:
+                n_cols = tl.num_programs(1)
+                if last_arrival(sem_ptr + n_cols, n_cols):
+                    tl.store(nbt_ptr, nbt)
+                    tl.store(sem_ptr + n_cols, 0)
 
 
 @triton.jit(do_not_specialize=["K", "n_slots"])
@@ -354,8 +391,14 @@ GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=nw, num_stages=3) for n
 
 # On a GPU: autotuned over warps (BLOCK_N, BLOCK_K follow the group widths), keyed on the GEMM's shape with M
 # rounded up to a power of two. Under the interpreter the launcher calls the plain kernel with one config.
-_conv_fwd_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M_KEY", "K_g", "RSC", "PRECISION"])(
-    _conv_fwd_kernel)
+# A FINALIZE launch updates running_mean, running_var and num_batches_tracked in place, and the autotuner runs its
+# trials (each config, several times) on the launch's own arguments before the winner's run: restore_value makes it
+# copy those three before every trial and put them back after it, so that only the winner's run updates them (the
+# other outputs are overwritten whole by every run, the counters are back at 0 after each). Without FINALIZE they
+# are small dummies: a copy of 16 bytes per trial. (restore_value: Triton >= 3.0; 3.6 and 3.9 here.)
+RESTORED_ON_TRIALS = ["rmean_ptr", "rvar_ptr", "nbt_ptr"]
+_conv_fwd_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M_KEY", "K_g", "RSC", "PRECISION"],
+                                         restore_value=RESTORED_ON_TRIALS)(_conv_fwd_kernel)
 
 
 def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool) -> bool:
@@ -370,11 +413,54 @@ def fwd_tiles(geo: ConvGeometry) -> dict:
     return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=GPU_TILE_K)
 
 
+@dataclass(frozen=True)
+class BNTrain:
+    """A training BatchNorm after the conv, for conv_fwd(finalize=...): bn_train_finalize's arguments (checked by
+    conv_fwd) and its outputs, `scale` and `shift`, (K,) fp32 contiguous tensors the launch fills."""
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    scale: Tensor
+    shift: Tensor
+
+
+def _finalize_args(bn: Optional[BNTrain], K: int, M: int, x: Tensor) -> tuple[tuple, tuple]:
+    """The kernel's BN arguments: (pointers, scalars), in its order; dummies without `bn`. Checks `bn` (the
+    reference's errors: an empty batch, count < 2 with running statistics after the num_batches_tracked bump)."""
+    unused = dummy(x.device)
+    if bn is None:
+        return (unused,) * 6 + (dummy(x.device, torch.int64),), (1, 1, 1.0, 0.0, 0.0, 0, 0, 0)
+    check_train_args(K, x.device, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     prefix="bn_")
+    for name, out in (("scale", bn.scale), ("shift", bn.shift)):
+        if (tuple(out.shape) != (K,) or out.dtype != torch.float32 or not out.is_contiguous()
+                or out.device != x.device):
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape ({K},) on {x.device}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if M == 0:
+        raise ValueError("a training BatchNorm needs values: the batch is empty (N*P*Q = 0)")
+    running = bn.running_mean is not None
+    nbt = bn.num_batches_tracked
+    check_train_count(M, running, nbt)
+    weight, bias = affine_pair(bn.weight, bn.bias, K, x)
+    ptrs = (weight, bias, bn.scale, bn.shift, bn.running_mean if running else unused,
+            bn.running_var if running else unused, dummy(x.device, torch.int64) if nbt is None else nbt)
+    scalars = (bn.running_mean.stride(0) if running else 1, bn.running_var.stride(0) if running else 1, float(M),
+               float(bn.eps), 0.0 if bn.momentum is None else float(bn.momentum), int(running), int(nbt is not None),
+               int(bn.momentum is None and nbt is not None))
+    return ptrs, scalars
+
+
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
              in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
              residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
              dilation: Sequence[int], groups: int, compute_stats: bool, out_dtype: Optional[torch.dtype] = None,
-             tiles: Optional[dict] = None, partials: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+             tiles: Optional[dict] = None, partials: Optional[Tensor] = None, *,
+             finalize: Optional[BNTrain] = None) -> tuple[Tensor, Tensor]:
     """Launcher of the fused forward: one launch (none for an empty batch). Returns (y channels_last in `out_dtype`
     (default x.dtype), stats).
 
@@ -382,7 +468,11 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     With out_dtype=float32 and no epilogue arguments, y is the fp32 accumulator `acc` (used by the backward).
     `partials` (tests): a (cdiv(N*P*Q, PART_M), 3, K) fp32 contiguous buffer that receives the per-slot
     [count, mean, M2] the stats are merged from (else one is allocated); PART_M is BLOCK_M with `tiles`.
+    `finalize` (with compute_stats): also bn_train_finalize(stats, N*P*Q, ...) in the same launch (FINALIZE), into
+    finalize.scale / finalize.shift, running statistics and num_batches_tracked updated in place (conv_bn_train).
     """
+    if finalize is not None and not compute_stats:
+        raise ValueError("conv_fwd: finalize needs compute_stats=True (the BatchNorm finalizes the statistics)")
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     check_vector("bias", bias, geo.K)
     check_vector("in_scale", in_scale, geo.C)
@@ -396,6 +486,7 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
                       out_shift=out_shift, residual=residual)
 
     M = geo.N * geo.P * geo.Q
+    bn_ptrs, bn_scalars = _finalize_args(finalize, geo.K, M, x)
     y = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), out_dtype or x.dtype, x.device)
     meta = fwd_tiles(geo)
     tile_m = None
@@ -426,17 +517,18 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
             raise ValueError(f"partials must be a contiguous fp32 tensor of shape {part_shape} on {x.device}, got "
                              f"{part.dtype} {tuple(part.shape)} on {part.device}")
         stats = torch.empty((2, geo.K), dtype=torch.float32, device=x.device)  # every element written
-        sems = stream_counters(n_cols, x.device)
+        sems = stream_counters(n_cols + (finalize is not None), x.device)  # [n_cols]: FINALIZE's nbt counter
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), n_cols)  # noqa: E731
     weight, w_strides = krsc(weight)
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
-            x if residual is None else residual, y, part, stats, sems,
+            x if residual is None else residual, y, part, stats, sems, *bn_ptrs,
             geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
             triton.next_power_of_2(max(M, 1)),
             *strides4(x), *w_strides, *strides4(residual), *strides4(y),
-            *geo.stride, *geo.padding, *geo.dilation)
+            *geo.stride, *geo.padding, *geo.dilation, *bn_scalars)
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
+                FINALIZE=finalize is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS)
     if M > 0:  # an empty batch launches nothing
@@ -454,3 +546,27 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     """Triton implementation of pe_kernels.reference.conv_fused (same arguments, same results)."""
     return conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
                     stride, padding, dilation, groups, compute_stats)
+
+
+def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                  in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                  tiles: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton implementation of pe_kernels.reference.conv_bn_train: (y, stats, scale, shift), the results of
+    conv_fused(..., compute_stats=True) then bn_train_finalize(stats, N*P*Q, ...), in ONE launch (conv_fwd with
+    `finalize`: the programs that merge a column block's statistics also finalize those channels; the last of
+    them bumps num_batches_tracked). On a GPU the launch is autotuned like conv_fused's; the autotuner's trials
+    leave the running statistics and num_batches_tracked as they found them (restore_value), so only the real run
+    updates them. An empty batch raises ValueError (the caller never sends one); count N*P*Q < 2 with running
+    statistics raises it too, after the num_batches_tracked bump, as bn_train_finalize. `tiles`: conv_fwd's."""
+    check_4d("x", x)
+    check_4d("weight", weight)
+    K = weight.shape[0]
+    scale = torch.empty(K, dtype=torch.float32, device=x.device)  # every element written by the launch
+    shift = torch.empty(K, dtype=torch.float32, device=x.device)
+    bn = BNTrain(bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, scale, shift)
+    y, stats = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
+                        dilation, groups, True, tiles=tiles, finalize=bn)
+    return y, stats, scale, shift

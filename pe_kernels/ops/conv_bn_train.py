@@ -1,0 +1,142 @@
+"""`conv_bn_train`: a training conv -> BatchNorm2d batch as one autograd node (one forward call, one backward call
+to the backend), so that a kernel backend can fuse the BN finalize into the conv and its backward into the conv's
+backward.
+
+    y, stats     = conv_fused(x', w) + bias, with statistics, no epilogue      (x' = act_in(x*in_scale + in_shift))
+    scale, shift = bn_train_finalize(stats, n = N*P*Q, bn_weight, bn_bias, eps, running_mean, running_var,
+                                     num_batches_tracked, momentum)             (running stats, nbt updated in place)
+    BN(conv(x)) = y * scale + shift        returned: (y, scale, shift)
+
+Backward, with (d_mean, d_m2) = bn_finalize_backward(grad_scale, grad_shift) (ops/bn_finalize.py):
+    g_acc = grad_y + d_mean / n + 2 d_m2 (y - mean),  then conv_fused's backward of g_acc (dx, dw, d_bias, prologue)
+    d_bn_weight = (grad_scale - mean grad_shift) invstd,  d_bn_bias = grad_shift.
+The triton backend runs the forward as one launch (the conv's last programs finalize) and the backward as two
+(wgrad and dgrad form g_acc on load); other backends compose their conv_fused and bn_train_finalize
+(ops/contract.composed_conv_bn_train).
+
+Eager mode only (an autograd.Function: the op mutates the running statistics and carries a gradient, which one
+torch.library custom op cannot). Under torch.compile / export, a TorchDispatchMode, a tensor subclass or a
+torch.func transform it is the composition of the registered ops conv_fused + bn_train_finalize (same math);
+a double backward recomputes the composition differentiably. Autocast: as conv_fused (x, weight, bias in the
+autocast dtype; BN vectors and statistics fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import _transforms
+from ._common import check_vector, eager_dispatch, no_autocast
+from .bn_finalize import bn_train_finalize
+from .conv_fused import checked_args, conv_fused, conv_output_size
+
+Tensor = torch.Tensor
+
+_CONV_INPUTS = 5  # x, weight, bias, in_scale, in_shift: the conv's differentiable inputs, then bn_weight, bn_bias
+
+
+def _forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> tuple:
+    """backend.conv_bn_train on the backend conv_fused would run (the op the dispatch table and autotune know)."""
+    in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum = config
+    conv_args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation,
+                 groups, True)
+    backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=conv_args)
+    with no_autocast(x.device):
+        return backend.conv_bn_train(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+                                     bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+
+
+class _ConvBnTrainFunction(torch.autograd.Function):
+    """forward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> (y, scale, shift); config =
+    (in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, num_batches_tracked, momentum)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config):
+        y, stats, scale, shift = _forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
+        in_relu, stride, padding, dilation, groups, eps = config[:6]
+        ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats)
+        ctx.config = (in_relu, stride, padding, dilation, groups, eps)
+        ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
+        ctx.set_materialize_grads(False)
+        return y, scale, shift
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_scale, grad_shift):
+        x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats = ctx.saved_tensors
+        in_relu, stride, padding, dilation, groups, eps = ctx.config
+        inputs = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
+        needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
+        if _transforms.create_graph_required("conv_fused_backward", ctx.backend):  # double backward
+            y2, stats2 = _transforms.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False,
+                                                stride, padding, dilation, groups, True)
+            count = y.shape[0] * y.shape[2] * y.shape[3]
+            scale2, shift2 = _transforms.bn_finalize(stats2, count, bn_weight, bn_bias, eps)
+            grads = _transforms.differentiable_vjp([y2, scale2, shift2], [grad_y, grad_scale, grad_shift],
+                                                   list(inputs), needs)
+        else:
+            # The backend conv_fused_backward would run (autotune measures that op on these arguments: `stats`
+            # stands in for grad_stats, whose (2, K) gradient the composed backward would pass).
+            args = (grad_y, stats, x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
+                    padding, dilation, groups, y, needs[:_CONV_INPUTS] + [False] * 3, stats)
+            module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=ctx.backend, args=args)
+            with no_autocast(x.device):
+                grads = module.conv_bn_train_backward(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
+                                                      in_shift, in_relu, stride, padding, dilation, groups, y, stats,
+                                                      bn_weight, eps, needs)
+        return (*grads, None)
+
+
+def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_scale: Optional[Tensor] = None,
+                  in_shift: Optional[Tensor] = None, in_relu: bool = False, stride=1, padding=0, dilation=1,
+                  groups: int = 1, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                  eps: float = 1e-5, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                  num_batches_tracked: Optional[Tensor] = None,
+                  momentum: Optional[float] = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, scale, shift) with BN(conv(x)) = y * scale + shift for a training batch (module docstring); the running
+    statistics and num_batches_tracked are updated as BatchNorm2d does (no host sync). Needs N*P*Q >= 2."""
+    args = checked_args(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
+                        dilation, groups, True)
+    x, weight, bias, in_scale, in_shift = args[:5]
+    in_relu, stride, padding, dilation, groups = args[5], args[10], args[11], args[12], args[13]
+    k = weight.shape[0]
+    count = x.shape[0] * _out_size(x, weight, stride, padding, dilation)
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} (N*P*Q) for input "
+                         f"size {tuple(x.shape)}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for name, vec in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                      ("running_var", running_var)):
+        check_vector(vec, name, k, x)
+    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
+                                            or num_batches_tracked.device != x.device):
+        raise ValueError(f"num_batches_tracked must be a one-element tensor on {x.device}, got "
+                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
+    momentum = None if momentum is None else float(momentum)
+    vec_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bn_weight, bn_bias = (v if v is None or v.dtype == vec_dtype else v.to(vec_dtype) for v in (bn_weight, bn_bias))
+    tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
+    if _transforms.composite_required("conv_fused") or not eager_dispatch(*tensors, running_mean, running_var):
+        y, stats = conv_fused(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, stride=stride,
+                              padding=padding, dilation=dilation, groups=groups, compute_stats=True)
+        scale, shift = bn_train_finalize(stats, count, bn_weight, bn_bias, float(eps), running_mean, running_var,
+                                         num_batches_tracked, momentum)
+        return y, scale, shift
+    config = (in_relu, stride, padding, dilation, groups, float(eps), running_mean, running_var, num_batches_tracked,
+              momentum)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ConvBnTrainFunction.apply(*tensors, config)
+    y, _, scale, shift = _forward_impl(*tensors, config)
+    return y, scale, shift
+
+
+def _out_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> int:
+    """P * Q of the conv (checked_args has checked that it is >= 1)."""
+    p = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    q = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return p * q
