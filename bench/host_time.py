@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import copy
 import csv
 import dataclasses
@@ -59,6 +61,9 @@ from throughput import _int_at_least, _quantile, environment  # noqa: E402  (ben
 MODES = ("eval", "train")
 TARGETS = {"eval": 1.0, "train": 1.5}  # issue 11: pe host time <= target x stock
 BACKENDS = pe_kernels.backend_names()
+# The triton backend's own host cost on a CPU: its launchers run (argument checks, caches, allocations, grids) but
+# every Triton launch returns at once (tools/count_triton_compiles.py: no_launches, triton_on_cpu_tensors).
+DRY = "triton-dry"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +167,16 @@ class Row:
 
 def skip_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` is not timed on `device` (None when it is)."""
+    if backend == DRY:
+        if device.type != "cpu":
+            return f"{DRY} times the triton launchers on CPU tensors (on a GPU, time `triton` itself)"
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return f"{DRY} needs the launchers' GPU code path: unset TRITON_INTERPRET"
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return "triton is not installed"
+        return None
     if backend == "cuda" and device.type != "cuda":
         return "pe_kernels' cuda backend runs CUDA tensors only"
     if backend == "triton" and (device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
@@ -226,6 +241,26 @@ def _pe_path() -> str:
     return f"modules: {d.reason}" if d.backend == "modules" else d.backend
 
 
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"pe_kernels_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _backend_context(backend: str):
+    """use_backend(backend); for triton-dry, the triton backend on CPU tensors with every launch a no-op."""
+    if backend != DRY:
+        with pe_kernels.use_backend(backend):
+            yield
+        return
+    tool = _load_tool("count_triton_compiles")
+    with tool.triton_on_cpu_tensors(), tool.no_launches():
+        yield
+
+
 def measure(layer: Layer, mode: str, backend: str, cfg: Config) -> Row:
     row = Row(layer=layer.name, mode=mode, backend=backend, status="ok", target=TARGETS[mode], batch=cfg.batch,
               size=cfg.size, memory_format="channels_last" if cfg.channels_last else "contiguous",
@@ -257,12 +292,13 @@ def measure(layer: Layer, mode: str, backend: str, cfg: Config) -> Row:
         grad_mode = torch.no_grad()
 
     try:
-        with pe_kernels.use_backend(backend), grad_mode:
+        with _backend_context(backend), grad_mode:
             # One forward of copies (the running statistics of the timed modules are left as built): which path
-            # pe_kernels took, and whether both sides compute the same thing.
+            # pe_kernels took, and whether both sides compute the same thing (not in a dry run: nothing computed).
             pe_out = copy.deepcopy(pe)(x)
-            row.pe_path = _pe_path()
-            row.max_abs_diff = (pe_out - copy.deepcopy(stock)(x)).abs().max().item()
+            row.pe_path = _pe_path() + (" (launches no-op)" if backend == DRY else "")
+            if backend != DRY:
+                row.max_abs_diff = (pe_out - copy.deepcopy(stock)(x)).abs().max().item()
             del pe_out
             pe_times, stock_times = time_pair((run(pe), run(stock)), reset, cfg.device, cfg.warmup, cfg.reps)
     except Exception as exc:  # a backend that cannot run this case: reported, the other cases still run
@@ -291,7 +327,7 @@ def format_table(rows: list[Row]) -> str:
             f"| {r.pe_median_us:.1f} ({r.pe_p20_us:.1f}-{r.pe_p80_us:.1f}) "
             f"| {r.stock_median_us:.1f} ({r.stock_p20_us:.1f}-{r.stock_p80_us:.1f}) "
             f"| {r.ratio:.2f} | {r.target:.1f} | {'yes' if r.meets_target else 'no'} | {r.pe_path} "
-            f"| {r.max_abs_diff:.1e} |")
+            f"| {'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.1e}'} |")
     return "\n".join(lines)
 
 
@@ -318,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--layer", nargs="+", default=list(LAYERS), choices=tuple(LAYERS))
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--backend", nargs="+", default=None, choices=BACKENDS + ("auto",),
-                   help="pe_kernels backends to time (default: those of torch, triton, cuda that run on the device; "
-                        "one that cannot is listed with the reason)")
+    p.add_argument("--backend", nargs="+", default=None, choices=BACKENDS + ("auto", DRY),
+                   help="pe_kernels backends to time (default: the registered ones that run on the device, and "
+                        f"{DRY} on a CPU; one that cannot is listed with the reason). {DRY}: the triton backend's "
+                        "host cost on CPU tensors, every Triton launch a no-op (Triton's own launch cost excluded)")
     p.add_argument("--batch", type=_positive, default=2)
     p.add_argument("--size", type=_positive, default=4, help="height = width of the input (default 4)")
     p.add_argument("--contiguous", action="store_true", help="NCHW tensors and weights (default channels_last)")
@@ -340,7 +377,8 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
-    return Config(layers=args.layer, modes=args.mode, backends=args.backend or list(BACKENDS), device=device,
+    default = list(BACKENDS) + ([DRY] if device.type == "cpu" else [])
+    return Config(layers=args.layer, modes=args.mode, backends=args.backend or default, device=device,
                   batch=args.batch, size=args.size, channels_last=not args.contiguous, threads=args.threads,
                   warmup=args.warmup if args.warmup is not None else (2 if args.smoke else 30),
                   reps=args.reps or (5 if args.smoke else 300), smoke=args.smoke)

@@ -80,6 +80,7 @@ class BackendSpec:
 _REGISTRY: dict[str, BackendSpec] = {}
 _stock_choices: dict[tuple, object] = {}  # stock_path's answers per (op, request, device, dtype)
 _env_parsed: dict[str, str] = {}  # PE_KERNELS_BACKEND values parsed
+_modules: dict[str, ModuleType] = {}  # backend name -> its imported module
 
 
 def register_backend(spec: BackendSpec) -> None:
@@ -91,6 +92,7 @@ def register_backend(spec: BackendSpec) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name) or spec.name == "auto":
         raise ValueError(f"backend name must be lower-case [a-z][a-z0-9_]* and not 'auto', got {spec.name!r}")
     _REGISTRY[spec.name] = spec
+    _modules.pop(spec.name, None)
     _env_parsed.clear()
     _stock_choices.clear()
 
@@ -100,6 +102,7 @@ def unregister_backend(name: str) -> None:
     if name in BACKENDS:
         raise ValueError(f"{name!r} is a built-in backend")
     _REGISTRY.pop(name, None)
+    _modules.pop(name, None)
     _env_parsed.clear()
     _stock_choices.clear()
 
@@ -174,7 +177,11 @@ def _import_error(module: str) -> Optional[str]:
 
 
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_REGISTRY[name].module)
+    """The backend's module (imported on first use; looked up once per registration, not per call)."""
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = importlib.import_module(_REGISTRY[name].module)
+    return module
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -414,6 +421,11 @@ def record(op: str, backend: str, reason: str) -> None:
     """Record a choice made above the ops as last_dispatch() (what select() does for an op): a module that ran
     its submodules one by one instead of its fused kernels records (its class name, "modules", why)."""
     _last.set(Dispatch(op, backend, reason))
+
+
+def record_dispatch(choice: Dispatch) -> None:
+    """record() of a Dispatch already made (stock_path's cached answers: no new object per call)."""
+    _last.set(choice)
 
 
 def last_dispatch() -> Optional[Dispatch]:

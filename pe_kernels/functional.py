@@ -114,11 +114,11 @@ def _conv(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding
                           groups=groups, **prologue, **epilogue)
 
 
-def stock_layer(x: Activation, weight: Optional[Tensor]) -> Optional[_backend.Dispatch]:
+def stock_layer(x: Activation, weight: Optional[Tensor] = None) -> Optional[_backend.Dispatch]:
     """The stock-path decision of a layer whose first op reads `x` (see the module docstring; `weight`, its conv's
-    weight, is not consulted yet): a Dispatch recorded as last_dispatch() when the layer runs the stock modules'
-    ATen ops, else None (the kernels' ops). Under a torch.func transform or forward-mode AD the ops' composite
-    path decides instead (None)."""
+    weight, is not consulted yet: modules leave it out, sparing a parameter lookup per call): a Dispatch recorded as
+    last_dispatch() when the layer runs the stock modules' ATen ops, else None (the kernels' ops). Under a
+    torch.func transform or forward-mode AD the ops' composite path decides instead (None)."""
     if _transforms.transforms_active():
         return None
     t = x.y if isinstance(x, Deferred) else x
@@ -127,7 +127,7 @@ def stock_layer(x: Activation, weight: Optional[Tensor]) -> Optional[_backend.Di
         return None if reason is None else _backend.Dispatch("conv_fused", "torch", reason)
     choice = _backend.stock_path("conv_fused", t.device, t.dtype)
     if choice is not None:
-        _backend.record(choice.op, choice.backend, choice.reason)
+        _backend.record_dispatch(choice)
     return choice
 
 

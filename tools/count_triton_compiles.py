@@ -149,6 +149,20 @@ def dry_launches(log: CompileLog):
 
 
 @contextlib.contextmanager
+def no_launches():
+    """Inside the block, Triton launches return at once (nothing recorded, nothing run): what is left of a call is
+    the launchers' and the package's own host cost (bench/host_time.py --backend triton-dry)."""
+    from triton.runtime import autotuner, jit
+
+    saved = jit.JITFunction.run, autotuner.Autotuner.run
+    jit.JITFunction.run = autotuner.Autotuner.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        jit.JITFunction.run, autotuner.Autotuner.run = saved
+
+
+@contextlib.contextmanager
 def triton_on_cpu_tensors():
     """Let the dispatcher send CPU tensors to the `triton` backend (its kernels never run in a dry run)."""
     import pe_kernels

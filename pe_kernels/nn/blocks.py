@@ -113,7 +113,7 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
             record_module_path(self, reason)
             return out
         chain = self._chain()
-        stock = PF.stock_layer(x, conv2d_of(chain[0][0]).weight)
+        stock = PF.stock_layer(x)
         if stock is not None:  # the torch backend: the stock modules' forwards, one by one (recorded by stock_layer)
             return self._forward_stock(x, chain)
         h: PF.Activation = x

@@ -63,7 +63,7 @@ class PackedConvBNReLU2d(NoTorchScript, nn.Module):
             record_module_path(self, reason)
             return out
         c = conv._modules["conv"]
-        if PF.stock_layer(x, c.weight) is not None:  # the torch backend: the stock modules' own forwards
+        if PF.stock_layer(x) is not None:  # the torch backend: the stock modules' own forwards
             out = bn.forward(c.forward(x))
             return torch.relu(out) if self.activation == "relu" else out
         return PF.conv_bn_fused(x, c.weight, c.bias, bn, c.stride, c.padding, c.dilation, c.groups,

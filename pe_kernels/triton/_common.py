@@ -66,9 +66,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), in plain Python (triton.next_power_of_2 is a
+    ConstexprFunction whose call costs ~2.5 us on the host in Triton 3.9; launchers call this one)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 def pow2_tile(n: int, lo: int, hi: int) -> int:
     """Smallest power of two >= n, clamped to [lo, hi] (tl.dot needs >= 16 per dimension on a GPU)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(max(int(n), 1))))
 
 
 GPU_TILE_K = 64  # the GEMMs' reduction tile on a GPU (a shorter reduction is masked)
@@ -239,7 +245,7 @@ def identity_vector(value: float, length: int, device: torch.device) -> Tensor:
     if buf is None or buf.numel() < length:
         if _capturing(device):
             return torch.full((int(length),), float(value), dtype=torch.float32, device=device)
-        size = triton.next_power_of_2(max(int(length), 16))
+        size = next_pow2(max(int(length), 16))
         buf = _IDENTITIES[key] = torch.full((size,), float(value), dtype=torch.float32).to(device)
     return buf[:length]
 
@@ -264,7 +270,7 @@ def stream_counters(n: int, device: torch.device) -> Tensor:
         key = (device, threading.get_ident())
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(triton.next_power_of_2(max(int(n), 64)), dtype=torch.int32, device=device)
+        buf = _COUNTERS[key] = torch.zeros(next_pow2(max(int(n), 64)), dtype=torch.int32, device=device)
     return buf
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tensor, check_same_device, check_vector, dummy, identity_vector
+from ._common import Tensor, cdiv, check_same_device, check_vector, dummy, identity_vector
 
 _BLOCK = 1024  # channels per loop step of the single-program finalize; per program of the backward's grid
 
@@ -294,7 +294,7 @@ def bn_finalize_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tens
     grad_scale = zeros if grad_scale is None else grad_scale
     grad_shift = zeros if grad_shift is None else grad_shift
     weight = identity_vector(1.0, K, device) if weight is None else weight
-    _bn_finalize_bwd_kernel[(triton.cdiv(K, _BLOCK),)](
+    _bn_finalize_bwd_kernel[(cdiv(K, _BLOCK),)](
         grad_scale, grad_shift, stats, weight, unused if d_stats is None else d_stats,
         unused if d_weight is None else d_weight, unused if d_bias is None else d_bias,
         K, stats.stride(0), stats.stride(1), grad_scale.stride(0), grad_shift.stride(0), weight.stride(0),

@@ -64,8 +64,8 @@ import triton.language as tl
 
 from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_same_device,
                       check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n,
-                      identity_vector, krsc, last_arrival, launch, nhwc_tile, part_rows, pow2_tile, reduce_slots,
-                      store_part, stream_counters, strides4, sum_slots, tile_offsets, upcast_bf16)
+                      identity_vector, krsc, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile,
+                      reduce_slots, store_part, stream_counters, strides4, sum_slots, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -461,13 +461,13 @@ def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, o
     part = (torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=grad_y.device) if need_sums
             else None)
     block_n = (tiles or {}).get("BLOCK_N") or (pow2_tile(geo.K, 16, 256) if INTERPRET else 64)
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(geo.K, m["BLOCK_N"]))  # noqa: E731
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(geo.K, m["BLOCK_N"]))  # noqa: E731
     args = (grad_y, y if out_relu else grad_y, unused if acc is None else acc,
             unused if out_scale is None else out_scale.contiguous(),
             unused if grad_stats is None else grad_stats.to(torch.float32).contiguous(),
             unused if grad_stats is None else stats.to(torch.float32).contiguous(),
             g_acc, grad_y if d_res is None else d_res, unused if part is None else part, sems,
-            geo.K, geo.P, geo.Q, M, n_sem, 1.0 / max(M, 1), triton.next_power_of_2(max(M, 1)), *strides4(grad_y),
+            geo.K, geo.P, geo.Q, M, n_sem, 1.0 / max(M, 1), next_pow2(max(M, 1)), *strides4(grad_y),
             *strides4(y if out_relu else None), *strides4(acc), *strides4(g_acc), *strides4(d_res))
     meta = dict(OUT_RELU=bool(out_relu), HAS_OUT_SCALE=out_scale is not None, HAS_ACC=acc is not None,
                 HAS_GS=grad_stats is not None, STORE_DRES=need_dres, SUMS=need_sums, PART_M=part_m,
@@ -547,12 +547,12 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
             return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
         sums = tuple(torch.empty(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
     rsk = geo.R * geo.S * geo.K_g
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), geo.groups * triton.cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]), geo.groups * cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
     weight, w_strides = krsc(weight)
     load_ptrs, load_scalars, y_strides = _on_load_args(on_load, x.device)
     args = (g_acc, weight, x, scale, shift, *load_ptrs, x if dx is None else dx, part,
             unused if sums is None else sums[0], unused if sums is None else sums[1], sems,
-            geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, triton.next_power_of_2(max(M, 1)),
+            geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, next_pow2(max(M, 1)),
             *load_scalars, geo.K, *strides4(g_acc), *y_strides, *w_strides, *strides4(x), *strides4(dx),
             *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,

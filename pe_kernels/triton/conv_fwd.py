@@ -56,7 +56,7 @@ import triton.language as tl
 
 from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
                       check_same_device, check_shape, check_vector, dot_precision, dummy, empty_channels_last,
-                      gpu_tile_n, krsc, last_arrival, launch, pair, part_rows, pow2_tile, store_part,
+                      gpu_tile_n, krsc, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile, store_part,
                       stream_counters, strides4, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
@@ -380,7 +380,7 @@ def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[i
         blocks["BLOCK_S"] = int(block_s)
     if block_k is not None:
         blocks["BLOCK_K"] = int(block_k)
-    _stats_merge_kernel[(triton.cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks,
+    _stats_merge_kernel[(cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks,
                                                               num_warps=num_warps)
     return stats
 
@@ -503,7 +503,7 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     in_scale, in_shift = affine_pair(in_scale, in_shift, geo.C, x) if prologue else (unused, unused)
     epilogue = out_scale is not None or out_shift is not None
     out_scale, out_shift = affine_pair(out_scale, out_shift, geo.K, x) if epilogue else (unused, unused)
-    n_cols = geo.groups * triton.cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
+    n_cols = geo.groups * cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
     part = stats = unused
     sems = dummy(x.device, torch.int32)
     if compute_stats and M == 0:  # no program runs: the statistics of nothing (a merge of no slot)
@@ -518,12 +518,12 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
                              f"{part.dtype} {tuple(part.shape)} on {part.device}")
         stats = torch.empty((2, geo.K), dtype=torch.float32, device=x.device)  # every element written
         sems = stream_counters(n_cols + (finalize is not None), x.device)  # [n_cols]: FINALIZE's nbt counter
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), n_cols)  # noqa: E731
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]), n_cols)  # noqa: E731
     weight, w_strides = krsc(weight)
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
             x if residual is None else residual, y, part, stats, sems, *bn_ptrs,
             geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
-            triton.next_power_of_2(max(M, 1)),
+            next_pow2(max(M, 1)),
             *strides4(x), *w_strides, *strides4(residual), *strides4(y),
             *geo.stride, *geo.padding, *geo.dilation, *bn_scalars)
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
