@@ -1,9 +1,10 @@
 """pe_kernels.triton conv_bn_train_backward (conv_bwd.conv_bn_bwd) against the float64 reference.
 
-The backward of a training conv -> BatchNorm: on the fast path (weight gradient needed, conv bias gradient not) the
-wgrad and the dgrad form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, the BN finalize's backward computed
-per channel inside them, and the wgrad writes d_bn_weight, d_bn_bias: two Triton launches. Other cases fall back to
-the composition of bn_finalize_backward and conv_fused_backward (ops/contract.composed_conv_bn_train_backward).
+The backward of a training conv -> BatchNorm: on the fast path (weight gradient needed) the wgrad and the dgrad form
+g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, the BN finalize's backward computed per channel inside them,
+and the wgrad writes d_bn_weight, d_bn_bias and, when needed, the conv bias's d_bias = sum g_acc: two Triton
+launches. Other cases fall back to the composition of bn_finalize_backward and conv_fused_backward
+(ops/contract.composed_conv_bn_train_backward).
 
 Oracle: pe_kernels.reference.conv_bn_train_backward, error budget of tests/_oracle.py
 (|kernel - ref64| <= 2 |ref_same_dtype - ref64| + atol); each side gets its own forward's y and statistics (the
@@ -24,7 +25,7 @@ from pe_kernels.ops.contract import CONV_BN_GRAD_NAMES, composed_conv_bn_train_b
 from pe_kernels.triton import conv_bwd as conv_bwd_mod
 from pe_kernels.triton.conv_bwd import conv_bn_bwd, conv_bn_train_backward
 
-from _devices import ieee_fp32, to_device
+from _devices import ieee_fp32
 from _oracle import assert_budget
 from test_triton_conv import launches_per_call
 
@@ -60,6 +61,7 @@ TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
 
 # needs_grad over CONV_BN_GRAD_NAMES (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
 ALL_BUT_BIAS = (True, True, False, True, True, True, True)
+ALL = (True,) * 7
 
 
 def make_inputs(case: Case, dtype, device, prologue=True, bias=False, bn_weight=True, weight_layout="kcrs"):
@@ -141,16 +143,35 @@ def test_fast_path(case, dtype, prologue, kernel_device):
     check(make_inputs(case, dtype, kernel_device, prologue=prologue), dtype)
 
 
+def wgrad_plan(args: dict, tiles):
+    geo = conv_bwd_mod.conv_geometry(args["x"], args["weight"], args["stride"], args["padding"], args["dilation"],
+                                     args["groups"])
+    return conv_bwd_mod._wgrad_plan(geo, tiles)
+
+
 @pytest.mark.parametrize("dtype, weight_layout", [(torch.float32, "kcrs"), (torch.float16, "channels_last")],
                          ids=["fp32-kcrs", "fp16-channels_last"])
 @pytest.mark.parametrize("case", list(TILED_CASES.values()), ids=list(TILED_CASES))
 def test_small_tiles_split(case, dtype, weight_layout, kernel_device):
     args = make_inputs(case, dtype, kernel_device, weight_layout=weight_layout)
-    plan = conv_bwd_mod._wgrad_plan(conv_bwd_mod.conv_geometry(args["x"], args["weight"], args["stride"],
-                                                               args["padding"], args["dilation"], args["groups"]),
-                                    TILES)
+    plan = wgrad_plan(args, TILES)
     assert plan.split == 3 and plan.grid[0] > 2, plan  # 3 splits; k blocks x j blocks per group
     check(args, dtype, tiles=TILES)
+
+
+# The conv bias's gradient on the fast path: d_bias = sum g_acc from the wgrad's programs of j tile 0, written
+# directly (split 1) or through (SPLIT, K) partials summed by each k tile's last split (split 3).
+BIAS_TILES = [pytest.param(None, 1, id="split1"), pytest.param(TILES, 3, id="split3")]
+
+
+@pytest.mark.parametrize("tiles, split", BIAS_TILES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(TILED_CASES.values()), ids=list(TILED_CASES))
+def test_bias_grad(case, dtype, tiles, split, kernel_device):
+    args = make_inputs(case, dtype, kernel_device, bias=True)
+    assert wgrad_plan(args, tiles).split == split or (tiles is None and kernel_device.type != "cpu")
+    out = check(args, dtype, needs_grad=ALL, tiles=tiles)
+    assert out[2] is not None and out[2].dtype == args["bias"].dtype
 
 
 @pytest.mark.parametrize("absent", [("grad_y",), ("grad_scale",), ("grad_shift",),
@@ -177,7 +198,9 @@ NEEDS = {
     "weight_bn_bias": ((False, True, False, False, False, False, True), False),
     "x_only_fallback": ((True, False, False, False, False, False, False), False),
     "bn_only_fallback": ((False, False, False, False, False, True, True), False),
-    "bias_fallback": ((True, True, True, True, True, True, True), True),
+    "bias": (ALL, True),
+    "weight_bias": ((False, True, True, False, False, False, False), True),
+    "bias_no_weight_fallback": ((True, False, True, True, True, True, True), True),
 }
 
 
@@ -198,25 +221,45 @@ def test_public_entry_matches_launcher(kernel_device):
 
 
 # ------------------------------------------------------------------------------------- equal to the 4-launch path
-@pytest.mark.parametrize("weight_layout", ["kcrs", "channels_last"])
-@pytest.mark.parametrize("case", [CASES["3x3_s2_g2"], CASES["1x1_g1"]], ids=["3x3_s2_g2", "1x1"])
-def test_fp32_equals_the_composed_path(case, weight_layout, kernel_device):
-    """g_acc formed on load with the epilogue kernel's expression and the finalize-backward math: in fp32 the two
-    launches give the composed path's four launches' results (bit for bit under the interpreter)."""
-    args = make_inputs(case, torch.float32, kernel_device, weight_layout=weight_layout)
+def fast_and_composed(args: dict, dtype, needs_grad, tiles=None):
+    device = args["x"].device
     with ieee_fp32():
         y, stats = forward(tri, args)
-        grads = make_grads(y.shape, y.shape[1], torch.float32, kernel_device)
-        fast = backward(conv_bn_bwd, grads, args, y, stats, ALL_BUT_BIAS)
-        composed = backward(lambda *a: composed_conv_bn_train_backward(tri, *a), grads, args, y, stats, ALL_BUT_BIAS)
+        grads = make_grads(y.shape, y.shape[1], dtype, device)
+        fast = backward(conv_bn_bwd, grads, args, y, stats, needs_grad, tiles=tiles)
+        composed = backward(lambda *a: composed_conv_bn_train_backward(tri, *a), grads, args, y, stats, needs_grad)
+    return fast, composed
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("weight_layout", ["kcrs", "channels_last"])
+@pytest.mark.parametrize("case", [CASES["3x3_s2_g2"], CASES["1x1_g1"]], ids=["3x3_s2_g2", "1x1"])
+def test_fp32_equals_the_composed_path(case, weight_layout, bias, kernel_device):
+    """g_acc formed on load with the epilogue kernel's expression and the finalize-backward math: in fp32 the two
+    launches give the composed path's four (five with d_bias) launches' results (bit for bit under the interpreter,
+    but d_bias: numpy sums the wgrad's k x m tile along its contiguous axis pairwise, the epilogue's m x k tile
+    row after row)."""
+    args = make_inputs(case, torch.float32, kernel_device, weight_layout=weight_layout, bias=bias)
+    fast, composed = fast_and_composed(args, torch.float32, ALL if bias else ALL_BUT_BIAS)
     for name, f, c in zip(CONV_BN_GRAD_NAMES, fast, composed):
         assert (f is None) == (c is None), name
         if f is None:
             continue
-        if kernel_device.type == "cpu":
+        if kernel_device.type == "cpu" and name != "bias":
             assert torch.equal(f, c), f"{name}: max diff {(f - c).abs().max().item():.3e}"
-        else:  # the compiler may contract the two paths' arithmetic differently (FMA)
-            torch.testing.assert_close(f, c, rtol=1e-5, atol=1e-6, msg=name)
+        else:  # the compiler may contract the two paths' arithmetic differently (FMA); d_bias: summation order
+            torch.testing.assert_close(f, c, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("tiles, split", BIAS_TILES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_grad_matches_the_composed_path(dtype, tiles, split, kernel_device):
+    """d_bias from the wgrad (split 1 or split 3, groups 2) against the composed path's reduce launch: the same sum
+    of g_acc (fp16: of g_acc rounded to fp16, as the dot consumes it, where the composed path sums the fp32 value)."""
+    args = make_inputs(TILED_CASES["3x3_s2_g2_k40"], dtype, kernel_device, bias=True)
+    fast, composed = fast_and_composed(args, dtype, ALL, tiles)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(fast[2], composed[2], **tol)
 
 
 def test_counters_left_at_zero_and_deterministic(kernel_device):
@@ -259,8 +302,10 @@ LAUNCHES = {
     "fast": (ALL_BUT_BIAS, False, (), (2, 0)),
     "fast_no_grad_y": (ALL_BUT_BIAS, False, ("grad_y", "grad_scale"), (2, 0)),
     "fast_weight_only": ((False, True, False, False, False, True, True), False, (), (1, 0)),
-    # the composition: finalize backward, epilogue, wgrad, dgrad, and the d_bias reduction
-    "fallback_bias": ((True,) * 7, True, (), (5, 0)),
+    "fast_bias": (ALL, True, (), (2, 0)),
+    "fast_weight_bias": ((False, True, True, False, False, False, False), True, (), (1, 0)),
+    # the composition (weight not needed): finalize backward, epilogue, dgrad, and the d_bias reduction
+    "fallback_bias_no_weight": ((True, False, True, True, True, True, True), True, (), (4, 0)),
 }
 
 
@@ -317,9 +362,10 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         P = (9 + 2 * pad - R) // stride + 1
         y = torch.randn(2, K, P, P).to(dtype).contiguous(memory_format=torch.channels_last)
         pro = (torch.randn(C), torch.randn(C), True) if prologue else (None, None, False)
-        conv_bwd.conv_bn_bwd(torch.randn(y.shape).to(dtype), torch.randn(K), torch.randn(K), x, w, None, *pro,
+        bias = None if prologue else torch.randn(K)   # the second shape with the conv bias's gradient (BIAS_GRAD)
+        conv_bwd.conv_bn_bwd(torch.randn(y.shape).to(dtype), torch.randn(K), torch.randn(K), x, w, bias, *pro,
                              (stride, stride), (pad, pad), (1, 1), g, y, torch.rand(2, K), torch.rand(K), 1e-5,
-                             [True, True, False, True, True, True, True])
+                             [True, True, bias is not None, True, True, True, True])
 names = sorted({(n, bool(f)) for n, f, _ in compiled})
 print("compiled:", names, "max shared bytes:", max(s for _, _, s in compiled))
 """

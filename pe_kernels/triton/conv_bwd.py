@@ -36,9 +36,11 @@ grad_shift, stats, bn_weight, eps, n) gives grad_stats = [d_mean, d_m2] and d_bn
 GACC_ON_LOAD the wgrad and the dgrad compute those per-channel terms themselves and form
 g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load (stats_grad_on_load, the epilogue kernel's expression, g_acc
 rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's); the wgrad's programs of j tile
-0 and split 0 write d_bn_weight, d_bn_bias. Two launches, no epilogue kernel and no finalize-backward kernel, when
-the weight's gradient is needed and the conv bias's is not; the counters are then _common.stream_counters. Other
-cases: the composition (ops/contract.composed_conv_bn_train_backward).
+0 and split 0 write d_bn_weight, d_bn_bias, and those of j tile 0 sum the rounded g_acc they load into
+d_bias = sum g_acc (BIAS_GRAD; with a split, (SPLIT, K) fp32 partials summed in split order by the last split of
+j tile 0). Two launches, no epilogue kernel, no finalize-backward kernel and no reduce launch, when the weight's
+gradient is needed (with or without the conv bias's); the counters are then _common.stream_counters. Other cases:
+the composition (ops/contract.composed_conv_bn_train_backward).
 
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
@@ -50,7 +52,8 @@ Kernels:
   _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
                              m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials, summed
                              by the last split of each tile into dw (weight's strides and dtype); SPLIT = 1 writes dw
-                             directly.
+                             directly. BIAS_GRAD: the programs of j tile 0 also sum g_acc over their m range into
+                             d_bias (SPLIT = 1) or (SPLIT, K) fp32 partials (summed by the tile's last split).
 """
 
 from __future__ import annotations
@@ -330,6 +333,8 @@ def _conv_wgrad_kernel(
     sem_ptr,        # (tiles of k x j, groups) int32 counters, 0 at launch (SPLIT > 1), or unused
     dbnw_ptr,       # out (GACC_ON_LOAD): d_bn_weight (K,) in the BN weight's dtype; else unused
     dbnb_ptr,       # out (GACC_ON_LOAD): d_bn_bias (K,) fp32; else unused
+    dbias_ptr,      # out (BIAS_GRAD): the conv bias's gradient d_bias (K,) in the bias's dtype; else unused
+    bpart_ptr,      # out (BIAS_GRAD, SPLIT > 1): (SPLIT, K) fp32 contiguous partial sums of d_bias; else unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_PER_SPLIT,                 # rows of M per split (a multiple of BLOCK_M)
@@ -343,6 +348,7 @@ def _conv_wgrad_kernel(
     IN_RELU: tl.constexpr,
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train);
                                  # the programs of j tile 0, split 0 write d_bn_weight, d_bn_bias of their k rows
+    BIAS_GRAD: tl.constexpr,     # (with GACC_ON_LOAD) the programs of j tile 0 sum g_acc over m into d_bias
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
 ):
@@ -374,6 +380,8 @@ def _conv_wgrad_kernel(
             tl.store(dbnb_ptr + k, d_bn_b, mask=mask_k)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if BIAS_GRAD:
+        d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -395,6 +403,9 @@ def _conv_wgrad_kernel(
             yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
             a = stats_grad_on_load(a.to(tl.float32), yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
             a = a.to(x_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
+            if BIAS_GRAD:
+                if pid_j == 0:   # the values the dot consumes (A is k x m: a row sum per k)
+                    d_bias += tl.sum(a.to(tl.float32), axis=1)
         # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
         hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
         ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
@@ -418,10 +429,17 @@ def _conv_wgrad_kernel(
     n_split = tl.num_programs(2)
     if n_split == 1:
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        if BIAS_GRAD:
+            if pid_j == 0:
+                tl.store(dbias_ptr + k, d_bias.to(dbias_ptr.dtype.element_ty), mask=mask_k)
     else:
         tile = (k.to(tl.int64) * RSC)[:, None] + offs_j[None, :]
         tl.store(part_ptr + split.to(tl.int64) * K * RSC + tile, acc, mask=mask)
-        # The last split of this tile sums the SPLIT partials in split order and resets the counter.
+        if BIAS_GRAD:
+            if pid_j == 0:
+                tl.store(bpart_ptr + split * K + k, d_bias, mask=mask_k)
+        # The last split of this tile sums the SPLIT partials in split order (and, in j tile 0, the d_bias
+        # partials) and resets the counter.
         sem = sem_ptr + pid_nk + grp * tl.num_programs(0)
         if last_arrival(sem, n_split):
             total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -429,6 +447,12 @@ def _conv_wgrad_kernel(
                 total += tl.load(part_ptr + tl.cast(i, tl.int64) * K * RSC + tile, mask=mask, other=0.0,
                                  cache_modifier=".cg")
             tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=mask)
+            if BIAS_GRAD:
+                if pid_j == 0:
+                    total_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                    for i in range(0, n_split):
+                        total_b += tl.load(bpart_ptr + i * K + k, mask=mask_k, other=0.0, cache_modifier=".cg")
+                    tl.store(dbias_ptr + k, total_b.to(dbias_ptr.dtype.element_ty), mask=mask_k)
             tl.store(sem, 0)
 
 
@@ -488,8 +512,9 @@ def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor)
 class GaccOnLoad:
     """What the wgrad and the dgrad need to form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load
     (GACC_ON_LOAD) instead of reading an epilogue kernel's g_acc: the saved output y and the BN finalize's inputs,
-    d_mean and d_m2 computed in the kernels (bn_finalize_grads); and the wgrad's outputs d_bn_weight, d_bn_bias.
-    Vectors fp32 contiguous (K,) (cached identities for absent ones), stats (2, K) fp32 contiguous."""
+    d_mean and d_m2 computed in the kernels (bn_finalize_grads); and the wgrad's outputs d_bn_weight, d_bn_bias and,
+    when given, d_bias = sum g_acc (BIAS_GRAD). Vectors fp32 contiguous (K,) (cached identities for absent ones),
+    stats (2, K) fp32 contiguous."""
     y: Tensor                # (N, K, P, Q), any strides
     grad_scale: Tensor
     grad_shift: Tensor
@@ -499,6 +524,7 @@ class GaccOnLoad:
     eps: float
     d_bn_weight: Tensor      # out: (K,) in the BN weight's dtype
     d_bn_bias: Tensor        # out: (K,) fp32
+    d_bias: Optional[Tensor] = None   # out: the conv bias's gradient (K,) in the bias's dtype, or None (not needed)
 
     def inputs(self) -> tuple:
         return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
@@ -608,8 +634,8 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
     split-M launch sums its fp32 partials in the last split of each tile (deterministic: split order), on
     `plan.counters` counters of `sems` that must be 0 (zeroed by the epilogue kernel, or persistent
     stream_counters). With `on_load`, `g_acc` is grad_y, g_acc is formed on load and the kernel also writes
-    on_load.d_bn_weight, d_bn_bias (needs M > 0). Not autotuned: one config, and every (split, k, j) element of
-    the partial buffer is written by the grid."""
+    on_load.d_bn_weight, d_bn_bias and on_load.d_bias if given (needs M > 0). Not autotuned: one config, and every
+    (split, k, j) element of the partial buffers is written by the grid."""
     M = geo.N * geo.P * geo.Q
     if M == 0:
         return torch.zeros_like(weight)
@@ -620,13 +646,17 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
     prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     load_ptrs, load_scalars, y_strides = _on_load_args(on_load, x.device)
     outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (dummy(x.device),) * 2
+    bias_grad = on_load is not None and on_load.d_bias is not None
+    d_bias = on_load.d_bias if bias_grad else dummy(x.device)
+    bpart = (torch.empty((plan.split, geo.K), dtype=torch.float32, device=x.device) if bias_grad and plan.split > 1
+             else dummy(x.device))
     _conv_wgrad_kernel[plan.grid](
-        g_acc, x, scale, shift, *load_ptrs, dw, part, sems, *outs,
+        g_acc, x, scale, shift, *load_ptrs, dw, part, sems, *outs, d_bias, bpart,
         geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
         *strides4(g_acc), *y_strides, *strides4(x), *dw.stride(), *geo.stride, *geo.padding, *geo.dilation,
-        PROLOGUE=prologue, IN_RELU=bool(in_relu), GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype),
-        PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        num_warps=4)
+        PROLOGUE=prologue, IN_RELU=bool(in_relu), GACC_ON_LOAD=on_load is not None, BIAS_GRAD=bias_grad,
+        UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k, num_warps=4)
     return dw
 
 
@@ -745,13 +775,14 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
     SPLIT; the fallback ignores them).
 
-    Fast path, two launches (one without dgrad): when the weight's gradient is needed, the conv bias's is not (d_bias
-    = sum g_acc would need a reduction of its own) and N*P*Q > 0. The wgrad and the dgrad read grad_y and y and form
-    g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from the BN finalize's backward computed
-    per channel in the kernels; the wgrad's programs of j tile 0 and split 0 write d_bn_weight and d_bn_bias; no
-    epilogue kernel, no finalize-backward kernel; the counters are the persistent stream_counters. Otherwise the
-    composition contract.composed_conv_bn_train_backward of this backend's bn_finalize_backward and
-    conv_fused_backward (four launches)."""
+    Fast path, two launches (one without dgrad): when the weight's gradient is needed and N*P*Q > 0. The wgrad and
+    the dgrad read grad_y and y and form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from
+    the BN finalize's backward computed per channel in the kernels; the wgrad's programs of j tile 0 and split 0
+    write d_bn_weight and d_bn_bias, and, when the conv bias's gradient is needed, those of j tile 0 sum the g_acc
+    they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed in
+    split order by the tile's last split); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
+    counters are the persistent stream_counters. Otherwise the composition contract.composed_conv_bn_train_backward
+    of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias)."""
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     out_shape = (geo.N, geo.K, geo.P, geo.Q)
     check_4d("y", y)
@@ -774,7 +805,7 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     inputs = (x, weight, bias, in_scale, in_shift)
     need_x, need_w, need_b, need_isc, need_ish = (flag and t is not None for flag, t in zip(needs, inputs))
     M = geo.N * geo.P * geo.Q
-    if not need_w or need_b or M == 0:
+    if not need_w or M == 0:
         import importlib
 
         from ..ops.contract import composed_conv_bn_train_backward
@@ -794,7 +825,8 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
         bn_weight=identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight.contiguous(),
         count=M, eps=eps,
         d_bn_weight=torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
-        d_bn_bias=torch.empty(geo.K, dtype=torch.float32, device=device))
+        d_bn_bias=torch.empty(geo.K, dtype=torch.float32, device=device),
+        d_bias=torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None)
     need_dgrad = need_x or need_isc or need_ish
     wplan, dmeta, w_first, n_sem = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift,
                                                in_relu, tiles)
@@ -802,6 +834,7 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     sems = stream_counters(max(n_sem, 4), device)
     grads: list[Optional[Tensor]] = [None] * 7
     grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:], on_load)
+    grads[2] = on_load.d_bias
     if need_dgrad:
         dx, in_sums = _dgrad(grad_y, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
                              dmeta, sems, tiles, on_load)
