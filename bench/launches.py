@@ -15,7 +15,10 @@ What a GPU step would launch, counted without a GPU (deterministic, so tests/tes
 None before, as optimizer.zero_grad() does; the optimizer is the same for every provider and not counted), after
 one warm-up step of each (caches filled, first-call work done). Batch 2, 8x8 images: counts do not depend on size.
 pe providers run the model under use_backend(<backend>), eager runs registry.eager_twin(model); both channels_last
-(model.to(memory_format=torch.channels_last): NHWC activations, KRSC conv weights, as the bench's providers run).
+(model.to(memory_format=torch.channels_last): NHWC activations, KRSC conv weights, as the bench's providers run),
+or in the default layout with --nchw. Between the warm-up and a counted training step every parameter is bumped in
+place (p.add_(0), as an optimizer step bumps its version counter), so per-version caches are counted as a training
+loop pays them; inference counts a deployed model's repeated forwards (parameters unchanged).
 """
 
 from __future__ import annotations
@@ -106,7 +109,8 @@ def _run(model, entry, mode: str, x, y) -> None:
             model(x)
 
 
-def count(model_name: str, mode: str, provider: str = "pe-triton", batch: int = 2, image: int = 8) -> dict:
+def count(model_name: str, mode: str, provider: str = "pe-triton", batch: int = 2, image: int = 8,
+          channels_last: bool = True) -> dict:
     """Launches of one inference forward or training step of a Table 8 model (module docstring)."""
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
@@ -116,7 +120,9 @@ def count(model_name: str, mode: str, provider: str = "pe-triton", batch: int = 
     triton_log = None
     stack = contextlib.ExitStack()
     with stack:
-        model = (eager_twin(model) if provider == "eager" else model).to(memory_format=torch.channels_last)
+        model = eager_twin(model) if provider == "eager" else model
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if provider == "pe-triton":
             tool = _load_tool("count_triton_compiles")
             triton_log = tool.CompileLog()
@@ -132,13 +138,18 @@ def count(model_name: str, mode: str, provider: str = "pe-triton", batch: int = 
         _run(model, entry, mode, x, y)  # warm-up: caches filled, first-call work done
         if triton_log is not None:
             triton_log.launches.clear()
+        if mode == "train":  # what an optimizer step does to the version counters (the caches follow them)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             _run(model, entry, mode, x, y)
     aten, syncs = aten_launches(prof.events())
     triton = dict(triton_log.launches) if triton_log is not None else {}
     convs = _conv_count(model)
     total = sum(aten.values()) + sum(triton.values())
-    return dict(model=model_name, mode=mode, provider=provider, convs=convs, launches=total,
+    return dict(model=model_name, mode=mode, provider=provider, layout="channels_last" if channels_last else "nchw",
+                convs=convs, launches=total,
                 per_conv=round(total / convs, 3), triton=sum(triton.values()), aten=sum(aten.values()), syncs=syncs,
                 triton_kernels=triton, aten_ops=dict(aten.most_common()))
 
@@ -150,6 +161,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--provider", nargs="+", default=["pe-triton", "eager"],
                         choices=["pe-triton", "pe-torch", "pe-auto", "eager"])
     parser.add_argument("--top", type=int, default=0, help="also print the N most frequent launching ops")
+    parser.add_argument("--nchw", action="store_true", help="models in the default (NCHW / KCRS) layout instead of "
+                                                           "channels_last")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     args = parser.parse_args(argv)
     models = list(TABLE8_MODELS) if "all" in args.model else args.model
@@ -159,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in models:
         for mode in args.mode:
             for provider in args.provider:
-                row = count(name, mode, provider)
+                row = count(name, mode, provider, channels_last=not args.nchw)
                 if args.json:
                     print(json.dumps(row), flush=True)
                     continue

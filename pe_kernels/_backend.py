@@ -86,11 +86,13 @@ _modules: dict[str, ModuleType] = {}  # backend name -> its imported module
 def register_backend(spec: BackendSpec) -> None:
     """Make backend `spec.name` selectable (use_backend, PE_KERNELS_BACKEND, autotune candidates). Its module
     must implement ops/contract.Backend (tests/test_ops.py checks the registered ones); it is imported when first
-    selected. Re-registering a name replaces it."""
+    selected. Re-registering a name of yours replaces it; the built-in ones (BACKENDS) cannot be replaced."""
     if not isinstance(spec, BackendSpec):
         raise TypeError(f"register_backend takes a BackendSpec, got {type(spec).__name__}")
     if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name) or spec.name == "auto":
         raise ValueError(f"backend name must be lower-case [a-z][a-z0-9_]* and not 'auto', got {spec.name!r}")
+    if spec.name in BACKENDS and spec.name in _REGISTRY:
+        raise ValueError(f"{spec.name!r} is a built-in backend: register yours under another name")
     _REGISTRY[spec.name] = spec
     _modules.pop(spec.name, None)
     _env_parsed.clear()
@@ -136,8 +138,6 @@ def requested_backend() -> str:
     return parsed
 
 
-
-
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the block on backend `name` ('torch', 'triton', 'cuda' or 'auto')."""
@@ -180,7 +180,11 @@ def _module(name: str) -> ModuleType:
     """The backend's module (imported on first use; looked up once per registration, not per call)."""
     module = _modules.get(name)
     if module is None:
-        module = _modules[name] = importlib.import_module(_REGISTRY[name].module)
+        spec = _REGISTRY.get(name)
+        if spec is None:  # e.g. an autotune choice recorded for a backend unregistered since
+            raise BackendUnavailableError(f"pe_kernels backend {name!r} is not registered "
+                                          f"(registered: {', '.join(backend_names())})")
+        module = _modules[name] = importlib.import_module(spec.module)
     return module
 
 
@@ -382,7 +386,6 @@ def stock_path(op: str, device: torch.device, dtype: torch.dtype) -> Optional[Di
     if choice is None:  # the decision depends on nothing else (the dispatch table is read once)
         choice = _stock_choices[key] = _stock_choice(op, name, device, dtype)
     return choice or None
-
 
 
 def _stock_choice(op: str, name: str, device: torch.device, dtype: torch.dtype):

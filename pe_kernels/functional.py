@@ -235,17 +235,18 @@ def _fold(weight, bias, running_mean, running_var, eps: float, dtype: torch.dtyp
 
 
 def _cast_weight(weight: Tensor, x: Activation) -> Tensor:
-    """The conv weight as the kernels read it: in the dtype the op runs in (autocast's) and channels_last (KRSC).
-    Made once per weight version where that is cacheable (eval); otherwise once per call, differentiably, so that
-    the forward and backward launchers get it without copying again."""
+    """The conv weight as the kernels read it: in the dtype the op runs in (autocast's). Where that is cacheable
+    (eval) also channels_last (KRSC), made once per weight version. Otherwise (training) only cast, differentiably,
+    in its own layout: the weight gradient then comes back in the parameter's layout (no AccumulateGrad copy), and
+    the launchers make the KRSC copy of a KCRS weight once per weight version (triton/_common.krsc)."""
     x_t = x.y if isinstance(x, Deferred) else x
     amp = ops._common.autocast_dtype(x_t)
     dtype = weight.dtype if amp is None else amp
     krsc = weight.is_contiguous(memory_format=torch.channels_last)
     if dtype == weight.dtype and krsc:
         return weight
-    if not _cacheable(weight.device, weight):  # one copy, saved for the backward too (no copy per launcher)
-        return weight.to(dtype, memory_format=torch.channels_last)
+    if not _cacheable(weight.device, weight):
+        return weight if dtype == weight.dtype else weight.to(dtype)
     key = (dtype, *_version(weight))
     hit = _CAST.get(weight)  # keyed by the tensor object itself
     if hit is not None and hit[0] == key:

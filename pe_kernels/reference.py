@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .ops.contract import (APPLY_GRAD_NAMES, CONV_BN_GRAD_NAMES, CONV_GRAD_NAMES,  # noqa: F401 (re-exported)
                            FINALIZE_GRAD_NAMES, check_backward_stats, composed_conv_bn_train,
-                           composed_conv_bn_train_backward, param_dtype)
+                           composed_conv_bn_train_backward, grad_like_weight, param_dtype)
 
 Tensor = torch.Tensor
 
@@ -225,7 +225,7 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
             g_acc.to(x.dtype), xp, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
             groups, [need_dxp, need["weight"], False])
         if need["weight"]:
-            out["weight"] = dw.to(weight.dtype).contiguous()
+            out["weight"] = grad_like_weight(dw, weight)
         if need_dxp:
             dpre = dxp.to(acc_dtype)
             if in_relu:

@@ -2,7 +2,7 @@
 
 Counts are deterministic (Triton launches of a dry run + ATen ops that launch a kernel, from torch.profiler), so
 they are asserted with exact upper bounds: a change that adds a launch fails here. Measured 2026-11-22 at this
-commit (python bench/launches.py --model pe-2-4-1 single; models channels_last on every provider):
+commit (python bench/launches.py --model pe-2-4-1 single; models channels_last on every provider; --nchw: 242):
 pe-triton inference 58 / 56 launches for 53 convs (issue 11's target: <= 1.2 per conv; 395 before the fold and
 weight caches); training step 225 / 222 = 4.25 / 4.19 per conv (target <= 5; 1657 at the start of issue 11, 418
 before conv_bn_train fused the BatchNorm finalize into the conv and its backward into wgrad/dgrad, the weights went
@@ -52,12 +52,17 @@ def counts():
                           env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {(r["model"], r["mode"], r["provider"]): r for r in rows}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "launches.py"), "--model", "pe-2-4-1", "--mode",
+                           "train", "--provider", "pe-triton", "--nchw", "--json"],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {(r["model"], r["mode"], r["provider"], r["layout"]): r for r in rows}
 
 
 @pytest.mark.parametrize("model", ["pe-2-4-1", "single"])
 def test_inference_is_one_launch_per_conv(counts, model):
-    row = counts[(model, "infer", "pe-triton")]
+    row = counts[(model, "infer", "pe-triton", "channels_last")]
     assert row["convs"] == 53 and row["triton_kernels"].get("_conv_fwd_kernel") == 53, row
     assert row["launches"] <= INFER_BOUND[model], row
     assert row["per_conv"] <= 1.2, row
@@ -65,7 +70,7 @@ def test_inference_is_one_launch_per_conv(counts, model):
 
 @pytest.mark.parametrize("model", ["pe-2-4-1", "single"])
 def test_training_step_launches_within_bound(counts, model):
-    row = counts[(model, "train", "pe-triton")]
+    row = counts[(model, "train", "pe-triton", "channels_last")]
     assert row["triton_kernels"].get("_conv_wgrad_kernel") == 53, row  # a real step: every conv's backward ran
     assert row["launches"] <= TRAIN_BOUND[model], row
 
@@ -74,7 +79,7 @@ def test_training_step_launches_within_bound(counts, model):
 def test_training_step_meets_the_target(counts, model):
     """Issue 11: <= 5 launches per conv in a training step (forward, loss, backward); each conv is one forward
     launch (conv + statistics + BatchNorm finalize) and at most two backward ones (wgrad, dgrad: g_acc on load)."""
-    row = counts[(model, "train", "pe-triton")]
+    row = counts[(model, "train", "pe-triton", "channels_last")]
     assert row["per_conv"] <= 5.0, row
     kernels = row["triton_kernels"]
     assert kernels.get("_conv_fwd_kernel") == 53 and kernels.get("_conv_dgrad_kernel") == 52, kernels
@@ -83,10 +88,19 @@ def test_training_step_meets_the_target(counts, model):
     assert "aten::copy_" not in row["aten_ops"] or row["aten_ops"]["aten::copy_"] <= 6, row["aten_ops"]
 
 
+def test_nchw_model_training_step(counts):
+    """A model left in the default layout (KCRS weights): one KRSC copy per 3x3 conv and step, made once per weight
+    version by the launchers (forward and dgrad share it), and the weight gradients in the parameters' own layout
+    (no AccumulateGrad copy): 225 + 17 (16 bottleneck 3x3 convs and the stem)."""
+    row = counts[("pe-2-4-1", "train", "pe-triton", "nchw")]
+    assert row["launches"] <= 242, row
+    assert row["aten_ops"].get("aten::copy_", 0) <= 23, row["aten_ops"]
+
+
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("model", ["pe-2-4-1", "single"])
 def test_stock_path_launches_no_more_than_stock(counts, model, mode):
-    ours, stock = counts[(model, mode, "pe-torch")], counts[(model, mode, "eager")]
+    ours, stock = counts[(model, mode, "pe-torch", "channels_last")], counts[(model, mode, "eager", "channels_last")]
     assert ours["launches"] <= stock["launches"], (ours, stock)
 
 
@@ -94,7 +108,7 @@ def test_stock_path_launches_no_more_than_stock(counts, model, mode):
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("model", ["pe-2-4-1", "single"])
 def test_no_host_sync(counts, model, mode, provider):
-    assert counts[(model, mode, provider)]["syncs"] == 0
+    assert counts[(model, mode, provider, "channels_last")]["syncs"] == 0
 
 
 def _syncs(step) -> int:
@@ -176,3 +190,44 @@ def test_eval_weight_cast_cache_under_autocast(kernel_device):
                 assert out.dtype == torch.bfloat16
                 torch.testing.assert_close(out.float(), expected(), rtol=2e-2, atol=2e-2)
             layer.conv.conv.weight.mul_(-1.0 if step == 0 else 2.0)
+
+
+def test_krsc_copy_once_per_weight_version():
+    """The launchers' KRSC copy of a KCRS 3x3 weight is made once per weight version and tensor (triton/_common.krsc):
+    reused while nothing changes, remade after an in-place change (an optimizer step), never shared between tensors."""
+    if not pe_kernels.backends()["triton"].available:
+        pytest.skip("triton unavailable")
+    from pe_kernels.triton._common import krsc
+
+    w = torch.randn(8, 4, 3, 3)
+    first, strides = krsc(w)
+    assert first.is_contiguous(memory_format=torch.channels_last) and strides == (36, 1, 12, 4)
+    assert krsc(w)[0] is first
+    torch.testing.assert_close(first, w)
+    with torch.no_grad():
+        w.mul_(2.0)
+    second = krsc(w)[0]
+    assert second is not first
+    torch.testing.assert_close(second, w)
+    other = w.clone()
+    assert krsc(other)[0] is not second
+    cl = w.contiguous(memory_format=torch.channels_last)
+    assert krsc(cl)[0] is cl                      # already KRSC: itself, nothing cached
+    assert krsc(w[:, :, :, :])[0] is not second  # a view is another tensor: its own copy
+
+
+def test_training_weight_gradient_in_the_parameter_layout(kernel_device):
+    """On the kernel path a KCRS (default) conv weight gets a KCRS gradient and a channels_last one a channels_last
+    gradient: AccumulateGrad has nothing to copy."""
+    backend = "triton" if pe_kernels.backends()["triton"].available else pytest.skip("triton unavailable")
+    torch.manual_seed(0)
+    for channels_last in (False, True):
+        layer = PackedConvBNReLU2d(8, 8, 3, alpha=2, num_estimators=2, padding=1,
+                                   minimum_channels_per_group=4).to(kernel_device).train()
+        if channels_last:
+            layer = layer.to(memory_format=torch.channels_last)
+        x = torch.randn(2, 16, 5, 5, device=kernel_device)
+        with pe_kernels.use_backend(backend):
+            layer(x).sum().backward()
+        weight = layer.conv.conv.weight
+        assert weight.grad.stride() == weight.stride(), (channels_last, weight.grad.stride(), weight.stride())

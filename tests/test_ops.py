@@ -207,6 +207,9 @@ def _opcheck_samples():
                          torch.randn(out_shape), True, [1, 1], [1, 1], [1, 1], 2, True)
     yield "conv_fused", (x.to(memory_format=torch.channels_last), w, None, None, None, False, None, None, None,
                          False, [2, 2], [0, 0], [1, 1], 2, False)
+    # a channels_last (KRSC) weight, as the modules pass it: its gradient in the weight's strides (the fake's promise)
+    yield "conv_fused", (x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last), None,
+                         torch.rand(4), torch.randn(4), True, None, None, None, False, [1, 1], [1, 1], [1, 1], 2, True)
     stats = torch.stack([torch.randn(6), torch.rand(6) * 10 + 5])
     yield "bn_finalize", (stats, 10, torch.rand(6), torch.randn(6), 1e-5)
     yield "bn_finalize", (stats, 10, None, None, 1e-3)

@@ -135,8 +135,8 @@ def dry_launches(log: CompileLog):
     def tuned_run(self, *args, grid=None, warmup=False, **kwargs):
         name = _jit_name(self)
         log.launches[name] += 1
-        if len(self.configs) > 1:
-            log.autotune[name].add(autotune_key(self, args, kwargs))
+        if len(self.configs) > 1:  # each autotuner (a kernel may have several wrappers) has its own cache
+            log.autotune[name].add((id(self),) + autotune_key(self, args, kwargs))
         for config in self.configs:  # a new autotune key compiles (and benchmarks) every config
             record(self.fn, args, {**kwargs, **config.all_kwargs()})
 

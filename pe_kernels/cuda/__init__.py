@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference
-from ..ops.contract import composed_conv_bn_train, composed_conv_bn_train_backward, param_dtype
+from ..ops.contract import (composed_conv_bn_train, composed_conv_bn_train_backward, grad_like_weight,
+                            param_dtype)
 from . import _ext
 from ._ext import is_built, load_error
 
@@ -137,8 +138,8 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
         if g is not None and t is not None and t.dim() == 1:
             g = g.reshape(t.shape)
         if i == 1 and g is not None:
-            # The kernel writes KRSC (channels_last); the contract (reference, fake) is a contiguous (K, C/g, R, S).
-            g = g.contiguous()
+            # The kernel writes KRSC (channels_last); the contract (ops/contract.grad_like_weight): the weight's strides.
+            g = grad_like_weight(g, weight)
         out.append(g)
     return out
 

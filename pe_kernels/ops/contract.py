@@ -31,6 +31,14 @@ def param_dtype(activation_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if activation_dtype == torch.float64 else torch.float32
 
 
+def grad_like_weight(dw: Tensor, weight: Tensor) -> Tensor:
+    """The weight gradient as the contract returns it: in the weight's dtype and strides (a channels_last weight gets
+    a channels_last gradient, so that autograd's AccumulateGrad needs no copy); no copy when it already is."""
+    if dw.dtype == weight.dtype and dw.stride() == weight.stride():
+        return dw
+    return torch.empty_like(weight).copy_(dw)
+
+
 def check_backward_stats(grad_stats: Optional[Tensor], stats: Optional[Tensor], channels: int) -> None:
     """conv_fused_backward needs the forward's (2, K) statistics whenever a gradient of them is given."""
     if grad_stats is None:

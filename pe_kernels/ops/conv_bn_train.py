@@ -16,7 +16,8 @@ The triton backend runs the forward as one launch (the conv's last programs fina
 
 Eager mode only (an autograd.Function: the op mutates the running statistics and carries a gradient, which one
 torch.library custom op cannot). Under torch.compile / export, a TorchDispatchMode, a tensor subclass or a
-torch.func transform it is the composition of the registered ops conv_fused + bn_train_finalize (same math);
+torch.func transform it is the composition ops.conv_fused (the registered op) + ops.bn_train_finalize (its ATen
+bookkeeping + the registered bn_finalize): the same math;
 a double backward recomputes the composition differentiably. Autocast: as conv_fused (x, weight, bias in the
 autocast dtype; BN vectors and statistics fp32).
 """

@@ -58,6 +58,7 @@ Kernels:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -65,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.contract import composed_conv_bn_train_backward
 from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_same_device,
                       check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n,
                       identity_vector, krsc, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile,
@@ -806,12 +808,10 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     need_x, need_w, need_b, need_isc, need_ish = (flag and t is not None for flag, t in zip(needs, inputs))
     M = geo.N * geo.P * geo.Q
     if not need_w or M == 0:
-        import importlib
-
-        from ..ops.contract import composed_conv_bn_train_backward
-        return composed_conv_bn_train_backward(importlib.import_module(__package__), grad_y, grad_scale, grad_shift,
-                                               x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                                               dilation, groups, y, stats, bn_weight, eps, needs)
+        # the composition on this backend's own kernels (pe_kernels.triton: imported, it is what calls us)
+        return composed_conv_bn_train_backward(sys.modules[__package__], grad_y, grad_scale, grad_shift, x, weight,
+                                               bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, y,
+                                               stats, bn_weight, eps, needs)
 
     device = x.device
     zeros = identity_vector(0.0, geo.K, device)

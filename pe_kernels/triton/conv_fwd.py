@@ -380,8 +380,7 @@ def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[i
         blocks["BLOCK_S"] = int(block_s)
     if block_k is not None:
         blocks["BLOCK_K"] = int(block_k)
-    _stats_merge_kernel[(cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks,
-                                                              num_warps=num_warps)
+    _stats_merge_kernel[(cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks, num_warps=num_warps)
     return stats
 
 
@@ -391,11 +390,13 @@ GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=nw, num_stages=3) for n
 
 # On a GPU: autotuned over warps (BLOCK_N, BLOCK_K follow the group widths), keyed on the GEMM's shape with M
 # rounded up to a power of two. Under the interpreter the launcher calls the plain kernel with one config.
-# A FINALIZE launch updates running_mean, running_var and num_batches_tracked in place, and the autotuner runs its
-# trials (each config, several times) on the launch's own arguments before the winner's run: restore_value makes it
-# copy those three before every trial and put them back after it, so that only the winner's run updates them (the
-# other outputs are overwritten whole by every run, the counters are back at 0 after each). Without FINALIZE they
-# are small dummies: a copy of 16 bytes per trial. (restore_value: Triton >= 3.0; 3.6 and 3.9 here.)
+# A FINALIZE launch (conv_bn_train) updates running_mean, running_var and num_batches_tracked in place, and the
+# autotuner runs its trials (each config, several times) on the launch's own arguments before the winner's run:
+# restore_value makes it copy those three before every trial and put them back after it, so that only the winner's
+# run updates them (the other outputs are overwritten whole by every run, the counters are back at 0 after each).
+# One wrapper for every launch, so that a layer's train (FINALIZE) and eval launches share one tuning round (FINALIZE
+# adds a per-column tail to the same GEMM); the price: without FINALIZE the three are 16-byte dummies, still cloned
+# and copied back around each trial (6 tiny launches, the same for every config). (restore_value: Triton >= 3.0.)
 RESTORED_ON_TRIALS = ["rmean_ptr", "rvar_ptr", "nbt_ptr"]
 _conv_fwd_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M_KEY", "K_g", "RSC", "PRECISION"],
                                          restore_value=RESTORED_ON_TRIALS)(_conv_fwd_kernel)
