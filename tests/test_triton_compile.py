@@ -93,6 +93,13 @@ def _main() -> None:  # runs in the subprocess
                                     v(K), v(K), res, True, *geo, y, [True] * 8, stats)
             tri.conv_fused_backward(torch.randn(y.shape).to(dtype), None, x, w, None, None, None, False, None,
                                     None, None, False, *geo, y, [True] * 8)
+            # the training conv -> BatchNorm: the forward with the finalize (FINALIZE; fp16 running statistics once,
+            # num_batches_tracked, momentum None), the backward with g_acc and the bias gradient on load
+            running = torch.zeros(K, dtype=torch.float16 if dtype == torch.float16 else torch.float32)
+            yt, st, _, _ = tri.conv_bn_train(x, w, v(K), v(C), v(C), True, *geo, v(K), v(K), 1e-5, running,
+                                             running.clone(), torch.tensor(0), None)
+            tri.conv_bn_train_backward(torch.randn(yt.shape).to(dtype), v(K), v(K), x, w, v(K), v(C), v(C), True,
+                                       *geo, yt, st, v(K), 1e-5, [True] * 7)
         yb = torch.randn(4, 96, 5, 5).to(dtype)
         for mode in range(3):
             r = torch.randn(yb.shape).to(dtype) if mode else None
