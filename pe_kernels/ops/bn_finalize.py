@@ -184,21 +184,9 @@ def bn_train_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias:
     average factor (momentum, or 1/num_batches_tracked when momentum is None: read on the device, no host sync),
     and (scale, shift) of bn_finalize, differentiable in stats, weight and bias."""
     k = _check_stats(stats, count)
-    check_vector(weight, "weight", k, stats)
-    check_vector(bias, "bias", k, stats)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None:
-        check_vector(running_mean, "running_mean", k, stats)
-        check_vector(running_var, "running_var", k, stats)
-        if count < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
-                                            or num_batches_tracked.device != stats.device):
-        raise ValueError(f"num_batches_tracked must be a one-element tensor on {stats.device}, got "
-                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_train_args(k, stats, weight, bias, eps, running_mean, running_var, num_batches_tracked)
+    if running_mean is not None and count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got count={count}")
     momentum = None if momentum is None else float(momentum)
     dtype = stats.dtype
     weight = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
@@ -209,6 +197,25 @@ def bn_train_finalize(stats: Tensor, count: int, weight: Optional[Tensor], bias:
     # traced, or under a torch.func transform: the bookkeeping as ATen ops (no host sync), then bn_finalize
     reference.bn_bookkeeping(stats.detach(), count, running_mean, running_var, num_batches_tracked, momentum)
     return bn_finalize(stats, count, weight, bias, eps)
+
+
+def check_train_args(k: int, ref: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     num_batches_tracked: Optional[Tensor], prefix: str = "") -> None:
+    """A training BatchNorm's arguments (bn_train_finalize, conv_bn_train): (k,) vectors on ref's device, running
+    statistics given together, a one-element num_batches_tracked, eps > 0; ValueError/TypeError naming the values.
+    `prefix` names the affine vectors ("bn_" for conv_bn_train)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for name, vec in ((f"{prefix}weight", weight), (f"{prefix}bias", bias), ("running_mean", running_mean),
+                      ("running_var", running_var)):
+        check_vector(vec, name, k, ref)
+    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
+                                            or num_batches_tracked.device != ref.device):
+        raise ValueError(f"num_batches_tracked must be a one-element tensor on {ref.device}, got "
+                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
 
 
 def bn_running_update(stats: Tensor, count: int, running_mean: Tensor, running_var: Tensor,

@@ -30,8 +30,9 @@ import torch
 
 from .. import _backend
 from . import _transforms
-from ._common import check_vector, eager_dispatch, no_autocast
-from .bn_finalize import bn_train_finalize
+from ._common import eager_dispatch, no_autocast
+from .bn_finalize import bn_train_finalize, check_train_args
+from .contract import param_dtype
 from .conv_fused import checked_args, conv_fused, conv_output_size
 
 Tensor = torch.Tensor
@@ -107,19 +108,9 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, i
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} (N*P*Q) for input "
                          f"size {tuple(x.shape)}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    for name, vec in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                      ("running_var", running_var)):
-        check_vector(vec, name, k, x)
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
-                                            or num_batches_tracked.device != x.device):
-        raise ValueError(f"num_batches_tracked must be a one-element tensor on {x.device}, got "
-                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
+    check_train_args(k, x, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, prefix="bn_")
     momentum = None if momentum is None else float(momentum)
-    vec_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    vec_dtype = param_dtype(x.dtype)
     bn_weight, bn_bias = (v if v is None or v.dtype == vec_dtype else v.to(vec_dtype) for v in (bn_weight, bn_bias))
     tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
     if _transforms.composite_required("conv_fused") or not eager_dispatch(*tensors, running_mean, running_var):
