@@ -191,17 +191,22 @@ def _refs(tensors: tuple) -> tuple:
     return tuple(None if t is None else weakref.ref(t) for t in tensors)
 
 
-def _cacheable(device: torch.device, *tensors: Optional[Tensor]) -> bool:
-    """Whether values derived from `tensors` may be reused across calls: not while torch.compile traces, not while
-    a CUDA graph captures (its replays must recompute them from the live parameters), not when autograd must see
-    them, not for tensor subclasses or inference tensors whose version counter cannot be read."""
-    if torch.compiler.is_compiling() or not ops._common.eager_dispatch(*tensors):
+def _cacheable(*tensors: Optional[Tensor]) -> bool:
+    """Whether values derived from `tensors` may be reused across calls: not while torch.compile traces or a
+    TorchDispatchMode is active, not while a CUDA graph captures (its replays must recompute them from the live
+    parameters), not when autograd must see them, not for tensor subclasses or inference tensors whose version
+    counter cannot be read. (A hot path: plain attribute reads, no torch.device objects.)"""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    if any(t is not None and t.is_inference() for t in tensors):
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    grad = torch.is_grad_enabled()
+    cuda = False
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in ops._common.PLAIN_TENSORS or (grad and t.requires_grad) or t.is_inference():
+            return False
+        cuda = cuda or t.is_cuda
+    return not (cuda and torch.cuda.is_current_stream_capturing())
 
 
 # module -> (key, weak refs to the sources, derived tensors); parameter -> (key, derived); entries die with their owner
@@ -212,8 +217,9 @@ _CAST = WeakTensorKeyDictionary()  # (tensor keys compare by identity)
 def _folded_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Eval-mode BN as scale/shift: scale = w / sqrt(running_var + eps), shift = b - running_mean * scale;
     cached per version of the four tensors (see _cacheable)."""
-    w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
-    if not _cacheable(rv.device, w, b, rm, rv):
+    params, buffers = bn._parameters, bn._buffers  # (nn.Module.__getattr__ costs ~0.8 us a name)
+    w, b, rm, rv = params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"]
+    if not _cacheable(w, b, rm, rv):
         return _fold(w, b, rm, rv, bn.eps, dtype)
     key = (dtype, bn.eps, *_version(w), *_version(b), *_version(rm), *_version(rv))
     hit = _FOLDED.get(bn)
@@ -245,7 +251,7 @@ def _cast_weight(weight: Tensor, x: Activation) -> Tensor:
     krsc = weight.is_contiguous(memory_format=torch.channels_last)
     if dtype == weight.dtype and krsc:
         return weight
-    if not _cacheable(weight.device, weight):
+    if not _cacheable(weight):
         return weight if dtype == weight.dtype else weight.to(dtype)
     key = (dtype, *_version(weight))
     hit = _CAST.get(weight)  # keyed by the tensor object itself
@@ -292,9 +298,11 @@ def _conv_with_stats(x: Activation, weight: Tensor, bias: Optional[Tensor], stri
 
 
 def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride, padding,
-                   dilation, groups: int, padding_mode: str) -> tuple[Tensor, Tensor, Tensor]:
+                   dilation, groups: int, padding_mode: str, tail: Optional[tuple] = None):
     """(y, scale, shift) with BN(conv(x)) = y * scale + shift from the batch statistics: ops.conv_bn_train (one
     autograd node; one launch forward and two backward on the triton backend), BatchNorm2d's bookkeeping included.
+    With tail = (residual, residual_scale, residual_shift, relu): the applied output act(y * scale + shift +
+    residual * residual_scale + residual_shift) instead, from ops.conv_bn_act (still one autograd node).
     An empty batch or one value per channel takes conv + _batch_affine (BatchNorm2d's own behaviour for them)."""
     dilation = ops._common.pair(dilation, "dilation")
     x, padding = _prepare_input(x, padding_mode, padding, tuple(weight.shape[2:]), dilation)
@@ -304,15 +312,21 @@ def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn
         ops.conv_output_size(t.shape[3], weight.shape[3], step[1], pad[1], dilation[1])
     if count < 2:
         y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, "zeros")
-        return (y, *_batch_affine(bn, stats, y))
+        y, scale, shift = y, *_batch_affine(bn, stats, y)
+        return (y, scale, shift) if tail is None else ops.bn_apply(y, scale, shift, *tail)
     prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
+    params, buffers = bn._parameters, bn._buffers  # (nn.Module.__getattr__ costs ~0.8 us a name)
     tracked = bn.training and bn.track_running_stats
-    running = tracked and bn.running_mean is not None
-    return ops.conv_bn_train(t, _cast_weight(weight, t), bias, **prologue, stride=stride, padding=padding,
-                             dilation=dilation, groups=groups, bn_weight=bn.weight, bn_bias=bn.bias, eps=bn.eps,
-                             running_mean=bn.running_mean if running else None,
-                             running_var=bn.running_var if running else None,
-                             num_batches_tracked=bn.num_batches_tracked if tracked else None, momentum=bn.momentum)
+    running = tracked and buffers["running_mean"] is not None
+    bn_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bn_weight=params["weight"],
+                   bn_bias=params["bias"], eps=bn.eps, running_mean=buffers["running_mean"] if running else None,
+                   running_var=buffers["running_var"] if running else None,
+                   num_batches_tracked=buffers["num_batches_tracked"] if tracked else None, momentum=bn.momentum)
+    if tail is None:
+        return ops.conv_bn_train(t, _cast_weight(weight, t), bias, **prologue, **bn_args)
+    residual, residual_scale, residual_shift, relu = tail
+    return ops.conv_bn_act(t, _cast_weight(weight, t), bias, **prologue, **bn_args, residual=residual,
+                           residual_scale=residual_scale, residual_shift=residual_shift, relu=relu)
 
 
 def _check_bn(bn: nn.Module, channels: int) -> None:
@@ -342,19 +356,27 @@ def conv_bn(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchN
 
 def conv_bn_fused(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1, padding=0,
                   dilation=1, groups: int = 1, activation: Optional[str] = "relu", residual: Optional[Tensor] = None,
-                  padding_mode: str = "zeros", defer: bool = False) -> Activation:
+                  padding_mode: str = "zeros", defer: bool = False,
+                  residual_affine: Optional[tuple[Tensor, Tensor]] = None) -> Activation:
     """conv_bn's kernels' path, for a caller that found stock_layer(x, weight) None (a module asks once per
-    forward, not once per conv)."""
+    forward, not once per conv). `residual_affine` = (rs, rb): the residual enters as residual * rs + rb (a
+    block's shortcut BatchNorm, conv_bn_pending's scale and shift). Training: one autograd node (ops.conv_bn_act),
+    or, with defer=True and no residual, a Deferred (ops.conv_bn_train)."""
     relu = _check_activation(activation)
     _check_bn(bn, weight.shape[0])
+    if residual_affine is not None and residual is None:
+        raise ValueError("residual_affine given without a residual")
+    rs, rb = residual_affine if residual_affine is not None else (None, None)
     if not _uses_batch_stats(bn):
         scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
+        if residual_affine is not None:
+            residual = ops.bn_apply(residual, rs, rb)
         return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,
                      out_shift=shift, residual=residual, out_relu=relu)[0]
-    y, scale, shift = _conv_bn_batch(x, weight, bias, bn, stride, padding, dilation, groups, padding_mode)
     if defer and residual is None:
-        return Deferred(y, scale, shift, relu)
-    return ops.bn_apply(y, scale, shift, residual=residual, relu=relu)
+        return Deferred(*_conv_bn_batch(x, weight, bias, bn, stride, padding, dilation, groups, padding_mode), relu)
+    return _conv_bn_batch(x, weight, bias, bn, stride, padding, dilation, groups, padding_mode,
+                          (residual, rs, rb, relu))
 
 
 def conv_bn_pending(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1, padding=0,

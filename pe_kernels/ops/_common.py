@@ -40,7 +40,48 @@ def pack_grads(grads: Iterable[Optional[Tensor]], likes: Sequence[Optional[Tenso
 
 
 _NULL = contextlib.nullcontext()
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def metadata_key(*values) -> Optional[tuple]:
+    """A hashable key of an op's arguments as its checks see them: a tensor's (type, shape, strides, dtype,
+    device), None, bools, ints, floats and tuples / lists of ints as they are; None (no key: check every time) for
+    anything else."""
+    key = []
+    for v in values:
+        if isinstance(v, Tensor):
+            key.append((type(v), v.shape, v.stride(), v.dtype, v.device))
+        elif v is None or type(v) in (bool, int, float):
+            key.append(v)
+        elif type(v) in (tuple, list) and all(type(i) is int for i in v):
+            key.append((type(v), *v))
+        else:
+            return None
+    return tuple(key)
+
+
+class CheckMemo:
+    """The checks of an op's arguments memoised on their metadata (metadata_key): checks that read only shapes,
+    strides, dtypes, devices and the scalar arguments pass or raise alike for every call with the same key, so a
+    key that passed once needs no second run; a check that raised stores nothing. Cleared at LIMIT entries."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self.results: dict = {}
+
+    def run(self, check, *args):
+        """check(*args)'s result (it must not depend on tensor values), computed once per metadata_key(*args)."""
+        key = metadata_key(*args)
+        if key is None:
+            return check(*args)
+        hit = self.results.get(key, self)
+        if hit is self:
+            hit = check(*args)
+            if len(self.results) >= self.LIMIT:
+                self.results.clear()
+            self.results[key] = hit
+        return hit
 
 
 def no_autocast(device: torch.device):
@@ -67,7 +108,7 @@ def eager_dispatch(*tensors: Optional[Tensor]) -> bool:
     tensors (a subclass may need the dispatcher). The registered custom op stays what tracing sees."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+    return all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:

@@ -121,23 +121,15 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
     check_4d(y, "y")
     check_floating(y, "y")
     k = y.shape[1]
-    for name, vec in (("scale", scale), ("shift", shift), ("residual_scale", residual_scale),
-                      ("residual_shift", residual_shift)):
+    for name, vec in (("scale", scale), ("shift", shift)):
         check_vector(vec, name, k, y)
-    if residual is None and (residual_scale is not None or residual_shift is not None):
-        raise ValueError("residual_scale/residual_shift given without a residual")
     amp = autocast_dtype(y)
     if amp is not None:
         y = y.to(amp)
-    if residual is not None:
-        check_4d(residual, "residual")
-        check_same_device(residual, "residual", y)
-        if residual.shape != y.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)}, y has {tuple(y.shape)}")
-        residual = residual.to(y.dtype)
+    residual, residual_scale, residual_shift = checked_residual(y, tuple(y.shape), residual, residual_scale,
+                                                                residual_shift)
     vec_dtype = param_dtype(y.dtype)
-    scale, shift, residual_scale, residual_shift = (cast_vector(t, vec_dtype)
-                                                    for t in (scale, shift, residual_scale, residual_shift))
+    scale, shift = cast_vector(scale, vec_dtype), cast_vector(shift, vec_dtype)
     if _transforms.composite_required("bn_apply"):
         return _transforms.bn_apply(y, scale, shift, residual, residual_scale, residual_shift, bool(relu))
     args = (y, scale, shift, residual, residual_scale, residual_shift, bool(relu))
@@ -146,3 +138,22 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
             return _BnApplyFunction.apply(*args)
         return _forward_impl(args)
     return torch.ops.pe_kernels.bn_apply(*args)
+
+
+def checked_residual(like: Tensor, shape: tuple, residual: Optional[Tensor], residual_scale: Optional[Tensor],
+                     residual_shift: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """bn_apply's residual arguments for an output of `shape` in like's dtype and device, checked (ValueError /
+    TypeError naming them) and cast: the residual to like's dtype, its affine vectors to the per-channel dtype."""
+    k = shape[1]
+    for name, vec in (("residual_scale", residual_scale), ("residual_shift", residual_shift)):
+        check_vector(vec, name, k, like)
+    if residual is None and (residual_scale is not None or residual_shift is not None):
+        raise ValueError("residual_scale/residual_shift given without a residual")
+    if residual is not None:
+        check_4d(residual, "residual")
+        check_same_device(residual, "residual", like)
+        if tuple(residual.shape) != tuple(shape):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, y has {tuple(shape)}")
+        residual = residual.to(like.dtype)
+    vec_dtype = param_dtype(like.dtype)
+    return residual, cast_vector(residual_scale, vec_dtype), cast_vector(residual_shift, vec_dtype)

@@ -30,17 +30,18 @@ import torch
 
 from .. import _backend
 from . import _transforms
-from ._common import eager_dispatch, no_autocast
+from ._common import CheckMemo, eager_dispatch, no_autocast
 from .bn_finalize import bn_train_finalize, check_train_args
 from .contract import param_dtype
 from .conv_fused import checked_args, conv_fused, conv_output_size
 
 Tensor = torch.Tensor
 
+_CHECKS = CheckMemo()  # check_train_args, once per metadata
 _CONV_INPUTS = 5  # x, weight, bias, in_scale, in_shift: the conv's differentiable inputs, then bn_weight, bn_bias
 
 
-def _forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> tuple:
+def forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> tuple:
     """backend.conv_bn_train on the backend conv_fused would run (the op the dispatch table and autotune know)."""
     in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum = config
     conv_args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation,
@@ -57,7 +58,7 @@ class _ConvBnTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config):
-        y, stats, scale, shift = _forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
+        y, stats, scale, shift = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
         in_relu, stride, padding, dilation, groups, eps = config[:6]
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats)
         ctx.config = (in_relu, stride, padding, dilation, groups, eps)
@@ -68,27 +69,36 @@ class _ConvBnTrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_scale, grad_shift):
         x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats = ctx.saved_tensors
-        in_relu, stride, padding, dilation, groups, eps = ctx.config
         inputs = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
-        if _transforms.create_graph_required("conv_fused_backward", ctx.backend):  # double backward
-            y2, stats2 = _transforms.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False,
-                                                stride, padding, dilation, groups, True)
-            count = y.shape[0] * y.shape[2] * y.shape[3]
-            scale2, shift2 = _transforms.bn_finalize(stats2, count, bn_weight, bn_bias, eps)
-            grads = _transforms.differentiable_vjp([y2, scale2, shift2], [grad_y, grad_scale, grad_shift],
-                                                   list(inputs), needs)
-        else:
-            # The backend conv_fused_backward would run (autotune measures that op on these arguments: `stats`
-            # stands in for grad_stats, whose (2, K) gradient the composed backward would pass).
-            args = (grad_y, stats, x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
-                    padding, dilation, groups, y, needs[:_CONV_INPUTS] + [False] * 3, stats)
-            module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=ctx.backend, args=args)
-            with no_autocast(x.device):
-                grads = module.conv_bn_train_backward(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
-                                                      in_shift, in_relu, stride, padding, dilation, groups, y, stats,
-                                                      bn_weight, eps, needs)
-        return (*grads, None)
+        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs),
+                None)
+
+
+def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, stats: Tensor, config: tuple,
+                   backend: str, needs: list) -> list:
+    """conv_bn_train's gradients (CONV_BN_GRAD_NAMES) of `inputs` = (x, weight, bias, in_scale, in_shift,
+    bn_weight, bn_bias), from the forward's y and stats; config = (in_relu, stride, padding, dilation, groups,
+    eps); `backend`: the request recorded by the forward. Double backward: the composition recomputed
+    differentiably."""
+    x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = inputs
+    in_relu, stride, padding, dilation, groups, eps = config
+    if _transforms.create_graph_required("conv_fused_backward", backend):  # double backward
+        y2, stats2 = _transforms.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False,
+                                            stride, padding, dilation, groups, True)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        scale2, shift2 = _transforms.bn_finalize(stats2, count, bn_weight, bn_bias, eps)
+        return _transforms.differentiable_vjp([y2, scale2, shift2], [grad_y, grad_scale, grad_shift], list(inputs),
+                                              needs)
+    # The backend conv_fused_backward would run (autotune measures that op on these arguments: `stats` stands in
+    # for grad_stats, whose (2, K) gradient the composed backward would pass).
+    args = (grad_y, stats, x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
+            dilation, groups, y, needs[:_CONV_INPUTS] + [False] * 3, stats)
+    module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
+    with no_autocast(x.device):
+        return module.conv_bn_train_backward(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift,
+                                             in_relu, stride, padding, dilation, groups, y, stats, bn_weight, eps,
+                                             needs)
 
 
 def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_scale: Optional[Tensor] = None,
@@ -99,36 +109,62 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, i
                   momentum: Optional[float] = 0.1) -> tuple[Tensor, Tensor, Tensor]:
     """(y, scale, shift) with BN(conv(x)) = y * scale + shift for a training batch (module docstring); the running
     statistics and num_batches_tracked are updated as BatchNorm2d does (no host sync). Needs N*P*Q >= 2."""
+    tensors, config, count, fused = prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
+                                            groups, bn_weight, bn_bias, eps, running_mean, running_var,
+                                            num_batches_tracked, momentum)
+    return run_prepared(tensors, config, count, fused)
+
+
+def run_prepared(tensors: tuple, config: tuple, count: int, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """conv_bn_train on `prepare`'s results: the composition, the autograd.Function, or (no gradient) the backend."""
+    if not fused:
+        return composed(tensors, config, count)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ConvBnTrainFunction.apply(*tensors, config)
+    y, _, scale, shift = forward_impl(*tensors, config)
+    return y, scale, shift
+
+
+def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, bn_weight, bn_bias, eps,
+            running_mean, running_var, num_batches_tracked, momentum) -> tuple[tuple, tuple, int, bool]:
+    """conv_bn_train's arguments checked and cast (autocast; BN vectors in the per-channel dtype): (tensors, config,
+    count, fused) with tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias), config as
+    _ConvBnTrainFunction takes it, count = N*P*Q, and fused = whether the backend's conv_bn_train may run (eager
+    mode: else the composition of the registered ops, `composed`)."""
     args = checked_args(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
                         dilation, groups, True)
     x, weight, bias, in_scale, in_shift = args[:5]
     in_relu, stride, padding, dilation, groups = args[5], args[10], args[11], args[12], args[13]
     k = weight.shape[0]
-    count = x.shape[0] * _out_size(x, weight, stride, padding, dilation)
+    n, _, p, q = output_shape(x, weight, stride, padding, dilation)
+    count = n * p * q
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} (N*P*Q) for input "
                          f"size {tuple(x.shape)}")
-    check_train_args(k, x, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, prefix="bn_")
+    _CHECKS.run(check_train_args, k, x, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked,
+                "bn_")
     momentum = None if momentum is None else float(momentum)
     vec_dtype = param_dtype(x.dtype)
     bn_weight, bn_bias = (v if v is None or v.dtype == vec_dtype else v.to(vec_dtype) for v in (bn_weight, bn_bias))
     tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
-    if _transforms.composite_required("conv_fused") or not eager_dispatch(*tensors, running_mean, running_var):
-        y, stats = conv_fused(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, stride=stride,
-                              padding=padding, dilation=dilation, groups=groups, compute_stats=True)
-        scale, shift = bn_train_finalize(stats, count, bn_weight, bn_bias, float(eps), running_mean, running_var,
-                                         num_batches_tracked, momentum)
-        return y, scale, shift
     config = (in_relu, stride, padding, dilation, groups, float(eps), running_mean, running_var, num_batches_tracked,
               momentum)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _ConvBnTrainFunction.apply(*tensors, config)
-    y, _, scale, shift = _forward_impl(*tensors, config)
+    fused = not _transforms.composite_required("conv_fused") and eager_dispatch(*tensors, running_mean, running_var)
+    return tensors, config, count, fused
+
+
+def composed(tensors: tuple, config: tuple, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """conv_bn_train as the registered ops conv_fused + bn_train_finalize (traced, transformed, subclasses)."""
+    x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = tensors
+    in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum = config
+    y, stats = conv_fused(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, stride=stride,
+                          padding=padding, dilation=dilation, groups=groups, compute_stats=True)
+    scale, shift = bn_train_finalize(stats, count, bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
     return y, scale, shift
 
 
-def _out_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> int:
-    """P * Q of the conv (checked_args has checked that it is >= 1)."""
+def output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(N, K, P, Q) of the conv (checked_args has checked that P, Q >= 1)."""
     p = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     q = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return p * q
+    return x.shape[0], weight.shape[0], p, q

@@ -27,9 +27,9 @@ import torch
 from .. import _backend
 from . import _transforms
 from .contract import CONV_GRAD_NAMES, check_backward_stats, param_dtype
-from ._common import (autocast_dtype, cast_activation, cast_vector, check_4d, check_floating, check_same_device,
-                      check_vector, eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast,
-                      pack_grads, pair, unpack_grads)
+from ._common import (CheckMemo, autocast_dtype, cast_activation, cast_vector, check_4d, check_floating,
+                      check_same_device, check_vector, eager_context, eager_dispatch, empty_channels_last, empty_grad,
+                      no_autocast, pack_grads, pair, unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -187,7 +187,31 @@ def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Op
                  compute_stats: bool) -> tuple:
     """conv_fused's arguments checked (ValueError/TypeError naming the values) and cast for autocast: the op's
     15-tuple (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
-    padding, dilation, groups, compute_stats) with stride/padding/dilation as [a, b] lists."""
+    padding, dilation, groups, compute_stats) with stride/padding/dilation as [a, b] lists. The checks (metadata
+    only) run once per metadata (CheckMemo); the casts every call."""
+    stride, padding, dilation = _CHECKS.run(_check_conv_args, x, weight, bias, in_scale, in_shift, out_scale,
+                                            out_shift, residual, stride, padding, dilation, groups,
+                                            bool(compute_stats))
+    amp = autocast_dtype(x)
+    x, weight, bias, residual = (cast_activation(t, amp) for t in (x, weight, bias, residual))
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them (or use autocast)")
+    vec_dtype = param_dtype(x.dtype)
+    bias = cast_vector(bias, x.dtype)
+    in_scale, in_shift, out_scale, out_shift = (cast_vector(t, vec_dtype)
+                                                for t in (in_scale, in_shift, out_scale, out_shift))
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)
+    return (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
+            list(stride), list(padding), list(dilation), groups, bool(compute_stats))
+
+
+_CHECKS = CheckMemo()
+
+
+def _check_conv_args(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride, padding, dilation,
+                     groups, compute_stats) -> tuple[tuple, tuple, tuple]:
+    """checked_args' checks (ValueError/TypeError naming the values); returns stride, padding, dilation as pairs."""
     check_4d(x, "x")
     check_4d(weight, "weight")
     check_floating(x, "x")
@@ -223,16 +247,4 @@ def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Op
             raise ValueError(f"residual has shape {tuple(residual.shape)}, the output is {(n, k, p, q)}")
     if compute_stats and n * p * q < 1:
         raise ValueError("statistics need at least one output position")
-
-    amp = autocast_dtype(x)
-    x, weight, bias, residual = (cast_activation(t, amp) for t in (x, weight, bias, residual))
-    if weight.dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them (or use autocast)")
-    vec_dtype = param_dtype(x.dtype)
-    bias = cast_vector(bias, x.dtype)
-    in_scale, in_shift, out_scale, out_shift = (cast_vector(t, vec_dtype)
-                                                for t in (in_scale, in_shift, out_scale, out_shift))
-    if residual is not None and residual.dtype != x.dtype:
-        residual = residual.to(x.dtype)
-    return (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
-            stride, padding, dilation, groups, bool(compute_stats))
+    return tuple(stride), tuple(padding), tuple(dilation)

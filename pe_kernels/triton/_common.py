@@ -144,6 +144,17 @@ def empty_channels_last(shape: Sequence[int], dtype: torch.dtype, device: torch.
     return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
+def krsc_strides(weight: Tensor) -> tuple[int, int, int, int]:
+    """The strides krsc(weight) gives, in logical (K, C_g, R, S) order: (R*S*C_g, 1, S*C_g, C_g)."""
+    _, C_g, R, S = weight.shape
+    return (R * S * C_g, 1, S * C_g, C_g)
+
+
+def channels_last_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of empty_channels_last(shape, ...) (torch's own rule, size-0 and size-1 dims included)."""
+    return torch.empty(tuple(shape), device="meta", memory_format=torch.channels_last).stride()
+
+
 def krsc(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
     """(weight, strides): the weight (K, C_g, R, S) in KRSC memory order (channels_last) and its strides
     (R*S*C_g, 1, S*C_g, C_g) in logical order, also for size-1 dims (whose strides are never used), so B-operand
@@ -152,8 +163,7 @@ def krsc(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
     version (its version counter and storage, the tensor object as the key): a training step's forward and dgrad
     share one copy, the next optimizer step makes the next one; never cached while a CUDA graph captures (the graph
     copies in its own replays) or for an inference tensor (no version counter)."""
-    _, C_g, R, S = weight.shape
-    strides = (R * S * C_g, 1, S * C_g, C_g)
+    strides = krsc_strides(weight)
     if weight.is_contiguous(memory_format=torch.channels_last):
         return weight, strides
     if _capturing(weight.device) or weight.is_inference() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
@@ -375,6 +385,51 @@ def reduce_slots(part: Tensor, outputs: Sequence[tuple[int, Optional[Tensor]]]) 
     _sum_slots_kernel[(cdiv(K, block_k),)](
         part, *(out for _, out in outputs), n_slots, K, rows, *(row for row, _ in outputs),
         BLOCK_S=REDUCE_SLOTS, BLOCK_K=block_k, num_warps=4)
+
+
+def tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
+    """A tensor's metadata as a launch plan depends on it: (shape, strides, dtype, device); None when absent."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+class LaunchPlans:
+    """A launcher's metadata-only work, memoised: key -> plan. A launcher's checks and its launch configuration
+    (geometry, tiles, grid, constexprs, every integer argument) depend only on its arguments' metadata (shapes,
+    strides, dtypes, devices, which optional tensors are given) and on its scalar arguments; the key holds all of
+    them (tensor_key), so a hit is exactly the miss it memoises: the same checks passed, the same launch. Only a
+    plan whose checks passed is stored. A plan holds no tensor (nothing kept alive, nothing baked into a CUDA graph):
+    the run allocates its outputs and reads its caches (krsc, identity vectors, counters) as before. The memo is
+    cleared when it reaches LIMIT entries (shapes that keep changing cost a plan each, never unbounded memory)."""
+
+    LIMIT = 1024
+    ALL: "list[LaunchPlans]" = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.plans: dict = {}
+        self.hits = self.misses = 0
+        LaunchPlans.ALL.append(self)
+
+    def get(self, key):
+        plan = self.plans.get(key)
+        if plan is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return plan
+
+    def put(self, key, plan):
+        if len(self.plans) >= self.LIMIT:
+            self.plans.clear()
+        self.plans[key] = plan
+        return plan
+
+
+def clear_launch_plans() -> None:
+    """Forget every memoised launch plan (tests; a process never needs it: plans follow their keys)."""
+    for memo in LaunchPlans.ALL:
+        memo.plans.clear()
+        memo.hits = memo.misses = 0
 
 
 def launch(kernel, tuned_kernel, grid, args: tuple, meta: dict, tiles: Optional[dict]) -> None:

@@ -28,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
+from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
                       check_same_device, check_shape, check_vector, dummy, empty_channels_last, last_arrival,
-                      nhwc_tile, pow2_tile, store_part, stream_counters, strides4, sum_slots, tile_offsets)
+                      nhwc_tile, pow2_tile, store_part, stream_counters, strides4, sum_slots, tensor_key,
+                      tile_offsets)
 
 
 # Spatial sizes do not help code generation: not specialised on (strides and K are).
@@ -215,6 +216,34 @@ def _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
                       residual_shift=residual_shift)
 
 
+def _check_apply_bwd_args(grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out, n_needs):
+    _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
+    check_4d("grad_out", grad_out)
+    check_shape("grad_out", grad_out, y.shape)
+    if relu:
+        check_4d("out", out)
+        check_shape("out", out, y.shape)
+    check_same_device(y.device, grad_out=grad_out, out=out)
+    if n_needs != 6:
+        raise ValueError(f"needs_grad must have 6 entries (APPLY_GRAD_NAMES), got {n_needs}")
+    return True
+
+
+_APPLY_CHECKS = LaunchPlans("bn_apply")
+_APPLY_BWD_CHECKS = LaunchPlans("bn_apply_bwd")
+
+
+def _checked(memo: LaunchPlans, tiles: Optional[dict], check, *args) -> None:
+    """check(*args) (it raises, or returns a truthy value), once per metadata of `args` (tensor_key; the bools and
+    ints as they are); every time with a test's `tiles` or an argument of another type (its TypeError)."""
+    if tiles is not None or not all(a is None or isinstance(a, (Tensor, bool, int)) for a in args):
+        check(*args)
+        return
+    key = tuple(tensor_key(a) if a is None or isinstance(a, Tensor) else a for a in args)
+    if memo.get(key) is None:
+        memo.put(key, check(*args) or True)
+
+
 def _vec32(t: Tensor) -> Tensor:
     """A per-channel vector as contiguous fp32: the vector itself (no copy, no launch) when it already is."""
     return t.to(torch.float32).contiguous()
@@ -223,8 +252,9 @@ def _vec32(t: Tensor) -> Tensor:
 def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                  residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
                  tiles: Optional[dict] = None) -> Tensor:
-    """Launcher of bn_apply; `tiles` overrides BLOCK_M / BLOCK_K."""
-    _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
+    """Launcher of bn_apply; `tiles` overrides BLOCK_M / BLOCK_K. Its checks are memoised on the arguments'
+    metadata (LaunchPlans)."""
+    _checked(_APPLY_CHECKS, tiles, _check_apply_args, y, scale, shift, residual, residual_scale, residual_shift)
     N, K, H, W = y.shape
     M = N * H * W
     out = empty_channels_last(y.shape, y.dtype, y.device)
@@ -246,17 +276,11 @@ def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Ten
 def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                  residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool, out: Tensor,
                  needs_grad: Sequence[bool], tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
-    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K."""
-    _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
-    check_4d("grad_out", grad_out)
-    check_shape("grad_out", grad_out, y.shape)
-    if relu:
-        check_4d("out", out)
-        check_shape("out", out, y.shape)
-    check_same_device(y.device, grad_out=grad_out, out=out if relu else None)
+    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K. Its checks are memoised on the
+    arguments' metadata (LaunchPlans)."""
     needs_grad = [bool(v) for v in needs_grad]
-    if len(needs_grad) != 6:
-        raise ValueError(f"needs_grad must have 6 entries (APPLY_GRAD_NAMES), got {len(needs_grad)}")
+    _checked(_APPLY_BWD_CHECKS, tiles, _check_apply_bwd_args, grad_out, y, scale, shift, residual, residual_scale,
+             residual_shift, bool(relu), out if relu else None, len(needs_grad))
     need_y, need_scale, need_shift, need_res, need_rscale, need_rshift = needs_grad
     has_res = residual is not None
     need_res = need_res and has_res

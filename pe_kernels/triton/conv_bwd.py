@@ -67,10 +67,11 @@ import triton
 import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
-from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, Tensor, affine_pair, cdiv, check_4d, check_same_device,
+from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv, check_4d, check_same_device,
                       check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n,
                       identity_vector, krsc, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile,
-                      reduce_slots, store_part, stream_counters, strides4, sum_slots, tile_offsets, upcast_bf16)
+                      reduce_slots, store_part, stream_counters, strides4, sum_slots, tensor_key, tile_offsets,
+                      upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -769,22 +770,21 @@ def conv_fused_backward(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor,
 # --------------------------------------------------------------------------------------------------------------
 # 5. conv -> BatchNorm (training) backward: the BN finalize's backward and g_acc inside the wgrad and the dgrad
 # --------------------------------------------------------------------------------------------------------------
-def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
-                weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
-                in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool],
-                tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
-    """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
-    SPLIT; the fallback ignores them).
+@dataclass(frozen=True)
+class _ConvBnBwdPlan:
+    """conv_bn_bwd's checks and launch configuration from its arguments' metadata (LaunchPlans)."""
+    geo: ConvGeometry
+    needs: tuple  # needs_grad, as bools
+    need_inputs: tuple  # (x, weight, bias, in_scale, in_shift): needed and given
+    composed: bool  # the composition (no weight gradient, or an empty batch), else the two-launch fast path
+    gemms: Optional[tuple]  # _gemm_plans' (wgrad plan, dgrad meta, first wgrad counter, counters) on the fast path
 
-    Fast path, two launches (one without dgrad): when the weight's gradient is needed and N*P*Q > 0. The wgrad and
-    the dgrad read grad_y and y and form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from
-    the BN finalize's backward computed per channel in the kernels; the wgrad's programs of j tile 0 and split 0
-    write d_bn_weight and d_bn_bias, and, when the conv bias's gradient is needed, those of j tile 0 sum the g_acc
-    they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed in
-    split order by the tile's last split); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
-    counters are the persistent stream_counters. Otherwise the composition contract.composed_conv_bn_train_backward
-    of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias)."""
+
+_CONV_BN_BWD_PLANS = LaunchPlans("conv_bn_bwd")
+
+
+def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+                      dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles) -> _ConvBnBwdPlan:
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     out_shape = (geo.N, geo.K, geo.P, geo.Q)
     check_4d("y", y)
@@ -801,13 +801,48 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
         check_vector(name, t, n)
     check_same_device(x.device, grad_y=grad_y, grad_scale=grad_scale, grad_shift=grad_shift, bias=bias,
                       in_scale=in_scale, in_shift=in_shift, y=y, stats=stats, bn_weight=bn_weight)
-    needs = [bool(v) for v in needs_grad]
+    needs = tuple(bool(v) for v in needs_grad)
     if len(needs) != 7:
         raise ValueError(f"needs_grad must have 7 entries (CONV_BN_GRAD_NAMES), got {len(needs)}")
     inputs = (x, weight, bias, in_scale, in_shift)
-    need_x, need_w, need_b, need_isc, need_ish = (flag and t is not None for flag, t in zip(needs, inputs))
-    M = geo.N * geo.P * geo.Q
-    if not need_w or M == 0:
+    need_inputs = tuple(flag and t is not None for flag, t in zip(needs, inputs))
+    need_x, need_w, _, need_isc, need_ish = need_inputs
+    if not need_w or geo.N * geo.P * geo.Q == 0:
+        return _ConvBnBwdPlan(geo, needs, need_inputs, True, None)
+    gemms = _gemm_plans(geo, True, need_x or need_isc or need_ish, need_isc or need_ish, in_scale, in_shift, in_relu,
+                        tiles)
+    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms)
+
+
+def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
+                weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool],
+                tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
+    """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
+    SPLIT; the fallback ignores them).
+
+    Fast path, two launches (one without dgrad): when the weight's gradient is needed and N*P*Q > 0. The wgrad and
+    the dgrad read grad_y and y and form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from
+    the BN finalize's backward computed per channel in the kernels; the wgrad's programs of j tile 0 and split 0
+    write d_bn_weight and d_bn_bias, and, when the conv bias's gradient is needed, those of j tile 0 sum the g_acc
+    they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed in
+    split order by the tile's last split); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
+    counters are the persistent stream_counters. Otherwise the composition contract.composed_conv_bn_train_backward
+    of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias)."""
+    args = (grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
+            groups, y, stats, bn_weight, eps, needs_grad, tiles)
+    if tiles is not None or not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        plan = _plan_conv_bn_bwd(*args)
+    else:
+        key = (tensor_key(grad_y), tensor_key(grad_scale), tensor_key(grad_shift), tensor_key(x), tensor_key(weight),
+               tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift), bool(in_relu), tuple(stride),
+               tuple(padding), tuple(dilation), groups, tensor_key(y), tensor_key(stats), tensor_key(bn_weight), eps,
+               tuple(bool(v) for v in needs_grad), dot_precision(x.dtype))
+        plan = _CONV_BN_BWD_PLANS.get(key) or _CONV_BN_BWD_PLANS.put(key, _plan_conv_bn_bwd(*args))
+    geo, needs = plan.geo, list(plan.needs)
+    need_x, need_w, need_b, need_isc, need_ish = plan.need_inputs
+    if plan.composed:
         # the composition on this backend's own kernels (pe_kernels.triton: imported, it is what calls us)
         return composed_conv_bn_train_backward(sys.modules[__package__], grad_y, grad_scale, grad_shift, x, weight,
                                                bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, y,
@@ -816,20 +851,19 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     device = x.device
     zeros = identity_vector(0.0, geo.K, device)
     if grad_y is None:  # zero: a cached zero read through all-zero strides (no launch)
-        grad_y = identity_vector(0.0, 1, device).view(1, 1, 1, 1).expand(out_shape)
+        grad_y = identity_vector(0.0, 1, device).view(1, 1, 1, 1).expand(geo.N, geo.K, geo.P, geo.Q)
     on_load = GaccOnLoad(
         y=y,
         grad_scale=zeros if grad_scale is None else grad_scale.to(torch.float32).contiguous(),
         grad_shift=zeros if grad_shift is None else grad_shift.to(torch.float32).contiguous(),
         stats=stats.contiguous(),
         bn_weight=identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight.contiguous(),
-        count=M, eps=eps,
+        count=geo.N * geo.P * geo.Q, eps=eps,
         d_bn_weight=torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
         d_bn_bias=torch.empty(geo.K, dtype=torch.float32, device=device),
         d_bias=torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None)
     need_dgrad = need_x or need_isc or need_ish
-    wplan, dmeta, w_first, n_sem = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift,
-                                               in_relu, tiles)
+    wplan, dmeta, w_first, n_sem = plan.gemms
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
     sems = stream_counters(max(n_sem, 4), device)
     grads: list[Optional[Tensor]] = [None] * 7

@@ -48,16 +48,16 @@ torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any fl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (GPU_TILE_K, INTERPRET, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
-                      check_same_device, check_shape, check_vector, dot_precision, dummy, empty_channels_last,
-                      gpu_tile_n, krsc, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile, store_part,
-                      stream_counters, strides4, upcast_bf16)
+from ._common import (GPU_TILE_K, INTERPRET, LaunchPlans, Tensor, affine_pair, cdiv, channels_last_strides,
+                      check_4d, check_activation_dtype, check_same_device, check_shape, check_vector, dot_precision,
+                      dummy, empty_channels_last, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2,
+                      pair, part_rows, pow2_tile, store_part, stream_counters, strides4, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -429,12 +429,11 @@ class BNTrain:
     shift: Tensor
 
 
-def _finalize_args(bn: Optional[BNTrain], K: int, M: int, x: Tensor) -> tuple[tuple, tuple]:
-    """The kernel's BN arguments: (pointers, scalars), in its order; dummies without `bn`. Checks `bn` (the
-    reference's errors: an empty batch, count < 2 with running statistics after the num_batches_tracked bump)."""
-    unused = dummy(x.device)
+def _finalize_scalars(bn: Optional[BNTrain], K: int, M: int, x: Tensor) -> tuple:
+    """The kernel's BN scalar arguments, in its order (dummies' without `bn`). Checks `bn` (the reference's errors:
+    an empty batch, count < 2 with running statistics after the num_batches_tracked bump)."""
     if bn is None:
-        return (unused,) * 6 + (dummy(x.device, torch.int64),), (1, 1, 1.0, 0.0, 0.0, 0, 0, 0)
+        return (1, 1, 1.0, 0.0, 0.0, 0, 0, 0)
     check_train_args(K, x.device, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                      prefix="bn_")
     for name, out in (("scale", bn.scale), ("shift", bn.shift)):
@@ -447,13 +446,99 @@ def _finalize_args(bn: Optional[BNTrain], K: int, M: int, x: Tensor) -> tuple[tu
     running = bn.running_mean is not None
     nbt = bn.num_batches_tracked
     check_train_count(M, running, nbt)
+    return (bn.running_mean.stride(0) if running else 1, bn.running_var.stride(0) if running else 1, float(M),
+            float(bn.eps), 0.0 if bn.momentum is None else float(bn.momentum), int(running), int(nbt is not None),
+            int(bn.momentum is None and nbt is not None))
+
+
+def _finalize_ptrs(bn: Optional[BNTrain], K: int, x: Tensor) -> tuple:
+    """The kernel's BN pointer arguments, in its order (dummies without `bn`)."""
+    unused = dummy(x.device)
+    if bn is None:
+        return (unused,) * 6 + (dummy(x.device, torch.int64),)
+    running = bn.running_mean is not None
+    nbt = bn.num_batches_tracked
     weight, bias = affine_pair(bn.weight, bn.bias, K, x)
-    ptrs = (weight, bias, bn.scale, bn.shift, bn.running_mean if running else unused,
+    return (weight, bias, bn.scale, bn.shift, bn.running_mean if running else unused,
             bn.running_var if running else unused, dummy(x.device, torch.int64) if nbt is None else nbt)
-    scalars = (bn.running_mean.stride(0) if running else 1, bn.running_var.stride(0) if running else 1, float(M),
-               float(bn.eps), 0.0 if bn.momentum is None else float(bn.momentum), int(running), int(nbt is not None),
-               int(bn.momentum is None and nbt is not None))
-    return ptrs, scalars
+
+
+def _bn_key(bn: Optional[BNTrain]) -> Optional[tuple]:
+    if bn is None:
+        return None
+    return (tensor_key(bn.weight), tensor_key(bn.bias), bn.eps, tensor_key(bn.running_mean),
+            tensor_key(bn.running_var), tensor_key(bn.num_batches_tracked), bn.momentum, tensor_key(bn.scale),
+            tensor_key(bn.shift))
+
+
+@dataclass(frozen=True)
+class _FwdPlan:
+    """conv_fwd's launch from its arguments' metadata (LaunchPlans): everything but the tensors."""
+    geo: ConvGeometry
+    M: int
+    y_dtype: torch.dtype
+    prologue: bool
+    epilogue: bool
+    compute_stats: bool
+    part_shape: tuple  # the statistics' per-slot partials
+    n_sems: int  # counters: the column blocks' merges (+ FINALIZE's num_batches_tracked)
+    grid: Callable
+    scalars: tuple  # every integer / float argument, in the kernel's order
+    meta: dict  # constexprs
+    tiles_m: Optional[dict]
+
+
+_FWD_PLANS = LaunchPlans("conv_fwd")
+
+
+def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+              in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+              residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
+              dilation: Sequence[int], groups: int, compute_stats: bool, out_dtype: Optional[torch.dtype],
+              tiles: Optional[dict], finalize: Optional[BNTrain]) -> _FwdPlan:
+    """conv_fwd's checks (ValueError/TypeError naming the values) and launch configuration."""
+    if finalize is not None and not compute_stats:
+        raise ValueError("conv_fwd: finalize needs compute_stats=True (the BatchNorm finalizes the statistics)")
+    geo = conv_geometry(x, weight, stride, padding, dilation, groups)
+    check_vector("bias", bias, geo.K)
+    check_vector("in_scale", in_scale, geo.C)
+    check_vector("in_shift", in_shift, geo.C)
+    check_vector("out_scale", out_scale, geo.K)
+    check_vector("out_shift", out_shift, geo.K)
+    if residual is not None:
+        check_4d("residual", residual)
+        check_shape("residual", residual, (geo.N, geo.K, geo.P, geo.Q))
+    check_same_device(x.device, bias=bias, in_scale=in_scale, in_shift=in_shift, out_scale=out_scale,
+                      out_shift=out_shift, residual=residual)
+
+    M = geo.N * geo.P * geo.Q
+    bn_scalars = _finalize_scalars(finalize, geo.K, M, x)
+    meta = fwd_tiles(geo)
+    tile_m = None
+    if tiles is not None:
+        meta.update({k: v for k, v in tiles.items() if k != "BLOCK_M"})
+        tile_m = tiles.get("BLOCK_M")
+    if tile_m is None and INTERPRET:
+        tile_m = _INTERPRET_BLOCK_M
+    tiles_m = {"BLOCK_M": tile_m} if tile_m is not None else None
+    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
+    prologue = has_prologue(in_scale, in_shift, in_relu)
+    epilogue = out_scale is not None or out_shift is not None
+    n_cols = geo.groups * cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
+    y_shape = (geo.N, geo.K, geo.P, geo.Q)
+    y_strides = channels_last_strides(y_shape)
+    w_strides = krsc_strides(weight)
+    scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
+               next_pow2(max(M, 1)), *strides4(x), *w_strides, *strides4(residual), *y_strides,
+               *geo.stride, *geo.padding, *geo.dilation, *bn_scalars)
+    meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
+                HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
+                FINALIZE=finalize is not None,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m,
+                BLOCK_S=MERGE_SLOTS)
+    return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),
+                    (cdiv(M, part_m), 3, geo.K), n_cols + (finalize is not None),
+                    lambda m: (cdiv(M, m["BLOCK_M"]), n_cols), scalars, meta, tiles_m)
 
 
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -471,71 +556,50 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
     [count, mean, M2] the stats are merged from (else one is allocated); PART_M is BLOCK_M with `tiles`.
     `finalize` (with compute_stats): also bn_train_finalize(stats, N*P*Q, ...) in the same launch (FINALIZE), into
     finalize.scale / finalize.shift, running statistics and num_batches_tracked updated in place (conv_bn_train).
+    The checks and the launch configuration are memoised on the arguments' metadata (_plan_fwd, LaunchPlans).
     """
-    if finalize is not None and not compute_stats:
-        raise ValueError("conv_fwd: finalize needs compute_stats=True (the BatchNorm finalizes the statistics)")
-    geo = conv_geometry(x, weight, stride, padding, dilation, groups)
-    check_vector("bias", bias, geo.K)
-    check_vector("in_scale", in_scale, geo.C)
-    check_vector("in_shift", in_shift, geo.C)
-    check_vector("out_scale", out_scale, geo.K)
-    check_vector("out_shift", out_shift, geo.K)
-    if residual is not None:
-        check_4d("residual", residual)
-        check_shape("residual", residual, (geo.N, geo.K, geo.P, geo.Q))
-    check_same_device(x.device, bias=bias, in_scale=in_scale, in_shift=in_shift, out_scale=out_scale,
-                      out_shift=out_shift, residual=residual)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
+            dilation, groups, compute_stats, out_dtype, tiles, finalize)
+    if tiles is not None or not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        plan = _plan_fwd(*args)  # (a test's tiles; a non-tensor gets its TypeError)
+    else:
+        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift),
+               bool(in_relu), tensor_key(out_scale), tensor_key(out_shift), tensor_key(residual), bool(out_relu),
+               tuple(stride), tuple(padding), tuple(dilation), groups, bool(compute_stats), out_dtype,
+               _bn_key(finalize), dot_precision(x.dtype))
+        plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _plan_fwd(*args))
+    return _run_fwd(plan, x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, finalize, partials)
 
-    M = geo.N * geo.P * geo.Q
-    bn_ptrs, bn_scalars = _finalize_args(finalize, geo.K, M, x)
-    y = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), out_dtype or x.dtype, x.device)
-    meta = fwd_tiles(geo)
-    tile_m = None
-    if tiles is not None:
-        meta.update({k: v for k, v in tiles.items() if k != "BLOCK_M"})
-        tile_m = tiles.get("BLOCK_M")
-    if tile_m is None and INTERPRET:
-        tile_m = _INTERPRET_BLOCK_M
-    tiles_m = {"BLOCK_M": tile_m} if tile_m is not None else None
-    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
 
-    unused = dummy(x.device)
-    prologue = has_prologue(in_scale, in_shift, in_relu)
-    in_scale, in_shift = affine_pair(in_scale, in_shift, geo.C, x) if prologue else (unused, unused)
-    epilogue = out_scale is not None or out_shift is not None
-    out_scale, out_shift = affine_pair(out_scale, out_shift, geo.K, x) if epilogue else (unused, unused)
-    n_cols = geo.groups * cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
+def _run_fwd(plan: _FwdPlan, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+             in_shift: Optional[Tensor], out_scale: Optional[Tensor], out_shift: Optional[Tensor],
+             residual: Optional[Tensor], finalize: Optional[BNTrain], partials: Optional[Tensor]):
+    geo, M, device = plan.geo, plan.M, x.device
+    unused = dummy(device)
+    y = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), plan.y_dtype, device)
+    in_scale, in_shift = affine_pair(in_scale, in_shift, geo.C, x) if plan.prologue else (unused, unused)
+    out_scale, out_shift = affine_pair(out_scale, out_shift, geo.K, x) if plan.epilogue else (unused, unused)
     part = stats = unused
-    sems = dummy(x.device, torch.int32)
-    if compute_stats and M == 0:  # no program runs: the statistics of nothing (a merge of no slot)
-        stats = torch.zeros((2, geo.K), dtype=torch.float32, device=x.device)
-    elif compute_stats:
+    sems = dummy(device, torch.int32)
+    if plan.compute_stats and M == 0:  # no program runs: the statistics of nothing (a merge of no slot)
+        stats = torch.zeros((2, geo.K), dtype=torch.float32, device=device)
+    elif plan.compute_stats:
         # Every slot is written by every config (store_part): no zeroing, nothing stale between autotune trials.
-        part_shape = (cdiv(M, part_m), 3, geo.K)
-        part = torch.empty(part_shape, dtype=torch.float32, device=x.device) if partials is None else partials
-        if (tuple(part.shape) != part_shape or part.dtype != torch.float32 or not part.is_contiguous()
-                or part.device != x.device):
-            raise ValueError(f"partials must be a contiguous fp32 tensor of shape {part_shape} on {x.device}, got "
-                             f"{part.dtype} {tuple(part.shape)} on {part.device}")
-        stats = torch.empty((2, geo.K), dtype=torch.float32, device=x.device)  # every element written
-        sems = stream_counters(n_cols + (finalize is not None), x.device)  # [n_cols]: FINALIZE's nbt counter
-    grid = lambda m: (cdiv(M, m["BLOCK_M"]), n_cols)  # noqa: E731
-    weight, w_strides = krsc(weight)
+        part = torch.empty(plan.part_shape, dtype=torch.float32, device=device) if partials is None else partials
+        if partials is not None and (tuple(part.shape) != plan.part_shape or part.dtype != torch.float32
+                                     or not part.is_contiguous() or part.device != device):
+            raise ValueError(f"partials must be a contiguous fp32 tensor of shape {plan.part_shape} on {device}, "
+                             f"got {part.dtype} {tuple(part.shape)} on {part.device}")
+        stats = torch.empty((2, geo.K), dtype=torch.float32, device=device)  # every element written
+        sems = stream_counters(plan.n_sems, device)  # [n_cols]: FINALIZE's nbt counter
+    weight, _ = krsc(weight)
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
-            x if residual is None else residual, y, part, stats, sems, *bn_ptrs,
-            geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
-            next_pow2(max(M, 1)),
-            *strides4(x), *w_strides, *strides4(residual), *strides4(y),
-            *geo.stride, *geo.padding, *geo.dilation, *bn_scalars)
-    meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
-                HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
-                FINALIZE=finalize is not None,
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m,
-                BLOCK_S=MERGE_SLOTS)
+            x if residual is None else residual, y, part, stats, sems, *_finalize_ptrs(finalize, geo.K, x),
+            *plan.scalars)
     if M > 0:  # an empty batch launches nothing
-        launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, grid, args, meta, tiles_m)
-    if not compute_stats:
-        stats = torch.empty((0,), dtype=torch.float32, device=x.device)
+        launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, plan.grid, args, plan.meta, plan.tiles_m)
+    if not plan.compute_stats:
+        stats = torch.empty((0,), dtype=torch.float32, device=device)
     return y, stats
 
 

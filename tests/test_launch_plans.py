@@ -1,0 +1,164 @@
+"""Memoised launch plans (triton/_common.LaunchPlans) and argument checks (ops/_common.CheckMemo): the host-time
+cut of issue 11. A hit must be exactly the miss it memoises: the same launch, the same results bit for bit, the same
+errors for arguments whose metadata differ; a plan holds no tensor; the memo stays bounded."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import weakref
+
+import pytest
+import torch
+
+import pe_kernels
+from pe_kernels.ops import _common as ops_common
+from pe_kernels.triton import _common as common
+
+conv_fwd_mod = importlib.import_module("pe_kernels.triton.conv_fwd")
+conv_bwd_mod = importlib.import_module("pe_kernels.triton.conv_bwd")
+bn_apply_mod = importlib.import_module("pe_kernels.triton.bn_apply")
+
+
+def _conv_args(device, dtype=torch.float32, layout="channels_last", k=8, c=6, epilogue=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, 5, 4, generator=g, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(k, c // 2, 3, 3, generator=g, dtype=dtype)
+    scale = torch.rand(k, generator=g) + 0.5 if epilogue else None
+    shift = torch.randn(k, generator=g) if epilogue else None
+    return [None if t is None else t.to(device) for t in (x, w, scale, shift)]
+
+
+def _fwd(x, w, scale, shift, compute_stats=True):
+    return conv_fwd_mod.conv_fwd(x, w, None, None, None, False, scale, shift, None, True, [1, 1], [1, 1], [1, 1], 2,
+                                 compute_stats)
+
+
+def test_a_hit_is_the_miss_bit_for_bit(kernel_device):
+    common.clear_launch_plans()
+    args = _conv_args(kernel_device)
+    y0, s0 = _fwd(*args)
+    y1, s1 = _fwd(*args)
+    memo = conv_fwd_mod._FWD_PLANS
+    assert (memo.misses, memo.hits) == (1, 1)
+    assert torch.equal(y0, y1) and torch.equal(s0, s1)
+    common.clear_launch_plans()
+    y2, s2 = _fwd(*args)  # planned afresh
+    assert memo.misses == 1 and torch.equal(y0, y2) and torch.equal(s0, s2)
+
+
+@pytest.mark.parametrize("change", ["layout", "dtype", "no-epilogue", "no-stats", "channels", "tf32"])
+def test_other_metadata_is_another_plan(kernel_device, change, monkeypatch):
+    common.clear_launch_plans()
+    _fwd(*_conv_args(kernel_device))
+    kwargs = {"layout": dict(layout="nchw"), "dtype": dict(dtype=torch.float16), "no-epilogue": dict(epilogue=False),
+              "channels": dict(k=10)}.get(change, {})
+    args = _conv_args(kernel_device, **kwargs)
+    if change == "tf32":  # dot_precision reads torch's flag at every call: part of the key
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+    y, stats = _fwd(*args, compute_stats=change != "no-stats")
+    assert conv_fwd_mod._FWD_PLANS.misses == 2 and conv_fwd_mod._FWD_PLANS.hits == 0
+    assert y.dtype == args[0].dtype and y.shape[1] == args[1].shape[0]
+    assert stats.shape == ((0,) if change == "no-stats" else (2, args[1].shape[0]))
+
+
+def test_bad_arguments_still_raise_after_a_good_call(kernel_device):
+    x, w, scale, shift = _conv_args(kernel_device)
+    _fwd(x, w, scale, shift)
+    with pytest.raises(ValueError, match="out_scale must be a 1-D tensor of 8 elements"):
+        _fwd(x, w, scale[:5], shift)
+    with pytest.raises(TypeError, match="weight dtype torch.float16 must equal the input dtype torch.float32"):
+        _fwd(x, w.half(), scale, shift)
+    with pytest.raises(ValueError, match="in_channels=6 and out_channels=8 must both be divisible by groups=4"):
+        conv_fwd_mod.conv_fwd(x, w, None, None, None, False, scale, shift, None, True, [1, 1], [1, 1], [1, 1], 4,
+                              False)
+
+
+def test_plans_hold_no_tensor(kernel_device):
+    common.clear_launch_plans()
+    x, w, scale, shift = _conv_args(kernel_device)
+    ref = weakref.ref(x)
+    y, _ = _fwd(x, w, scale, shift)
+    y_ref = weakref.ref(y)
+    del x, y
+    gc.collect()
+    assert ref() is None and y_ref() is None
+
+
+def test_training_launchers_hit_and_match(kernel_device):
+    """conv_bn_train forward (FINALIZE), conv_bn_bwd and bn_apply forward / backward: the second identical call is
+    a hit everywhere and gives the first call's results."""
+    common.clear_launch_plans()
+    tri = importlib.import_module("pe_kernels.triton")
+    x, w, _, _ = _conv_args(kernel_device)
+    k = w.shape[0]
+
+    def step():
+        rm, rv, nbt = (torch.zeros(k, device=kernel_device), torch.ones(k, device=kernel_device),
+                       torch.tensor(0, device=kernel_device))
+        y, stats, scale, shift = tri.conv_bn_train(x, w, None, None, None, False, [1, 1], [1, 1], [1, 1], 2, None,
+                                                   None, 1e-5, rm, rv, nbt, 0.1)
+        out = tri.bn_apply(y, scale, shift, None, None, None, True)
+        g = torch.ones_like(out)
+        d_y, d_scale, d_shift = tri.bn_apply_backward(g, y, scale, shift, None, None, None, True, out,
+                                                      [True, True, True, False, False, False])[:3]
+        grads = tri.conv_bn_train_backward(d_y, d_scale, d_shift, x, w, None, None, None, False, [1, 1], [1, 1],
+                                           [1, 1], 2, y, stats, None, 1e-5, [True, True, False, False, False, True,
+                                                                             True])
+        return [out, rm, rv, nbt, d_y, *[gr for gr in grads if gr is not None]]
+
+    first, second = step(), step()
+    for memo in (conv_fwd_mod._FWD_PLANS, conv_bwd_mod._CONV_BN_BWD_PLANS, bn_apply_mod._APPLY_CHECKS,
+                 bn_apply_mod._APPLY_BWD_CHECKS):
+        assert (memo.misses, memo.hits) == (1, 1), memo.name
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_launch_plans_stay_bounded(monkeypatch):
+    memo = common.LaunchPlans("test")
+    monkeypatch.setattr(common.LaunchPlans, "LIMIT", 3)
+    for i in range(7):
+        memo.put(i, object())
+        assert len(memo.plans) <= 3
+    common.LaunchPlans.ALL.remove(memo)
+
+
+def test_check_memo_runs_a_check_once_per_metadata():
+    calls = []
+
+    def check(t, n):
+        calls.append(n)
+        if n < 0:
+            raise ValueError(f"n = {n}")
+        return n * 2
+
+    memo = ops_common.CheckMemo()
+    t = torch.zeros(3)
+    assert memo.run(check, t, 2) == 4 and memo.run(check, t, 2) == 4 and calls == [2]
+    assert memo.run(check, torch.zeros(4), 2) == 4 and calls == [2, 2]  # another shape: checked
+    for _ in range(2):
+        with pytest.raises(ValueError, match="n = -1"):  # a raise stores nothing: it raises every time
+            memo.run(check, t, -1)
+    assert calls == [2, 2, -1, -1]
+    key = ops_common.metadata_key
+    assert key(t, [1, 2]) is not None and key(t, [1, 2]) != key(t, (1, 2))  # int sequences are keys, by type
+    assert key(torch.zeros(3, dtype=torch.int64), 1) != key(t, 1)  # dtype in the key
+    assert key(t.view(3, 1).expand(3, 2), 1) != key(torch.zeros(3, 2), 1)  # strides in the key
+    assert key(t, "a string") is None and key(t, [1, "a"]) is None  # anything else: no key, checked every call
+
+
+def test_op_checks_memoised_but_errors_kept():
+    """ops.conv_fused's checks run once per metadata, and arguments of other metadata still get their errors."""
+    x, w = torch.randn(2, 4, 3, 3), torch.randn(4, 2, 1, 1)
+    with pe_kernels.use_backend("torch"):
+        pe_kernels.ops.conv_fused(x, w, groups=2)
+        pe_kernels.ops.conv_fused(x, w, groups=2)
+        with pytest.raises(ValueError, match="x has 4 channels but weight"):
+            pe_kernels.ops.conv_fused(x, w, groups=1)
+        with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+            pe_kernels.ops.conv_fused(x, w, torch.zeros(3), groups=2)
+        with pytest.raises(ValueError, match="stride must be an int or a sequence"):
+            pe_kernels.ops.conv_fused(x, w, groups=2, stride="2")
