@@ -147,7 +147,8 @@ def test_check_memo_runs_a_check_once_per_metadata():
     assert key(t, [1, 2]) is not None and key(t, [1, 2]) != key(t, (1, 2))  # int sequences are keys, by type
     assert key(torch.zeros(3, dtype=torch.int64), 1) != key(t, 1)  # dtype in the key
     assert key(t.view(3, 1).expand(3, 2), 1) != key(torch.zeros(3, 2), 1)  # strides in the key
-    assert key(t, "a string") is None and key(t, [1, "a"]) is None  # anything else: no key, checked every call
+    assert key(t, "bn_") is not None and key(t, "bn_") != key(t, "")  # strings (a name prefix) too
+    assert key(t, object()) is None and key(t, [1, "a"]) is None  # anything else: no key, checked every call
 
 
 def test_op_checks_memoised_but_errors_kept():
@@ -162,3 +163,23 @@ def test_op_checks_memoised_but_errors_kept():
             pe_kernels.ops.conv_fused(x, w, torch.zeros(3), groups=2)
         with pytest.raises(ValueError, match="stride must be an int or a sequence"):
             pe_kernels.ops.conv_fused(x, w, groups=2, stride="2")
+
+
+def test_op_memos_hit_in_a_training_layer():
+    """Every CheckMemo on a training layer's path (conv_fused's checks, conv_bn_train's BatchNorm checks, the
+    residual's, bn_apply's) stores its one entry for the layer: no argument makes a key fall through to a check per
+    call (a None key stores nothing)."""
+    memos = [importlib.import_module(f"pe_kernels.ops.{name}")._CHECKS
+             for name in ("conv_fused", "conv_bn_train", "conv_bn_act", "bn_apply")]
+    for memo in memos:
+        memo.results.clear()
+    x, w = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(4, 2, 1, 1, requires_grad=True)
+    res = torch.randn(2, 4, 3, 3)
+    with pe_kernels.use_backend("torch"):
+        for _ in range(3):
+            pe_kernels.ops.conv_bn_act(x, w, groups=2, bn_weight=torch.ones(4), residual=res,
+                                       running_mean=torch.zeros(4), running_var=torch.ones(4),
+                                       num_batches_tracked=torch.tensor(0), relu=True).sum().backward()
+        with torch.no_grad():  # (without a gradient: conv_bn_train, then the public bn_apply)
+            pe_kernels.ops.conv_bn_act(x, w, groups=2, residual=res, relu=True)
+    assert [len(memo.results) for memo in memos] == [1, 2, 1, 1]  # conv_bn_train: with and without BN vectors

@@ -43,18 +43,22 @@ _NULL = contextlib.nullcontext()
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+_KEY_SCALARS = (type(None), bool, int, float, str)
+
+
 def metadata_key(*values) -> Optional[tuple]:
     """A hashable key of an op's arguments as its checks see them: a tensor's (type, shape, strides, dtype,
-    device), None, bools, ints, floats and tuples / lists of ints as they are; None (no key: check every time) for
-    anything else."""
+    device), None, bools, ints, floats, strings and tuples / lists of ints as they are; None (no key: check every
+    time) for anything else."""
     key = []
     for v in values:
-        if isinstance(v, Tensor):
-            key.append((type(v), v.shape, v.stride(), v.dtype, v.device))
-        elif v is None or type(v) in (bool, int, float):
+        kind = type(v)
+        if kind in _KEY_SCALARS:
             key.append(v)
-        elif type(v) in (tuple, list) and all(type(i) is int for i in v):
-            key.append((type(v), *v))
+        elif isinstance(v, Tensor):
+            key.append((kind, v.shape, v.stride(), v.dtype, v.device))
+        elif (kind is tuple or kind is list) and all(type(i) is int for i in v):
+            key.append((kind, *v))
         else:
             return None
     return tuple(key)

@@ -17,9 +17,9 @@ import torch
 from .. import _backend
 from . import _transforms
 from .contract import APPLY_GRAD_NAMES, param_dtype
-from ._common import (autocast_dtype, cast_vector, check_4d, check_floating, check_same_device, check_vector,
-                      eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast, pack_grads,
-                      unpack_grads)
+from ._common import (CheckMemo, autocast_dtype, cast_vector, check_4d, check_floating, check_same_device,
+                      check_vector, eager_context, eager_dispatch, empty_channels_last, empty_grad, no_autocast,
+                      pack_grads, unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -118,16 +118,11 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
              residual_scale: Optional[Tensor] = None, residual_shift: Optional[Tensor] = None,
              relu: bool = False) -> Tensor:
     """Checked, autocast-aware entry to `pe_kernels::bn_apply` (see the module docstring)."""
-    check_4d(y, "y")
-    check_floating(y, "y")
-    k = y.shape[1]
-    for name, vec in (("scale", scale), ("shift", shift)):
-        check_vector(vec, name, k, y)
+    _CHECKS.run(_check_apply_args, y, scale, shift, residual, residual_scale, residual_shift)
     amp = autocast_dtype(y)
     if amp is not None:
         y = y.to(amp)
-    residual, residual_scale, residual_shift = checked_residual(y, tuple(y.shape), residual, residual_scale,
-                                                                residual_shift)
+    residual, residual_scale, residual_shift = cast_residual(y, residual, residual_scale, residual_shift)
     vec_dtype = param_dtype(y.dtype)
     scale, shift = cast_vector(scale, vec_dtype), cast_vector(shift, vec_dtype)
     if _transforms.composite_required("bn_apply"):
@@ -140,10 +135,22 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
     return torch.ops.pe_kernels.bn_apply(*args)
 
 
-def checked_residual(like: Tensor, shape: tuple, residual: Optional[Tensor], residual_scale: Optional[Tensor],
-                     residual_shift: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """bn_apply's residual arguments for an output of `shape` in like's dtype and device, checked (ValueError /
-    TypeError naming them) and cast: the residual to like's dtype, its affine vectors to the per-channel dtype."""
+_CHECKS = CheckMemo()  # the checks of bn_apply's and conv_bn_act's arguments, once per metadata
+
+
+def _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift) -> None:
+    check_4d(y, "y")
+    check_floating(y, "y")
+    k = y.shape[1]
+    for name, vec in (("scale", scale), ("shift", shift)):
+        check_vector(vec, name, k, y)
+    check_residual(y, tuple(y.shape), residual, residual_scale, residual_shift)
+
+
+def check_residual(like: Tensor, shape: tuple, residual: Optional[Tensor], residual_scale: Optional[Tensor],
+                   residual_shift: Optional[Tensor]) -> None:
+    """bn_apply's residual arguments for an output of `shape` on like's device (ValueError / TypeError naming
+    them)."""
     k = shape[1]
     for name, vec in (("residual_scale", residual_scale), ("residual_shift", residual_shift)):
         check_vector(vec, name, k, like)
@@ -154,6 +161,12 @@ def checked_residual(like: Tensor, shape: tuple, residual: Optional[Tensor], res
         check_same_device(residual, "residual", like)
         if tuple(residual.shape) != tuple(shape):
             raise ValueError(f"residual has shape {tuple(residual.shape)}, y has {tuple(shape)}")
+
+
+def cast_residual(like: Tensor, residual: Optional[Tensor], residual_scale: Optional[Tensor],
+                  residual_shift: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The residual in like's dtype, its affine vectors in the per-channel dtype (checked by check_residual)."""
+    if residual is not None and residual.dtype != like.dtype:
         residual = residual.to(like.dtype)
     vec_dtype = param_dtype(like.dtype)
     return residual, cast_vector(residual_scale, vec_dtype), cast_vector(residual_shift, vec_dtype)

@@ -25,11 +25,12 @@ import torch
 
 from .. import _backend
 from . import _transforms, conv_bn_train as _cbt
-from ._common import eager_dispatch, no_autocast
-from .bn_apply import bn_apply, checked_residual
+from ._common import CheckMemo, eager_dispatch, no_autocast
+from .bn_apply import bn_apply, cast_residual, check_residual
 
 Tensor = torch.Tensor
 
+_CHECKS = CheckMemo()  # check_residual, once per metadata
 _INPUTS = 10  # x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift
 
 
@@ -101,8 +102,8 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_
                                                  dilation, groups, bn_weight, bn_bias, eps, running_mean, running_var,
                                                  num_batches_tracked, momentum)
     y_shape = _cbt.output_shape(tensors[0], tensors[1], *config[1:4])
-    residual, residual_scale, residual_shift = checked_residual(tensors[0], y_shape, residual, residual_scale,
-                                                                residual_shift)
+    _CHECKS.run(check_residual, tensors[0], y_shape, residual, residual_scale, residual_shift)
+    residual, residual_scale, residual_shift = cast_residual(tensors[0], residual, residual_scale, residual_shift)
     extra = (residual, residual_scale, residual_shift)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *extra))
     if not (fused and grad and eager_dispatch(*extra)):  # the two ops
