@@ -151,8 +151,11 @@ def krsc_strides(weight: Tensor) -> tuple[int, int, int, int]:
 
 
 def channels_last_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """The strides of empty_channels_last(shape, ...) (torch's own rule, size-0 and size-1 dims included)."""
-    return torch.empty(tuple(shape), device="meta", memory_format=torch.channels_last).stride()
+    """The strides of empty_channels_last(shape, ...): torch's rule (the raw sizes, size-0 and size-1 dims
+    included), in plain Python: no ATen op (a launch counter would count a meta tensor's)."""
+    _, C, _, W = shape
+    H = shape[2]
+    return (H * W * C, 1, W * C, C)
 
 
 def krsc(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:

@@ -60,16 +60,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
-from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv, check_4d, check_same_device,
+from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
+                      channels_last_strides, check_4d, check_same_device,
                       check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n,
-                      identity_vector, krsc, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile,
+                      identity_vector, krsc, krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile,
                       reduce_slots, store_part, stream_counters, strides4, sum_slots, tensor_key, tile_offsets,
                       upcast_bf16)
 from .bn_apply import sum_centred
@@ -532,15 +533,25 @@ class GaccOnLoad:
     def inputs(self) -> tuple:
         return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
 
-    def scalars(self) -> tuple:
-        return float(self.count), 1.0 / self.count, float(self.eps)
+
+class _OnLoadMeta(NamedTuple):
+    """What a launch configuration reads of a GaccOnLoad (_on_load_scalars), before the GaccOnLoad is made."""
+    y: Tensor
+    count: int
+    eps: float
 
 
-def _on_load_args(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple[tuple, tuple, tuple]:
-    """(the five input pointers, (count, 1/n, eps), y's strides) for a kernel; dummies and zeros without on_load."""
+def _on_load_ptrs(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple:
+    """The five input pointers of GACC_ON_LOAD for a kernel; dummies without on_load."""
+    return (dummy(device),) * 5 if on_load is None else on_load.inputs()
+
+
+def _on_load_scalars(on_load) -> tuple[tuple, tuple]:
+    """((count, 1/n, eps), y's strides) for a kernel; zeros without on_load. `on_load`: a GaccOnLoad, or any object
+    with its y (a tensor or a (shape, strides) stand-in: OnLoadMeta), count and eps."""
     if on_load is None:
-        return (dummy(device),) * 5, (1.0, 1.0, 0.0), (0, 0, 0, 0)
-    return on_load.inputs(), on_load.scalars(), strides4(on_load.y)
+        return (1.0, 1.0, 0.0), (0, 0, 0, 0)
+    return (float(on_load.count), 1.0 / on_load.count, float(on_load.eps)), tuple(on_load.y.stride())
 
 
 def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
@@ -554,41 +565,68 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
     return meta
 
 
-def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
-           meta: dict, sems: Tensor, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None):
-    """Returns (dx channels_last in x.dtype or None, (d_in_scale, d_in_shift) or None). With the prologue sums, the
-    first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (zeroed by the epilogue kernel, or persistent
-    stream_counters). With `on_load`, `g_acc` is grad_y and g_acc is formed on load (GaccOnLoad)."""
+@dataclass(frozen=True)
+class _GemmLaunch:
+    """A wgrad or dgrad launch from its arguments' metadata: the grid, every argument after the pointers (in the
+    kernel's order) and the constexprs; with the shapes of the buffers a run allocates."""
+    grid: object  # a grid tuple, or a function of the config (autotuned launches)
+    scalars: tuple
+    meta: dict
+    tiles_m: Optional[dict] = None
+    part_shape: Optional[tuple] = None  # partial sums (None: none allocated)
+    extra_shape: Optional[tuple] = None  # the wgrad's bias partials
+    tail: tuple = ()  # the wgrad's arguments after dw's strides
+
+
+def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
+                  meta: dict, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None,
+                  g_strides: Optional[tuple] = None) -> _GemmLaunch:
+    """_dgrad's launch configuration (metadata only); `g_strides`: g_acc's strides when g_acc is not yet made."""
     M = geo.N * geo.H * geo.W
-    dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
     tile_m = _tile_m(tiles)
     tiles_m = {"BLOCK_M": tile_m} if tile_m else None
     part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
-    prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
+    prologue = has_prologue(in_scale, in_shift, in_relu)
     need_stats = need_stats and prologue
+    rsk = geo.R * geo.S * geo.K_g
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]), geo.groups * cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
+    load_scalars, y_strides = _on_load_scalars(on_load)
+    dx_strides = channels_last_strides(x.shape) if need_dx else (0, 0, 0, 0)
+    scalars = (geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, next_pow2(max(M, 1)),
+               *load_scalars, geo.K, *(g_strides or strides4(g_acc)), *y_strides, *krsc_strides(weight),
+               *strides4(x), *dx_strides, *geo.stride, *geo.padding, *geo.dilation)
+    meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
+                GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
+                PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
+    return _GemmLaunch(grid, scalars, meta, tiles_m, (cdiv(M, part_m), 2, geo.C) if need_stats else None)
+
+
+def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
+           meta: dict, sems: Tensor, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None,
+           launch_config: Optional[_GemmLaunch] = None):
+    """Returns (dx channels_last in x.dtype or None, (d_in_scale, d_in_shift) or None). With the prologue sums, the
+    first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (zeroed by the epilogue kernel, or persistent
+    stream_counters). With `on_load`, `g_acc` is grad_y and g_acc is formed on load (GaccOnLoad). `launch_config`:
+    _dgrad_launch's for these arguments (a memoised plan), else made here."""
+    cfg = launch_config or _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo, need_dx, need_stats,
+                                         meta, tiles, on_load)
+    M = geo.N * geo.H * geo.W
+    dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
+    prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     unused = dummy(x.device)
     sums = None
     part = unused
-    if need_stats:
-        part = torch.empty((cdiv(M, part_m), 2, geo.C), dtype=torch.float32, device=x.device)
+    if cfg.part_shape is not None:
+        part = torch.empty(cfg.part_shape, dtype=torch.float32, device=x.device)
         vec_dtype = lambda v: torch.float32 if v is None else v.dtype  # noqa: E731
         if M == 0:  # no program runs: the sums of nothing
             return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
         sums = tuple(torch.empty(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
-    rsk = geo.R * geo.S * geo.K_g
-    grid = lambda m: (cdiv(M, m["BLOCK_M"]), geo.groups * cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
-    weight, w_strides = krsc(weight)
-    load_ptrs, load_scalars, y_strides = _on_load_args(on_load, x.device)
-    args = (g_acc, weight, x, scale, shift, *load_ptrs, x if dx is None else dx, part,
-            unused if sums is None else sums[0], unused if sums is None else sums[1], sems,
-            geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, next_pow2(max(M, 1)),
-            *load_scalars, geo.K, *strides4(g_acc), *y_strides, *w_strides, *strides4(x), *strides4(dx),
-            *geo.stride, *geo.padding, *geo.dilation)
-    meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
-                GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
+    weight, _ = krsc(weight)
+    args = (g_acc, weight, x, scale, shift, *_on_load_ptrs(on_load, x.device), x if dx is None else dx, part,
+            unused if sums is None else sums[0], unused if sums is None else sums[1], sems, *cfg.scalars)
     if M > 0:
-        launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, grid, args, meta, tiles_m)
+        launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, cfg.grid, args, cfg.meta, cfg.tiles_m)
     return dx, sums
 
 
@@ -630,36 +668,48 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid)
 
 
+def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan,
+                  on_load: Optional[GaccOnLoad] = None, bias_grad: bool = False,
+                  g_strides: Optional[tuple] = None) -> _GemmLaunch:
+    """_wgrad's launch configuration (metadata only); `g_strides`: g_acc's strides when g_acc is not yet made."""
+    M = geo.N * geo.P * geo.Q
+    rsc = geo.R * geo.S * geo.C_g
+    load_scalars, y_strides = _on_load_scalars(on_load)
+    scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
+               *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
+    tail = (*geo.stride, *geo.padding, *geo.dilation)
+    meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
+                GACC_ON_LOAD=on_load is not None, BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
+                PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+                num_warps=4)
+    return _GemmLaunch(plan.grid, scalars, meta, None, (plan.split, geo.K, rsc) if plan.split > 1 else None,
+                       (plan.split, geo.K) if bias_grad and plan.split > 1 else None, tail)
+
+
 def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan, sems: Tensor,
-           on_load: Optional[GaccOnLoad] = None):
+           on_load: Optional[GaccOnLoad] = None, launch_config: Optional[_GemmLaunch] = None):
     """Weight gradient (K, C_g, R, S) in weight.dtype and in the weight's strides (torch.empty_like: a channels_last
     weight gets a channels_last dw, which autograd's AccumulateGrad takes without a copy), written by the kernel; a
     split-M launch sums its fp32 partials in the last split of each tile (deterministic: split order), on
     `plan.counters` counters of `sems` that must be 0 (zeroed by the epilogue kernel, or persistent
     stream_counters). With `on_load`, `g_acc` is grad_y, g_acc is formed on load and the kernel also writes
     on_load.d_bn_weight, d_bn_bias and on_load.d_bias if given (needs M > 0). Not autotuned: one config, and every
-    (split, k, j) element of the partial buffers is written by the grid."""
-    M = geo.N * geo.P * geo.Q
-    if M == 0:
+    (split, k, j) element of the partial buffers is written by the grid. `launch_config`: _wgrad_launch's for these
+    arguments (a memoised plan), else made here."""
+    if geo.N * geo.P * geo.Q == 0:
         return torch.zeros_like(weight)
-    rsc = geo.R * geo.S * geo.C_g
-    dw = torch.empty_like(weight)
-    part = (torch.empty((plan.split, geo.K, rsc), dtype=torch.float32, device=x.device) if plan.split > 1
-            else dummy(x.device))
-    prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
-    load_ptrs, load_scalars, y_strides = _on_load_args(on_load, x.device)
-    outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (dummy(x.device),) * 2
     bias_grad = on_load is not None and on_load.d_bias is not None
-    d_bias = on_load.d_bias if bias_grad else dummy(x.device)
-    bpart = (torch.empty((plan.split, geo.K), dtype=torch.float32, device=x.device) if bias_grad and plan.split > 1
-             else dummy(x.device))
-    _conv_wgrad_kernel[plan.grid](
-        g_acc, x, scale, shift, *load_ptrs, dw, part, sems, *outs, d_bias, bpart,
-        geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
-        *strides4(g_acc), *y_strides, *strides4(x), *dw.stride(), *geo.stride, *geo.padding, *geo.dilation,
-        PROLOGUE=prologue, IN_RELU=bool(in_relu), GACC_ON_LOAD=on_load is not None, BIAS_GRAD=bias_grad,
-        UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_K=plan.block_k, num_warps=4)
+    cfg = launch_config or _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo, plan, on_load,
+                                         bias_grad)
+    unused = dummy(x.device)
+    dw = torch.empty_like(weight)
+    part = unused if cfg.part_shape is None else torch.empty(cfg.part_shape, dtype=torch.float32, device=x.device)
+    bpart = unused if cfg.extra_shape is None else torch.empty(cfg.extra_shape, dtype=torch.float32, device=x.device)
+    _, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
+    outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (unused, unused)
+    _conv_wgrad_kernel[cfg.grid](g_acc, x, scale, shift, *_on_load_ptrs(on_load, x.device), dw, part, sems, *outs,
+                                 on_load.d_bias if bias_grad else unused, bpart, *cfg.scalars, *dw.stride(),
+                                 *cfg.tail, **cfg.meta)
     return dw
 
 
@@ -778,6 +828,13 @@ class _ConvBnBwdPlan:
     need_inputs: tuple  # (x, weight, bias, in_scale, in_shift): needed and given
     composed: bool  # the composition (no weight gradient, or an empty batch), else the two-launch fast path
     gemms: Optional[tuple]  # _gemm_plans' (wgrad plan, dgrad meta, first wgrad counter, counters) on the fast path
+    wgrad: Optional[_GemmLaunch] = None  # the fast path's launch configurations
+    dgrad: Optional[_GemmLaunch] = None
+
+
+def _zero_grad_y(shape: tuple, device) -> Tensor:
+    """An absent grad_y: a zero read through the strides of an expanded one-element tensor (no launch)."""
+    return identity_vector(0.0, 1, device).view(1, 1, 1, 1).expand(shape)
 
 
 _CONV_BN_BWD_PLANS = LaunchPlans("conv_bn_bwd")
@@ -809,9 +866,17 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     need_x, need_w, _, need_isc, need_ish = need_inputs
     if not need_w or geo.N * geo.P * geo.Q == 0:
         return _ConvBnBwdPlan(geo, needs, need_inputs, True, None)
-    gemms = _gemm_plans(geo, True, need_x or need_isc or need_ish, need_isc or need_ish, in_scale, in_shift, in_relu,
-                        tiles)
-    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms)
+    need_dgrad = need_x or need_isc or need_ish
+    gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles)
+    wplan, dmeta = gemms[:2]
+    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps)
+    # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
+    g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
+    wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
+                          g_strides)
+    dgrad = (_dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
+                           tiles, on_load, g_strides) if need_dgrad else None)
+    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad)
 
 
 def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
@@ -851,7 +916,7 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     device = x.device
     zeros = identity_vector(0.0, geo.K, device)
     if grad_y is None:  # zero: a cached zero read through all-zero strides (no launch)
-        grad_y = identity_vector(0.0, 1, device).view(1, 1, 1, 1).expand(geo.N, geo.K, geo.P, geo.Q)
+        grad_y = _zero_grad_y((geo.N, geo.K, geo.P, geo.Q), device)
     on_load = GaccOnLoad(
         y=y,
         grad_scale=zeros if grad_scale is None else grad_scale.to(torch.float32).contiguous(),
@@ -867,11 +932,12 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
     sems = stream_counters(max(n_sem, 4), device)
     grads: list[Optional[Tensor]] = [None] * 7
-    grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:], on_load)
+    grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:], on_load,
+                      plan.wgrad)
     grads[2] = on_load.d_bias
     if need_dgrad:
         dx, in_sums = _dgrad(grad_y, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
-                             dmeta, sems, tiles, on_load)
+                             dmeta, sems, tiles, on_load, plan.dgrad)
         grads[0] = dx
         if need_isc:
             grads[3] = in_sums[0]
