@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import functional as PF
 from ._common import (NoTorchScript, activation_reason, check_batched_4d, dropout_shortcut_reason,
-                      global_hook_reason, record_module_path)
+                      global_hook_reason, record_module_path, weight_and_bias)
 from .fused import conv_bn_reason
 from .packed import PackedConv2d
 
@@ -43,8 +43,9 @@ def conv2d_of(module: nn.Module) -> nn.Conv2d:
 
 def _conv_kwargs(module: nn.Module) -> dict:
     c = conv2d_of(module)
-    return dict(weight=c.weight, bias=c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
-                groups=c.groups, padding_mode=c.padding_mode)
+    weight, bias = weight_and_bias(c)
+    return dict(weight=weight, bias=bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+                padding_mode=c.padding_mode)
 
 
 class _FusedResidualBlock(NoTorchScript, nn.Module):

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import functional as PF
-from ._common import NoTorchScript, check_batched_4d, global_hook_reason, module_reason, record_module_path
+from ._common import (NoTorchScript, check_batched_4d, global_hook_reason, module_reason, record_module_path,
+                      weight_and_bias)
 from .packed import PackedConv2d, conv_reason
 
 Tensor = torch.Tensor
@@ -66,7 +67,8 @@ class PackedConvBNReLU2d(NoTorchScript, nn.Module):
         if PF.stock_layer(x) is not None:  # the torch backend: the stock modules' own forwards
             out = bn.forward(c.forward(x))
             return torch.relu(out) if self.activation == "relu" else out
-        return PF.conv_bn_fused(x, c.weight, c.bias, bn, c.stride, c.padding, c.dilation, c.groups,
+        weight, bias = weight_and_bias(c)
+        return PF.conv_bn_fused(x, weight, bias, bn, c.stride, c.padding, c.dilation, c.groups,
                                 activation=self.activation, padding_mode=c.padding_mode)
 
     def extra_repr(self) -> str:

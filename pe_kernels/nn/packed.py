@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import functional as PF
-from ._common import NoTorchScript, global_hook_reason, module_reason, record_module_path
+from ._common import NoTorchScript, global_hook_reason, module_reason, record_module_path, weight_and_bias
 
 Tensor = torch.Tensor
 
@@ -144,7 +144,8 @@ class PackedConv2d(_PackedConvNd):
             record_module_path(self, reason)
             return out
         x = inputs if batched else inputs.unsqueeze(0)
-        out = PF.packed_conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, c.padding_mode)
+        weight, bias = weight_and_bias(c)
+        out = PF.packed_conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups, c.padding_mode)
         return self._to_batch(out) if batched else out.squeeze(0)
 
 
