@@ -214,11 +214,21 @@ _FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 _CAST = WeakTensorKeyDictionary()  # (tensor keys compare by identity)
 
 
+def _bn_tensors(bn: nn.BatchNorm2d) -> tuple:
+    """(weight, bias, running_mean, running_var, num_batches_tracked) of a BatchNorm2d: from its _parameters and
+    _buffers for an exact nn.BatchNorm2d (nn.Module.__getattr__ costs ~0.8 us a name on this hot path), through the
+    attributes for a subclass (a parametrized BatchNorm computes its weight on access)."""
+    if type(bn) is nn.BatchNorm2d:
+        params, buffers = bn._parameters, bn._buffers
+        return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                buffers["num_batches_tracked"])
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+
 def _folded_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Eval-mode BN as scale/shift: scale = w / sqrt(running_var + eps), shift = b - running_mean * scale;
     cached per version of the four tensors (see _cacheable)."""
-    params, buffers = bn._parameters, bn._buffers  # (nn.Module.__getattr__ costs ~0.8 us a name)
-    w, b, rm, rv = params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"]
+    w, b, rm, rv, _ = _bn_tensors(bn)
     if not _cacheable(w, b, rm, rv):
         return _fold(w, b, rm, rv, bn.eps, dtype)
     key = (dtype, bn.eps, *_version(w), *_version(b), *_version(rm), *_version(rv))
@@ -297,6 +307,24 @@ def _conv_with_stats(x: Activation, weight: Tensor, bias: Optional[Tensor], stri
     return y, (stats if batch > 0 else None)
 
 
+def batch_norm_count(x: Activation, weight: Tensor, stride=1, padding=0, dilation=1, padding_mode: str = "zeros",
+                     **_) -> int:
+    """N*P*Q: the values per channel that a BatchNorm after this conv normalises (padding 'same' / 'valid' and the
+    padding modes as the conv resolves them; nothing computed)."""
+    t = x.y if isinstance(x, Deferred) else x
+    dilation, stride = ops._common.pair(dilation, "dilation"), ops._common.pair(stride, "stride")
+    r, s = weight.shape[2], weight.shape[3]
+    pad, explicit = resolve_padding(padding, (r, s), dilation)
+    pad = ops._common.pair(pad, "padding")
+    h, w = t.shape[2], t.shape[3]
+    if explicit is not None:  # F.pad first (asymmetric 'same'), then no padding
+        h, w, pad = h + explicit[2] + explicit[3], w + explicit[0] + explicit[1], (0, 0)
+    elif padding_mode != "zeros":  # F.pad with the mode, then no padding
+        h, w, pad = h + 2 * pad[0], w + 2 * pad[1], (0, 0)
+    return (t.shape[0] * ops.conv_output_size(h, r, stride[0], pad[0], dilation[0])
+            * ops.conv_output_size(w, s, stride[1], pad[1], dilation[1]))
+
+
 def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride, padding,
                    dilation, groups: int, padding_mode: str, tail: Optional[tuple] = None):
     """(y, scale, shift) with BN(conv(x)) = y * scale + shift from the batch statistics: ops.conv_bn_train (one
@@ -315,13 +343,13 @@ def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn
         y, scale, shift = y, *_batch_affine(bn, stats, y)
         return (y, scale, shift) if tail is None else ops.bn_apply(y, scale, shift, *tail)
     prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
-    params, buffers = bn._parameters, bn._buffers  # (nn.Module.__getattr__ costs ~0.8 us a name)
+    bn_weight, bn_bias, running_mean, running_var, nbt = _bn_tensors(bn)
     tracked = bn.training and bn.track_running_stats
-    running = tracked and buffers["running_mean"] is not None
-    bn_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bn_weight=params["weight"],
-                   bn_bias=params["bias"], eps=bn.eps, running_mean=buffers["running_mean"] if running else None,
-                   running_var=buffers["running_var"] if running else None,
-                   num_batches_tracked=buffers["num_batches_tracked"] if tracked else None, momentum=bn.momentum)
+    running = tracked and running_mean is not None
+    bn_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bn_weight=bn_weight,
+                   bn_bias=bn_bias, eps=bn.eps, running_mean=running_mean if running else None,
+                   running_var=running_var if running else None, num_batches_tracked=nbt if tracked else None,
+                   momentum=bn.momentum)
     if tail is None:
         return ops.conv_bn_train(t, _cast_weight(weight, t), bias, **prologue, **bn_args)
     residual, residual_scale, residual_shift, relu = tail
@@ -369,8 +397,9 @@ def conv_bn_fused(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn.
     rs, rb = residual_affine if residual_affine is not None else (None, None)
     if not _uses_batch_stats(bn):
         scale, shift = _folded_affine(bn, param_dtype(weight.dtype))
-        if residual_affine is not None:
-            residual = ops.bn_apply(residual, rs, rb)
+        if residual_affine is not None:  # one pass over y and the residual, both affine (fp32 arithmetic)
+            y = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
+            return ops.bn_apply(y, scale, shift, residual, rs, rb, relu)
         return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, out_scale=scale,
                      out_shift=shift, residual=residual, out_relu=relu)[0]
     if defer and residual is None:

@@ -113,16 +113,21 @@ def test_one_autograd_node():
     assert {type(n).__name__ for n, _ in node.next_functions if n is not None} == {"AccumulateGrad"}
 
 
-def test_without_gradient_is_the_composition():
-    t = {n: None if v is None else v.detach() for n, v in _inputs("cpu", torch.float64, True, True, True).items()}
-    args = dict(in_scale=t["isc"], in_shift=t["ish"], in_relu=True, padding=1, groups=2, bn_weight=t["bn_w"],
-                bn_bias=t["bn_b"])
-    with pe_kernels.use_backend("torch"), torch.no_grad():
-        out = ops.conv_bn_act(t["x"], t["w"], t["b"], **args, residual=t["res"], residual_scale=t["rs"],
-                              residual_shift=t["rb"], relu=True)
-        y, scale, shift = ops.conv_bn_train(t["x"], t["w"], t["b"], **args)
-        ref = ops.bn_apply(y, scale, shift, t["res"], t["rs"], t["rb"], relu=True)
-    assert out.grad_fn is None and torch.equal(out, ref)
+def test_without_gradient_is_the_node_s_forward():
+    """Without a gradient conv_bn_act runs conv_bn_train then bn_apply (no autograd node): the node's output and
+    running statistics, bit for bit."""
+    t = _inputs("cpu", torch.float64, True, True, True)
+    with pe_kernels.use_backend("torch"):
+        out, rm, rv, nbt, _ = _run(True, t, True, "cpu")
+        k = t["w"].shape[0]
+        rm2, rv2, nbt2 = torch.zeros(k, dtype=torch.float64), torch.ones(k, dtype=torch.float64), torch.tensor(3)
+        with torch.no_grad():
+            out2 = ops.conv_bn_act(t["x"], t["w"], t["b"], in_scale=t["isc"], in_shift=t["ish"], in_relu=True,
+                                   padding=1, groups=2, bn_weight=t["bn_w"], bn_bias=t["bn_b"], running_mean=rm2,
+                                   running_var=rv2, num_batches_tracked=nbt2, residual=t["res"],
+                                   residual_scale=t["rs"], residual_shift=t["rb"], relu=True)
+    assert out2.grad_fn is None and not out2.requires_grad
+    assert torch.equal(out2, out) and torch.equal(rm2, rm) and torch.equal(rv2, rv) and int(nbt2) == int(nbt)
 
 
 def test_double_backward_recomputes_the_composition():
@@ -187,3 +192,51 @@ def test_modules_take_it_in_training():
         assert _pe_nodes(layer(x)) == ["_ConvBnActFunctionBackward"]
         out = block(torch.randn(2, 32, 6, 6, requires_grad=True))
     assert _pe_nodes(out) == ["_ConvBnActFunctionBackward"] + ["_ConvBnTrainFunctionBackward"] * 3
+
+
+def _bottleneck(seed=0):
+    torch.manual_seed(seed)
+    block = PackedBottleneck(16, 4, 2, alpha=2, num_estimators=2, gamma=1, conv_bias=False, dropout_rate=0,
+                             groups=1)
+    for bn in block.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+    return block
+
+
+def test_block_with_the_last_bn_in_eval_and_a_training_shortcut_bn():
+    """Mixed modes (bn3 eval, the shortcut's BN training): the tail is the last BN's folded affine and the shortcut's
+    batch affine in one bn_apply, as the stock modules compute it."""
+    from pe_kernels.models.registry import eager_twin
+
+    require_backend("triton")
+    block = _bottleneck().train()
+    block.bn3.eval()
+    twin = eager_twin(block)
+    x = torch.randn(2, 32, 6, 6)
+    with pe_kernels.use_backend("triton"), ieee_fp32():
+        out = block(x)
+    torch.testing.assert_close(out, twin(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block.shortcut[1].running_var, twin.shortcut[1].running_var)
+
+
+def test_block_one_value_error_bumps_the_last_bn_first():
+    """BatchNorm2d's one-value error in the block's tail (the earlier BNs in eval, one output position): the last BN's
+    num_batches_tracked is bumped and it raises before the shortcut runs, as in the stock modules."""
+    from pe_kernels.models.registry import eager_twin
+
+    require_backend("triton")
+    block = _bottleneck().train()
+    block.bn1.eval()
+    block.bn2.eval()
+    twin = eager_twin(block)
+    x = torch.randn(1, 32, 2, 2)  # stride 2: one output position
+    with pe_kernels.use_backend("triton"), pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        twin(x)
+    assert int(block.bn3.num_batches_tracked) == int(twin.bn3.num_batches_tracked) == 1
+    assert int(block.shortcut[1].num_batches_tracked) == int(twin.shortcut[1].num_batches_tracked) == 0
+    torch.testing.assert_close(block.shortcut[1].running_mean, twin.shortcut[1].running_mean)

@@ -4,6 +4,7 @@ errors for arguments whose metadata differ; a plan holds no tensor; the memo sta
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import weakref
@@ -183,3 +184,71 @@ def test_op_memos_hit_in_a_training_layer():
         with torch.no_grad():  # (without a gradient: conv_bn_train, then the public bn_apply)
             pe_kernels.ops.conv_bn_act(x, w, groups=2, residual=res, relu=True)
     assert [len(memo.results) for memo in memos] == [1, 2, 1, 1]  # conv_bn_train: with and without BN vectors
+
+
+def test_check_memo_is_off_while_torch_compile_traces():
+    """The op-check memo never becomes a guard: a compiled op compiles once, with eager calls of other shapes in
+    between, and once for every batch size with dynamic shapes; export with a dynamic batch works."""
+    from torch._dynamo.utils import counters
+
+    w = torch.randn(8, 4, 3, 3)
+    fn = lambda x: pe_kernels.ops.conv_fused(x, w, padding=1, compute_stats=True)[0]  # noqa: E731
+    with pe_kernels.use_backend("torch"):
+        for dynamic, sizes in ((False, (2, 2, 2)), (True, (2, 3, 4, 5))):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(fn, backend="eager", fullgraph=True, dynamic=dynamic)
+            for n in sizes:
+                compiled(torch.randn(n, 4, 6, 6))
+                fn(torch.randn(n + 7, 4, 5, 5))  # eager, a shape the compiled graph has not seen: a new memo entry
+            assert counters["stats"]["unique_graphs"] == 1, (dynamic, dict(counters["stats"]))
+
+        class Conv(torch.nn.Module):
+            def forward(self, x):
+                return fn(x)
+
+        exported = torch.export.export(Conv(), (torch.randn(2, 4, 6, 6),),
+                                       dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2, max=64)}},
+                                       strict=False)
+        x = torch.randn(5, 4, 6, 6)
+        torch.testing.assert_close(exported.module()(x), fn(x))
+    torch._dynamo.reset()
+
+
+def test_scalar_types_keep_their_errors_after_a_hit():
+    """1, 1.0 and True are different keys: a float groups or stride is refused after an int one passed."""
+    x, w = torch.randn(2, 4, 3, 3), torch.randn(4, 2, 1, 1)
+    with pe_kernels.use_backend("torch"):
+        pe_kernels.ops.conv_fused(x, w, groups=2, stride=1)
+        with pytest.raises(ValueError, match="groups must be a positive int, got 2.0"):
+            pe_kernels.ops.conv_fused(x, w, groups=2.0, stride=1)
+        with pytest.raises(ValueError, match="stride must be an int or a sequence of one or two ints, got 1.0"):
+            pe_kernels.ops.conv_fused(x, w, groups=2, stride=1.0)
+        xb, wb = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(4, 4, 1, 1, requires_grad=True)
+        pe_kernels.ops.conv_bn_train(xb, wb, eps=1e-5)
+        with pytest.raises(ValueError, match="eps must be > 0"):  # eps as a 0-dim tensor: its value is checked
+            pe_kernels.ops.conv_bn_train(xb, wb, eps=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_batch_norm_subclasses_take_their_attributes(train):
+    """The kernels' path reads an exact BatchNorm2d's tensors from its _parameters / _buffers, a subclass's (here a
+    parametrized one, whose weight is computed on access) through its attributes: both as the stock modules."""
+    from torch.nn.utils import parametrize
+
+    class Positive(torch.nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    bn = torch.nn.BatchNorm2d(6)
+    bn.running_mean.uniform_(-1, 1)
+    parametrize.register_parametrization(bn, "weight", Positive())
+    bn.train(train)
+    stock = copy.deepcopy(bn)
+    with pe_kernels.use_backend("torch"):
+        out = pe_kernels.functional.conv_bn_fused(x, w, None, bn, padding=1)
+    ref = torch.relu(stock(torch.nn.functional.conv2d(x, w, padding=1)))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_mean, stock.running_mean)
+    assert int(bn.num_batches_tracked) == int(stock.num_batches_tracked)

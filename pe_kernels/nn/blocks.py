@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as PF
+from ..ops import bn_apply
 from ._common import (NoTorchScript, activation_reason, check_batched_4d, dropout_shortcut_reason,
                       global_hook_reason, record_module_path, weight_and_bias)
 from .fused import conv_bn_reason
@@ -126,13 +127,18 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
         if not bn.training and not (has_shortcut and sc_bn.training):
             residual = PF.conv_bn_fused(x, bn=sc_bn, activation=None, **_conv_kwargs(sc_conv)) if has_shortcut else x
             return PF.conv_bn_fused(h, bn=bn, activation="relu", residual=residual, **_conv_kwargs(conv))
-        # Training: the shortcut's (y, scale, shift) enter the last conv's BatchNorm tail as an affine residual; the
-        # last conv, its BN, the residual and the ReLU are one autograd node (ops.conv_bn_act).
-        if has_shortcut:
+        kwargs = _conv_kwargs(conv)
+        if has_shortcut and bn.training and PF.batch_norm_count(h, **kwargs) != 1:
+            # Training: the shortcut's (y, scale, shift) enter the last conv's BatchNorm tail as an affine residual;
+            # the last conv, its BN, the residual and the ReLU are one autograd node (ops.conv_bn_act).
             ys, s_scale, s_shift = PF.conv_bn_pending(x, bn=sc_bn, **_conv_kwargs(sc_conv))
             return PF.conv_bn_fused(h, bn=bn, activation="relu", residual=ys, residual_affine=(s_scale, s_shift),
-                                    **_conv_kwargs(conv))
-        return PF.conv_bn_fused(h, bn=bn, activation="relu", residual=x, **_conv_kwargs(conv))
+                                    **kwargs)
+        if has_shortcut:  # the last BN in eval with a training shortcut BN, or BatchNorm2d's one-value error: the
+            y, scale, shift = PF.conv_bn_pending(h, bn=bn, **kwargs)  # last BN first, as the stock modules
+            ys, s_scale, s_shift = PF.conv_bn_pending(x, bn=sc_bn, **_conv_kwargs(sc_conv))
+            return bn_apply(y, scale, shift, ys, s_scale, s_shift, relu=True)
+        return PF.conv_bn_fused(h, bn=bn, activation="relu", residual=x, **kwargs)
 
 
 def _packed_shortcut(in_planes, out_planes, stride, alpha, num_estimators, gamma, groups, conv_bias,

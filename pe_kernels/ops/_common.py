@@ -46,19 +46,19 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-_KEY_SCALARS = (type(None), bool, int, float, str)
-
-
 def metadata_key(*values) -> Optional[tuple]:
-    """A hashable key of an op's arguments as its checks see them: a tensor's (type, shape, strides, dtype,
-    device), None, bools, ints, floats, strings and tuples / lists of ints as they are; None (no key: check every
-    time) for anything else."""
+    """A hashable key of an op's arguments as its checks see them: a plain tensor's (type, shape, strides, dtype,
+    device), None and strings as they are, a bool / int / float with its type (1, 1.0 and True are checked
+    differently), tuples / lists of ints with their type; None (no key: check every time) for anything else (a
+    tensor subclass, a SymInt, ...)."""
     key = []
     for v in values:
         kind = type(v)
-        if kind in _KEY_SCALARS:
+        if v is None or kind is str:
             key.append(v)
-        elif isinstance(v, Tensor):
+        elif kind is bool or kind is int or kind is float:
+            key.append((kind, v))
+        elif kind in PLAIN_TENSORS:
             key.append((kind, v.shape, v.stride(), v.dtype, v.device))
         elif kind is tuple or kind is list:
             for i in v:
@@ -72,8 +72,10 @@ def metadata_key(*values) -> Optional[tuple]:
 
 class CheckMemo:
     """The checks of an op's arguments memoised on their metadata (metadata_key): checks that read only shapes,
-    strides, dtypes, devices and the scalar arguments pass or raise alike for every call with the same key, so a
-    key that passed once needs no second run; a check that raised stores nothing. Cleared at LIMIT entries."""
+    strides, dtypes, devices and the scalar arguments (never a tensor's values) pass or raise alike for every call
+    with the same key, so a key that passed once needs no second run; a check that raised stores nothing. Eager mode
+    only: while torch.compile / export traces or a TorchDispatchMode is active the checks run every time (a memo
+    lookup would become a guard on the memo, and shapes may be symbolic). Cleared at LIMIT entries."""
 
     LIMIT = 1024
 
@@ -82,6 +84,8 @@ class CheckMemo:
 
     def run(self, check, *args):
         """check(*args)'s result (it must not depend on tensor values), computed once per metadata_key(*args)."""
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return check(*args)
         key = metadata_key(*args)
         if key is None:
             return check(*args)
@@ -143,7 +147,10 @@ def pair(value, name: str) -> list[int]:
     """[a, b] from an int, a 1-sequence (expanded, as ATen and nn.Conv2d do: padding=(1,)) or a 2-sequence."""
     if isinstance(value, int):
         return [value, value]
-    values = list(value)
+    try:
+        values = list(value)
+    except TypeError:  # a float, None, ...
+        raise ValueError(f"{name} must be an int or a sequence of one or two ints, got {value!r}") from None
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or not all(isinstance(v, int) for v in values):

@@ -141,6 +141,8 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} (N*P*Q) for input "
                          f"size {tuple(x.shape)}")
+    if isinstance(eps, Tensor):  # its value is checked (eps > 0): a plain float for the memo's key
+        eps = float(eps)
     _CHECKS.run(check_train_args, k, x, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked,
                 "bn_")
     momentum = None if momentum is None else float(momentum)

@@ -391,8 +391,13 @@ def reduce_slots(part: Tensor, outputs: Sequence[tuple[int, Optional[Tensor]]]) 
 
 
 def tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
-    """A tensor's metadata as a launch plan depends on it: (shape, strides, dtype, device); None when absent."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+    """A tensor's metadata as a launch plan depends on it: (shape, strides, dtype, device); None when absent; the
+    type of anything else (the plan's checks then raise their error, and a plan that raised is never stored)."""
+    if t is None:
+        return None
+    if isinstance(t, Tensor):
+        return (t.shape, t.stride(), t.dtype, t.device)
+    return (type(t),)
 
 
 class LaunchPlans:
