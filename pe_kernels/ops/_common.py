@@ -122,7 +122,10 @@ def eager_dispatch(*tensors: Optional[Tensor]) -> bool:
     tensors (a subclass may need the dispatcher). The registered custom op stays what tracing sees."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
+    for t in tensors:  # (a loop: no generator on this hot path)
+        if t is not None and type(t) not in PLAIN_TENSORS:
+            return False
+    return True
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:

@@ -147,7 +147,10 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
                 "bn_")
     momentum = None if momentum is None else float(momentum)
     vec_dtype = param_dtype(x.dtype)
-    bn_weight, bn_bias = (v if v is None or v.dtype == vec_dtype else v.to(vec_dtype) for v in (bn_weight, bn_bias))
+    if bn_weight is not None and bn_weight.dtype != vec_dtype:
+        bn_weight = bn_weight.to(vec_dtype)
+    if bn_bias is not None and bn_bias.dtype != vec_dtype:
+        bn_bias = bn_bias.to(vec_dtype)
     tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
     config = (in_relu, stride, padding, dilation, groups, float(eps), running_mean, running_var, num_batches_tracked,
               momentum)

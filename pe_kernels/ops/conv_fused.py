@@ -193,13 +193,15 @@ def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Op
                                             out_shift, residual, stride, padding, dilation, groups,
                                             bool(compute_stats))
     amp = autocast_dtype(x)
-    x, weight, bias, residual = (cast_activation(t, amp) for t in (x, weight, bias, residual))
+    if amp is not None:
+        x, weight, bias, residual = [cast_activation(t, amp) for t in (x, weight, bias, residual)]
     if weight.dtype != x.dtype:
         raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them (or use autocast)")
-    vec_dtype = param_dtype(x.dtype)
     bias = cast_vector(bias, x.dtype)
-    in_scale, in_shift, out_scale, out_shift = (cast_vector(t, vec_dtype)
-                                                for t in (in_scale, in_shift, out_scale, out_shift))
+    if in_scale is not None or in_shift is not None or out_scale is not None or out_shift is not None:
+        vec_dtype = param_dtype(x.dtype)
+        in_scale, in_shift, out_scale, out_shift = [cast_vector(t, vec_dtype)
+                                                    for t in (in_scale, in_shift, out_scale, out_shift)]
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     return (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
