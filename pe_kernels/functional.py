@@ -332,15 +332,13 @@ def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn
     With tail = (residual, residual_scale, residual_shift, relu): the applied output act(y * scale + shift +
     residual * residual_scale + residual_shift) instead, from ops.conv_bn_act (still one autograd node).
     An empty batch or one value per channel takes conv + _batch_affine (BatchNorm2d's own behaviour for them)."""
+    count = batch_norm_count(x, weight, stride, padding, dilation, padding_mode)
     dilation = ops._common.pair(dilation, "dilation")
     x, padding = _prepare_input(x, padding_mode, padding, tuple(weight.shape[2:]), dilation)
     t = x.y if isinstance(x, Deferred) else x
-    pad, step = ops._common.pair(padding, "padding"), ops._common.pair(stride, "stride")
-    count = t.shape[0] * ops.conv_output_size(t.shape[2], weight.shape[2], step[0], pad[0], dilation[0]) * \
-        ops.conv_output_size(t.shape[3], weight.shape[3], step[1], pad[1], dilation[1])
     if count < 2:
         y, stats = _conv_with_stats(x, weight, bias, stride, padding, dilation, groups, "zeros")
-        y, scale, shift = y, *_batch_affine(bn, stats, y)
+        scale, shift = _batch_affine(bn, stats, y)
         return (y, scale, shift) if tail is None else ops.bn_apply(y, scale, shift, *tail)
     prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
     bn_weight, bn_bias, running_mean, running_var, nbt = _bn_tensors(bn)

@@ -15,5 +15,5 @@ from .conv_bn_act import conv_bn_act
 from .conv_bn_train import conv_bn_train
 from .conv_fused import conv_fused, conv_output_size
 
-__all__ = ["conv_fused", "conv_bn_train", "conv_bn_act", "conv_output_size", "bn_finalize", "bn_running_update", "bn_train_finalize",
-           "bn_apply"]
+__all__ = ["conv_fused", "conv_bn_train", "conv_bn_act", "conv_output_size", "bn_finalize", "bn_running_update",
+           "bn_train_finalize", "bn_apply"]

@@ -98,15 +98,14 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_
     """act(BN(conv(x)) + residual * residual_scale + residual_shift) for a training batch, BN from the batch
     statistics (running statistics and num_batches_tracked updated as BatchNorm2d does); the arguments are
     ops.conv_bn_train's then ops.bn_apply's (module docstring). Needs N*P*Q >= 2."""
-    tensors, config, count, fused = _cbt.prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+    tensors, config, y_shape, fused = _cbt.prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                                                  dilation, groups, bn_weight, bn_bias, eps, running_mean, running_var,
                                                  num_batches_tracked, momentum)
-    y_shape = _cbt.output_shape(tensors[0], tensors[1], *config[1:4])
     _CHECKS.run(check_residual, tensors[0], y_shape, residual, residual_scale, residual_shift)
     residual, residual_scale, residual_shift = cast_residual(tensors[0], residual, residual_scale, residual_shift)
     extra = (residual, residual_scale, residual_shift)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *extra))
     if not (fused and grad and eager_dispatch(*extra)):  # the two ops
-        y, scale, shift = _cbt.run_prepared(tensors, config, count, fused)
+        y, scale, shift = _cbt.run_prepared(tensors, config, y_shape, fused)
         return bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)
     return _ConvBnActFunction.apply(*tensors, *extra, config, bool(relu))

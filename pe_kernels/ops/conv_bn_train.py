@@ -109,16 +109,16 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, i
                   momentum: Optional[float] = 0.1) -> tuple[Tensor, Tensor, Tensor]:
     """(y, scale, shift) with BN(conv(x)) = y * scale + shift for a training batch (module docstring); the running
     statistics and num_batches_tracked are updated as BatchNorm2d does (no host sync). Needs N*P*Q >= 2."""
-    tensors, config, count, fused = prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
+    tensors, config, y_shape, fused = prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
                                             groups, bn_weight, bn_bias, eps, running_mean, running_var,
                                             num_batches_tracked, momentum)
-    return run_prepared(tensors, config, count, fused)
+    return run_prepared(tensors, config, y_shape, fused)
 
 
-def run_prepared(tensors: tuple, config: tuple, count: int, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+def run_prepared(tensors: tuple, config: tuple, y_shape: tuple, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
     """conv_bn_train on `prepare`'s results: the composition, the autograd.Function, or (no gradient) the backend."""
     if not fused:
-        return composed(tensors, config, count)
+        return composed(tensors, config, y_shape)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ConvBnTrainFunction.apply(*tensors, config)
     y, _, scale, shift = forward_impl(*tensors, config)
@@ -128,16 +128,16 @@ def run_prepared(tensors: tuple, config: tuple, count: int, fused: bool) -> tupl
 def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, bn_weight, bn_bias, eps,
             running_mean, running_var, num_batches_tracked, momentum) -> tuple[tuple, tuple, int, bool]:
     """conv_bn_train's arguments checked and cast (autocast; BN vectors in the per-channel dtype): (tensors, config,
-    count, fused) with tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias), config as
-    _ConvBnTrainFunction takes it, count = N*P*Q, and fused = whether the backend's conv_bn_train may run (eager
-    mode: else the composition of the registered ops, `composed`)."""
+    y_shape, fused) with tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias), config as
+    _ConvBnTrainFunction takes it, y_shape = the conv's (N, K, P, Q), and fused = whether the backend's
+    conv_bn_train may run (eager mode: else the composition of the registered ops, `composed`)."""
     args = checked_args(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
                         dilation, groups, True)
     x, weight, bias, in_scale, in_shift = args[:5]
     in_relu, stride, padding, dilation, groups = args[5], args[10], args[11], args[12], args[13]
     k = weight.shape[0]
-    n, _, p, q = output_shape(x, weight, stride, padding, dilation)
-    count = n * p * q
+    y_shape = output_shape(x, weight, stride, padding, dilation)
+    count = y_shape[0] * y_shape[2] * y_shape[3]
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} (N*P*Q) for input "
                          f"size {tuple(x.shape)}")
@@ -155,15 +155,16 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
     config = (in_relu, stride, padding, dilation, groups, float(eps), running_mean, running_var, num_batches_tracked,
               momentum)
     fused = not _transforms.composite_required("conv_fused") and eager_dispatch(*tensors, running_mean, running_var)
-    return tensors, config, count, fused
+    return tensors, config, y_shape, fused
 
 
-def composed(tensors: tuple, config: tuple, count: int) -> tuple[Tensor, Tensor, Tensor]:
+def composed(tensors: tuple, config: tuple, y_shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
     """conv_bn_train as the registered ops conv_fused + bn_train_finalize (traced, transformed, subclasses)."""
     x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = tensors
     in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum = config
     y, stats = conv_fused(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, stride=stride,
                           padding=padding, dilation=dilation, groups=groups, compute_stats=True)
+    count = y_shape[0] * y_shape[2] * y_shape[3]
     scale, shift = bn_train_finalize(stats, count, bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
     return y, scale, shift
 

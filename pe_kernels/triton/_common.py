@@ -153,8 +153,7 @@ def krsc_strides(weight: Tensor) -> tuple[int, int, int, int]:
 def channels_last_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """The strides of empty_channels_last(shape, ...): torch's rule (the raw sizes, size-0 and size-1 dims
     included), in plain Python: no ATen op (a launch counter would count a meta tensor's)."""
-    _, C, _, W = shape
-    H = shape[2]
+    _, C, H, W = shape
     return (H * W * C, 1, W * C, C)
 
 

@@ -68,11 +68,10 @@ import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
 from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
-                      channels_last_strides, check_4d, check_same_device,
-                      check_shape, check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_n,
-                      identity_vector, krsc, krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile,
-                      reduce_slots, store_part, stream_counters, strides4, sum_slots, tensor_key, tile_offsets,
-                      upcast_bf16)
+                      channels_last_strides, check_4d, check_same_device, check_shape, check_vector, dot_precision,
+                      dummy, empty_channels_last, gpu_tile_n, identity_vector, krsc, krsc_strides, last_arrival,
+                      launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part, stream_counters,
+                      strides4, sum_slots, tensor_key, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
