@@ -79,6 +79,7 @@ class BackendSpec:
 
 _REGISTRY: dict[str, BackendSpec] = {}
 _stock_choices: dict[tuple, object] = {}  # stock_path's answers per (op, request, device, dtype)
+_requested_choices: dict[tuple, tuple] = {}  # select's runnable answers for a requested backend (select's key)
 _env_parsed: dict[str, str] = {}  # PE_KERNELS_BACKEND values parsed
 _modules: dict[str, ModuleType] = {}  # backend name -> its imported module
 
@@ -97,6 +98,7 @@ def register_backend(spec: BackendSpec) -> None:
     _modules.pop(spec.name, None)
     _env_parsed.clear()
     _stock_choices.clear()
+    _requested_choices.clear()
 
 
 def unregister_backend(name: str) -> None:
@@ -107,6 +109,7 @@ def unregister_backend(name: str) -> None:
     _modules.pop(name, None)
     _env_parsed.clear()
     _stock_choices.clear()
+    _requested_choices.clear()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -411,13 +414,22 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
     name = requested_backend() if not requested else _check_name(requested)
     if name == "auto":
         choice = _auto_choice(op, device, dtype, args)
-    else:
+        _last.set(choice)
+        return _module(choice.backend), choice
+    # A requested backend: its answer depends only on this key (the reason functions are in it, so a test's or a
+    # tool's replacement of them is a new key; the interpreter switch too), and only a runnable answer is kept.
+    key = (op, name, not requested, device, dtype, os.environ.get("TRITON_INTERPRET"), _call_reason, _static_reason)
+    hit = _requested_choices.get(key)
+    if hit is None:
         reason = _call_reason(name, device, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"pe_kernels backend {name!r} was requested for {op} but {reason}")
-        choice = Dispatch(op, name, "requested" if not requested else "requested when its forward ran")
-    _last.set(choice)
-    return _module(choice.backend), choice
+        hit = (_module(name), Dispatch(op, name, "requested" if not requested else "requested when its forward ran"))
+        if len(_requested_choices) >= 1024:
+            _requested_choices.clear()
+        _requested_choices[key] = hit
+    _last.set(hit[1])
+    return hit
 
 
 def record(op: str, backend: str, reason: str) -> None:

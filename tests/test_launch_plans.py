@@ -111,8 +111,8 @@ def test_training_launchers_hit_and_match(kernel_device):
         return [out, rm, rv, nbt, d_y, *[gr for gr in grads if gr is not None]]
 
     first, second = step(), step()
-    for memo in (conv_fwd_mod._FWD_PLANS, conv_bwd_mod._CONV_BN_BWD_PLANS, bn_apply_mod._APPLY_CHECKS,
-                 bn_apply_mod._APPLY_BWD_CHECKS):
+    for memo in (conv_fwd_mod._TRAIN_PLANS, conv_bwd_mod._CONV_BN_BWD_PLANS, bn_apply_mod._APPLY_PLANS,
+                 bn_apply_mod._APPLY_BWD_PLANS):
         assert (memo.misses, memo.hits) == (1, 1), memo.name
     for a, b in zip(first, second):
         assert torch.equal(a, b)

@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv, check_4d, check_activation_dtype,
-                      check_same_device, check_shape, check_vector, dummy, empty_channels_last, last_arrival,
-                      nhwc_tile, pow2_tile, store_part, stream_counters, strides4, sum_slots, tensor_key,
-                      tile_offsets)
+from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv, channels_last_strides,
+                      check_4d, check_activation_dtype, check_same_device, check_shape, check_vector, dummy,
+                      empty_channels_last, last_arrival, nhwc_tile, pow2_tile, store_part, stream_counters, strides4,
+                      sum_slots, tensor_key, tile_offsets)
 
 
 # Spatial sizes do not help code generation: not specialised on (strides and K are).
@@ -229,19 +229,8 @@ def _check_apply_bwd_args(grad_out, y, scale, shift, residual, residual_scale, r
     return True
 
 
-_APPLY_CHECKS = LaunchPlans("bn_apply")
-_APPLY_BWD_CHECKS = LaunchPlans("bn_apply_bwd")
-
-
-def _checked(memo: LaunchPlans, tiles: Optional[dict], check, *args) -> None:
-    """check(*args) (it raises, or returns a truthy value), once per metadata of `args` (tensor_key; the bools and
-    ints as they are); every time with a test's `tiles` or an argument of another type (its TypeError)."""
-    if tiles is not None or not all(a is None or isinstance(a, (Tensor, bool, int)) for a in args):
-        check(*args)
-        return
-    key = tuple(tensor_key(a) if a is None or isinstance(a, Tensor) else a for a in args)
-    if memo.get(key) is None:
-        memo.put(key, check(*args) or True)
+_APPLY_PLANS = LaunchPlans("bn_apply")
+_APPLY_BWD_PLANS = LaunchPlans("bn_apply_bwd")
 
 
 def _vec32(t: Tensor) -> Tensor:
@@ -249,77 +238,150 @@ def _vec32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _is_vec32(t: Optional[Tensor]) -> bool:
+    """Whether _vec32(t) is t itself (a plan records it: the run then skips the two calls)."""
+    return t is None or (t.dtype == torch.float32 and t.is_contiguous())
+
+
+def _plain_args(tiles: Optional[dict], args: tuple) -> bool:
+    """Whether a call may use a memoised plan: no test `tiles`, only tensors / None / bools / ints as arguments
+    (anything else goes to the checks every time, for its TypeError)."""
+    if tiles is not None:
+        return False
+    for a in args:
+        if a is not None and not isinstance(a, (Tensor, bool, int)):
+            return False
+    return True
+
+
+class _ApplyPlan:
+    """bn_apply's launch from its arguments' metadata (LaunchPlans): checks passed, tiles, grid, the integer
+    arguments, the constexprs, and which vectors need a cast to contiguous fp32."""
+
+    __slots__ = ("shape", "M", "grid", "scalars", "meta", "res_affine", "cast")
+
+    def __init__(self, y, scale, shift, residual, residual_scale, residual_shift, relu, tiles):
+        _check_apply_args(y, scale, shift, residual, residual_scale, residual_shift)
+        N, K, H, W = y.shape
+        self.shape, self.M = tuple(y.shape), N * H * W
+        block_m, block_k = _tiles(K, tiles)
+        has_res = residual is not None
+        self.res_affine = has_res and (residual_scale is not None or residual_shift is not None)
+        self.grid = (cdiv(self.M, block_m), cdiv(K, block_k))
+        out_strides = channels_last_strides(y.shape)
+        self.scalars = (K, H, W, self.M, *strides4(y), *strides4(residual), *out_strides)
+        self.meta = dict(HAS_RES=has_res, RES_AFFINE=self.res_affine, RELU=bool(relu), BLOCK_M=block_m,
+                         BLOCK_K=block_k)
+        self.cast = not (_is_vec32(scale) and _is_vec32(shift) and _is_vec32(residual_scale)
+                         and _is_vec32(residual_shift))
+
+
 def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                  residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
                  tiles: Optional[dict] = None) -> Tensor:
-    """Launcher of bn_apply; `tiles` overrides BLOCK_M / BLOCK_K. Its checks are memoised on the arguments'
-    metadata (LaunchPlans)."""
-    _checked(_APPLY_CHECKS, tiles, _check_apply_args, y, scale, shift, residual, residual_scale, residual_shift)
-    N, K, H, W = y.shape
-    M = N * H * W
-    out = empty_channels_last(y.shape, y.dtype, y.device)
-    block_m, block_k = _tiles(K, tiles)
-    has_res = residual is not None
-    if M * K == 0:
+    """Launcher of bn_apply; `tiles` overrides BLOCK_M / BLOCK_K. Its checks and launch configuration are
+    memoised on the arguments' metadata (_ApplyPlan, LaunchPlans)."""
+    args = (y, scale, shift, residual, residual_scale, residual_shift, relu)
+    if not _plain_args(tiles, args):
+        plan = _ApplyPlan(*args, tiles)
+    else:
+        key = (tensor_key(y), tensor_key(scale), tensor_key(shift), tensor_key(residual),
+               tensor_key(residual_scale), tensor_key(residual_shift), bool(relu))
+        plan = _APPLY_PLANS.get(key) or _APPLY_PLANS.put(key, _ApplyPlan(*args, tiles))
+    out = empty_channels_last(plan.shape, y.dtype, y.device)
+    if plan.M * plan.shape[1] == 0:
         return out
-    unused = dummy(y.device)
-    res_affine = has_res and (residual_scale is not None or residual_shift is not None)
-    rscale, rshift = (_vec32(t) for t in affine_pair(residual_scale, residual_shift, K, y)) if res_affine else (
-        unused, unused)
-    _bn_apply_kernel[(cdiv(M, block_m), cdiv(K, block_k))](
-        y, _vec32(scale), _vec32(shift), residual if has_res else y, rscale, rshift, out,
-        K, H, W, M, *strides4(y), *strides4(residual), *strides4(out),
-        HAS_RES=has_res, RES_AFFINE=res_affine, RELU=bool(relu), BLOCK_M=block_m, BLOCK_K=block_k)
+    K = plan.shape[1]
+    if plan.res_affine:
+        rscale, rshift = affine_pair(residual_scale, residual_shift, K, y)
+    else:
+        rscale = rshift = dummy(y.device)
+    if plan.cast:
+        scale, shift, rscale, rshift = _vec32(scale), _vec32(shift), _vec32(rscale), _vec32(rshift)
+    _bn_apply_kernel[plan.grid](y, scale, shift, y if residual is None else residual, rscale, rshift, out,
+                                *plan.scalars, **plan.meta)
     return out
+
+
+class _ApplyBwdPlan:
+    """bn_apply_backward's launch from its arguments' metadata (LaunchPlans); see _ApplyPlan."""
+
+    __slots__ = ("shape", "res_shape", "M", "needs", "sums", "n_cols", "part_shape", "grid", "scalars", "meta",
+                 "cast")
+
+    def __init__(self, grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out, needs_grad,
+                 tiles):
+        _check_apply_bwd_args(grad_out, y, scale, shift, residual, residual_scale, residual_shift, bool(relu),
+                              out if relu else None, len(needs_grad))
+        need_y, need_scale, need_shift, need_res, need_rscale, need_rshift = needs_grad
+        has_res = residual is not None
+        has_rscale = has_res and residual_scale is not None
+        need_res = need_res and has_res
+        need_rscale = need_rscale and has_rscale
+        need_rshift = need_rshift and has_res and residual_shift is not None
+        self.needs = (need_y, need_scale, need_shift, need_res, need_rscale, need_rshift)
+        self.sums = (need_scale, need_shift, need_rscale, need_rshift)
+        N, K, H, W = y.shape
+        self.shape, self.M = tuple(y.shape), N * H * W
+        self.res_shape = tuple(residual.shape) if has_res else None
+        block_m, block_k = _tiles(K, tiles)
+        self.n_cols = cdiv(K, block_k)
+        # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part).
+        self.part_shape = (cdiv(self.M, block_m), 3, K)
+        self.grid = (cdiv(self.M, block_m), self.n_cols)
+        cl = channels_last_strides(y.shape)
+        self.scalars = (K, H, W, self.M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y),
+                        *strides4(residual), *(cl if need_y else (0, 0, 0, 0)),
+                        *(channels_last_strides(residual.shape) if need_res else (0, 0, 0, 0)))
+        self.meta = dict(RELU=bool(relu), HAS_RSCALE=has_rscale, STORE_DY=need_y, SUM_GY=need_scale,
+                         STORE_DRES=need_res, SUM_GR=need_rscale, SUM_G=need_shift, SUM_G_RES=need_rshift,
+                         SUMS=any(self.sums), PART_M=block_m, BLOCK_M=block_m, BLOCK_K=block_k,
+                         BLOCK_S=REDUCE_SLOTS)
+        self.cast = not (_is_vec32(scale) and (not has_rscale or _is_vec32(residual_scale)))
 
 
 def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                  residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool, out: Tensor,
                  needs_grad: Sequence[bool], tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
-    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K. Its checks are memoised on the
-    arguments' metadata (LaunchPlans)."""
-    needs_grad = [bool(v) for v in needs_grad]
-    _checked(_APPLY_BWD_CHECKS, tiles, _check_apply_bwd_args, grad_out, y, scale, shift, residual, residual_scale,
-             residual_shift, bool(relu), out if relu else None, len(needs_grad))
-    need_y, need_scale, need_shift, need_res, need_rscale, need_rshift = needs_grad
-    has_res = residual is not None
-    need_res = need_res and has_res
-    need_rscale = need_rscale and has_res and residual_scale is not None
-    need_rshift = need_rshift and has_res and residual_shift is not None
+    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K. Its checks and launch configuration
+    are memoised on the arguments' metadata (_ApplyBwdPlan, LaunchPlans)."""
+    needs_grad = tuple(bool(v) for v in needs_grad)
+    args = (grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out if relu else None)
+    if not _plain_args(tiles, args):
+        plan = _ApplyBwdPlan(*args, needs_grad, tiles)
+    else:
+        key = (tensor_key(grad_out), tensor_key(y), tensor_key(scale), tensor_key(shift), tensor_key(residual),
+               tensor_key(residual_scale), tensor_key(residual_shift), bool(relu),
+               tensor_key(out) if relu else None, needs_grad)
+        plan = _APPLY_BWD_PLANS.get(key) or _APPLY_BWD_PLANS.put(key, _ApplyBwdPlan(*args, needs_grad, tiles))
+    need_y, need_scale, need_shift, need_res, need_rscale, need_rshift = plan.needs
     result: list[Optional[Tensor]] = [None] * 6
-    if not (need_y or need_scale or need_shift or need_res or need_rscale or need_rshift):
+    if not any(plan.needs):
         return result
-
-    N, K, H, W = y.shape
-    M = N * H * W
-    block_m, block_k = _tiles(K, tiles)
-    dy = empty_channels_last(y.shape, y.dtype, y.device) if need_y else None
-    dres = empty_channels_last(residual.shape, residual.dtype, y.device) if need_res else None
-    # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part).
-    part = torch.empty((cdiv(M, block_m), 3, K), dtype=torch.float32, device=y.device)
-    unused = dummy(y.device)
+    device = y.device
+    dy = empty_channels_last(plan.shape, y.dtype, device) if need_y else None
+    dres = empty_channels_last(plan.res_shape, residual.dtype, device) if need_res else None
+    part = torch.empty(plan.part_shape, dtype=torch.float32, device=device)
     # d_scale, d_shift, d_residual_scale, d_residual_shift (= sum g again, a tensor of its own), summed in the
     # kernel; zeros for an empty input (no program runs)
-    sums = (need_scale, need_shift, need_rscale, need_rshift)
-    make = torch.zeros if M == 0 else torch.empty
-    for index, flag in zip((1, 2, 4, 5), sums):
+    K = plan.shape[1]
+    make = torch.zeros if plan.M == 0 else torch.empty
+    for index, flag in zip((1, 2, 4, 5), plan.sums):
         if flag:
-            result[index] = make(K, dtype=torch.float32, device=y.device)
-    n_cols = cdiv(K, block_k)
-    sems = stream_counters(n_cols, y.device) if any(sums) else dummy(y.device, torch.int32)
-    if M * K > 0:  # an empty input launches nothing
-        _bn_apply_bwd_kernel[(cdiv(M, block_m), n_cols)](
-            grad_out, out if relu else grad_out, y, residual if has_res else y, _vec32(scale),
-            _vec32(residual_scale) if has_res and residual_scale is not None else unused,
-            dy if need_y else y, dres if need_res else y, part,
-            *(unused if result[index] is None else result[index] for index in (1, 2, 4, 5)), sems,
-            K, H, W, M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y), *strides4(residual),
-            *strides4(dy), *strides4(dres),
-            RELU=bool(relu), HAS_RSCALE=has_res and residual_scale is not None, STORE_DY=need_y,
-            SUM_GY=need_scale, STORE_DRES=need_res, SUM_GR=need_rscale, SUM_G=need_shift, SUM_G_RES=need_rshift,
-            SUMS=any(sums), PART_M=block_m, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_S=REDUCE_SLOTS)
-    result[0] = dy
-    result[3] = dres
+            result[index] = make(K, dtype=torch.float32, device=device)
+    result[0], result[3] = dy, dres
+    if plan.M * K == 0:  # an empty input launches nothing
+        return result
+    unused = dummy(device)
+    sems = stream_counters(plan.n_cols, device) if any(plan.sums) else dummy(device, torch.int32)
+    rscale = residual_scale if plan.meta["HAS_RSCALE"] else unused
+    if plan.cast:
+        scale, rscale = _vec32(scale), _vec32(rscale)
+    _bn_apply_bwd_kernel[plan.grid](
+        grad_out, out if relu else grad_out, y, y if residual is None else residual, scale, rscale,
+        y if dy is None else dy, y if dres is None else dres, part,
+        *(unused if result[index] is None else result[index] for index in (1, 2, 4, 5)), sems,
+        *plan.scalars, **plan.meta)
     return result
 
 

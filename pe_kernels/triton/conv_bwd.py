@@ -511,8 +511,7 @@ def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor)
     return False, dummy(x.device), dummy(x.device)
 
 
-@dataclass(frozen=True)
-class GaccOnLoad:
+class GaccOnLoad(NamedTuple):
     """What the wgrad and the dgrad need to form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load
     (GACC_ON_LOAD) instead of reading an epilogue kernel's g_acc: the saved output y and the BN finalize's inputs,
     d_mean and d_m2 computed in the kernels (bn_finalize_grads); and the wgrad's outputs d_bn_weight, d_bn_bias and,
@@ -829,6 +828,8 @@ class _ConvBnBwdPlan:
     gemms: Optional[tuple]  # _gemm_plans' (wgrad plan, dgrad meta, first wgrad counter, counters) on the fast path
     wgrad: Optional[_GemmLaunch] = None  # the fast path's launch configurations
     dgrad: Optional[_GemmLaunch] = None
+    cast: bool = True  # whether a vector (grad_scale, grad_shift, stats, bn_weight) needs a cast / copy to the
+    #                    contiguous fp32 (bn_weight: contiguous) the kernels read; else they are passed as they are
 
 
 def _zero_grad_y(shape: tuple, device) -> Tensor:
@@ -875,7 +876,9 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
                           g_strides)
     dgrad = (_dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
                            tiles, on_load, g_strides) if need_dgrad else None)
-    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad)
+    cast = not (all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
+                    for t in (grad_scale, grad_shift, stats)) and (bn_weight is None or bn_weight.is_contiguous()))
+    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad, cast)
 
 
 def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
@@ -916,23 +919,24 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     zeros = identity_vector(0.0, geo.K, device)
     if grad_y is None:  # zero: a cached zero read through all-zero strides (no launch)
         grad_y = _zero_grad_y((geo.N, geo.K, geo.P, geo.Q), device)
+    if plan.cast:  # (the plan knows: its key holds their dtypes and strides)
+        grad_scale = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
+        grad_shift = None if grad_shift is None else grad_shift.to(torch.float32).contiguous()
+        stats = stats.contiguous()
+        bn_weight = None if bn_weight is None else bn_weight.contiguous()
     on_load = GaccOnLoad(
-        y=y,
-        grad_scale=zeros if grad_scale is None else grad_scale.to(torch.float32).contiguous(),
-        grad_shift=zeros if grad_shift is None else grad_shift.to(torch.float32).contiguous(),
-        stats=stats.contiguous(),
-        bn_weight=identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight.contiguous(),
-        count=geo.N * geo.P * geo.Q, eps=eps,
-        d_bn_weight=torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
-        d_bn_bias=torch.empty(geo.K, dtype=torch.float32, device=device),
-        d_bias=torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None)
+        y, zeros if grad_scale is None else grad_scale, zeros if grad_shift is None else grad_shift, stats,
+        identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight, geo.N * geo.P * geo.Q, eps,
+        torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
+        torch.empty(geo.K, dtype=torch.float32, device=device),
+        torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None)
     need_dgrad = need_x or need_isc or need_ish
     wplan, dmeta, w_first, n_sem = plan.gemms
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
     sems = stream_counters(max(n_sem, 4), device)
     grads: list[Optional[Tensor]] = [None] * 7
-    grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:], on_load,
-                      plan.wgrad)
+    grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:] if w_first else sems,
+                      on_load, plan.wgrad)
     grads[2] = on_load.d_bias
     if need_dgrad:
         dx, in_sums = _dgrad(grad_y, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,

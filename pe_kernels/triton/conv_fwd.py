@@ -48,7 +48,7 @@ torch.backends.cudnn.allow_tf32 is set. Vectors (bias, scales, shifts) of any fl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -414,8 +414,7 @@ def fwd_tiles(geo: ConvGeometry) -> dict:
     return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=GPU_TILE_K)
 
 
-@dataclass(frozen=True)
-class BNTrain:
+class BNTrain(NamedTuple):
     """A training BatchNorm after the conv, for conv_fwd(finalize=...): bn_train_finalize's arguments (checked by
     conv_fwd) and its outputs, `scale` and `shift`, (K,) fp32 contiguous tensors the launch fills."""
     weight: Optional[Tensor]
@@ -632,6 +631,18 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
     scale = torch.empty(K, dtype=torch.float32, device=x.device)  # every element written by the launch
     shift = torch.empty(K, dtype=torch.float32, device=x.device)
     bn = BNTrain(bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, scale, shift)
-    y, stats = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
-                        dilation, groups, True, tiles=tiles, finalize=bn)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation, groups,
+            True, None, tiles, bn)
+    if tiles is not None:
+        plan = _plan_fwd(*args)
+    else:  # conv_fwd's key without what this launcher fixes (no epilogue; scale and shift made above)
+        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift),
+               bool(in_relu), tuple(stride), tuple(padding), tuple(dilation), groups, tensor_key(bn_weight),
+               tensor_key(bn_bias), eps, tensor_key(running_mean), tensor_key(running_var),
+               tensor_key(num_batches_tracked), momentum, dot_precision(x.dtype))
+        plan = _TRAIN_PLANS.get(key) or _TRAIN_PLANS.put(key, _plan_fwd(*args))
+    y, stats = _run_fwd(plan, x, weight, bias, in_scale, in_shift, None, None, None, bn, None)
     return y, stats, scale, shift
+
+
+_TRAIN_PLANS = LaunchPlans("conv_bn_train")
