@@ -174,7 +174,10 @@ def _is_batch_norm_2d(bn: nn.Module) -> bool:
 
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
+    if bn.training:
+        return True
+    _, _, running_mean, running_var, _ = _bn_tensors(bn)
+    return running_mean is None and running_var is None
 
 
 def _version(t: Optional[Tensor]) -> tuple:
@@ -184,7 +187,10 @@ def _version(t: Optional[Tensor]) -> tuple:
 def _same_sources(refs: tuple, tensors: tuple) -> bool:
     """The cached entry was made from these very tensor objects (a new tensor at a freed one's address, with the
     same version count, must not hit)."""
-    return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
+    for r, t in zip(refs, tensors):  # (a loop: no generator on this hot path)
+        if (t is not None) if r is None else (r() is not t):
+            return False
+    return True
 
 
 def _refs(tensors: tuple) -> tuple:

@@ -84,18 +84,23 @@ class CheckMemo:
 
     def run(self, check, *args):
         """check(*args)'s result (it must not depend on tensor values), computed once per metadata_key(*args)."""
+        return self.run_keyed(check, *args)[0]
+
+    def run_keyed(self, check, *args) -> tuple:
+        """(run's result, the metadata key it was memoised under, or None where it was not: traced, a dispatch mode,
+        an argument without a key). A caller may hand the key on (a backend's launch plan keyed on it)."""
         if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-            return check(*args)
+            return check(*args), None
         key = metadata_key(*args)
         if key is None:
-            return check(*args)
+            return check(*args), None
         hit = self.results.get(key, self)
         if hit is self:
             hit = check(*args)
             if len(self.results) >= self.LIMIT:
                 self.results.clear()
             self.results[key] = hit
-        return hit
+        return hit, key
 
 
 def no_autocast(device: torch.device):

@@ -107,6 +107,12 @@ class Backend(Protocol):
 
 BACKEND_FUNCTIONS = tuple(name for name in Backend.__dict__ if not name.startswith("_"))
 
+# Optional: conv_fused_keyed(op_key, *conv_fused's arguments) -> conv_fused's results. ops.conv_fused passes the
+# key its checks were memoised under (with what else fixes the arguments' metadata: the autocast dtype, the ReLU
+# flags) to a backend that has it, so that the backend's own launch plan needs no key of its own; the same results
+# as conv_fused (pe_kernels.triton has it).
+OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed",)
+
 
 def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                            in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],

@@ -101,8 +101,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_
     tensors, config, y_shape, fused = _cbt.prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                                                  dilation, groups, bn_weight, bn_bias, eps, running_mean, running_var,
                                                  num_batches_tracked, momentum)
-    _CHECKS.run(check_residual, tensors[0], y_shape, residual, residual_scale, residual_shift)
-    residual, residual_scale, residual_shift = cast_residual(tensors[0], residual, residual_scale, residual_shift)
+    if residual is not None or residual_scale is not None or residual_shift is not None:  # (none: nothing to check)
+        _CHECKS.run(check_residual, tensors[0], y_shape, residual, residual_scale, residual_shift)
+        residual, residual_scale, residual_shift = cast_residual(tensors[0], residual, residual_scale, residual_shift)
     extra = (residual, residual_scale, residual_shift)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *extra))
     if not (fused and grad and eager_dispatch(*extra)):  # the two ops

@@ -47,10 +47,17 @@ def _conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opt
                           stride, padding, dilation, groups, compute_stats))
 
 
-def _forward_impl(args: tuple) -> tuple[Tensor, Tensor]:
+def _forward_impl(args: tuple, plan_key: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+    """backend.conv_fused(*args) on the selected backend; with `plan_key` (_checked: the op's metadata key, which
+    determines the metadata of every argument) through the backend's `conv_fused_keyed(plan_key, *args)` where it
+    has one (ops/contract.py: its launch plan keyed on it, no second key)."""
     x = args[0]
     backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=args)
     with no_autocast(x.device):
+        if plan_key is not None:
+            keyed = getattr(backend, "conv_fused_keyed", None)
+            if keyed is not None:
+                return keyed(plan_key, *args)
         return backend.conv_fused(*args)
 
 
@@ -168,8 +175,8 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
                stride=1, padding=0, dilation=1, groups: int = 1,
                compute_stats: bool = False) -> tuple[Tensor, Tensor]:
     """Checked, autocast-aware entry to `pe_kernels::conv_fused`. Returns (y, stats); see the module docstring."""
-    args = checked_args(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
-                        stride, padding, dilation, groups, compute_stats)
+    args, plan_key = _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                              stride, padding, dilation, groups, compute_stats)
     x, weight, bias, in_scale, in_shift, _, out_scale, out_shift, residual = args[:9]
     if _transforms.composite_required("conv_fused"):
         return _transforms.conv_fused(*args)
@@ -177,7 +184,7 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                            (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
             return _ConvFusedFunction.apply(*args)
-        return _forward_impl(args)
+        return _forward_impl(args, plan_key)
     return torch.ops.pe_kernels.conv_fused(*args)
 
 
@@ -189,9 +196,17 @@ def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Op
     15-tuple (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
     padding, dilation, groups, compute_stats) with stride/padding/dilation as [a, b] lists. The checks (metadata
     only) run once per metadata (CheckMemo); the casts every call."""
-    stride, padding, dilation = _CHECKS.run(_check_conv_args, x, weight, bias, in_scale, in_shift, out_scale,
-                                            out_shift, residual, stride, padding, dilation, groups,
-                                            bool(compute_stats))
+    return _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
+                    padding, dilation, groups, compute_stats)[0]
+
+
+def _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
+             dilation, groups, compute_stats) -> tuple[tuple, Optional[tuple]]:
+    """(checked_args' tuple, plan key): the key of the checks' memo with what else fixes the metadata of the
+    returned arguments (the autocast dtype, the two ReLU flags), or None where the checks were not memoised."""
+    (stride, padding, dilation), key = _CHECKS.run_keyed(_check_conv_args, x, weight, bias, in_scale, in_shift,
+                                                         out_scale, out_shift, residual, stride, padding, dilation,
+                                                         groups, bool(compute_stats))
     amp = autocast_dtype(x)
     if amp is not None:
         x, weight, bias, residual = [cast_activation(t, amp) for t in (x, weight, bias, residual)]
@@ -204,8 +219,10 @@ def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Op
                                                     for t in (in_scale, in_shift, out_scale, out_shift)]
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
-    return (x, weight, bias, in_scale, in_shift, bool(in_relu), out_scale, out_shift, residual, bool(out_relu),
-            list(stride), list(padding), list(dilation), groups, bool(compute_stats))
+    in_relu, out_relu = bool(in_relu), bool(out_relu)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, list(stride),
+            list(padding), list(dilation), groups, bool(compute_stats))
+    return args, (None if key is None else (key, amp, in_relu, out_relu))
 
 
 _CHECKS = CheckMemo()

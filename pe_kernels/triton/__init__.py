@@ -16,10 +16,11 @@ bn_apply.py (BN apply + residual tail, and its one-pass backward).
 from .bn_apply import bn_apply, bn_apply_backward
 from .bn_finalize import bn_finalize, bn_finalize_backward, bn_running_update, bn_train_finalize
 from .conv_bwd import conv_bn_train_backward, conv_fused_backward
-from .conv_fwd import conv_bn_train, conv_fused
+from .conv_fwd import conv_bn_train, conv_fused, conv_fused_keyed
 
 __all__ = [
     "conv_fused",
+    "conv_fused_keyed",
     "conv_fused_backward",
     "bn_finalize",
     "bn_running_update",

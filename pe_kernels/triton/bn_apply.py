@@ -361,7 +361,7 @@ def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, resi
     device = y.device
     dy = empty_channels_last(plan.shape, y.dtype, device) if need_y else None
     dres = empty_channels_last(plan.res_shape, residual.dtype, device) if need_res else None
-    part = torch.empty(plan.part_shape, dtype=torch.float32, device=device)
+    part = torch.empty(*plan.part_shape, dtype=torch.float32, device=device)
     # d_scale, d_shift, d_residual_scale, d_residual_shift (= sum g again, a tensor of its own), summed in the
     # kernel; zeros for an empty input (no program runs)
     K = plan.shape[1]

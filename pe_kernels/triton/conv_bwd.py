@@ -615,7 +615,7 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
     sums = None
     part = unused
     if cfg.part_shape is not None:
-        part = torch.empty(cfg.part_shape, dtype=torch.float32, device=x.device)
+        part = torch.empty(*cfg.part_shape, dtype=torch.float32, device=x.device)
         vec_dtype = lambda v: torch.float32 if v is None else v.dtype  # noqa: E731
         if M == 0:  # no program runs: the sums of nothing
             return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
@@ -701,8 +701,8 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
                                          bias_grad)
     unused = dummy(x.device)
     dw = torch.empty_like(weight)
-    part = unused if cfg.part_shape is None else torch.empty(cfg.part_shape, dtype=torch.float32, device=x.device)
-    bpart = unused if cfg.extra_shape is None else torch.empty(cfg.extra_shape, dtype=torch.float32, device=x.device)
+    part = unused if cfg.part_shape is None else torch.empty(*cfg.part_shape, dtype=torch.float32, device=x.device)
+    bpart = unused if cfg.extra_shape is None else torch.empty(*cfg.extra_shape, dtype=torch.float32, device=x.device)
     _, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (unused, unused)
     _conv_wgrad_kernel[cfg.grid](g_acc, x, scale, shift, *_on_load_ptrs(on_load, x.device), dw, part, sems, *outs,

@@ -584,12 +584,12 @@ def _run_fwd(plan: _FwdPlan, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         stats = torch.zeros((2, geo.K), dtype=torch.float32, device=device)
     elif plan.compute_stats:
         # Every slot is written by every config (store_part): no zeroing, nothing stale between autotune trials.
-        part = torch.empty(plan.part_shape, dtype=torch.float32, device=device) if partials is None else partials
+        part = torch.empty(*plan.part_shape, dtype=torch.float32, device=device) if partials is None else partials
         if partials is not None and (tuple(part.shape) != plan.part_shape or part.dtype != torch.float32
                                      or not part.is_contiguous() or part.device != device):
             raise ValueError(f"partials must be a contiguous fp32 tensor of shape {plan.part_shape} on {device}, "
                              f"got {part.dtype} {tuple(part.shape)} on {part.device}")
-        stats = torch.empty((2, geo.K), dtype=torch.float32, device=device)  # every element written
+        stats = torch.empty(2, geo.K, dtype=torch.float32, device=device)  # every element written
         sems = stream_counters(plan.n_sems, device)  # [n_cols]: FINALIZE's nbt counter
     weight, _ = krsc(weight)
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
@@ -598,7 +598,7 @@ def _run_fwd(plan: _FwdPlan, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     if M > 0:  # an empty batch launches nothing
         launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, plan.grid, args, plan.meta, plan.tiles_m)
     if not plan.compute_stats:
-        stats = torch.empty((0,), dtype=torch.float32, device=device)
+        stats = torch.empty(0, dtype=torch.float32, device=device)
     return y, stats
 
 
@@ -610,6 +610,23 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opti
     """Triton implementation of pe_kernels.reference.conv_fused (same arguments, same results)."""
     return conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
                     stride, padding, dilation, groups, compute_stats)
+
+
+def conv_fused_keyed(op_key: tuple, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                     in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor],
+                     out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     compute_stats: bool) -> tuple[Tensor, Tensor]:
+    """conv_fused with its launch plan keyed on `op_key`, the op's key of these arguments (ops/conv_fused: the
+    metadata key its checks were memoised under, the autocast dtype and the ReLU flags, which together fix every
+    argument's metadata), instead of a key of its own: the same plan, the same launch, one key less per call."""
+    key = ("op", op_key, dot_precision(x.dtype))
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _FWD_PLANS.put(key, _plan_fwd(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
+                                             residual, out_relu, stride, padding, dilation, groups, compute_stats,
+                                             None, None, None))
+    return _run_fwd(plan, x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, None, None)
 
 
 def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
