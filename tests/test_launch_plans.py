@@ -252,3 +252,110 @@ def test_batch_norm_subclasses_take_their_attributes(train):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bn.running_mean, stock.running_mean)
     assert int(bn.num_batches_tracked) == int(stock.num_batches_tracked)
+
+
+def _op_keyed_memos() -> dict:
+    return {"conv_fused": conv_fwd_mod._FWD_PLANS, "conv_bn_train": conv_fwd_mod._TRAIN_PLANS,
+            "bn_apply": bn_apply_mod._APPLY_PLANS, "bn_apply_backward": bn_apply_mod._APPLY_BWD_PLANS,
+            "conv_bn_train_backward": conv_bwd_mod._CONV_BN_BWD_PLANS}
+
+
+def _op_keys(memo) -> list:
+    return [key for key in memo.plans if key[0] == "op"]
+
+
+def test_op_keyed_plans_are_the_plain_launches(kernel_device):
+    """A training conv -> BN -> (+ affine residual) -> ReLU through ops.conv_bn_act on the triton backend keys every
+    launch plan on the op's own check keys (conv_bn_train_keyed, bn_apply_keyed and their backwards: one plan each,
+    hit by the second step), and gives, bit for bit, what the plain launchers give on the same inputs (whose plans
+    key themselves)."""
+    common.clear_launch_plans()
+    tri = importlib.import_module("pe_kernels.triton")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 4, generator=g).to(kernel_device, memory_format=torch.channels_last)
+    w = torch.randn(8, 3, 3, 3, generator=g).to(kernel_device)
+    bn_w, bn_b = (torch.rand(8, generator=g) + 0.5).to(kernel_device), torch.randn(8, generator=g).to(kernel_device)
+    res = torch.randn(2, 8, 5, 4, generator=g).to(kernel_device, memory_format=torch.channels_last)
+    rs, rb = (torch.rand(8, generator=g) + 0.5).to(kernel_device), torch.randn(8, generator=g).to(kernel_device)
+    grad = torch.randn(2, 8, 5, 4, generator=g).to(kernel_device)  # contiguous (NCHW): autograd's own layout
+
+    def fresh_stats():
+        return torch.zeros(8, device=kernel_device), torch.ones(8, device=kernel_device), torch.tensor(
+            0, device=kernel_device)
+
+    def through_ops():
+        xl, wl, bwl, bbl = (t.detach().clone().requires_grad_(True) for t in (x, w, bn_w, bn_b))
+        rm, rv, nbt = fresh_stats()
+        with pe_kernels.use_backend("triton"):
+            out = pe_kernels.ops.conv_bn_act(xl, wl, padding=1, groups=2, bn_weight=bwl, bn_bias=bbl, eps=1e-5,
+                                             running_mean=rm, running_var=rv, num_batches_tracked=nbt, momentum=0.1,
+                                             residual=res, residual_scale=rs, residual_shift=rb, relu=True)
+            out.backward(grad)
+        return [out, rm, rv, nbt, xl.grad, wl.grad, bwl.grad, bbl.grad]
+
+    def plain():
+        rm, rv, nbt = fresh_stats()
+        y, stats, scale, shift = tri.conv_bn_train(x, w, None, None, None, False, [1, 1], [1, 1], [1, 1], 2, bn_w,
+                                                   bn_b, 1e-5, rm, rv, nbt, 0.1)
+        out = tri.bn_apply(y, scale, shift, res, rs, rb, True)
+        d_y, d_scale, d_shift = tri.bn_apply_backward(grad, y, scale, shift, res, rs, rb, True, out,
+                                                      [True, True, True, False, False, False])[:3]
+        dx, dw, _, _, _, dbw, dbb = tri.conv_bn_train_backward(
+            d_y, d_scale, d_shift, x, w, None, None, None, False, [1, 1], [1, 1], [1, 1], 2, y, stats, bn_w, 1e-5,
+            [True, True, False, False, False, True, True])
+        return [out, rm, rv, nbt, dx, dw, dbw, dbb]
+
+    first = through_ops()
+    memos = _op_keyed_memos()
+    keyed = {name: len(_op_keys(memo)) for name, memo in memos.items()}
+    assert keyed == {"conv_fused": 0, "conv_bn_train": 1, "bn_apply": 1, "bn_apply_backward": 1,
+                     "conv_bn_train_backward": 1}
+    hits = {name: memo.hits for name, memo in memos.items()}
+    second = through_ops()
+    assert all(memos[name].hits == hits[name] + keyed[name] for name in memos)  # every keyed plan hit
+    assert {name: len(_op_keys(memo)) for name, memo in memos.items()} == keyed
+    for a, b, c in zip(first, second, plain()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_op_keyed_backward_follows_the_incoming_gradient(kernel_device):
+    """The backward plans key the incoming gradient's metadata (autograd's, not the op's): a channels_last gradient
+    after an NCHW one is another plan, with the same gradients as the torch backend's."""
+    common.clear_launch_plans()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 3, 3, generator=g).to(kernel_device)
+    w = torch.randn(4, 2, 1, 1, generator=g).to(kernel_device)
+    grads = [torch.randn(2, 4, 3, 3, generator=g).to(kernel_device) for _ in range(2)]
+    grads[1] = grads[1].contiguous(memory_format=torch.channels_last)
+    for grad in grads:
+        results = []
+        for backend in ("triton", "torch"):
+            xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            with pe_kernels.use_backend(backend):
+                pe_kernels.ops.conv_bn_act(xl, wl, groups=2, relu=True).backward(grad)
+            results.append((xl.grad, wl.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(_op_keys(bn_apply_mod._APPLY_BWD_PLANS)) == 2
+
+
+def test_op_keyed_conv_plan_follows_autocast_and_flags(kernel_device):
+    """ops.conv_fused (an eval conv: no gradient) keys its triton plan on its check key with the autocast dtype
+    and the ReLU flags: each is another plan, a repeat is a hit, and the output is the plain launcher's."""
+    common.clear_launch_plans()
+    x, w, scale, shift = _conv_args(kernel_device)
+    memo = conv_fwd_mod._FWD_PLANS
+
+    def run(relu):
+        with pe_kernels.use_backend("triton"), torch.no_grad():
+            return pe_kernels.ops.conv_fused(x, w, out_scale=scale, out_shift=shift, out_relu=relu, padding=1,
+                                             groups=2)[0]
+
+    y = run(True)
+    assert torch.equal(y, run(True)) and memo.hits == 1 and len(_op_keys(memo)) == 1
+    assert torch.equal(y, _fwd(x, w, scale, shift, compute_stats=False)[0])
+    run(False)
+    assert len(_op_keys(memo)) == 2
+    with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+        y_amp = run(True)
+    assert y_amp.dtype == torch.bfloat16 and len(_op_keys(memo)) == 3

@@ -308,3 +308,8 @@ def test_backend_modules_implement_the_contract(module_name):
         assert all(p.default is not inspect.Parameter.empty for p in
                    list(inspect.signature(getattr(module, name)).parameters.values())[len(expected):]), \
             f"{module_name}.{name}: extra parameters must have defaults"
+    for name in contract.OPTIONAL_BACKEND_FUNCTIONS:  # where a backend has one: op_key, then the op's parameters
+        if hasattr(module, name):
+            base = name[:-len("_keyed")]
+            expected = ["op_key"] + list(inspect.signature(getattr(contract.Backend, base)).parameters)[1:]
+            assert list(inspect.signature(getattr(module, name)).parameters) == expected, f"{module_name}.{name}"

@@ -107,11 +107,14 @@ class Backend(Protocol):
 
 BACKEND_FUNCTIONS = tuple(name for name in Backend.__dict__ if not name.startswith("_"))
 
-# Optional: conv_fused_keyed(op_key, *conv_fused's arguments) -> conv_fused's results. ops.conv_fused passes the
-# key its checks were memoised under (with what else fixes the arguments' metadata: the autocast dtype, the ReLU
-# flags) to a backend that has it, so that the backend's own launch plan needs no key of its own; the same results
-# as conv_fused (pe_kernels.triton has it).
-OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed",)
+# Optional, for a backend whose launchers memoise a plan per argument metadata (pe_kernels.triton): <op>_keyed(op_key,
+# *<op>'s arguments) -> <op>'s results, the same as <op>'s. The ops pass the key their checks were memoised under,
+# with what else fixes every argument's metadata and scalars (autocast dtype, flags, momentum, needs_grad), so the
+# backend keys its plan on it instead of building a key of its own (the incoming gradients of a backward are
+# autograd's: their metadata joins the key in the backend). None of it changes what runs; a backend without them
+# gets the plain calls.
+OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed", "conv_bn_train_keyed", "conv_bn_train_backward_keyed",
+                              "bn_apply_keyed", "bn_apply_backward_keyed")
 
 
 def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],

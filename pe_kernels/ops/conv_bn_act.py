@@ -34,25 +34,30 @@ _CHECKS = CheckMemo()  # check_residual, once per metadata
 _INPUTS = 10  # x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift
 
 
-def _apply_impl(args: tuple) -> Tensor:
+def _apply_impl(args: tuple, plan_key: Optional[tuple]) -> Tensor:
     y = args[0]
     backend, _ = _backend.select("bn_apply", y.device, y.dtype, args=args)
     with no_autocast(y.device):
+        keyed = None if plan_key is None else getattr(backend, "bn_apply_keyed", None)
+        if keyed is not None:
+            return keyed(plan_key, *args)
         return backend.bn_apply(*args)
 
 
 class _ConvBnActFunction(torch.autograd.Function):
     """forward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift,
-    config, relu) -> out; config: conv_bn_train's (ops/conv_bn_train.prepare)."""
+    config, relu, apply_key) -> out; config: conv_bn_train's (ops/conv_bn_train.prepare); apply_key: what fixes the
+    apply's arguments (conv_bn_act), or None."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
-                residual_shift, config, relu):
+                residual_shift, config, relu, apply_key):
         y, stats, scale, shift = _cbt.forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
-        out = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu))
+        out = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu), apply_key)
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
                               residual_shift, y, stats, scale, shift, out)
         ctx.config = config[:6]
+        ctx.plan_key, ctx.apply_key = config[10], apply_key
         ctx.relu = relu
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
@@ -66,7 +71,7 @@ class _ConvBnActFunction(torch.autograd.Function):
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
         grads: list[Optional[Tensor]] = [None] * _INPUTS
         if grad_out is None:
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         if _transforms.create_graph_required("bn_apply_backward", ctx.backend):  # double backward
             in_relu, stride, padding, dilation, groups, eps = ctx.config
             y2, stats2 = _transforms.conv_fused(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False,
@@ -74,18 +79,23 @@ class _ConvBnActFunction(torch.autograd.Function):
             count = y.shape[0] * y.shape[2] * y.shape[3]
             scale2, shift2 = _transforms.bn_finalize(stats2, count, bn_weight, bn_bias, eps)
             out2 = _transforms.bn_apply(y2, scale2, shift2, residual, residual_scale, residual_shift, ctx.relu)
-            return (*_transforms.differentiable_vjp([out2], [grad_out], list(inputs), needs), None, None)
+            return (*_transforms.differentiable_vjp([out2], [grad_out], list(inputs), needs), None, None, None)
         inner = any(needs[:7])  # y, scale and shift carry the gradient of every conv / BN input
         apply_args = (grad_out, y, scale, shift, residual, residual_scale, residual_shift, ctx.relu, out,
                       [inner, inner, inner, needs[7], needs[8], needs[9]])
         module, _ = _backend.select("bn_apply_backward", y.device, y.dtype, requested=ctx.backend, args=apply_args)
         with no_autocast(y.device):
-            d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = module.bn_apply_backward(*apply_args)
+            keyed = None if ctx.apply_key is None else getattr(module, "bn_apply_backward_keyed", None)
+            if keyed is not None:
+                d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = keyed((ctx.apply_key, tuple(apply_args[-1])),
+                                                                         *apply_args)
+            else:
+                d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = module.bn_apply_backward(*apply_args)
         grads[7:] = d_res, d_rscale, d_rshift
         if inner:
             grads[:7] = _cbt.backward_grads(d_y, d_scale, d_shift, inputs[:7], y, stats, ctx.config, ctx.backend,
-                                            needs[:7])
-        return (*grads, None, None)
+                                            needs[:7], ctx.plan_key)
+        return (*grads, None, None, None)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_scale: Optional[Tensor] = None,
@@ -101,12 +111,17 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_
     tensors, config, y_shape, fused = _cbt.prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                                                  dilation, groups, bn_weight, bn_bias, eps, running_mean, running_var,
                                                  num_batches_tracked, momentum)
-    if residual is not None or residual_scale is not None or residual_shift is not None:  # (none: nothing to check)
-        _CHECKS.run(check_residual, tensors[0], y_shape, residual, residual_scale, residual_shift)
+    residual_key: Optional[tuple] = ()  # (none: nothing to check)
+    if residual is not None or residual_scale is not None or residual_shift is not None:
+        _, residual_key = _CHECKS.run_keyed(check_residual, tensors[0], y_shape, residual, residual_scale,
+                                            residual_shift)
         residual, residual_scale, residual_shift = cast_residual(tensors[0], residual, residual_scale, residual_shift)
     extra = (residual, residual_scale, residual_shift)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *extra))
     if not (fused and grad and eager_dispatch(*extra)):  # the two ops
         y, scale, shift = _cbt.run_prepared(tensors, config, y_shape, fused)
         return bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)
-    return _ConvBnActFunction.apply(*tensors, *extra, config, bool(relu))
+    # what fixes every argument of the apply and its backward (a backend's *_keyed launch plans): the conv's plan
+    # key (y, scale, shift), the residual's check key, the flag
+    apply_key = None if config[10] is None or residual_key is None else (config[10], residual_key, bool(relu))
+    return _ConvBnActFunction.apply(*tensors, *extra, config, bool(relu), apply_key)

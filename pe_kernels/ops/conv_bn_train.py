@@ -33,7 +33,7 @@ from . import _transforms
 from ._common import CheckMemo, eager_dispatch, no_autocast
 from .bn_finalize import bn_train_finalize, check_train_args
 from .contract import param_dtype
-from .conv_fused import checked_args, conv_fused, conv_output_size
+from .conv_fused import _checked, conv_fused, conv_output_size
 
 Tensor = torch.Tensor
 
@@ -42,19 +42,25 @@ _CONV_INPUTS = 5  # x, weight, bias, in_scale, in_shift: the conv's differentiab
 
 
 def forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> tuple:
-    """backend.conv_bn_train on the backend conv_fused would run (the op the dispatch table and autotune know)."""
-    in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum = config
+    """backend.conv_bn_train on the backend conv_fused would run (the op the dispatch table and autotune know);
+    through its conv_bn_train_keyed where it has one and `prepare` made a plan key (config[10])."""
+    in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum, plan_key = config
     conv_args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation,
                  groups, True)
     backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=conv_args)
     with no_autocast(x.device):
+        keyed = None if plan_key is None else getattr(backend, "conv_bn_train_keyed", None)
+        if keyed is not None:
+            return keyed(plan_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+                         bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
         return backend.conv_bn_train(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
                                      bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
 
 
 class _ConvBnTrainFunction(torch.autograd.Function):
     """forward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> (y, scale, shift); config =
-    (in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, num_batches_tracked, momentum)."""
+    (in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, num_batches_tracked, momentum,
+    plan_key) (prepare)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config):
@@ -62,6 +68,7 @@ class _ConvBnTrainFunction(torch.autograd.Function):
         in_relu, stride, padding, dilation, groups, eps = config[:6]
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats)
         ctx.config = (in_relu, stride, padding, dilation, groups, eps)
+        ctx.plan_key = config[10]
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
         return y, scale, shift
@@ -71,16 +78,16 @@ class _ConvBnTrainFunction(torch.autograd.Function):
         x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats = ctx.saved_tensors
         inputs = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
-        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs),
-                None)
+        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs,
+                                ctx.plan_key), None)
 
 
 def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, stats: Tensor, config: tuple,
-                   backend: str, needs: list) -> list:
+                   backend: str, needs: list, plan_key: Optional[tuple] = None) -> list:
     """conv_bn_train's gradients (CONV_BN_GRAD_NAMES) of `inputs` = (x, weight, bias, in_scale, in_shift,
     bn_weight, bn_bias), from the forward's y and stats; config = (in_relu, stride, padding, dilation, groups,
-    eps); `backend`: the request recorded by the forward. Double backward: the composition recomputed
-    differentiably."""
+    eps); `backend`: the request recorded by the forward; `plan_key`: the forward's (prepare), for a backend's
+    conv_bn_train_backward_keyed. Double backward: the composition recomputed differentiably."""
     x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = inputs
     in_relu, stride, padding, dilation, groups, eps = config
     if _transforms.create_graph_required("conv_fused_backward", backend):  # double backward
@@ -96,6 +103,10 @@ def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, sta
             dilation, groups, y, needs[:_CONV_INPUTS] + [False] * 3, stats)
     module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
     with no_autocast(x.device):
+        keyed = None if plan_key is None else getattr(module, "conv_bn_train_backward_keyed", None)
+        if keyed is not None:
+            return keyed((plan_key, tuple(needs)), grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
+                         in_shift, in_relu, stride, padding, dilation, groups, y, stats, bn_weight, eps, needs)
         return module.conv_bn_train_backward(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift,
                                              in_relu, stride, padding, dilation, groups, y, stats, bn_weight, eps,
                                              needs)
@@ -131,8 +142,8 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
     y_shape, fused) with tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias), config as
     _ConvBnTrainFunction takes it, y_shape = the conv's (N, K, P, Q), and fused = whether the backend's
     conv_bn_train may run (eager mode: else the composition of the registered ops, `composed`)."""
-    args = checked_args(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
-                        dilation, groups, True)
+    args, conv_key = _checked(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
+                              dilation, groups, True)
     x, weight, bias, in_scale, in_shift = args[:5]
     in_relu, stride, padding, dilation, groups = args[5], args[10], args[11], args[12], args[13]
     k = weight.shape[0]
@@ -143,9 +154,12 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
                          f"size {tuple(x.shape)}")
     if isinstance(eps, Tensor):  # its value is checked (eps > 0): a plain float for the memo's key
         eps = float(eps)
-    _CHECKS.run(check_train_args, k, x, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked,
-                "bn_")
+    _, train_key = _CHECKS.run_keyed(check_train_args, k, x, bn_weight, bn_bias, eps, running_mean, running_var,
+                                     num_batches_tracked, "bn_")
     momentum = None if momentum is None else float(momentum)
+    # what fixes every backend argument's metadata and scalar (a backend's *_keyed launch plans): the conv's key,
+    # the BatchNorm's, the momentum
+    plan_key = None if conv_key is None or train_key is None else (conv_key, train_key, momentum)
     vec_dtype = param_dtype(x.dtype)
     if bn_weight is not None and bn_weight.dtype != vec_dtype:
         bn_weight = bn_weight.to(vec_dtype)
@@ -153,7 +167,7 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
         bn_bias = bn_bias.to(vec_dtype)
     tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
     config = (in_relu, stride, padding, dilation, groups, float(eps), running_mean, running_var, num_batches_tracked,
-              momentum)
+              momentum, plan_key)
     fused = not _transforms.composite_required("conv_fused") and eager_dispatch(*tensors, running_mean, running_var)
     return tensors, config, y_shape, fused
 
@@ -161,7 +175,7 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
 def composed(tensors: tuple, config: tuple, y_shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
     """conv_bn_train as the registered ops conv_fused + bn_train_finalize (traced, transformed, subclasses)."""
     x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = tensors
-    in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum = config
+    in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum, _ = config
     y, stats = conv_fused(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, stride=stride,
                           padding=padding, dilation=dilation, groups=groups, compute_stats=True)
     count = y_shape[0] * y_shape[2] * y_shape[3]

@@ -288,6 +288,10 @@ def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Ten
         key = (tensor_key(y), tensor_key(scale), tensor_key(shift), tensor_key(residual),
                tensor_key(residual_scale), tensor_key(residual_shift), bool(relu))
         plan = _APPLY_PLANS.get(key) or _APPLY_PLANS.put(key, _ApplyPlan(*args, tiles))
+    return _run_apply(plan, y, scale, shift, residual, residual_scale, residual_shift)
+
+
+def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, residual_shift) -> Tensor:
     out = empty_channels_last(plan.shape, y.dtype, y.device)
     if plan.M * plan.shape[1] == 0:
         return out
@@ -354,6 +358,11 @@ def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, resi
                tensor_key(residual_scale), tensor_key(residual_shift), bool(relu),
                tensor_key(out) if relu else None, needs_grad)
         plan = _APPLY_BWD_PLANS.get(key) or _APPLY_BWD_PLANS.put(key, _ApplyBwdPlan(*args, needs_grad, tiles))
+    return _run_apply_bwd(plan, grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out)
+
+
+def _run_apply_bwd(plan: _ApplyBwdPlan, grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu,
+                   out) -> list[Optional[Tensor]]:
     need_y, need_scale, need_shift, need_res, need_rscale, need_rshift = plan.needs
     result: list[Optional[Tensor]] = [None] * 6
     if not any(plan.needs):
@@ -389,6 +398,32 @@ def bn_apply(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
              residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor:
     """Triton implementation of pe_kernels.reference.bn_apply."""
     return bn_apply_fwd(y, scale, shift, residual, residual_scale, residual_shift, relu)
+
+
+def bn_apply_keyed(op_key: tuple, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                   residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool) -> Tensor:
+    """bn_apply with its launch plan keyed on `op_key`, the op's key of these arguments (ops/conv_bn_act: what fixes
+    every argument's metadata and the flag), instead of a key of its own."""
+    key = ("op", op_key)
+    plan = _APPLY_PLANS.get(key)
+    if plan is None:
+        plan = _APPLY_PLANS.put(key, _ApplyPlan(y, scale, shift, residual, residual_scale, residual_shift, relu, None))
+    return _run_apply(plan, y, scale, shift, residual, residual_scale, residual_shift)
+
+
+def bn_apply_backward_keyed(op_key: tuple, grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                            residual: Optional[Tensor], residual_scale: Optional[Tensor],
+                            residual_shift: Optional[Tensor], relu: bool, out: Tensor,
+                            needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """bn_apply_backward with its launch plan keyed on `op_key` (the op's key of every argument but grad_out, whose
+    metadata joins it here: it is autograd's), instead of a key of its own."""
+    key = ("op", op_key, tensor_key(grad_out))
+    plan = _APPLY_BWD_PLANS.get(key)
+    if plan is None:
+        plan = _APPLY_BWD_PLANS.put(key, _ApplyBwdPlan(grad_out, y, scale, shift, residual, residual_scale,
+                                                       residual_shift, relu, out if relu else None,
+                                                       tuple(bool(v) for v in needs_grad), None))
+    return _run_apply_bwd(plan, grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out)
 
 
 def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

@@ -642,6 +642,24 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
     leave the running statistics and num_batches_tracked as they found them (restore_value), so only the real run
     updates them. An empty batch raises ValueError (the caller never sends one); count N*P*Q < 2 with running
     statistics raises it too, after the num_batches_tracked bump, as bn_train_finalize. `tiles`: conv_fwd's."""
+    return _conv_bn_train(None, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+                          bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, tiles)
+
+
+def conv_bn_train_keyed(op_key: tuple, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                        in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
+                        dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                        eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        num_batches_tracked: Optional[Tensor],
+                        momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """conv_bn_train with its launch plan keyed on `op_key`, the op's key of these arguments (ops/conv_bn_train:
+    what fixes every argument's metadata and scalar), instead of a key of its own (conv_fused_keyed)."""
+    return _conv_bn_train(op_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+                          bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, None)
+
+
+def _conv_bn_train(op_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, bn_weight,
+                   bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, tiles):
     check_4d("x", x)
     check_4d("weight", weight)
     K = weight.shape[0]
@@ -652,11 +670,14 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
             True, None, tiles, bn)
     if tiles is not None:
         plan = _plan_fwd(*args)
-    else:  # conv_fwd's key without what this launcher fixes (no epilogue; scale and shift made above)
-        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift),
-               bool(in_relu), tuple(stride), tuple(padding), tuple(dilation), groups, tensor_key(bn_weight),
-               tensor_key(bn_bias), eps, tensor_key(running_mean), tensor_key(running_var),
-               tensor_key(num_batches_tracked), momentum, dot_precision(x.dtype))
+    else:  # the op's key, or conv_fwd's without what this launcher fixes (no epilogue; scale and shift made above)
+        if op_key is not None:
+            key = ("op", op_key, dot_precision(x.dtype))
+        else:
+            key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift),
+                   bool(in_relu), tuple(stride), tuple(padding), tuple(dilation), groups, tensor_key(bn_weight),
+                   tensor_key(bn_bias), eps, tensor_key(running_mean), tensor_key(running_var),
+                   tensor_key(num_batches_tracked), momentum, dot_precision(x.dtype))
         plan = _TRAIN_PLANS.get(key) or _TRAIN_PLANS.put(key, _plan_fwd(*args))
     y, stats = _run_fwd(plan, x, weight, bias, in_scale, in_shift, None, None, None, bn, None)
     return y, stats, scale, shift
