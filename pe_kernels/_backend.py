@@ -112,6 +112,16 @@ def unregister_backend(name: str) -> None:
     _requested_choices.clear()
 
 
+def clear_choice_caches() -> None:
+    """Forget the dispatcher's per-process answers (stock_path's, a requested backend's runnability, the parsed
+    PE_KERNELS_BACKEND values): for a test that changes what they depend on by hand (an import state, a version, a
+    module flag) rather than as a process would (the TRITON_INTERPRET variable and the reason functions are in the
+    keys; registering a backend clears them)."""
+    _env_parsed.clear()
+    _stock_choices.clear()
+    _requested_choices.clear()
+
+
 def backend_names() -> tuple[str, ...]:
     """The registered backends, built-in ones first."""
     return tuple(_REGISTRY)

@@ -38,6 +38,15 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_answers():
+    """These tests change by hand what the dispatcher's per-process answers depend on (module flags, versions,
+    import state): forget them before and after each."""
+    _backend.clear_choice_caches()
+    yield
+    _backend.clear_choice_caches()
+
+
 @pytest.fixture
 def versions(monkeypatch):
     """Set the versions _backend sees: versions(triton='3.6.0', numpy='2.5.2'); None = not installed."""

@@ -359,3 +359,38 @@ def test_op_keyed_conv_plan_follows_autocast_and_flags(kernel_device):
     with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
         y_amp = run(True)
     assert y_amp.dtype == torch.bfloat16 and len(_op_keys(memo)) == 3
+
+
+def test_op_keys_name_the_backend_that_made_an_input(kernel_device, monkeypatch):
+    """y, scale and shift (and the forward's out) are the outputs of whichever backend ran the conv (the apply): a
+    keyed plan downstream of them names that backend, so the conv moving to another backend (autotune, a request)
+    gives the apply another plan, never one made for the other backend's output layout."""
+    from pe_kernels import _backend
+
+    common.clear_launch_plans()
+    real_select = _backend.select
+    conv_on = {"name": "torch"}
+
+    def select(op, device, dtype, requested=None, args=()):
+        if op in ("conv_fused", "conv_fused_backward"):
+            return real_select(op, device, dtype, requested=conv_on["name"], args=args)
+        return real_select(op, device, dtype, requested=requested, args=args)
+
+    monkeypatch.setattr(_backend, "select", select)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 3, 3, generator=g).to(kernel_device)  # NCHW: the torch backend's y follows it
+    w = torch.randn(4, 2, 1, 1, generator=g).to(kernel_device)
+    outs = []
+    for name in ("torch", "triton", "torch"):
+        conv_on["name"] = name
+        xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with pe_kernels.use_backend("triton"):
+            out = pe_kernels.ops.conv_bn_act(xl, wl, groups=2, relu=True)
+            out.sum().backward()
+        outs.append((out, xl.grad, wl.grad))
+    assert len(_op_keys(bn_apply_mod._APPLY_PLANS)) == 2  # one per backend that made y
+    assert len(_op_keys(bn_apply_mod._APPLY_BWD_PLANS)) == 2
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(outs[0], outs[2]):
+        assert torch.equal(a, b)

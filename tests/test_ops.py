@@ -313,3 +313,20 @@ def test_backend_modules_implement_the_contract(module_name):
             base = name[:-len("_keyed")]
             expected = ["op_key"] + list(inspect.signature(getattr(contract.Backend, base)).parameters)[1:]
             assert list(inspect.signature(getattr(module, name)).parameters) == expected, f"{module_name}.{name}"
+
+
+def test_conv_args_describe_the_contract_call():
+    """ConvArgs names conv_fused's arguments in the contract's order (one description of a conv call); the op's
+    checked arguments are one, and a backend takes it unpacked."""
+    import inspect
+
+    from pe_kernels.ops import contract
+    from pe_kernels.ops.conv_fused import checked_args
+
+    assert contract.ConvArgs._fields == tuple(inspect.signature(contract.Backend.conv_fused).parameters)[1:]
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 2, 3, 3)
+    args = checked_args(x, w, None, None, None, True, None, None, None, False, 2, 1, 1, 2, True)
+    assert isinstance(args, contract.ConvArgs)
+    assert (args.stride, args.padding, args.dilation, args.groups, args.in_relu) == ([2, 2], [1, 1], [1, 1], 2, True)
+    y, stats = pe_kernels.reference.conv_fused(*args)
+    assert y.shape == (2, 6, 3, 3) and stats.shape == (2, 6)

@@ -10,7 +10,7 @@ This module imports nothing from the package (the backends may import it).
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import NamedTuple, Optional, Protocol, Sequence
 
 import torch
 
@@ -24,6 +24,29 @@ FINALIZE_GRAD_NAMES = ("stats", "weight", "bias")
 CONV_BN_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "bn_weight", "bn_bias")
 # Order of the gradients returned by bn_apply_backward.
 APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residual_shift")
+
+
+class ConvArgs(NamedTuple):
+    """A conv call described once: conv_fused's arguments by name, in the contract's order (Backend.conv_fused's
+    parameters; tests/test_ops.py holds them equal). The ops build one (ops/conv_fused: checked, cast, stride /
+    padding / dilation as [a, b] lists) and hand it on whole: backend.conv_fused(*args), the registered op, autotune.
+    Geometry: stride, padding, dilation, groups; prologue: in_scale, in_shift, in_relu (x' = act(x * in_scale +
+    in_shift)); epilogue: bias, out_scale, out_shift, residual, out_relu, compute_stats."""
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    in_scale: Optional[Tensor]
+    in_shift: Optional[Tensor]
+    in_relu: bool
+    out_scale: Optional[Tensor]
+    out_shift: Optional[Tensor]
+    residual: Optional[Tensor]
+    out_relu: bool
+    stride: list
+    padding: list
+    dilation: list
+    groups: int
+    compute_stats: bool
 
 
 def param_dtype(activation_dtype: torch.dtype) -> torch.dtype:

@@ -34,30 +34,37 @@ _CHECKS = CheckMemo()  # check_residual, once per metadata
 _INPUTS = 10  # x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift
 
 
-def _apply_impl(args: tuple, plan_key: Optional[tuple]) -> Tensor:
+def _apply_impl(args: tuple, plan_key: Optional[tuple]) -> tuple[Tensor, str]:
+    """(backend.bn_apply(*args), the backend's name); through its bn_apply_keyed where it has one and a key is
+    given."""
     y = args[0]
-    backend, _ = _backend.select("bn_apply", y.device, y.dtype, args=args)
+    backend, choice = _backend.select("bn_apply", y.device, y.dtype, args=args)
     with no_autocast(y.device):
         keyed = None if plan_key is None else getattr(backend, "bn_apply_keyed", None)
         if keyed is not None:
-            return keyed(plan_key, *args)
-        return backend.bn_apply(*args)
+            return keyed(plan_key, *args), choice.backend
+        return backend.bn_apply(*args), choice.backend
 
 
 class _ConvBnActFunction(torch.autograd.Function):
     """forward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift,
     config, relu, apply_key) -> out; config: conv_bn_train's (ops/conv_bn_train.prepare); apply_key: what fixes the
-    apply's arguments (conv_bn_act), or None."""
+    apply's inputs but y, scale and shift (conv_bn_act), or None. The keys handed to the backends name the backend
+    that made an input (y, scale, shift from the conv's; out from the apply's): their metadata is that backend's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
                 residual_shift, config, relu, apply_key):
-        y, stats, scale, shift = _cbt.forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
-        out = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu), apply_key)
+        y, stats, scale, shift, conv_on = _cbt.forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias,
+                                                            config)
+        if apply_key is not None:
+            apply_key = (apply_key, conv_on)
+        out, apply_on = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu), apply_key)
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
                               residual_shift, y, stats, scale, shift, out)
         ctx.config = config[:6]
-        ctx.plan_key, ctx.apply_key = config[10], apply_key
+        ctx.plan_key = None if config[10] is None else (config[10], conv_on)
+        ctx.apply_key = None if apply_key is None else (apply_key, apply_on)
         ctx.relu = relu
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
@@ -121,7 +128,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_
     if not (fused and grad and eager_dispatch(*extra)):  # the two ops
         y, scale, shift = _cbt.run_prepared(tensors, config, y_shape, fused)
         return bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)
-    # what fixes every argument of the apply and its backward (a backend's *_keyed launch plans): the conv's plan
-    # key (y, scale, shift), the residual's check key, the flag
+    # what fixes the apply's arguments (a backend's *_keyed launch plans): the conv's plan key (y, scale, shift; the
+    # forward adds the name of the backend that ran the conv), the residual's check key, the flag
     apply_key = None if config[10] is None or residual_key is None else (config[10], residual_key, bool(relu))
     return _ConvBnActFunction.apply(*tensors, *extra, config, bool(relu), apply_key)

@@ -43,18 +43,22 @@ _CONV_INPUTS = 5  # x, weight, bias, in_scale, in_shift: the conv's differentiab
 
 def forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> tuple:
     """backend.conv_bn_train on the backend conv_fused would run (the op the dispatch table and autotune know);
-    through its conv_bn_train_keyed where it has one and `prepare` made a plan key (config[10])."""
+    through its conv_bn_train_keyed where it has one and `prepare` made a plan key (config[10]). Returns
+    (y, stats, scale, shift, the backend's name): a plan key downstream of these outputs names the backend that
+    made them (their metadata is that backend's)."""
     in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum, plan_key = config
     conv_args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation,
                  groups, True)
-    backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=conv_args)
+    backend, choice = _backend.select("conv_fused", x.device, x.dtype, args=conv_args)
     with no_autocast(x.device):
         keyed = None if plan_key is None else getattr(backend, "conv_bn_train_keyed", None)
         if keyed is not None:
-            return keyed(plan_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-                         bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
-        return backend.conv_bn_train(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-                                     bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+            out = keyed(plan_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+                        bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+        else:
+            out = backend.conv_bn_train(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
+                                        groups, bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+    return (*out, choice.backend)
 
 
 class _ConvBnTrainFunction(torch.autograd.Function):
@@ -64,11 +68,12 @@ class _ConvBnTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config):
-        y, stats, scale, shift = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
+        y, stats, scale, shift, ran_on = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias,
+                                                      config)
         in_relu, stride, padding, dilation, groups, eps = config[:6]
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats)
         ctx.config = (in_relu, stride, padding, dilation, groups, eps)
-        ctx.plan_key = config[10]
+        ctx.plan_key = None if config[10] is None else (config[10], ran_on)  # y and stats are ran_on's
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
         return y, scale, shift
@@ -132,7 +137,7 @@ def run_prepared(tensors: tuple, config: tuple, y_shape: tuple, fused: bool) -> 
         return composed(tensors, config, y_shape)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ConvBnTrainFunction.apply(*tensors, config)
-    y, _, scale, shift = forward_impl(*tensors, config)
+    y, _, scale, shift, _ = forward_impl(*tensors, config)
     return y, scale, shift
 
 
@@ -144,8 +149,8 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
     conv_bn_train may run (eager mode: else the composition of the registered ops, `composed`)."""
     args, conv_key = _checked(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
                               dilation, groups, True)
-    x, weight, bias, in_scale, in_shift = args[:5]
-    in_relu, stride, padding, dilation, groups = args[5], args[10], args[11], args[12], args[13]
+    x, weight, bias, in_scale, in_shift = args.x, args.weight, args.bias, args.in_scale, args.in_shift
+    in_relu, stride, padding, dilation, groups = args.in_relu, args.stride, args.padding, args.dilation, args.groups
     k = weight.shape[0]
     y_shape = output_shape(x, weight, stride, padding, dilation)
     count = y_shape[0] * y_shape[2] * y_shape[3]

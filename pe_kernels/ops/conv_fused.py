@@ -26,7 +26,7 @@ import torch
 
 from .. import _backend
 from . import _transforms
-from .contract import CONV_GRAD_NAMES, check_backward_stats, param_dtype
+from .contract import CONV_GRAD_NAMES, ConvArgs, check_backward_stats, param_dtype
 from ._common import (CheckMemo, autocast_dtype, cast_activation, cast_vector, check_4d, check_floating,
                       check_same_device, check_vector, eager_context, eager_dispatch, empty_channels_last, empty_grad,
                       no_autocast, pack_grads, pair, unpack_grads)
@@ -177,12 +177,12 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
     """Checked, autocast-aware entry to `pe_kernels::conv_fused`. Returns (y, stats); see the module docstring."""
     args, plan_key = _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
                               stride, padding, dilation, groups, compute_stats)
-    x, weight, bias, in_scale, in_shift, _, out_scale, out_shift, residual = args[:9]
     if _transforms.composite_required("conv_fused"):
         return _transforms.conv_fused(*args)
-    if eager_dispatch(x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
-                                           (x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
+    tensors = (args.x, args.weight, args.bias, args.in_scale, args.in_shift, args.out_scale, args.out_shift,
+               args.residual)
+    if eager_dispatch(*tensors):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _ConvFusedFunction.apply(*args)
         return _forward_impl(args, plan_key)
     return torch.ops.pe_kernels.conv_fused(*args)
@@ -191,18 +191,17 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
 def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                  in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
                  residual: Optional[Tensor], out_relu: bool, stride, padding, dilation, groups: int,
-                 compute_stats: bool) -> tuple:
-    """conv_fused's arguments checked (ValueError/TypeError naming the values) and cast for autocast: the op's
-    15-tuple (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
-    padding, dilation, groups, compute_stats) with stride/padding/dilation as [a, b] lists. The checks (metadata
-    only) run once per metadata (CheckMemo); the casts every call."""
+                 compute_stats: bool) -> ConvArgs:
+    """conv_fused's arguments checked (ValueError/TypeError naming the values) and cast for autocast: a ConvArgs
+    (ops/contract.py) with stride/padding/dilation as [a, b] lists. The checks (metadata only) run once per metadata
+    (CheckMemo); the casts every call."""
     return _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
                     padding, dilation, groups, compute_stats)[0]
 
 
 def _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
-             dilation, groups, compute_stats) -> tuple[tuple, Optional[tuple]]:
-    """(checked_args' tuple, plan key): the key of the checks' memo with what else fixes the metadata of the
+             dilation, groups, compute_stats) -> tuple[ConvArgs, Optional[tuple]]:
+    """(checked_args' ConvArgs, plan key): the key of the checks' memo with what else fixes the metadata of the
     returned arguments (the autocast dtype, the two ReLU flags), or None where the checks were not memoised."""
     (stride, padding, dilation), key = _CHECKS.run_keyed(_check_conv_args, x, weight, bias, in_scale, in_shift,
                                                          out_scale, out_shift, residual, stride, padding, dilation,
@@ -220,8 +219,8 @@ def _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     in_relu, out_relu = bool(in_relu), bool(out_relu)
-    args = (x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, list(stride),
-            list(padding), list(dilation), groups, bool(compute_stats))
+    args = ConvArgs(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                    list(stride), list(padding), list(dilation), groups, bool(compute_stats))
     return args, (None if key is None else (key, amp, in_relu, out_relu))
 
 
