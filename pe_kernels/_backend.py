@@ -427,8 +427,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
         _last.set(choice)
         return _module(choice.backend), choice
     # A requested backend: its answer depends only on this key (the reason functions are in it, so a test's or a
-    # tool's replacement of them is a new key; the interpreter switch too), and only a runnable answer is kept.
-    key = (op, name, not requested, device, dtype, os.environ.get("TRITON_INTERPRET"), _call_reason, _static_reason)
+    # tool's replacement of them is a new key), and only a runnable answer is kept. The interpreter switch decides
+    # what CPU tensors can run, so it is in a CPU call's key; a CUDA call reads no environment here (its kernels
+    # were compiled for the GPU whatever the variable says later).
+    interpret = os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None
+    key = (op, name, not requested, device, dtype, interpret, _call_reason, _static_reason)
     hit = _requested_choices.get(key)
     if hit is None:
         reason = _call_reason(name, device, dtype)

@@ -26,7 +26,16 @@ Tensor = torch.Tensor
 def conv_bn_reason(conv_name: str, conv: nn.Module, bn_name: str, bn: nn.Module) -> Optional[str]:
     """None when PF.conv_bn may stand in for calling `conv` then `bn` (an exact nn.Conv2d or PackedConv2d and an
     exact nn.BatchNorm2d, none hooked); else why not. The caller checks global_hook_reason() once."""
+    if type(conv) is PackedConv2d and type(bn) is nn.BatchNorm2d and not conv.last:  # the usual case, inline
+        inner = conv._modules["conv"]
+        if type(inner) is nn.Conv2d and not _hooked(conv) and not _hooked(inner) and not _hooked(bn):
+            return None
     return conv_reason(conv_name, conv) or module_reason(bn_name, bn, nn.BatchNorm2d)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
 
 
 class PackedConvBNReLU2d(NoTorchScript, nn.Module):
