@@ -264,37 +264,46 @@ def _op_keys(memo) -> list:
     return [key for key in memo.plans if key[0] == "op"]
 
 
+def _conv_bn_act_case(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 4, generator=g).to(device, memory_format=torch.channels_last)
+    w = torch.randn(8, 3, 3, 3, generator=g).to(device)
+    bn_w, bn_b = (torch.rand(8, generator=g) + 0.5).to(device), torch.randn(8, generator=g).to(device)
+    res = torch.randn(2, 8, 5, 4, generator=g).to(device, memory_format=torch.channels_last)
+    rs = (torch.rand(16, generator=g) + 0.5).to(device)[::2]  # not contiguous: the apply's plan casts it
+    rb = torch.randn(8, generator=g).to(device)
+    grad = torch.randn(2, 8, 5, 4, generator=g).to(device)  # contiguous (NCHW): autograd's own layout
+    return x, w, bn_w, bn_b, res, rs, rb, grad
+
+
+def _fresh_stats(device):
+    return torch.zeros(8, device=device), torch.ones(8, device=device), torch.tensor(0, device=device)
+
+
+def _through_ops(case, device, backend="triton"):
+    x, w, bn_w, bn_b, res, rs, rb, grad = case
+    xl, wl, bwl, bbl = (t.detach().clone().requires_grad_(True) for t in (x, w, bn_w, bn_b))
+    rm, rv, nbt = _fresh_stats(device)
+    with pe_kernels.use_backend(backend):
+        out = pe_kernels.ops.conv_bn_act(xl, wl, padding=1, groups=2, bn_weight=bwl, bn_bias=bbl, eps=1e-5,
+                                         running_mean=rm, running_var=rv, num_batches_tracked=nbt, momentum=0.1,
+                                         residual=res, residual_scale=rs, residual_shift=rb, relu=True)
+        out.backward(grad)
+    return [out, rm, rv, nbt, xl.grad, wl.grad, bwl.grad, bbl.grad]
+
+
 def test_op_keyed_plans_are_the_plain_launches(kernel_device):
-    """A training conv -> BN -> (+ affine residual) -> ReLU through ops.conv_bn_act on the triton backend keys every
-    launch plan on the op's own check keys (conv_bn_train_keyed, bn_apply_keyed and their backwards: one plan each,
-    hit by the second step), and gives, bit for bit, what the plain launchers give on the same inputs (whose plans
-    key themselves)."""
+    """A training conv -> BN -> (+ affine residual) -> ReLU through ops.conv_bn_act on the triton backend keys its
+    forward launch plans on the op's own check keys (conv_bn_train_keyed, bn_apply_keyed: one plan each, hit by the
+    second step; the backward keys its launchers on their arguments), and gives, bit for bit, what the plain
+    launchers give on the same inputs (whose plans key themselves)."""
     common.clear_launch_plans()
     tri = importlib.import_module("pe_kernels.triton")
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 6, 5, 4, generator=g).to(kernel_device, memory_format=torch.channels_last)
-    w = torch.randn(8, 3, 3, 3, generator=g).to(kernel_device)
-    bn_w, bn_b = (torch.rand(8, generator=g) + 0.5).to(kernel_device), torch.randn(8, generator=g).to(kernel_device)
-    res = torch.randn(2, 8, 5, 4, generator=g).to(kernel_device, memory_format=torch.channels_last)
-    rs, rb = (torch.rand(8, generator=g) + 0.5).to(kernel_device), torch.randn(8, generator=g).to(kernel_device)
-    grad = torch.randn(2, 8, 5, 4, generator=g).to(kernel_device)  # contiguous (NCHW): autograd's own layout
-
-    def fresh_stats():
-        return torch.zeros(8, device=kernel_device), torch.ones(8, device=kernel_device), torch.tensor(
-            0, device=kernel_device)
-
-    def through_ops():
-        xl, wl, bwl, bbl = (t.detach().clone().requires_grad_(True) for t in (x, w, bn_w, bn_b))
-        rm, rv, nbt = fresh_stats()
-        with pe_kernels.use_backend("triton"):
-            out = pe_kernels.ops.conv_bn_act(xl, wl, padding=1, groups=2, bn_weight=bwl, bn_bias=bbl, eps=1e-5,
-                                             running_mean=rm, running_var=rv, num_batches_tracked=nbt, momentum=0.1,
-                                             residual=res, residual_scale=rs, residual_shift=rb, relu=True)
-            out.backward(grad)
-        return [out, rm, rv, nbt, xl.grad, wl.grad, bwl.grad, bbl.grad]
+    case = _conv_bn_act_case(kernel_device)
+    x, w, bn_w, bn_b, res, rs, rb, grad = case
 
     def plain():
-        rm, rv, nbt = fresh_stats()
+        rm, rv, nbt = _fresh_stats(kernel_device)
         y, stats, scale, shift = tri.conv_bn_train(x, w, None, None, None, False, [1, 1], [1, 1], [1, 1], 2, bn_w,
                                                    bn_b, 1e-5, rm, rv, nbt, 0.1)
         out = tri.bn_apply(y, scale, shift, res, rs, rb, True)
@@ -305,38 +314,33 @@ def test_op_keyed_plans_are_the_plain_launches(kernel_device):
             [True, True, False, False, False, True, True])
         return [out, rm, rv, nbt, dx, dw, dbw, dbb]
 
-    first = through_ops()
+    first = _through_ops(case, kernel_device)
     memos = _op_keyed_memos()
     keyed = {name: len(_op_keys(memo)) for name, memo in memos.items()}
-    assert keyed == {"conv_fused": 0, "conv_bn_train": 1, "bn_apply": 1, "bn_apply_backward": 1,
-                     "conv_bn_train_backward": 1}
+    assert keyed == {"conv_fused": 0, "conv_bn_train": 1, "bn_apply": 1, "bn_apply_backward": 0,
+                     "conv_bn_train_backward": 0}
     hits = {name: memo.hits for name, memo in memos.items()}
-    second = through_ops()
-    assert all(memos[name].hits == hits[name] + keyed[name] for name in memos)  # every keyed plan hit
+    second = _through_ops(case, kernel_device)
+    assert {name: memo.hits - hits[name] for name, memo in memos.items()} == {
+        "conv_fused": 0, "conv_bn_train": 1, "bn_apply": 1, "bn_apply_backward": 1, "conv_bn_train_backward": 1}
     assert {name: len(_op_keys(memo)) for name, memo in memos.items()} == keyed
     for a, b, c in zip(first, second, plain()):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_op_keyed_backward_follows_the_incoming_gradient(kernel_device):
-    """The backward plans key the incoming gradient's metadata (autograd's, not the op's): a channels_last gradient
-    after an NCHW one is another plan, with the same gradients as the torch backend's."""
+def test_backward_plans_follow_saved_tensor_hooks(kernel_device):
+    """A saved-tensor hook may hand the backward its tensors in another layout (save_on_cpu packs them contiguous):
+    the backward's plans key the tensors it gets, so a step under such a hook after a plain one (same forward keys)
+    gets its own plans and the torch backend's gradients."""
     common.clear_launch_plans()
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 4, 3, 3, generator=g).to(kernel_device)
-    w = torch.randn(4, 2, 1, 1, generator=g).to(kernel_device)
-    grads = [torch.randn(2, 4, 3, 3, generator=g).to(kernel_device) for _ in range(2)]
-    grads[1] = grads[1].contiguous(memory_format=torch.channels_last)
-    for grad in grads:
-        results = []
-        for backend in ("triton", "torch"):
-            xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            with pe_kernels.use_backend(backend):
-                pe_kernels.ops.conv_bn_act(xl, wl, groups=2, relu=True).backward(grad)
-            results.append((xl.grad, wl.grad))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert len(_op_keys(bn_apply_mod._APPLY_BWD_PLANS)) == 2
+    case = _conv_bn_act_case(kernel_device)
+    _through_ops(case, kernel_device)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t):
+        got = _through_ops(case, kernel_device)
+        want = _through_ops(case, kernel_device, backend="torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(bn_apply_mod._APPLY_BWD_PLANS.plans) == 2 and len(conv_bwd_mod._CONV_BN_BWD_PLANS.plans) == 2
 
 
 def test_op_keyed_conv_plan_follows_autocast_and_flags(kernel_device):
@@ -359,12 +363,13 @@ def test_op_keyed_conv_plan_follows_autocast_and_flags(kernel_device):
     with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
         y_amp = run(True)
     assert y_amp.dtype == torch.bfloat16 and len(_op_keys(memo)) == 3
+    assert torch.equal(y_amp, _fwd(x.bfloat16(), w.bfloat16(), scale, shift, compute_stats=False)[0])
 
 
 def test_op_keys_name_the_backend_that_made_an_input(kernel_device, monkeypatch):
-    """y, scale and shift (and the forward's out) are the outputs of whichever backend ran the conv (the apply): a
-    keyed plan downstream of them names that backend, so the conv moving to another backend (autotune, a request)
-    gives the apply another plan, never one made for the other backend's output layout."""
+    """y, scale and shift are the outputs of whichever backend ran the conv: the apply's keyed plan names that
+    backend (a conv moving to another backend, by autotune or a request, gets the apply another plan: no plan made
+    for one backend's outputs is used for another's), with the same results."""
     from pe_kernels import _backend
 
     common.clear_launch_plans()
@@ -378,7 +383,7 @@ def test_op_keys_name_the_backend_that_made_an_input(kernel_device, monkeypatch)
 
     monkeypatch.setattr(_backend, "select", select)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 4, 3, 3, generator=g).to(kernel_device)  # NCHW: the torch backend's y follows it
+    x = torch.randn(2, 4, 3, 3, generator=g).to(kernel_device)
     w = torch.randn(4, 2, 1, 1, generator=g).to(kernel_device)
     outs = []
     for name in ("torch", "triton", "torch"):
@@ -388,8 +393,8 @@ def test_op_keys_name_the_backend_that_made_an_input(kernel_device, monkeypatch)
             out = pe_kernels.ops.conv_bn_act(xl, wl, groups=2, relu=True)
             out.sum().backward()
         outs.append((out, xl.grad, wl.grad))
-    assert len(_op_keys(bn_apply_mod._APPLY_PLANS)) == 2  # one per backend that made y
-    assert len(_op_keys(bn_apply_mod._APPLY_BWD_PLANS)) == 2
+    keys = _op_keys(bn_apply_mod._APPLY_PLANS)
+    assert len(keys) == 2 and {key[1][1] for key in keys} == {"torch", "triton"}  # one per backend that made y
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(outs[0], outs[2]):

@@ -132,12 +132,11 @@ BACKEND_FUNCTIONS = tuple(name for name in Backend.__dict__ if not name.startswi
 
 # Optional, for a backend whose launchers memoise a plan per argument metadata (pe_kernels.triton): <op>_keyed(op_key,
 # *<op>'s arguments) -> <op>'s results, the same as <op>'s. The ops pass the key their checks were memoised under,
-# with what else fixes every argument's metadata and scalars (autocast dtype, flags, momentum, needs_grad), so the
-# backend keys its plan on it instead of building a key of its own (the incoming gradients of a backward are
-# autograd's: their metadata joins the key in the backend). None of it changes what runs; a backend without them
-# gets the plain calls.
-OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed", "conv_bn_train_keyed", "conv_bn_train_backward_keyed",
-                              "bn_apply_keyed", "bn_apply_backward_keyed")
+# with what else fixes every argument's metadata and scalars (autocast dtype, flags, momentum, the backend that made
+# an input), so the backend keys its plan on it instead of building a key of its own. None of it changes what runs;
+# a backend without them gets the plain calls. Forward calls only: a backward's inputs are saved tensors, whose
+# layout a saved-tensor hook may change (torch.autograd.graph.save_on_cpu), so its launchers key them themselves.
+OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed", "conv_bn_train_keyed", "bn_apply_keyed")
 
 
 def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],

@@ -34,23 +34,23 @@ _CHECKS = CheckMemo()  # check_residual, once per metadata
 _INPUTS = 10  # x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift
 
 
-def _apply_impl(args: tuple, plan_key: Optional[tuple]) -> tuple[Tensor, str]:
-    """(backend.bn_apply(*args), the backend's name); through its bn_apply_keyed where it has one and a key is
-    given."""
+def _apply_impl(args: tuple, plan_key: Optional[tuple]) -> Tensor:
+    """backend.bn_apply(*args); through its bn_apply_keyed where it has one and a key is given."""
     y = args[0]
-    backend, choice = _backend.select("bn_apply", y.device, y.dtype, args=args)
+    backend, _ = _backend.select("bn_apply", y.device, y.dtype, args=args)
     with no_autocast(y.device):
         keyed = None if plan_key is None else getattr(backend, "bn_apply_keyed", None)
         if keyed is not None:
-            return keyed(plan_key, *args), choice.backend
-        return backend.bn_apply(*args), choice.backend
+            return keyed(plan_key, *args)
+        return backend.bn_apply(*args)
 
 
 class _ConvBnActFunction(torch.autograd.Function):
     """forward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift,
     config, relu, apply_key) -> out; config: conv_bn_train's (ops/conv_bn_train.prepare); apply_key: what fixes the
-    apply's inputs but y, scale and shift (conv_bn_act), or None. The keys handed to the backends name the backend
-    that made an input (y, scale, shift from the conv's; out from the apply's): their metadata is that backend's."""
+    apply's inputs but y, scale and shift (conv_bn_act), or None; the forward adds the name of the backend that made
+    those (their metadata is that backend's). The backward keys nothing: its inputs are saved tensors, which a
+    saved-tensor hook (torch.autograd.graph.save_on_cpu, ...) may hand back in another layout."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
@@ -59,12 +59,10 @@ class _ConvBnActFunction(torch.autograd.Function):
                                                             config)
         if apply_key is not None:
             apply_key = (apply_key, conv_on)
-        out, apply_on = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu), apply_key)
+        out = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu), apply_key)
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
                               residual_shift, y, stats, scale, shift, out)
         ctx.config = config[:6]
-        ctx.plan_key = None if config[10] is None else (config[10], conv_on)
-        ctx.apply_key = None if apply_key is None else (apply_key, apply_on)
         ctx.relu = relu
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
@@ -92,16 +90,11 @@ class _ConvBnActFunction(torch.autograd.Function):
                       [inner, inner, inner, needs[7], needs[8], needs[9]])
         module, _ = _backend.select("bn_apply_backward", y.device, y.dtype, requested=ctx.backend, args=apply_args)
         with no_autocast(y.device):
-            keyed = None if ctx.apply_key is None else getattr(module, "bn_apply_backward_keyed", None)
-            if keyed is not None:
-                d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = keyed((ctx.apply_key, tuple(apply_args[-1])),
-                                                                         *apply_args)
-            else:
-                d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = module.bn_apply_backward(*apply_args)
+            d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = module.bn_apply_backward(*apply_args)
         grads[7:] = d_res, d_rscale, d_rshift
         if inner:
             grads[:7] = _cbt.backward_grads(d_y, d_scale, d_shift, inputs[:7], y, stats, ctx.config, ctx.backend,
-                                            needs[:7], ctx.plan_key)
+                                            needs[:7])
         return (*grads, None, None, None)
 
 

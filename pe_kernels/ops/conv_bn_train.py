@@ -68,12 +68,10 @@ class _ConvBnTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config):
-        y, stats, scale, shift, ran_on = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias,
-                                                      config)
+        y, stats, scale, shift, _ = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
         in_relu, stride, padding, dilation, groups, eps = config[:6]
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats)
         ctx.config = (in_relu, stride, padding, dilation, groups, eps)
-        ctx.plan_key = None if config[10] is None else (config[10], ran_on)  # y and stats are ran_on's
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
         return y, scale, shift
@@ -83,16 +81,16 @@ class _ConvBnTrainFunction(torch.autograd.Function):
         x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats = ctx.saved_tensors
         inputs = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
-        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs,
-                                ctx.plan_key), None)
+        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs),
+                None)
 
 
 def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, stats: Tensor, config: tuple,
-                   backend: str, needs: list, plan_key: Optional[tuple] = None) -> list:
+                   backend: str, needs: list) -> list:
     """conv_bn_train's gradients (CONV_BN_GRAD_NAMES) of `inputs` = (x, weight, bias, in_scale, in_shift,
     bn_weight, bn_bias), from the forward's y and stats; config = (in_relu, stride, padding, dilation, groups,
-    eps); `backend`: the request recorded by the forward; `plan_key`: the forward's (prepare), for a backend's
-    conv_bn_train_backward_keyed. Double backward: the composition recomputed differentiably."""
+    eps); `backend`: the request recorded by the forward. Double backward: the composition recomputed
+    differentiably. (No plan key: the inputs are saved tensors, whose layout a saved-tensor hook may change.)"""
     x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = inputs
     in_relu, stride, padding, dilation, groups, eps = config
     if _transforms.create_graph_required("conv_fused_backward", backend):  # double backward
@@ -108,10 +106,6 @@ def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, sta
             dilation, groups, y, needs[:_CONV_INPUTS] + [False] * 3, stats)
     module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
     with no_autocast(x.device):
-        keyed = None if plan_key is None else getattr(module, "conv_bn_train_backward_keyed", None)
-        if keyed is not None:
-            return keyed((plan_key, tuple(needs)), grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
-                         in_shift, in_relu, stride, padding, dilation, groups, y, stats, bn_weight, eps, needs)
         return module.conv_bn_train_backward(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift,
                                              in_relu, stride, padding, dilation, groups, y, stats, bn_weight, eps,
                                              needs)

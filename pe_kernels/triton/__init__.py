@@ -13,9 +13,9 @@ split-M wgrad; conv_bn_train_backward: wgrad and dgrad forming g_acc on load, tw
 bn_apply.py (BN apply + residual tail, and its one-pass backward).
 """
 
-from .bn_apply import bn_apply, bn_apply_backward, bn_apply_backward_keyed, bn_apply_keyed
+from .bn_apply import bn_apply, bn_apply_backward, bn_apply_keyed
 from .bn_finalize import bn_finalize, bn_finalize_backward, bn_running_update, bn_train_finalize
-from .conv_bwd import conv_bn_train_backward, conv_bn_train_backward_keyed, conv_fused_backward
+from .conv_bwd import conv_bn_train_backward, conv_fused_backward
 from .conv_fwd import conv_bn_train, conv_bn_train_keyed, conv_fused, conv_fused_keyed
 
 __all__ = [
@@ -32,7 +32,5 @@ __all__ = [
     # optional (ops/contract.OPTIONAL_BACKEND_FUNCTIONS): launch plans keyed on the op's key
     "conv_fused_keyed",
     "conv_bn_train_keyed",
-    "conv_bn_train_backward_keyed",
     "bn_apply_keyed",
-    "bn_apply_backward_keyed",
 ]

@@ -411,21 +411,6 @@ def bn_apply_keyed(op_key: tuple, y: Tensor, scale: Tensor, shift: Tensor, resid
     return _run_apply(plan, y, scale, shift, residual, residual_scale, residual_shift)
 
 
-def bn_apply_backward_keyed(op_key: tuple, grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
-                            residual: Optional[Tensor], residual_scale: Optional[Tensor],
-                            residual_shift: Optional[Tensor], relu: bool, out: Tensor,
-                            needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
-    """bn_apply_backward with its launch plan keyed on `op_key` (the op's key of every argument but grad_out, whose
-    metadata joins it here: it is autograd's), instead of a key of its own."""
-    key = ("op", op_key, tensor_key(grad_out))
-    plan = _APPLY_BWD_PLANS.get(key)
-    if plan is None:
-        plan = _APPLY_BWD_PLANS.put(key, _ApplyBwdPlan(grad_out, y, scale, shift, residual, residual_scale,
-                                                       residual_shift, relu, out if relu else None,
-                                                       tuple(bool(v) for v in needs_grad), None))
-    return _run_apply_bwd(plan, grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out)
-
-
 def bn_apply_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                       residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool,
                       out: Tensor, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:

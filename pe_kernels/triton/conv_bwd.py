@@ -897,33 +897,10 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     split order by the tile's last split); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
     counters are the persistent stream_counters. Otherwise the composition contract.composed_conv_bn_train_backward
     of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias)."""
-    return _conv_bn_bwd(None, grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride,
-                        padding, dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles)
-
-
-def conv_bn_train_backward_keyed(op_key: tuple, grad_y: Optional[Tensor], grad_scale: Optional[Tensor],
-                                 grad_shift: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                 in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                                 y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float,
-                                 needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
-    """conv_bn_train_backward with its launch plan keyed on `op_key` (the op's key of the forward's arguments and of
-    needs_grad, which fix every argument's metadata but the three incoming gradients', autograd's, which join it
-    here), instead of a key of its own."""
-    return _conv_bn_bwd(op_key, grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride,
-                        padding, dilation, groups, y, stats, bn_weight, eps, needs_grad, None)
-
-
-def _conv_bn_bwd(op_key, grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride,
-                 padding, dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles) -> list[Optional[Tensor]]:
     args = (grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
             groups, y, stats, bn_weight, eps, needs_grad, tiles)
     if tiles is not None or not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         plan = _plan_conv_bn_bwd(*args)
-    elif op_key is not None:
-        key = ("op", op_key, tensor_key(grad_y), tensor_key(grad_scale), tensor_key(grad_shift),
-               dot_precision(x.dtype))
-        plan = _CONV_BN_BWD_PLANS.get(key) or _CONV_BN_BWD_PLANS.put(key, _plan_conv_bn_bwd(*args))
     else:
         key = (tensor_key(grad_y), tensor_key(grad_scale), tensor_key(grad_shift), tensor_key(x), tensor_key(weight),
                tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift), bool(in_relu), tuple(stride),
