@@ -104,6 +104,10 @@ def _prepare_input(x: Activation, padding_mode: str, padding, kernel_size, dilat
 
 def _conv(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
           padding_mode: str = "zeros", **epilogue) -> tuple[Tensor, Tensor]:
+    if padding_mode == "zeros" and not isinstance(padding, str) and not isinstance(x, Deferred):
+        # numeric zero padding and a plain input: nothing to resolve, straight to the op (which checks them)
+        return ops.conv_fused(x, _cast_weight(weight, x), bias, stride=stride, padding=padding, dilation=dilation,
+                              groups=groups, **epilogue)
     kernel_size = tuple(weight.shape[2:])
     x, padding = _prepare_input(x, padding_mode, padding, kernel_size, ops._common.pair(dilation, "dilation"))
     prologue = {}

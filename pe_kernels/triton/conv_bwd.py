@@ -916,7 +916,6 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
                                                stats, bn_weight, eps, needs)
 
     device = x.device
-    zeros = identity_vector(0.0, geo.K, device)
     if grad_y is None:  # zero: a cached zero read through all-zero strides (no launch)
         grad_y = _zero_grad_y((geo.N, geo.K, geo.P, geo.Q), device)
     if plan.cast:  # (the plan knows: its key holds their dtypes and strides)
@@ -924,8 +923,12 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
         grad_shift = None if grad_shift is None else grad_shift.to(torch.float32).contiguous()
         stats = stats.contiguous()
         bn_weight = None if bn_weight is None else bn_weight.contiguous()
+    if grad_scale is None or grad_shift is None:  # an absent one is zero: a cached zero vector (no launch)
+        zeros = identity_vector(0.0, geo.K, device)
+        grad_scale = zeros if grad_scale is None else grad_scale
+        grad_shift = zeros if grad_shift is None else grad_shift
     on_load = GaccOnLoad(
-        y, zeros if grad_scale is None else grad_scale, zeros if grad_shift is None else grad_shift, stats,
+        y, grad_scale, grad_shift, stats,
         identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight, geo.N * geo.P * geo.Q, eps,
         torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
         torch.empty(geo.K, dtype=torch.float32, device=device),

@@ -452,14 +452,18 @@ def _finalize_scalars(bn: Optional[BNTrain], K: int, M: int, x: Tensor) -> tuple
 
 def _finalize_ptrs(bn: Optional[BNTrain], K: int, x: Tensor) -> tuple:
     """The kernel's BN pointer arguments, in its order (dummies without `bn`)."""
-    unused = dummy(x.device)
     if bn is None:
-        return (unused,) * 6 + (dummy(x.device, torch.int64),)
+        return _NO_FINALIZE.get(x.device) or _NO_FINALIZE.setdefault(
+            x.device, (dummy(x.device),) * 6 + (dummy(x.device, torch.int64),))
+    unused = dummy(x.device)
     running = bn.running_mean is not None
     nbt = bn.num_batches_tracked
     weight, bias = affine_pair(bn.weight, bn.bias, K, x)
     return (weight, bias, bn.scale, bn.shift, bn.running_mean if running else unused,
             bn.running_var if running else unused, dummy(x.device, torch.int64) if nbt is None else nbt)
+
+
+_NO_FINALIZE: dict = {}  # device -> _finalize_ptrs(None, ...): the dummies, made once per device (like dummy())
 
 
 def _bn_key(bn: Optional[BNTrain]) -> Optional[tuple]:
