@@ -143,6 +143,21 @@ def _traced_stock_reason(device: torch.device, dtype: torch.dtype) -> Optional[s
     return None if choice is None else choice.reason
 
 
+def stock_conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """bn.forward(conv.forward(x)) for an exact, unhooked nn.Conv2d and nn.BatchNorm2d (the caller checked: a
+    module's stock path): in eval with running statistics and zero padding, the very ATen calls of their forwards
+    (F.conv2d, F.batch_norm with the same arguments), without their attribute lookups and bookkeeping, none of which
+    applies there; otherwise their forwards."""
+    if conv.padding_mode == "zeros" and not bn.training:
+        weight, bias = conv._parameters["weight"], conv._parameters["bias"]
+        bn_weight, bn_bias, running_mean, running_var, _ = _bn_tensors(bn)
+        if running_mean is not None and running_var is not None:  # (else BatchNorm2d uses the batch statistics)
+            y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            momentum = 0.0 if bn.momentum is None else bn.momentum
+            return F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, False, momentum, bn.eps)
+    return bn.forward(conv.forward(x))
+
+
 def _stock_conv(x: Activation, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
                 padding_mode: str) -> Tensor:
     """F.conv2d, the stock module's op (autocast casts as it does for nn.Conv2d; the output's memory format is

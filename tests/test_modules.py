@@ -305,3 +305,36 @@ def test_auto_follows_the_dispatch_table(monkeypatch):
     assert choice.backend == "torch" and "not installed" in choice.reason
     monkeypatch.setattr(_backend, "_cuda_arch", lambda index: "sm_80")
     assert _backend._auto_choice("conv_fused", cuda, torch.float16).backend == "torch"
+
+
+@pytest.mark.parametrize("case", ["plain", "bias", "reflect", "no-running-stats", "momentum-none", "block"])
+def test_stock_path_is_the_stock_modules_bit_for_bit(case):
+    """The torch backend's stock path (PF.stock_conv_bn: in eval the stock forwards' own ATen calls, F.conv2d and
+    F.batch_norm, without their Python wrappers) gives the module-by-module forward exactly, in eval and in
+    training, running statistics included."""
+    torch.manual_seed(0)
+    if case == "block":
+        module = PackedBottleneck(16, 8, 1, alpha=2, num_estimators=2, gamma=1, conv_bias=False, dropout_rate=0,
+                                  groups=1)
+    else:
+        module = PackedConvBNReLU2d(8, 8, 3, alpha=2, num_estimators=2, padding=1, bias=case == "bias",
+                                    padding_mode="reflect" if case == "reflect" else "zeros",
+                                    track_running_stats=case != "no-running-stats",
+                                    momentum=None if case == "momentum-none" else 0.1)
+    if case != "no-running-stats":  # (it draws running statistics too)
+        _randomize_bn(module)
+    module = module.to(memory_format=torch.channels_last)
+    x = torch.randn(2, module_in_channels(module), 6, 6).to(memory_format=torch.channels_last)
+    for training in (False, True):
+        stock, twin = copy.deepcopy(module).train(training), copy.deepcopy(module).train(training)
+        with pe_kernels.use_backend("torch"), torch.no_grad():
+            out = stock(x)
+            expected = twin.forward_modules(x)
+        assert pe_kernels.last_dispatch().backend == "torch"
+        assert torch.equal(out, expected), (case, training)
+        for a, b in zip(stock.state_dict().values(), twin.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def module_in_channels(module: nn.Module) -> int:
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d)).in_channels

@@ -99,11 +99,11 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
         BatchNorm2d's), valid where module_path_reason() found no hook, no subclass and an inactive dropout."""
         out = x
         for conv, bn in chain[:-1]:
-            out = torch.relu(bn.forward(conv2d_of(conv).forward(out)))
+            out = torch.relu(PF.stock_conv_bn(out, conv2d_of(conv), bn))
         conv, bn = chain[-1]
-        out = bn.forward(conv2d_of(conv).forward(out))
+        out = PF.stock_conv_bn(out, conv2d_of(conv), bn)
         parts = tuple(self._modules["shortcut"]._modules.values())
-        residual = parts[1].forward(conv2d_of(parts[0]).forward(x)) if parts else x
+        residual = PF.stock_conv_bn(x, conv2d_of(parts[0]), parts[1]) if parts else x
         return torch.relu(out + residual)
 
     def forward(self, x: Tensor) -> Tensor:

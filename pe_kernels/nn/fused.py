@@ -73,8 +73,8 @@ class PackedConvBNReLU2d(NoTorchScript, nn.Module):
             record_module_path(self, reason)
             return out
         c = conv._modules["conv"]
-        if PF.stock_layer(x) is not None:  # the torch backend: the stock modules' own forwards
-            out = bn.forward(c.forward(x))
+        if PF.stock_layer(x) is not None:  # the torch backend: the stock modules' own ATen calls
+            out = PF.stock_conv_bn(x, c, bn)
             return torch.relu(out) if self.activation == "relu" else out
         weight, bias = weight_and_bias(c)
         return PF.conv_bn_fused(x, weight, bias, bn, c.stride, c.padding, c.dilation, c.groups,
