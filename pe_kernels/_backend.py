@@ -115,8 +115,9 @@ def unregister_backend(name: str) -> None:
 def clear_choice_caches() -> None:
     """Forget the dispatcher's per-process answers (stock_path's, a requested backend's runnability, the parsed
     PE_KERNELS_BACKEND values): for a test that changes what they depend on by hand (an import state, a version, a
-    module flag) rather than as a process would (the TRITON_INTERPRET variable and the reason functions are in the
-    keys; registering a backend clears them)."""
+    module flag) rather than as a process would (the reason functions are in the keys, TRITON_INTERPRET in a CPU
+    call's; registering a backend clears them). A CUDA call cached as runnable stays so if TRITON_INTERPRET changes
+    later: its kernels were compiled for the GPU, and they run on CUDA tensors either way."""
     _env_parsed.clear()
     _stock_choices.clear()
     _requested_choices.clear()

@@ -149,7 +149,11 @@ def stock_conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     (F.conv2d, F.batch_norm with the same arguments), without their attribute lookups and bookkeeping, none of which
     applies there; otherwise their forwards."""
     if conv.padding_mode == "zeros" and not bn.training:
-        weight, bias = conv._parameters["weight"], conv._parameters["bias"]
+        params = conv._parameters
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except KeyError:  # replaced by a plain attribute (del conv.weight; conv.weight = t)
+            weight, bias = conv.weight, conv.bias
         bn_weight, bn_bias, running_mean, running_var, _ = _bn_tensors(bn)
         if running_mean is not None and running_var is not None:  # (else BatchNorm2d uses the batch statistics)
             y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -245,8 +249,11 @@ def _bn_tensors(bn: nn.BatchNorm2d) -> tuple:
     attributes for a subclass (a parametrized BatchNorm computes its weight on access)."""
     if type(bn) is nn.BatchNorm2d:
         params, buffers = bn._parameters, bn._buffers
-        return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                buffers["num_batches_tracked"])
+        try:
+            return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                    buffers["num_batches_tracked"])
+        except KeyError:  # one of them replaced by a plain attribute (del bn.weight; bn.weight = t)
+            pass
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
 
 

@@ -307,11 +307,13 @@ def test_auto_follows_the_dispatch_table(monkeypatch):
     assert _backend._auto_choice("conv_fused", cuda, torch.float16).backend == "torch"
 
 
-@pytest.mark.parametrize("case", ["plain", "bias", "reflect", "no-running-stats", "momentum-none", "block"])
-def test_stock_path_is_the_stock_modules_bit_for_bit(case):
+@pytest.mark.parametrize("case", ["plain", "bias", "reflect", "no-running-stats", "momentum-none", "no-affine",
+                                  "eps", "plain-attributes", "block"])
+def test_stock_path_is_the_stock_modules_bit_for_bit(case, monkeypatch):
     """The torch backend's stock path (PF.stock_conv_bn: in eval the stock forwards' own ATen calls, F.conv2d and
     F.batch_norm, without their Python wrappers) gives the module-by-module forward exactly, in eval and in
-    training, running statistics included."""
+    training, running statistics included; in eval with running statistics and zero padding without calling the
+    stock forwards (the ATen calls directly), elsewhere through them."""
     torch.manual_seed(0)
     if case == "block":
         module = PackedBottleneck(16, 8, 1, alpha=2, num_estimators=2, gamma=1, conv_bias=False, dropout_rate=0,
@@ -320,15 +322,27 @@ def test_stock_path_is_the_stock_modules_bit_for_bit(case):
         module = PackedConvBNReLU2d(8, 8, 3, alpha=2, num_estimators=2, padding=1, bias=case == "bias",
                                     padding_mode="reflect" if case == "reflect" else "zeros",
                                     track_running_stats=case != "no-running-stats",
-                                    momentum=None if case == "momentum-none" else 0.1)
-    if case != "no-running-stats":  # (it draws running statistics too)
+                                    momentum=None if case == "momentum-none" else 0.1, affine=case != "no-affine",
+                                    eps=0.3 if case == "eps" else 1e-5)
+    if case not in ("no-running-stats", "no-affine"):  # (it draws running statistics and affine parameters)
         _randomize_bn(module)
+    if case == "plain-attributes":  # parameters replaced by plain tensors: still exact nn.Conv2d / BatchNorm2d
+        for owner, name in ((module.conv.conv, "weight"), (module.bn, "weight"), (module.bn, "bias")):
+            value = getattr(owner, name).detach().clone()
+            delattr(owner, name)
+            setattr(owner, name, value)
     module = module.to(memory_format=torch.channels_last)
     x = torch.randn(2, module_in_channels(module), 6, 6).to(memory_format=torch.channels_last)
+    direct = case not in ("reflect", "no-running-stats")  # eval: the ATen calls themselves
+    calls = []
+    stock_forward = nn.BatchNorm2d.forward
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, y: calls.append(1) or stock_forward(self, y))
     for training in (False, True):
         stock, twin = copy.deepcopy(module).train(training), copy.deepcopy(module).train(training)
         with pe_kernels.use_backend("torch"), torch.no_grad():
+            calls.clear()
             out = stock(x)
+            assert (len(calls) == 0) == (direct and not training), (case, training, calls)
             expected = twin.forward_modules(x)
         assert pe_kernels.last_dispatch().backend == "torch"
         assert torch.equal(out, expected), (case, training)
