@@ -33,7 +33,7 @@ from . import _transforms
 from ._common import CheckMemo, eager_dispatch, no_autocast
 from .bn_finalize import bn_train_finalize, check_train_args
 from .contract import param_dtype
-from .conv_fused import _checked, conv_fused, conv_output_size
+from .conv_fused import checked_args_keyed, conv_fused, conv_output_size
 
 Tensor = torch.Tensor
 
@@ -141,8 +141,8 @@ def prepare(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilat
     y_shape, fused) with tensors = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias), config as
     _ConvBnTrainFunction takes it, y_shape = the conv's (N, K, P, Q), and fused = whether the backend's
     conv_bn_train may run (eager mode: else the composition of the registered ops, `composed`)."""
-    args, conv_key = _checked(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
-                              dilation, groups, True)
+    args, conv_key = checked_args_keyed(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False,
+                                        stride, padding, dilation, groups, True)
     x, weight, bias, in_scale, in_shift = args.x, args.weight, args.bias, args.in_scale, args.in_shift
     in_relu, stride, padding, dilation, groups = args.in_relu, args.stride, args.padding, args.dilation, args.groups
     k = weight.shape[0]

@@ -48,9 +48,9 @@ def _conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Opt
 
 
 def _forward_impl(args: tuple, plan_key: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
-    """backend.conv_fused(*args) on the selected backend; with `plan_key` (_checked: the op's metadata key, which
-    determines the metadata of every argument) through the backend's `conv_fused_keyed(plan_key, *args)` where it
-    has one (ops/contract.py: its launch plan keyed on it, no second key)."""
+    """backend.conv_fused(*args) on the selected backend; with `plan_key` (checked_args_keyed: the op's metadata
+    key, which determines the metadata of every argument) through the backend's `conv_fused_keyed(plan_key, *args)`
+    where it has one (ops/contract.py: its launch plan keyed on it, no second key)."""
     x = args[0]
     backend, _ = _backend.select("conv_fused", x.device, x.dtype, args=args)
     with no_autocast(x.device):
@@ -175,8 +175,8 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_s
                stride=1, padding=0, dilation=1, groups: int = 1,
                compute_stats: bool = False) -> tuple[Tensor, Tensor]:
     """Checked, autocast-aware entry to `pe_kernels::conv_fused`. Returns (y, stats); see the module docstring."""
-    args, plan_key = _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
-                              stride, padding, dilation, groups, compute_stats)
+    args, plan_key = checked_args_keyed(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+                                        out_relu, stride, padding, dilation, groups, compute_stats)
     if _transforms.composite_required("conv_fused"):
         return _transforms.conv_fused(*args)
     tensors = (args.x, args.weight, args.bias, args.in_scale, args.in_shift, args.out_scale, args.out_shift,
@@ -195,12 +195,12 @@ def checked_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Op
     """conv_fused's arguments checked (ValueError/TypeError naming the values) and cast for autocast: a ConvArgs
     (ops/contract.py) with stride/padding/dilation as [a, b] lists. The checks (metadata only) run once per metadata
     (CheckMemo); the casts every call."""
-    return _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
-                    padding, dilation, groups, compute_stats)[0]
+    return checked_args_keyed(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu,
+                              stride, padding, dilation, groups, compute_stats)[0]
 
 
-def _checked(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride, padding,
-             dilation, groups, compute_stats) -> tuple[ConvArgs, Optional[tuple]]:
+def checked_args_keyed(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, residual, out_relu, stride,
+                       padding, dilation, groups, compute_stats) -> tuple[ConvArgs, Optional[tuple]]:
     """(checked_args' ConvArgs, plan key): the key of the checks' memo with what else fixes the metadata of the
     returned arguments (the autocast dtype, the two ReLU flags), or None where the checks were not memoised."""
     (stride, padding, dilation), key = _CHECKS.run_keyed(_check_conv_args, x, weight, bias, in_scale, in_shift,
