@@ -14,12 +14,14 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings, strategies as st
 
 import pe_kernels.reference as ref
 import pe_kernels.triton as tri
 from pe_kernels.triton._common import krsc
-from pe_kernels.triton.conv_bwd import conv_bwd
+from pe_kernels.triton.conv_bwd import _phase_taps, conv_bwd
 from pe_kernels.triton.conv_fwd import conv_fwd
 
 from _devices import kernel_device, to_device
@@ -54,6 +56,9 @@ CASES = {
     "3x3_dil2_g8_odd": Case(2, 24, 24, 8, 8, 3, 3, padding=(2, 2), dilation=(2, 2), groups=8),  # 3 per group
     "1x1_s2_odd_batch1": Case(1, 9, 7, 7, 7, 1, 1, stride=(2, 2)),
     "1x3_s21_pad01": Case(2, 8, 12, 5, 6, 1, 3, stride=(2, 1), padding=(0, 1), groups=2),
+    # dgrad stride phases with dilation: along h, stride 3 and dilation 2 (live taps every 3rd, p steps of 2); along
+    # w, stride 2 and dilation 2 (gcd 2: every tap live on even phases, none on odd ones)
+    "3x3_s32_dil2_pad21": Case(1, 8, 8, 11, 10, 3, 3, stride=(3, 2), padding=(2, 1), dilation=(2, 2), groups=2),
 }
 LAYOUTS = ["channels_last", "nchw", "sliced"]
 
@@ -211,9 +216,11 @@ def test_forward_deterministic_stats(kernel_device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2])
-@pytest.mark.parametrize("case", [CASES["3x3_pad1_g2_odd"], CASES["3x3_dil2_g8_odd"]], ids=["g2", "g8"])
+@pytest.mark.parametrize("case", [CASES["3x3_pad1_g2_odd"], CASES["3x3_dil2_g8_odd"], CASES["3x3_s2_pad1_g4_batch1"]],
+                         ids=["g2", "g8", "s2"])
 def test_small_tiles(case, dtype, kernel_device):
-    """16x16x16 tiles: several M tiles, a partial last tile, masked channel and reduction columns, split wgrad."""
+    """16x16x16 tiles: several M tiles, a partial last tile, masked channel and reduction columns, split wgrad; with
+    stride 2, several tiles per dgrad stride phase (and phases of unequal size: odd width)."""
     tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
     args = make_inputs(case, dtype, "sliced", "full", kernel_device)
     check_forward(args, dtype, tiles={k: v for k, v in tiles.items() if k != "SPLIT"})
@@ -653,3 +660,45 @@ def test_gpu_vs_cudnn(case, dtype, tf32):
             assert_budget(f"d_{name}", o, s, r, dtype, dot=True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------- dgrad stride phases
+@triton.jit
+def _phase_taps_probe(out_ptr, params_ptr):
+    i = tl.program_id(0)
+    a = tl.load(params_ptr + 6 * i)
+    R = tl.load(params_ptr + 6 * i + 1)
+    pad = tl.load(params_ptr + 6 * i + 2)
+    stride = tl.load(params_ptr + 6 * i + 3)
+    dil = tl.load(params_ptr + 6 * i + 4)
+    step = tl.load(params_ptr + 6 * i + 5)
+    r0, T, c = _phase_taps(a, R, pad, stride, dil, step)
+    tl.store(out_ptr + 3 * i, r0)
+    tl.store(out_ptr + 3 * i + 1, T)
+    tl.store(out_ptr + 3 * i + 2, c)
+
+
+def test_dgrad_phase_taps_are_exactly_the_live_taps(kernel_device):
+    """Each stride phase a runs T taps r = r0 + STEP t (STEP = stride / gcd(dilation, stride)), with output row
+    p = h // stride + c - (dilation / gcd) t: exactly the taps with h + pad - r * dilation a multiple of the stride
+    (brute force over rows h of the phase), none dead, none missed."""
+    import math
+    params, expected = [], []
+    for R in (1, 2, 3, 5):
+        for stride in (1, 2, 3):
+            for dil in (1, 2, 3):
+                for pad in (0, 1, 2):
+                    for a in range(stride):
+                        g = math.gcd(dil, stride)
+                        params.append((a, R, pad, stride, dil, stride // g))
+                        expected.append([r for r in range(R) if (a + pad - r * dil) % stride == 0])
+    out = torch.zeros(3 * len(params), dtype=torch.int32, device=kernel_device)
+    flat = torch.tensor([v for p in params for v in p], dtype=torch.int32, device=kernel_device)
+    _phase_taps_probe[(len(params),)](out, flat)
+    got = out.view(-1, 3).cpu().tolist()
+    for (a, R, pad, stride, dil, step), live, (r0, T, c) in zip(params, expected, got):
+        taps = [r0 + step * t for t in range(T)]
+        assert taps == live, (a, R, pad, stride, dil, taps, live)
+        for t, r in enumerate(taps):
+            for h in range(a, a + 4 * stride, stride):   # rows of the phase: p from the phase formula
+                assert (h + pad - r * dil) // stride == h // stride + c - (dil // math.gcd(dil, stride)) * t

@@ -62,17 +62,17 @@ def _bn_apply_tiles(a: dict, part: bool) -> dict:
     return dict(BLOCK_K=block_k, BLOCK_M=block_m, **({"PART_M": block_m} if part else {}))
 
 
-def _gemm_tiles(n: int) -> dict:
-    """The conv GEMMs' BLOCK_N (from the group width) and BLOCK_K on a GPU."""
-    return dict(BLOCK_N=_common().gpu_tile_n(n), BLOCK_K=_common().GPU_TILE_K)
+def _gemm_tiles(n: int, dtype) -> dict:
+    """The conv GEMMs' BLOCK_N (from the group width) and BLOCK_K (from the activations' dtype) on a GPU."""
+    return dict(BLOCK_N=_common().gpu_tile_n(n), BLOCK_K=_common().gpu_tile_k(dtype))
 
 
 # kernel -> constexprs the launchers choose on a GPU, from the bound arguments (pe_kernels/triton/*.py, 2026-11)
 GPU_TILE_RULES = {
-    "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"]), PART_M=128),
-    "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"]), PART_M=128),
+    "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"], a["x_ptr"].dtype), PART_M=64),
+    "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"], a["x_ptr"].dtype), PART_M=64),
     "_conv_bwd_epilogue_kernel": lambda a: dict(BLOCK_N=64, PART_M=64),
-    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_common().gpu_tile_k(a["x_ptr"].dtype)),
     "_bn_apply_kernel": lambda a: _bn_apply_tiles(a, False),
     "_bn_apply_bwd_kernel": lambda a: _bn_apply_tiles(a, True),
     "_stats_merge_kernel": lambda a: dict(BLOCK_S=128, BLOCK_K=32),

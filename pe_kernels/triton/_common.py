@@ -78,13 +78,17 @@ def pow2_tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, next_pow2(max(int(n), 1))))
 
 
-GPU_TILE_K = 64  # the GEMMs' reduction tile on a GPU (a shorter reduction is masked)
+def gpu_tile_k(dtype: torch.dtype) -> int:
+    """A conv GEMM's reduction tile on a GPU (a shorter reduction is masked): 64 for 2-byte operands, 32 for fp32
+    (TF32 or IEEE) ones, whose 64-deep tiles spilled registers (bench/kernel_audit.py)."""
+    return 32 if dtype == torch.float32 else 64
 
 
 def gpu_tile_n(n: int) -> int:
-    """A GEMM's column tile on a GPU: 64 or 128. Two sizes only (narrower groups are masked), so that layers of
-    different widths share compiled kernels."""
-    return 64 if n <= 64 else 128
+    """A conv GEMM's column tile on a GPU: 64, whatever the group width (narrower groups are masked; wider ones take
+    several column blocks), so that layers of every width share compiled kernels. 128-column tiles spilled registers
+    with the prologue / finalize epilogues at Table 8 shapes (bench/kernel_audit.py)."""
+    return 64
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:

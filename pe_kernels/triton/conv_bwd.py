@@ -45,8 +45,11 @@ the composition (ops/contract.composed_conv_bn_train_backward).
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
                              (slots, 3, K) partials [sum g, sum g*acc, sum g_acc]; zeroes the counters.
-  _conv_dgrad_kernel         rows (n, h, w), columns c of group g, reduction j = (r, s, k) with k fastest;
-                             an output row p exists for (h, r) only when (h + ph - r*dh) is a multiple of sh.
+  _conv_dgrad_kernel         rows (n, h, w) by stride phase (h % sh, w % sw), columns c of group g, reduction
+                             j = (t, u, k) with k fastest over the phase's live taps only: an output row p exists
+                             for (h, r) only when h + ph - r*dh is a multiple of sh, which holds for the same taps
+                             r = r0 + (sh / gcd(dh, sh)) t on every row of a phase (a 3x3 / stride 2 dgrad: 1, 2, 2
+                             or 4 of the 9 taps, not all 9 masked).
                              The prologue backward runs in its epilogue; (slots, 2, C) partials, summed by
                              the last M tile of each column block into d_in_scale, d_in_shift.
   _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
@@ -58,6 +61,7 @@ Kernels:
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -67,11 +71,11 @@ import triton
 import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
-from ._common import (GPU_TILE_K, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
+from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
                       channels_last_strides, check_4d, check_same_device, check_shape, check_vector, dot_precision,
-                      dummy, empty_channels_last, gpu_tile_n, identity_vector, krsc, krsc_strides, last_arrival,
-                      launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part, stream_counters,
-                      strides4, sum_slots, tensor_key, tile_offsets, upcast_bf16)
+                      dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides,
+                      last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part,
+                      stream_counters, strides4, sum_slots, tensor_key, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -182,7 +186,21 @@ def _conv_bwd_epilogue_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # 2. dgrad: transposed grouped implicit GEMM, prologue backward in the epilogue
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["stats_row"])
+@triton.jit
+def _phase_taps(a, R, PAD, STRIDE, DIL, STEP):
+    """The filter taps r in [0, R) that reach input rows h = a (mod STRIDE) (h + PAD - r*DIL a multiple of STRIDE):
+    (r0, T, c) with r = r0 + STEP t for t < T (T = 0: none) and p = (h + PAD - r*DIL) / STRIDE = h // STRIDE + c -
+    (DIL / gcd) t. Solutions repeat with period STEP = STRIDE / gcd(DIL, STRIDE): the first one, if any, is < STEP."""
+    r0 = R
+    for r in range(0, STEP):
+        live = ((a + PAD - r * DIL) % STRIDE == 0) & (r0 == R) & (r < R)
+        r0 = tl.where(live, r, r0)
+    T = tl.where(r0 < R, (R - r0 + STEP - 1) // STEP, 0)
+    c = (a + PAD - r0 * DIL) // STRIDE   # exact where r0 < R (unused otherwise)
+    return r0, T, c
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["stats_row", "N", "M_PH", "STEP_H", "STEP_W", "DQ_H", "DQ_W"])
 def _conv_dgrad_kernel(
     g_ptr,          # g_acc (N, K, P, Q), any strides; grad_y with GACC_ON_LOAD
     w_ptr,          # weight (K, C_g, R, S), any strides
@@ -199,9 +217,12 @@ def _conv_dgrad_kernel(
     dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS), or unused
     dshift_ptr,     # out: (C,) d_in_shift = the total of the second sum (STATS), or unused
     sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch (STATS), or unused
-    C, H, W, P, Q, M,            # input channels, input height/width, output height/width, M = N*H*W
+    C, H, W, P, Q, N,            # input channels, input height/width, output height/width, batch
     C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
-    M_KEY,                       # M rounded up to a power of two (autotune key)
+    M_KEY,                       # N*H*W rounded up to a power of two (autotune key)
+    M_PH,                        # rows of the largest stride phase: N * cdiv(H, sh) * cdiv(W, sw)
+    STEP_H, STEP_W, DQ_H, DQ_W,  # live taps of a phase: r = r0 + STEP_H t, p = i + c - DQ_H t (sh / g, dh / g,
+                                 # g = gcd(dh, sh)); likewise along w
     count, inv_n, eps,           # GACC_ON_LOAD: n = N*P*Q (float), 1 / n, BN epsilon
     stats_row,                   # GACC_ON_LOAD: K, the row stride of stats
     sgn, sgc, sgh, sgw,          # g_acc (grad_y) strides
@@ -224,15 +245,30 @@ def _conv_dgrad_kernel(
     grp = pid_gn // num_n
     pid_n = pid_gn % num_n
 
-    # Rows: input positions (n, h, w).
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
+    # Rows: input positions (n, h, w) of one stride phase (a, b) = (h % sh, w % sw), i = h // sh, jj = w // sw:
+    # the programs of a phase cover its M_a = N * cdiv(H - a, sh) * cdiv(W - b, sw) rows (tiles of the largest phase's
+    # M_PH rows, phase (0, 0); the others' tails are masked).
+    tiles_ph = tl.cdiv(M_PH, BLOCK_M)
+    phase = pid_m // tiles_ph
+    tile = pid_m % tiles_ph
+    a_h = phase // STRIDE_W
+    a_w = phase % STRIDE_W
+    H_a = (H - a_h + STRIDE_H - 1) // STRIDE_H
+    W_a = (W - a_w + STRIDE_W - 1) // STRIDE_W
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N * H_a * W_a
+    n = offs_m // (H_a * W_a)
+    ij = offs_m % (H_a * W_a)
+    i_h = ij // W_a
+    i_w = ij % W_a
+    h = a_h + STRIDE_H * i_h
+    w = a_w + STRIDE_W * i_w
     g_rows = g_ptr + n.to(tl.int64) * sgn
     y_rows = y_ptr + n.to(tl.int64) * syn
+    # The taps that reach this phase (p*sh = h + ph - r*dh): r = r0 + STEP_H t, t < T_H, and then
+    # p = i_h + c_h - DQ_H t (_phase_taps); likewise s, q. Every other tap is dead for the whole phase: skipped.
+    r0, T_H, c_h = _phase_taps(a_h, RSK // (S * K_g), PAD_H, STRIDE_H, DIL_H, STEP_H)
+    s0, T_W, c_w = _phase_taps(a_w, S, PAD_W, STRIDE_W, DIL_W, STEP_W)
 
     # Columns: input channels of group grp.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,20 +276,19 @@ def _conv_dgrad_kernel(
     c = grp * C_g + offs_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, RSK, BLOCK_K):
+    for j0 in range(0, T_H * T_W * K_g, BLOCK_K):
+        # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t, s0 + STEP_W u).
         offs_j = j0 + tl.arange(0, BLOCK_K)
-        mask_j = offs_j < RSK
+        mask_j = offs_j < T_H * T_W * K_g
         k = grp * K_g + offs_j % K_g
-        rs = offs_j // K_g
-        r = rs // S
-        s = rs % S
-        # Output position reading (h, w) through filter tap (r, s): p*sh = h + ph - r*dh.
-        hp = h[:, None] + PAD_H - (r * DIL_H)[None, :]
-        wq = w[:, None] + PAD_W - (s * DIL_W)[None, :]
-        p = hp // STRIDE_H
-        q = wq // STRIDE_W
-        valid = (mask_m[:, None] & mask_j[None, :] & (hp >= 0) & (wq >= 0) & (hp % STRIDE_H == 0)
-                 & (wq % STRIDE_W == 0) & (p < P) & (q < Q))
+        tu = offs_j // K_g
+        t = tu // T_W
+        u = tu % T_W
+        r = r0 + STEP_H * t
+        s = s0 + STEP_W * u
+        p = i_h[:, None] + (c_h - DQ_H * t)[None, :]
+        q = i_w[:, None] + (c_w - DQ_W * u)[None, :]
+        valid = mask_m[:, None] & mask_j[None, :] & (p >= 0) & (q >= 0) & (p < P) & (q < Q)
         a_ptrs = g_rows[:, None] + (k.to(tl.int64) * sgc)[None, :] + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
         a = tl.load(a_ptrs, mask=valid, other=0.0)
         if GACC_ON_LOAD:
@@ -287,8 +322,10 @@ def _conv_dgrad_kernel(
             gm = tl.where(pre <= 0, 0.0, gm)
         if STATS:
             gm_m = tl.where(mask, gm, 0.0)
-            store_part(part_ptr, pid_m, M, 2 * C, c, mask_n, sum_centred(gm_m, xv, mask), PART_M, BLOCK_M)
-            store_part(part_ptr + C, pid_m, M, 2 * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
+            # Each phase owns cdiv(M_PH, PART_M) slots (the layout does not depend on the config: store_part)
+            part_ph = part_ptr + (phase * tl.cdiv(M_PH, PART_M)).to(tl.int64) * 2 * C
+            store_part(part_ph, tile, M_PH, 2 * C, c, mask_n, sum_centred(gm_m, xv, mask), PART_M, BLOCK_M)
+            store_part(part_ph + C, tile, M_PH, 2 * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
         gm = gm * scale[None, :]
     if STORE_DX:
         tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
@@ -298,7 +335,8 @@ def _conv_dgrad_kernel(
         # dx store: the accumulator is dead, its registers free for the reduction).
         if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
             _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, grp * C_g + pid_n * BLOCK_N,
-                                 tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N), tl.cdiv(M, PART_M), C, BLOCK_S, BLOCK_N)
+                                 tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N),
+                                 STRIDE_H * STRIDE_W * tl.cdiv(M_PH, PART_M), C, BLOCK_S, BLOCK_N)
             tl.store(sem_ptr + pid_gn, 0)
 
 
@@ -558,7 +596,7 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
     if INTERPRET:
         meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
     else:
-        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=GPU_TILE_K)
+        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=gpu_tile_k(geo.dtype))
     meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
     return meta
 
@@ -587,16 +625,21 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     prologue = has_prologue(in_scale, in_shift, in_relu)
     need_stats = need_stats and prologue
     rsk = geo.R * geo.S * geo.K_g
-    grid = lambda m: (cdiv(M, m["BLOCK_M"]), geo.groups * cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    phases = sh * sw  # rows by stride phase (h % sh, w % sw): each phase's programs run its live taps only
+    m_ph = geo.N * cdiv(geo.H, sh) * cdiv(geo.W, sw)
+    grid = lambda m: (phases * cdiv(m_ph, m["BLOCK_M"]), geo.groups * cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
     load_scalars, y_strides = _on_load_scalars(on_load)
     dx_strides = channels_last_strides(x.shape) if need_dx else (0, 0, 0, 0)
-    scalars = (geo.C, geo.H, geo.W, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsk, next_pow2(max(M, 1)),
+    gh, gw = math.gcd(dh, sh), math.gcd(dw, sw)
+    scalars = (geo.C, geo.H, geo.W, geo.P, geo.Q, geo.N, geo.C_g, geo.K_g, geo.S, rsk, next_pow2(max(M, 1)), m_ph,
+               sh // gh, sw // gw, dh // gh, dw // gw,
                *load_scalars, geo.K, *(g_strides or strides4(g_acc)), *y_strides, *krsc_strides(weight),
                *strides4(x), *dx_strides, *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
                 GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
                 PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
-    return _GemmLaunch(grid, scalars, meta, tiles_m, (cdiv(M, part_m), 2, geo.C) if need_stats else None)
+    return _GemmLaunch(grid, scalars, meta, tiles_m, (phases * cdiv(m_ph, part_m), 2, geo.C) if need_stats else None)
 
 
 def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
@@ -650,7 +693,8 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
-        block_m, block_n, block_k = 64, 64, GPU_TILE_K  # one tile shape for every layer: one compile per mode
+        # one tile shape for every layer (per dtype): one compile per mode; spill-free (bench/kernel_audit.py)
+        block_m, block_n, block_k = 64, 64, gpu_tile_k(geo.dtype)
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))

@@ -54,10 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GPU_TILE_K, INTERPRET, LaunchPlans, Tensor, affine_pair, cdiv, channels_last_strides,
+from ._common import (INTERPRET, LaunchPlans, Tensor, affine_pair, cdiv, channels_last_strides,
                       check_4d, check_activation_dtype, check_same_device, check_shape, check_vector, dot_precision,
-                      dummy, empty_channels_last, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2,
-                      pair, part_rows, pow2_tile, store_part, stream_counters, strides4, tensor_key, upcast_bf16)
+                      dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch,
+                      next_pow2, pair, part_rows, pow2_tile, store_part, stream_counters, strides4, tensor_key,
+                      upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -84,6 +85,7 @@ class ConvGeometry:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    dtype: torch.dtype  # the activations' (it sets the GEMMs' reduction tile on a GPU: gpu_tile_k)
 
 
 def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -119,7 +121,8 @@ def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
     if max(N * H * W, N * P * Q) >= 2**31:
         raise ValueError(f"N*H*W = {N * H * W} and N*P*Q = {N * P * Q} must stay below 2**31 (row indices are "
                          "32-bit; element offsets are 64-bit)")
-    return ConvGeometry(N, C, H, W, K, R, S, P, Q, groups, C // groups, K // groups, stride, padding, dilation)
+    return ConvGeometry(N, C, H, W, K, R, S, P, Q, groups, C // groups, K // groups, stride, padding, dilation,
+                        x.dtype)
 
 
 # Arguments that do not help code generation: not specialised on (value 1, divisibility by 16), so that
@@ -385,8 +388,12 @@ def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[i
 
 
 # GPU configs: two, so that a model's first step compiles few kernels (each config is one compile per
-# specialisation). 128-row tiles give wgmma on sm_90; 4 or 8 warps.
-GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=nw, num_stages=3) for nw in (4, 8)]
+# specialisation): 128 rows on 8 warps (two warpgroups of wgmma m64 on sm_90) or 64 rows on 4 (one). With the
+# 64-column tiles (gpu_tile_n) and the dtype's reduction tile (gpu_tile_k), neither spills at any Table 8 shape, dtype
+# or flag set on sm_90 (bench/kernel_audit.py); 128 rows on 4 warps and 128-column tiles did (up to ~2 KB with the
+# prologue and the finalize, ~4 KB in fp32), and 128 x 128 fp32 tiles also overflowed the dgrad's shared memory.
+GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+               triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)]
 
 # On a GPU: autotuned over warps (BLOCK_N, BLOCK_K follow the group widths), keyed on the GEMM's shape with M
 # rounded up to a power of two. Under the interpreter the launcher calls the plain kernel with one config.
@@ -407,11 +414,11 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
 
 
 def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N from the group width (64 or 128), BLOCK_K = 64; under the interpreter, tiles that cover a
-    tiny test's group in one step."""
+    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tile_k); under the interpreter, tiles that cover a tiny test's
+    group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
-    return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=GPU_TILE_K)
+    return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=gpu_tile_k(geo.dtype))
 
 
 class BNTrain(NamedTuple):

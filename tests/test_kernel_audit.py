@@ -1,0 +1,166 @@
+"""bench/kernel_audit.py: its PTX readers on hand-written PTX, and the audit itself on two conv shapes (offline
+compiles for sm_90 in a subprocess without TRITON_INTERPRET; the targets checked with --check)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+PTX = """
+.visible .entry k(
+\t.param .u64 k_param_0,
+\t.param .u64 k_param_1,
+\t.param .u32 k_param_2
+)
+{
+\tld.param.u64 \t%rd1, [k_param_0];
+\tld.param.u32 \t%r1, [k_param_2];
+\tld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd1 + 0 ];
+$L__BB0_1:
+\tld.global.b16 { %rs1 }, [ %rd2 + 0 ];
+$L__BB0_2:                              // inner loop
+\tcp.async.cg.shared.global [ %r6 + 0 ], [ %rd3 + 0 ], 0x10, %r7;
+\tcp.async.ca.shared.global [ %r6 + 16 ], [ %rd3 + 16 ], 0x4, %r7;
+\tld.global.v2.b32 { %r8, %r9 }, [ %rd4 + 0 ];
+\t@%p1 ld.global.L1::evict_last.v4.b32 { %r10, %r11, %r12, %r13 }, [ %rd5 + 0 ];
+\tld.global.b32 { %r14 }, [ %rd6 + 0 ];
+\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+\twgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd7, %rd8, 1, 1, 1, 0, 1;
+\t@%p2 bra \t$L__BB0_2;
+\tst.global.b32 [ %rd9 + 0 ], %r14;
+\t@%p3 bra \t$L__BB0_1;
+\tret;
+}
+"""
+
+
+def test_ptx_readers_find_the_mma_loop_and_classify_its_loads():
+    import kernel_audit as ka
+
+    lines = PTX.splitlines()
+    first, last = ka.mma_loop(lines)
+    assert lines[first].startswith("$L__BB0_2") and "bra" in lines[last] and "$L__BB0_2" in lines[last]
+    counts = ka.load_counts(lines[first:last + 1])
+    assert counts == dict(scalar_loads=1, vector_loads=1, narrow_vector_loads=1, async_copies=2, async_16=1,
+                          tma_loads=1)
+    # the whole kernel: the b16 load of the outer loop and the 16-byte load before it count too
+    whole = ka.load_counts(lines)
+    assert whole["scalar_loads"] == 2 and whole["vector_loads"] == 2
+    assert ka.used_params(PTX) == {0, 2}
+    assert ka.mma_loop([line for line in lines if "wgmma" not in line]) is None
+
+
+def test_violations_name_what_misses_a_target():
+    import kernel_audit as ka
+
+    good = dict(kernel="_conv_fwd_kernel", config="c", flags="-", shape="x8x64x8x8 w64x64x3x3 s1", dtype="fp16",
+                arch=90, spills=0, smem_bytes=1024, mma="wgmma", loop="mma", scalar_loads=0)
+    assert ka.violations([good, dict(good, arch=80, spills=64, mma="mma.sync")]) == []
+    found = ka.violations([dict(good, spills=100), dict(good, mma="mma.sync"), dict(good, scalar_loads=3),
+                           dict(good, smem_bytes=300 * 1024), dict(good, dtype="fp32", mma="none")])
+    assert len(found) == 4
+    assert "spills 100" in found[0] and "mma.sync instead of wgmma" in found[1]
+    assert "3 scalar global loads in its mma loop" in found[2] and "shared memory" in found[3]
+    # the stem's 3-channel pixels (6 bytes) cannot be read as 16-byte vectors: its scalar loads are not a miss,
+    # a 64-channel layer's are
+    stem = dict(good, shape="x128x3x32x32 w64x3x3x3 s1", scalar_loads=48)
+    assert ka.violations([stem]) == []
+    assert len(ka.violations([dict(stem, shape="x128x64x32x32 w64x64x3x3 s1")])) == 1
+    assert len(ka.violations([dict(stem, kernel="_conv_dgrad_kernel", shape="x128x64x32x32 w12x64x3x3 s1")])) == 0
+    # elementwise kernels: only spills and shared memory are targets
+    assert ka.violations([dict(good, kernel="_bn_apply_kernel", mma="none", scalar_loads=9)]) == []
+
+
+def test_aten_bytes_counts_inputs_and_outputs_once_and_views_as_free():
+    import kernel_audit as ka
+
+    a = torch.empty(4, 8, device="meta")
+    b = torch.empty(4, 8, device="meta")
+    with ka.AtenBytes() as counter:
+        c = a + b                   # reads 2 x 128 bytes, writes 128
+        c.view(32)                  # a view: free
+        c.add_(a)                   # reads c and a, writes c
+        torch.empty(1000, device="meta")   # an allocation: free
+    assert counter.ops == 2
+    assert counter.bytes == 3 * 128 + 3 * 128
+    # a conv's backward is two kernels (dgrad, wgrad), each reading grad_output
+    x = torch.empty(2, 4, 8, 8, device="meta", requires_grad=True)
+    w = torch.empty(6, 4, 3, 3, device="meta", requires_grad=True)
+    X, W, Y = 2 * 4 * 64 * 4, 6 * 4 * 9 * 4, 2 * 6 * 64 * 4
+    with ka.AtenBytes() as counter:
+        y = torch.nn.functional.conv2d(x, w, padding=1)
+        y.backward(torch.empty_like(y))
+    assert counter.by_op["convolution"] == X + W + Y
+    assert counter.by_op["convolution_backward"] == (Y + W + X) + (Y + X + W)
+
+
+@pytest.mark.slow
+def test_audit_of_two_shapes_meets_the_sm90_targets(tmp_path):
+    """The audit compiles what a 1x1 and a 3x3 / stride 2 PE-(2,4,1) layer launch (train step + eval, fp16, every
+    autotune config) for sm_90 and writes the table; --check: wgmma, no spills, no scalar loads in the MMA loops.
+    Also the HBM-bytes table of a PE-(2,4,1) training step at a small batch."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the audit's stand-in driver would replace it in this process")
+    out = tmp_path / "audit.csv"
+    bytes_out = tmp_path / "bytes.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = [sys.executable, str(REPO / "bench" / "kernel_audit.py")]
+    # the Table 8 batch (the launches run nothing: CPU tensors of the real shapes are allocated, never computed)
+    proc = subprocess.run(script + ["--layers", "layer1.0.conv1", "layer2.0.conv2", "--dtypes", "fp16", "--archs", "90",
+                                    "--csv", str(out), "--check"],
+                          env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = subprocess.run(script + ["--bytes-only", "--models", "pe-2-4-1", "--dtypes", "fp16", "--bytes-csv",
+                                    str(bytes_out), "--batch", "8"],
+                          env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = list(csv.DictReader(out.open()))
+    import kernel_audit as ka
+    assert set(ka.AUDIT_FIELDS) <= set(rows[0])
+    kernels = {r["kernel"] for r in rows}
+    assert set(ka.GEMM_KERNELS) <= kernels
+    shapes = {r["shape"] for r in rows if r["kernel"] == "_conv_fwd_kernel"}
+    assert shapes == {"x128x128x32x32 w128x32x1x1 s1", "x128x256x32x32 w256x64x3x3 s2"}
+    # the dgrad of the 3x3 / stride 2 layer issues MMA on live taps only (its stride phases): no more work than the
+    # layer's FLOPs (its tiles divide the shape exactly); 4x as much when every tap was masked instead
+    dgrad = [r for r in rows if r["kernel"] == "_conv_dgrad_kernel" and r["shape"].endswith("s2")]
+    assert dgrad and all(int(r["exec_flops"]) == int(r["flops"]) for r in dgrad), dgrad
+    for r in rows:
+        assert r["arch"] == "90" and r["dtype"] == "fp16"
+        if r["kernel"] in ka.GEMM_KERNELS:
+            assert r["mma"] == "wgmma" and int(r["spills"]) == 0 and int(r["scalar_loads"]) == 0, r
+            flops = float(r["flops"])
+            assert flops > 0
+            floor = max(flops / ka.peak_flops(torch.float16, None),
+                        float(r["min_bytes"]) / ka._h100().H100_HBM_BYTES_PER_S) * 1e6
+            assert float(r["floor_us"]) == pytest.approx(floor, abs=1e-3)
+    brows = {r["side"]: r for r in csv.DictReader(bytes_out.open())}
+    assert set(brows) == {"pe-triton", "eager"}
+    assert int(brows["pe-triton"]["triton_launches"]) > 0 and int(brows["eager"]["triton_launches"]) == 0
+    ratio = int(brows["pe-triton"]["total_bytes"]) / int(brows["eager"]["total_bytes"])
+    assert float(brows["pe-triton"]["ratio_to_eager"]) == pytest.approx(ratio, abs=1e-4)
+
+
+def test_structural_model_takes_each_launchs_best_config():
+    import kernel_audit as ka
+
+    row = dict(kernel="_conv_fwd_kernel", flags="STATS", shape="x8x64x8x8 w64x64x3x3 s1", dtype="fp16", arch=90)
+    rows = [dict(row, config="a", struct_pct=60.0), dict(row, config="b", struct_pct=80.0),
+            dict(row, shape="x8x64x4x4 w64x64x3x3 s1", config="a", struct_pct=50.0),
+            dict(row, dtype="fp32", config="a", struct_pct=40.0)]    # IEEE fp32: reported, not a target
+    assert {(r["shape"], r["config"]) for r in ka.best_configs(rows) if r["dtype"] == "fp16"} == {
+        ("x8x64x8x8 w64x64x3x3 s1", "b"), ("x8x64x4x4 w64x64x3x3 s1", "a")}
+    misses = ka.model_misses(rows)
+    assert len(misses) == 1 and "x8x64x4x4" in misses[0] and "50.0 %" in misses[0]
+    # one program per SM at most: the busiest SM runs ceil(programs / 132) of them
+    assert ka.blocks_per_sm(regs=128, num_warps=4, smem=0) == 4
+    assert ka.blocks_per_sm(regs=255, num_warps=8, smem=100_000) == 1
