@@ -52,7 +52,10 @@ convolution_backward: one kernel per gradient it computes (dgrad, wgrad, bias), 
   pe-triton  the dry run's Triton launches (min_bytes each, once per launch) + the ATen ops the step still runs
              (pooling, head, loss, casts), counted by a TorchDispatchMode
   eager      the same model built with the stock path (`use_backend("torch")`: F.conv2d, F.batch_norm, ReLU,
-             residual add and their backwards), run on the meta device under the same TorchDispatchMode
+             residual add and their backwards), run on the meta device under the same TorchDispatchMode, converted
+             to the dtype (no autocast on meta: the fused side's step runs autocast as the bench does and pays its
+             casts of the fp32 weights and input, ~1 % of its bytes; eager's equal casts are not counted: in eager's
+             favour)
 The ratio pe-triton / eager is the figure of the issue's target (<= 0.6 for PE-(2,4,1)).
 """
 
@@ -188,8 +191,12 @@ def load_counts(lines: list[str]) -> dict:
 
 
 def used_params(ptx: str) -> set[int]:
-    """Indices of the kernel parameters the PTX reads (ld.param): what the compiled code path uses."""
-    return {int(m) for m in re.findall(r"_param_(\d+)\]", ptx)}
+    """Indices of the kernel parameters the PTX reads (ld.param of the .entry's own parameters; a noinline helper
+    .func has parameters of its own): what the compiled code path uses."""
+    entry = re.search(r"\.entry\s+(\w+)\s*\(", ptx)
+    if entry is None:
+        raise ValueError("no .entry function in the PTX")
+    return {int(m) for m in re.findall(rf"\b{re.escape(entry.group(1))}_param_(\d+)\]", ptx)}
 
 
 _PTXAS_CACHE: dict = {}

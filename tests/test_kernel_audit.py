@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 PTX = """
+.func helper(
+	.param .u64 helper_param_0,
+	.param .u64 helper_param_1
+)
+{
+	ld.param.u64 	%rd1, [helper_param_0];
+	ld.param.u64 	%rd2, [helper_param_1];
+	ret;
+}
 .visible .entry k(
 \t.param .u64 k_param_0,
 \t.param .u64 k_param_1,
@@ -55,7 +64,7 @@ def test_ptx_readers_find_the_mma_loop_and_classify_its_loads():
     # the whole kernel: the b16 load of the outer loop and the 16-byte load before it count too
     whole = ka.load_counts(lines)
     assert whole["scalar_loads"] == 2 and whole["vector_loads"] == 2
-    assert ka.used_params(PTX) == {0, 2}
+    assert ka.used_params(PTX) == {0, 2}   # the entry's own: not the helper .func's parameter 1
     assert ka.mma_loop([line for line in lines if "wgmma" not in line]) is None
 
 
@@ -130,8 +139,9 @@ def test_audit_of_two_shapes_meets_the_sm90_targets(tmp_path):
     assert set(ka.GEMM_KERNELS) <= kernels
     shapes = {r["shape"] for r in rows if r["kernel"] == "_conv_fwd_kernel"}
     assert shapes == {"x128x128x32x32 w128x32x1x1 s1", "x128x256x32x32 w256x64x3x3 s2"}
-    # the dgrad of the 3x3 / stride 2 layer issues MMA on live taps only (its stride phases): no more work than the
-    # layer's FLOPs (its tiles divide the shape exactly); 4x as much when every tap was masked instead
+    # the structural model counts the dgrad's live taps per stride phase: for the 3x3 / stride 2 layer, whose tiles
+    # divide the shape exactly, the layer's FLOPs (the kernel's own tap skipping is tested under the interpreter:
+    # tests/test_triton_conv.py::test_dgrad_phase_taps_are_exactly_the_live_taps)
     dgrad = [r for r in rows if r["kernel"] == "_conv_dgrad_kernel" and r["shape"].endswith("s2")]
     assert dgrad and all(int(r["exec_flops"]) == int(r["flops"]) for r in dgrad), dgrad
     for r in rows:
@@ -148,6 +158,9 @@ def test_audit_of_two_shapes_meets_the_sm90_targets(tmp_path):
     assert int(brows["pe-triton"]["triton_launches"]) > 0 and int(brows["eager"]["triton_launches"]) == 0
     ratio = int(brows["pe-triton"]["total_bytes"]) / int(brows["eager"]["total_bytes"])
     assert float(brows["pe-triton"]["ratio_to_eager"]) == pytest.approx(ratio, abs=1e-4)
+    # plausible magnitudes: a PE-(2,4,1) training step at batch 8, fp16, writes at least its 53 conv outputs and
+    # reads them back (>= 2 x 0.1 GB here); fused and eager within a factor 2 of each other
+    assert 0.2e9 < int(brows["eager"]["total_bytes"]) < 20e9 and 0.5 < ratio < 2.0
 
 
 def test_structural_model_takes_each_launchs_best_config():

@@ -3,9 +3,9 @@
 On a GPU the test session launches each autotuned kernel with its first config only (tests/conftest.py,
 PE_KERNELS_TRITON_CONFIG in pe_kernels/triton/_common.py), and the autotuner itself returns only its winner's
 output: a config that computes wrong results would go unseen. Here the launchers run config i of each kernel's
-list explicitly (i over the longest list), on shapes with masked rows and columns and with both GPU column tiles
-(64 and 128), fp16 and fp32, forward with statistics and backward with every gradient, against the float64
-reference (budget: tests/_oracle.py). `test_the_autotuner_path` runs Triton's autotuner itself once (trials on
+list explicitly (i over the longest list), on shapes with masked rows and columns, one and several GPU column
+tiles per group (BLOCK_N 64), fp16 and fp32, forward with statistics and backward with every gradient, against the
+float64 reference (budget: tests/_oracle.py). `test_the_autotuner_path` runs Triton's autotuner itself once (trials on
 the same buffers, then the winner). Under the interpreter there are no configs to choose (the launchers pass one
 explicit tile), so those tests need a GPU; the policy plumbing and the list of autotuned kernels are checked
 everywhere.
@@ -34,9 +34,9 @@ TUNED = {
 MAX_CONFIGS = max(len(tuned.configs) for _, tuned in TUNED.values())
 
 CASES = {
-    # M = 2*9*9 = 162 rows (a masked second 128-row tile); 16 channels per group: BLOCK_N 64, masked columns
+    # M = 2*9*9 = 162 rows (masked last 128- and 64-row tiles); 16 channels per group: BLOCK_N 64, masked columns
     "3x3_pad1_g2": tc.Case(2, 16, 32, 9, 9, 3, 3, padding=(1, 1), groups=2),
-    # 128 channels per group in and out: BLOCK_N 128 in the forward and the dgrad; stride 2
+    # 128 channels per group in and out: two 64-column blocks per group in the forward and the dgrad; stride 2
     "1x1_s2_g2_wide": tc.Case(2, 256, 256, 9, 9, 1, 1, stride=(2, 2), groups=2),
 }
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]

@@ -57,7 +57,7 @@ CASES = {
     "1x1_s2_odd_batch1": Case(1, 9, 7, 7, 7, 1, 1, stride=(2, 2)),
     "1x3_s21_pad01": Case(2, 8, 12, 5, 6, 1, 3, stride=(2, 1), padding=(0, 1), groups=2),
     # dgrad stride phases with dilation: along h, stride 3 and dilation 2 (live taps every 3rd, p steps of 2); along
-    # w, stride 2 and dilation 2 (gcd 2: every tap live on even phases, none on odd ones)
+    # w, stride 2, dilation 2 and padding 1 (gcd 2: every tap live on odd phases, none on even ones)
     "3x3_s32_dil2_pad21": Case(1, 8, 8, 11, 10, 3, 3, stride=(3, 2), padding=(2, 1), dilation=(2, 2), groups=2),
 }
 LAYOUTS = ["channels_last", "nchw", "sliced"]
@@ -216,11 +216,12 @@ def test_forward_deterministic_stats(kernel_device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2])
-@pytest.mark.parametrize("case", [CASES["3x3_pad1_g2_odd"], CASES["3x3_dil2_g8_odd"], CASES["3x3_s2_pad1_g4_batch1"]],
+@pytest.mark.parametrize("case", [CASES["3x3_pad1_g2_odd"], CASES["3x3_dil2_g8_odd"],
+                                  Case(2, 12, 20, 9, 7, 3, 3, stride=(2, 2), padding=(1, 1), groups=4)],
                          ids=["g2", "g8", "s2"])
 def test_small_tiles(case, dtype, kernel_device):
     """16x16x16 tiles: several M tiles, a partial last tile, masked channel and reduction columns, split wgrad; with
-    stride 2, several tiles per dgrad stride phase (and phases of unequal size: odd width)."""
+    stride 2, several tiles per dgrad stride phase (40 rows in the largest) and phases of unequal size (odd H, W)."""
     tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
     args = make_inputs(case, dtype, "sliced", "full", kernel_device)
     check_forward(args, dtype, tiles={k: v for k, v in tiles.items() if k != "SPLIT"})
@@ -676,6 +677,16 @@ def _phase_taps_probe(out_ptr, params_ptr):
     tl.store(out_ptr + 3 * i, r0)
     tl.store(out_ptr + 3 * i + 1, T)
     tl.store(out_ptr + 3 * i + 2, c)
+
+
+@pytest.mark.parametrize("case", [Case(2, 8, 8, 1, 3, 3, 3, stride=(2, 2), padding=(1, 1)),
+                                  Case(1, 8, 8, 2, 1, 1, 1, stride=(3, 3))], ids=["h1_s2", "w1_s3"])
+def test_dgrad_input_smaller_than_stride(case, kernel_device):
+    """H or W < stride: stride phases without rows (and 1x1 / stride 3 phases without taps) compute nothing and divide
+    by nothing (numpy raises here on an integer division by zero; the compiled kernel must not divide by 0 either)."""
+    import numpy as np
+    with np.errstate(divide="raise", invalid="raise"):
+        check_backward(make_inputs(case, torch.float32, "channels_last", "full", kernel_device), torch.float32)
 
 
 def test_dgrad_phase_taps_are_exactly_the_live_taps(kernel_device):

@@ -17,11 +17,12 @@ the suite over several GPU calls: tests/conftest.py's PE_KERNELS_TEST_SHARD, too
 On a GPU the kernels run compiled and the keys are the real ones (the autotuner's trials included) under the
 session's policy; the other policy's column is derived from the same launches. Under the Triton interpreter
 (no GPU) the launchers pass the interpreter's own tiles (BLOCK_N/BLOCK_K sized to the tiny test shapes, one
-BLOCK_M) instead of the GPU's (BLOCK_N 64 or 128, BLOCK_K 64): the counts are then an estimate of the GPU's, with
+BLOCK_M) instead of the GPU's (BLOCK_N 64, BLOCK_K 64, 32 in fp32): the counts are then an estimate of the GPU's, with
 each autotuned launch's configs substituted for its tile and warps. GPU-only tests are skipped there. The columns
 `gpu autotune` / `gpu first` count the same launches with the tiles the launchers choose on a GPU (GPU_TILE_RULES,
-the launchers' rules, through their helpers where they have one: conv BLOCK_N 64/128 by group width and BLOCK_K 64, the wgrad's 64x64x64, bn_apply's
-BLOCK_K <= 128, the merge's fixed blocks; no bf16 upcast): the closer estimate of what a GPU compiles.
+the launchers' rules, through their helpers where they have one: conv BLOCK_N 64, BLOCK_K 64 (32 in fp32), the
+wgrad's 64 x 64 x BLOCK_K, bn_apply's BLOCK_K <= 128, the merge's fixed blocks; no bf16 upcast): the closer
+estimate of what a GPU compiles.
 A compile costs ~1 s or more on an H100 (tests/test_triton_compile_count.py); a benchmarking round ~0.1-0.3 s
 per config (triton.testing.do_bench: 25 ms warm-up + 100 ms of repeats).
 """

@@ -213,7 +213,7 @@ def _conv_dgrad_kernel(
     stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
     bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused
-    part_ptr,       # out: (cdiv(M, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
+    part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
     dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS), or unused
     dshift_ptr,     # out: (C,) d_in_shift = the total of the second sum (STATS), or unused
     sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch (STATS), or unused
@@ -257,10 +257,12 @@ def _conv_dgrad_kernel(
     W_a = (W - a_w + STRIDE_W - 1) // STRIDE_W
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N * H_a * W_a
-    n = offs_m // (H_a * W_a)
-    ij = offs_m % (H_a * W_a)
-    i_h = ij // W_a
-    i_w = ij % W_a
+    # (divisors kept >= 1: a phase without rows (H < sh) has every row masked, and the compiled code must not divide
+    # by zero on them: integer division by zero is undefined behaviour in LLVM)
+    n = offs_m // tl.maximum(H_a * W_a, 1)
+    ij = offs_m % tl.maximum(H_a * W_a, 1)
+    i_h = ij // tl.maximum(W_a, 1)
+    i_w = ij % tl.maximum(W_a, 1)
     h = a_h + STRIDE_H * i_h
     w = a_w + STRIDE_W * i_w
     g_rows = g_ptr + n.to(tl.int64) * sgn
@@ -282,8 +284,9 @@ def _conv_dgrad_kernel(
         mask_j = offs_j < T_H * T_W * K_g
         k = grp * K_g + offs_j % K_g
         tu = offs_j // K_g
-        t = tu // T_W
-        u = tu % T_W
+        # (T_W >= 1 whenever the loop runs; the pipeliner may hoist this index math out of a loop of no step)
+        t = tu // tl.maximum(T_W, 1)
+        u = tu % tl.maximum(T_W, 1)
         r = r0 + STEP_H * t
         s = s0 + STEP_W * u
         p = i_h[:, None] + (c_h - DQ_H * t)[None, :]
