@@ -3,7 +3,8 @@
     python bench/kernel_audit.py                                   # Table 8 models x fp16, bf16, fp32 x sm_90, sm_80
     python bench/kernel_audit.py --csv bench/results/kernel_audit.csv --bytes-csv bench/results/hbm_bytes.csv
     python bench/kernel_audit.py --layers layer1.0.conv1 layer2.0.conv2 --dtypes fp16 --archs 90   # two shapes (CI)
-    python bench/kernel_audit.py --check                           # exit 1 if an sm_90 GEMM row misses a target
+    python bench/kernel_audit.py --check                           # exit 1 if an sm_90 row misses a target
+    python bench/kernel_audit.py --layers-csv layers.csv --dtypes fp16   # per conv layer and pass: the time model
 
 What runs: each model's training step (forward + backward) and eval forward (or, with --layers, each named conv
 layer of --layer-model as conv -> BatchNorm -> ReLU, trained and evaluated) through the `triton` backend's real
@@ -43,6 +44,13 @@ not a prediction: a GPU's measured % of roofline replaces it, bench_layers.py):
                       bf16, TF32)
 Rows are deduplicated over (kernel, config, flags, shape, dtype, arch); `launches` counts the launches of the audited
 steps that may run that row (an autotuned launch: each of its configs; all models together), `models` names them.
+
+The per-layer table (--layers-csv): every distinct conv layer of --models as conv -> BN -> ReLU (bench_layers.py's
+layers and passes: "fwd" the eval forward, "fwdbwd" the training forward + backward), its launches audited apart;
+model_us = the sum over the layer's launches of each launch's lowest struct_us (its best config), floor_us =
+bench_layers' roofline floor of the layer (its FLOPs; minimal bytes x + w + y, or 3x + 3w + 9y), model_pct =
+100 * floor_us / model_us; --check asks >= 75 % on sm_90 (fp16, bf16, TF32). On a GPU, bench_layers.py measures the
+same layers: its pct_of_h100_roofline replaces this model.
 
 The second table (--bytes-csv), HBM bytes per training step of each model (forward + backward, one step), fused vs
 eager, under one rule for both sides: every device kernel reads each of its tensor arguments and writes each of its
@@ -349,7 +357,10 @@ class Audit:
     rows: dict = field(default_factory=dict)
     compiled: dict = field(default_factory=dict)   # (arch, kernel hash) -> Compiled
     launch_bytes: list = field(default_factory=list)   # (kernel, bytes) of each launch (first config's analysis)
+    launches: list = field(default_factory=list)   # (step label, launch number, arch, struct_us) per launch x config
+    launch_count: int = 0
     model: str = ""
+    step: tuple = ()   # (label, dtype) of the step running
     record_bytes: bool = False
 
 
@@ -428,14 +439,15 @@ def _record(audit: Audit, arch: int, fn, args: tuple, kwargs: dict, original_run
                   if k in fn.arg_names and fn.params[fn.arg_names.index(k)].is_constexpr}
     constexprs.update(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
     programs = grid_programs(grid, kwargs, bound)
-    model = {}
-    if name in GEMM_KERNELS:
-        occupancy = blocks_per_sm(info.regs, constexprs["num_warps"], info.smem_bytes)
-        waves = -(-programs // H100_SMS)   # programs per SM on the busiest SM
-        executed = executed_flops(name, bound, kwargs, programs)
-        struct_s = max(executed / peak, nbytes / bandwidth) * waves * H100_SMS / max(programs, 1)
-        model = dict(exec_flops=executed, occupancy=occupancy, waves=waves, struct_us=round(struct_s * 1e6, 3),
-                     struct_pct=round(100 * floor / (struct_s * 1e6), 1) if struct_s > 0 else "")
+    occupancy = blocks_per_sm(info.regs, constexprs["num_warps"], info.smem_bytes)
+    waves = -(-programs // H100_SMS)   # programs per SM on the busiest SM
+    executed = executed_flops(name, bound, kwargs, programs)
+    struct_s = max(executed / peak, nbytes / bandwidth) * waves * H100_SMS / max(programs, 1)
+    model = dict(exec_flops=executed, occupancy=occupancy, waves=waves, struct_us=round(struct_s * 1e6, 3),
+                 struct_pct=round(100 * floor / (struct_s * 1e6), 1) if struct_s > 0 else "")
+    if first:
+        audit.launch_count += 1
+    audit.launches.append((audit.step, audit.launch_count, arch, struct_s * 1e6))
     row_key = (name, config_of(constexprs), flags_of(constexprs), shape_of(bound), dname, arch)
     row = audit.rows.get(row_key)
     if row is None:
@@ -507,9 +519,10 @@ def model_step(model_name: str, dtype: str, batch: int, image: int) -> Callable[
     return run
 
 
-def layer_step(model_name: str, layer_name: str, dtype: str, batch: int) -> Callable[[], None]:
+def layer_step(model_name: str, layer_name: str, dtype: str, batch: int,
+               passes: tuple = ("fwdbwd", "fwd")) -> Callable[[], None]:
     """A conv -> BatchNorm -> ReLU of one conv shape of a Table 8 model (bench_layers' pe-triton case): a training
-    forward + backward, then an eval forward."""
+    forward + backward ("fwdbwd"), then an eval forward ("fwd"), or the `passes` named."""
     import bench_layers
     from torch import nn
 
@@ -528,7 +541,7 @@ def layer_step(model_name: str, layer_name: str, dtype: str, batch: int) -> Call
         x = torch.randn(batch, layer.in_channels, layer.size, layer.size).contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-        for train in (True, False):
+        for train in [p == "fwdbwd" for p in passes]:
             bn.train(train)
             with _precision(dtype):
                 with ctx, torch.set_grad_enabled(train):
@@ -546,10 +559,71 @@ def audit_steps(steps: list[tuple[str, str, Callable[[], None]]], archs, audit: 
     for arch in archs:
         for label, dtype, step in steps:
             progress(f"sm_{arch} {label} {dtype}")
-            audit.model = label
+            audit.model, audit.step = label, (label, dtype)
             with torch.inference_mode(False), triton_on_cpu_tensors(), compiling_launches(audit, arch):
                 step()
     return audit
+
+
+# ------------------------------------------------------------------------------------------ per-layer time model
+
+LAYER_FIELDS = ("model", "layer", "pass", "dtype", "arch", "count", "batch", "launches", "floor_us", "model_us",
+                "model_pct", "git_commit", "triton_version")
+_ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp32-ieee": 4}
+
+
+def layer_table_steps(models, dtypes, batch: int) -> list:
+    """Every distinct conv layer of `models` (bench_layers.conv_layers) as conv -> BN -> ReLU, eval forward ("fwd") and
+    training forward + backward ("fwdbwd") apart: the layers and passes bench_layers.py times on a GPU."""
+    import bench_layers
+
+    steps = []
+    for model_name in models:
+        for layer in bench_layers.conv_layers(model_name):
+            for pass_ in ("fwd", "fwdbwd"):
+                for dtype in dtypes:
+                    steps.append((f"{model_name}:{layer.name}:{pass_}", dtype,
+                                  layer_step(model_name, layer.name, dtype, batch, (pass_,))))
+    return steps
+
+
+def layer_rows(audit: Audit, batch: int) -> list[dict]:
+    """Per layer, pass, dtype and arch: the structural model's time of the layer's launches (each at its best config:
+    the one of lowest struct_us), beside bench_layers' roofline floor of the layer (its FLOPs and minimal traffic:
+    x + w + y for fwd, 3x + 3w + 9y for fwdbwd); model_pct = 100 * floor / model. On a GPU, bench_layers.py measures
+    the same layers and passes: its pct_of_h100_roofline is the measured figure this model stands in for."""
+    import bench_layers
+
+    best: dict = {}
+    for step, number, arch, struct_us in audit.launches:
+        key = (step, arch, number)
+        best[key] = min(best.get(key, struct_us), struct_us)
+    totals: dict = collections.defaultdict(lambda: [0.0, 0])
+    for (step, arch, _), t in best.items():
+        totals[(step, arch)][0] += t
+        totals[(step, arch)][1] += 1
+    layers = {}
+    prov = _provenance()
+    rows = []
+    for ((label, dtype), arch), (model_us, launches) in sorted(totals.items()):
+        model_name, layer_name, pass_ = label.split(":")
+        if model_name not in layers:
+            layers[model_name] = {layer.name: layer for layer in bench_layers.conv_layers(model_name)}
+        layer = layers[model_name][layer_name]
+        flops, nbytes = bench_layers.flops_and_bytes(layer, batch, layer.size, pass_, _ELEMENT_SIZE[dtype])
+        peak = peak_flops(DTYPES[dtype], "ieee" if dtype == "fp32-ieee" else "tf32")
+        floor_us = max(flops / peak, nbytes / _h100().H100_HBM_BYTES_PER_S) * 1e6
+        rows.append(dict(model=model_name, layer=layer_name, dtype=dtype, arch=arch, count=layer.count, batch=batch,
+                         launches=launches, floor_us=round(floor_us, 3), model_us=round(model_us, 3),
+                         model_pct=round(100 * floor_us / model_us, 1), **{"pass": pass_},
+                         git_commit=prov["git_commit"], triton_version=prov["triton_version"]))
+    return rows
+
+
+def layer_misses(rows: list[dict]) -> list[str]:
+    """sm_90 layers (fp16, bf16, fp32 with TF32) whose modelled time is above floor / 75 %."""
+    return [f"{r['model']} {r['layer']} {r['pass']} {r['dtype']}: modelled at {r['model_pct']} % of its roofline floor"
+            for r in rows if r["arch"] == 90 and r["dtype"] != "fp32-ieee" and r["model_pct"] < STRUCT_TARGET_PCT]
 
 
 # ------------------------------------------------------------------------------------------- HBM bytes per step
@@ -812,6 +886,21 @@ def model_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_summary(rows: list[dict]) -> str:
+    """Per model, pass, dtype (sm_90): the lowest and the median modelled % of a layer's roofline floor."""
+    groups: dict = collections.defaultdict(list)
+    for r in rows:
+        if r["arch"] == 90:
+            groups[(r["model"], r["pass"], r["dtype"])].append(r)
+    lines = ["per-layer time model, % of the layer's roofline floor (sm_90):"]
+    for (model_name, pass_, dtype), rs in sorted(groups.items()):
+        pcts = sorted(r["model_pct"] for r in rs)
+        worst = min(rs, key=lambda r: r["model_pct"])
+        lines.append(f"  {model_name:9s} {pass_:6s} {dtype:9s} layers {len(rs):2d}  min {pcts[0]:5.1f}  median "
+                     f"{pcts[len(pcts) // 2]:5.1f}  (lowest: {worst['layer']})")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict]) -> str:
     """Per kernel, dtype and arch: rows, MMA kinds, worst spills, registers, loads in the MMA loop, shared memory."""
     groups: dict = collections.defaultdict(list)
@@ -871,6 +960,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when an sm_90 row of fp16, bf16 or TF32 misses "
                         "a target")
     parser.add_argument("--bytes-only", action="store_true", help="only the HBM-bytes table (with --bytes-csv)")
+    parser.add_argument("--layers-csv", type=Path, help="instead of whole models: every conv layer of --models, eval "
+                        "and training passes apart, and the per-layer time model written here (bench_layers' layers)")
     args = parser.parse_args(argv)
 
     # The launchers must take their GPU code path: pe_kernels.triton reads TRITON_INTERPRET once, at its import (below).
@@ -885,7 +976,9 @@ def main(argv=None) -> int:
 
     if args.bytes_only and not args.bytes_csv:
         parser.error("--bytes-only needs --bytes-csv")
-    if args.layers:
+    if args.layers_csv:
+        steps = layer_table_steps(args.models, args.dtypes, args.batch)
+    elif args.layers:
         steps = [(f"{args.layer_model}:{name}", dtype, layer_step(args.layer_model, name, dtype, args.batch))
                  for name in args.layers for dtype in args.dtypes]
     else:
@@ -908,6 +1001,12 @@ def main(argv=None) -> int:
                   f"ratio {r['ratio_to_eager']}")
         print(f"wrote {len(brows)} rows to {args.bytes_csv}")
     missed = violations(rows) + model_misses(rows)
+    if args.layers_csv:
+        lrows = layer_rows(audit, args.batch)
+        write_csv(args.layers_csv, LAYER_FIELDS, lrows)
+        print(layer_summary(lrows))
+        print(f"wrote {len(lrows)} rows to {args.layers_csv}")
+        missed += layer_misses(lrows)
     print(f"{len(missed)} sm_90 fp16 / bf16 / TF32 row(s) miss a target" + (":" if missed else ""))
     for m in missed:
         print("  " + m)

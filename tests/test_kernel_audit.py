@@ -177,3 +177,27 @@ def test_structural_model_takes_each_launchs_best_config():
     # one program per SM at most: the busiest SM runs ceil(programs / 132) of them
     assert ka.blocks_per_sm(regs=128, num_warps=4, smem=0) == 4
     assert ka.blocks_per_sm(regs=255, num_warps=8, smem=100_000) == 1
+
+
+def test_layer_model_sums_each_launchs_best_config_against_the_layers_floor():
+    """--layers-csv: a layer's modelled time is the sum over its launches of each launch's fastest config, its floor
+    bench_layers' (FLOPs, minimal bytes) of that layer and pass."""
+    import bench_layers
+    import kernel_audit as ka
+
+    layer = bench_layers.conv_layers("pe-2-4-1")[2]
+    audit = ka.Audit()
+    step = (f"pe-2-4-1:{layer.name}:fwdbwd", "fp16")
+    # launch 1 ran with two configs (10 and 12 us), launch 2 with one (5 us); another step's launch is not summed
+    audit.launches = [(step, 1, 90, 10.0), (step, 1, 90, 12.0), (step, 2, 90, 5.0),
+                      ((f"pe-2-4-1:{layer.name}:fwd", "fp16"), 3, 90, 7.0)]
+    rows = {r["pass"]: r for r in ka.layer_rows(audit, 128)}
+    r = rows["fwdbwd"]
+    assert r["model_us"] == 15.0 and r["launches"] == 2 and r["layer"] == layer.name and r["count"] == layer.count
+    flops, nbytes = bench_layers.flops_and_bytes(layer, 128, layer.size, "fwdbwd", 2)
+    floor = max(flops / bench_layers.H100_FP16_TENSOR_FLOPS, nbytes / bench_layers.H100_HBM_BYTES_PER_S) * 1e6
+    assert r["floor_us"] == pytest.approx(floor, abs=1e-3)
+    assert r["model_pct"] == pytest.approx(100 * floor / 15.0, abs=0.1)
+    assert rows["fwd"]["model_us"] == 7.0
+    misses = ka.layer_misses([dict(r, model_pct=70.0), dict(r, model_pct=80.0), dict(r, model_pct=50.0, arch=80)])
+    assert len(misses) == 1 and "70.0 %" in misses[0]

@@ -21,8 +21,8 @@ BLOCK_M) instead of the GPU's (BLOCK_N 64, BLOCK_K 64, 32 in fp32): the counts a
 each autotuned launch's configs substituted for its tile and warps. GPU-only tests are skipped there. The columns
 `gpu autotune` / `gpu first` count the same launches with the tiles the launchers choose on a GPU (GPU_TILE_RULES,
 the launchers' rules, through their helpers where they have one: conv BLOCK_N 64, BLOCK_K 64 (32 in fp32), the
-wgrad's 64 x 64 x BLOCK_K, bn_apply's BLOCK_K <= 128, the merge's fixed blocks; no bf16 upcast): the closer
-estimate of what a GPU compiles.
+wgrad's 64 (32 for the stem) x 64 x BLOCK_K, bn_apply's BLOCK_K <= 128, the merge's fixed blocks; no bf16
+upcast): the closer estimate of what a GPU compiles.
 A compile costs ~1 s or more on an H100 (tests/test_triton_compile_count.py); a benchmarking round ~0.1-0.3 s
 per config (triton.testing.do_bench: 25 ms warm-up + 100 ms of repeats).
 """
@@ -63,17 +63,19 @@ def _bn_apply_tiles(a: dict, part: bool) -> dict:
     return dict(BLOCK_K=block_k, BLOCK_M=block_m, **({"PART_M": block_m} if part else {}))
 
 
-def _gemm_tiles(n: int, dtype) -> dict:
-    """The conv GEMMs' BLOCK_N (from the group width) and BLOCK_K (from the activations' dtype) on a GPU."""
-    return dict(BLOCK_N=_common().gpu_tile_n(n), BLOCK_K=_common().gpu_tile_k(dtype))
+def _gemm_tiles(n: int, dtype, length: int) -> dict:
+    """The conv GEMMs' BLOCK_N (from the group width) and BLOCK_K (from the activations' dtype and the length it
+    tiles) on a GPU."""
+    return dict(BLOCK_N=_common().gpu_tile_n(n), BLOCK_K=_common().gpu_tile_k(dtype, length))
 
 
 # kernel -> constexprs the launchers choose on a GPU, from the bound arguments (pe_kernels/triton/*.py, 2026-11)
 GPU_TILE_RULES = {
-    "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"], a["x_ptr"].dtype), PART_M=64),
-    "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"], a["x_ptr"].dtype), PART_M=64),
+    "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"], a["x_ptr"].dtype, a["RSC"]), PART_M=64),
+    "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"], a["x_ptr"].dtype, a["RSK"]), PART_M=64),
     "_conv_bwd_epilogue_kernel": lambda a: dict(BLOCK_N=64, PART_M=64),
-    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_common().gpu_tile_k(a["x_ptr"].dtype)),
+    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64 if a["RSC"] >= 64 else 32, BLOCK_N=64,
+                                         BLOCK_K=_common().gpu_tile_k(a["x_ptr"].dtype, a["RSC"])),
     "_bn_apply_kernel": lambda a: _bn_apply_tiles(a, False),
     "_bn_apply_bwd_kernel": lambda a: _bn_apply_tiles(a, True),
     "_stats_merge_kernel": lambda a: dict(BLOCK_S=128, BLOCK_K=32),

@@ -599,7 +599,7 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
     if INTERPRET:
         meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
     else:
-        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=gpu_tile_k(geo.dtype))
+        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=gpu_tile_k(geo.dtype, rsk))
     meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
     return meta
 
@@ -696,8 +696,9 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
-        # one tile shape for every layer (per dtype): one compile per mode; spill-free (bench/kernel_audit.py)
-        block_m, block_n, block_k = 64, 64, gpu_tile_k(geo.dtype)
+        # one tile shape for every layer (per dtype), spill-free (bench/kernel_audit.py, Triton 3.6 and 3.9); the
+        # stem (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled
+        block_m, block_n, block_k = (64 if rsc >= 64 else 32), 64, gpu_tile_k(geo.dtype, rsc)
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))

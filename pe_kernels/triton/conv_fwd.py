@@ -85,7 +85,7 @@ class ConvGeometry:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
-    dtype: torch.dtype  # the activations' (it sets the GEMMs' reduction tile on a GPU: gpu_tile_k)
+    dtype: torch.dtype  # the activations' (with R*S*C_g, it sets the GEMMs' reduction tile on a GPU: gpu_tile_k)
 
 
 def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -418,7 +418,7 @@ def fwd_tiles(geo: ConvGeometry) -> dict:
     group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
-    return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=gpu_tile_k(geo.dtype))
+    return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=gpu_tile_k(geo.dtype, geo.R * geo.S * geo.C_g))
 
 
 class BNTrain(NamedTuple):
