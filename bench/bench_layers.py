@@ -100,14 +100,17 @@ def _provenance() -> tuple:
         triton_version = ""
     head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
                           capture_output=True, text=True, timeout=10)
+    # (the result files a run rewrites do not make the code dirty: bench/results/ is left out)
     dirty = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "status", "--porcelain",
-                            "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+                            "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
+                           capture_output=True, text=True, timeout=10)
     commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
     return (("git_commit", commit), ("torch_version", torch.__version__), ("triton_version", triton_version))
 
 
 def provenance() -> dict:
-    """The commit (with -dirty), torch and triton versions each row records."""
+    """The commit (with -dirty when tracked files outside bench/results/ differ from it), torch and triton versions
+    each row records."""
     return dict(_provenance())
 
 

@@ -5,6 +5,7 @@
     python bench/kernel_audit.py --layers layer1.0.conv1 layer2.0.conv2 --dtypes fp16 --archs 90   # two shapes (CI)
     python bench/kernel_audit.py --check                           # exit 1 if an sm_90 row misses a target
     python bench/kernel_audit.py --layers-csv layers.csv --dtypes fp16   # per conv layer and pass: the time model
+    python bench/kernel_audit.py --steps-csv steps.csv              # per model step (train step, eval forward)
 
 What runs: each model's training step (forward + backward) and eval forward (or, with --layers, each named conv
 layer of --layer-model as conv -> BatchNorm -> ReLU, trained and evaluated) through the `triton` backend's real
@@ -51,6 +52,11 @@ model_us = the sum over the layer's launches of each launch's lowest struct_us (
 bench_layers' roofline floor of the layer (its FLOPs; minimal bytes x + w + y, or 3x + 3w + 9y), model_pct =
 100 * floor_us / model_us; --check asks >= 75 % on sm_90 (fp16, bf16, TF32). On a GPU, bench_layers.py measures the
 same layers: its pct_of_h100_roofline replaces this model.
+
+The step table (--steps-csv, whole models): the same sum over every Triton launch of a model's training step ("train")
+or eval forward ("eval"), against the sum of its conv layers' floors (fwdbwd or fwd, times the layers sharing each
+shape); the head, the loss and other ATen ops are neither modelled nor floored, a block's residual read is modelled
+but not floored (its layer floor counts x + w + y).
 
 The second table (--bytes-csv), HBM bytes per training step of each model (forward + backward, one step), fused vs
 eager, under one rule for both sides: every device kernel reads each of its tensor arguments and writes each of its
@@ -360,7 +366,7 @@ class Audit:
     launches: list = field(default_factory=list)   # (step label, launch number, arch, struct_us) per launch x config
     launch_count: int = 0
     model: str = ""
-    step: tuple = ()   # (label, dtype) of the step running
+    step: tuple = ()   # (label, dtype, pass) of the step running
     record_bytes: bool = False
 
 
@@ -503,8 +509,9 @@ def _precision(dtype: str):
         torch.backends.cudnn.allow_tf32 = saved
 
 
-def model_step(model_name: str, dtype: str, batch: int, image: int) -> Callable[[], None]:
-    """One training step + eval forward of a Table 8 model through the triton backend (dry: nothing runs)."""
+def model_step(model_name: str, dtype: str, batch: int, image: int, train: bool = True,
+               evaluate: bool = True) -> Callable[[], None]:
+    """A training step and / or an eval forward of a Table 8 model through the triton backend (dry: nothing runs)."""
     from count_triton_compiles import run_step
 
     from pe_kernels.models.registry import get_model
@@ -515,7 +522,7 @@ def model_step(model_name: str, dtype: str, batch: int, image: int) -> Callable[
 
     def run():
         with _precision(dtype):
-            run_step(model, entry.format_batch, _amp(dtype), batch, image)
+            run_step(model, entry.format_batch, _amp(dtype), batch, image, train, evaluate)
     return run
 
 
@@ -552,14 +559,15 @@ def layer_step(model_name: str, layer_name: str, dtype: str, batch: int,
     return run
 
 
-def audit_steps(steps: list[tuple[str, str, Callable[[], None]]], archs, audit: Audit,
+def audit_steps(steps: list[tuple[str, str, Callable[[], None], str]], archs, audit: Audit,
                 progress: Callable[[str], None]) -> Audit:
+    """Run each (label, dtype, step, pass) on each arch with every launch compiled and audited."""
     from count_triton_compiles import triton_on_cpu_tensors
 
     for arch in archs:
-        for label, dtype, step in steps:
-            progress(f"sm_{arch} {label} {dtype}")
-            audit.model, audit.step = label, (label, dtype)
+        for label, dtype, step, pass_ in steps:
+            progress(f"sm_{arch} {label} {pass_} {dtype}")
+            audit.model, audit.step = label, (label, dtype, pass_)
             with torch.inference_mode(False), triton_on_cpu_tensors(), compiling_launches(audit, arch):
                 step()
     return audit
@@ -582,8 +590,8 @@ def layer_table_steps(models, dtypes, batch: int) -> list:
         for layer in bench_layers.conv_layers(model_name):
             for pass_ in ("fwd", "fwdbwd"):
                 for dtype in dtypes:
-                    steps.append((f"{model_name}:{layer.name}:{pass_}", dtype,
-                                  layer_step(model_name, layer.name, dtype, batch, (pass_,))))
+                    steps.append((f"{model_name}:{layer.name}", dtype,
+                                  layer_step(model_name, layer.name, dtype, batch, (pass_,)), pass_))
     return steps
 
 
@@ -594,6 +602,27 @@ def layer_rows(audit: Audit, batch: int) -> list[dict]:
     the same layers and passes: its pct_of_h100_roofline is the measured figure this model stands in for."""
     import bench_layers
 
+    layers = {}
+    prov = _provenance()
+    rows = []
+    for ((label, dtype, pass_), arch), (model_us, launches) in sorted(step_totals(audit).items()):
+        if ":" not in label:
+            continue   # a whole model's step (step_rows)
+        model_name, layer_name = label.split(":")
+        if model_name not in layers:
+            layers[model_name] = {layer.name: layer for layer in bench_layers.conv_layers(model_name)}
+        layer = layers[model_name][layer_name]
+        floor_us = layer_floor_us(layer, batch, pass_, dtype)
+        rows.append(dict(model=model_name, layer=layer_name, dtype=dtype, arch=arch, count=layer.count, batch=batch,
+                         launches=launches, floor_us=round(floor_us, 3), model_us=round(model_us, 3),
+                         model_pct=round(100 * floor_us / model_us, 1), **{"pass": pass_},
+                         git_commit=prov["git_commit"], triton_version=prov["triton_version"]))
+    return rows
+
+
+def step_totals(audit: Audit) -> dict:
+    """(step, arch) -> [modelled time, launches]: the sum over the step's launches of each launch's lowest struct_us
+    (its best config)."""
     best: dict = {}
     for step, number, arch, struct_us in audit.launches:
         key = (step, arch, number)
@@ -602,19 +631,39 @@ def layer_rows(audit: Audit, batch: int) -> list[dict]:
     for (step, arch, _), t in best.items():
         totals[(step, arch)][0] += t
         totals[(step, arch)][1] += 1
-    layers = {}
+    return totals
+
+
+def layer_floor_us(layer, batch: int, pass_: str, dtype: str) -> float:
+    """bench_layers' roofline floor of a conv -> BN -> ReLU layer and pass, in microseconds."""
+    import bench_layers
+
+    flops, nbytes = bench_layers.flops_and_bytes(layer, batch, layer.size, pass_, _ELEMENT_SIZE[dtype])
+    peak = peak_flops(DTYPES[dtype], "ieee" if dtype == "fp32-ieee" else "tf32")
+    return max(flops / peak, nbytes / _h100().H100_HBM_BYTES_PER_S) * 1e6
+
+
+STEP_FIELDS = ("model", "pass", "dtype", "arch", "batch", "launches", "floor_us", "model_us", "model_pct",
+               "git_commit", "triton_version")
+
+
+def step_rows(audit: Audit, batch: int) -> list[dict]:
+    """Per model step ("train": a training step, "eval": an eval forward), dtype and arch: the structural model of all
+    its Triton launches (each at its best config) against the sum of its conv layers' roofline floors (bench_layers'
+    fwdbwd or fwd floor of each distinct layer, times how many layers share it; ATen ops such as the head and the
+    loss are neither modelled nor floored)."""
+    import bench_layers
+
     prov = _provenance()
     rows = []
-    for ((label, dtype), arch), (model_us, launches) in sorted(totals.items()):
-        model_name, layer_name, pass_ = label.split(":")
-        if model_name not in layers:
-            layers[model_name] = {layer.name: layer for layer in bench_layers.conv_layers(model_name)}
-        layer = layers[model_name][layer_name]
-        flops, nbytes = bench_layers.flops_and_bytes(layer, batch, layer.size, pass_, _ELEMENT_SIZE[dtype])
-        peak = peak_flops(DTYPES[dtype], "ieee" if dtype == "fp32-ieee" else "tf32")
-        floor_us = max(flops / peak, nbytes / _h100().H100_HBM_BYTES_PER_S) * 1e6
-        rows.append(dict(model=model_name, layer=layer_name, dtype=dtype, arch=arch, count=layer.count, batch=batch,
-                         launches=launches, floor_us=round(floor_us, 3), model_us=round(model_us, 3),
+    for ((label, dtype, pass_), arch), (model_us, launches) in sorted(step_totals(audit).items()):
+        if ":" in label or pass_ not in ("train", "eval"):
+            continue
+        layer_pass = "fwdbwd" if pass_ == "train" else "fwd"
+        floor_us = sum(layer.count * layer_floor_us(layer, batch, layer_pass, dtype)
+                       for layer in bench_layers.conv_layers(label))
+        rows.append(dict(model=label, dtype=dtype, arch=arch, batch=batch, launches=launches,
+                         floor_us=round(floor_us, 3), model_us=round(model_us, 3),
                          model_pct=round(100 * floor_us / model_us, 1), **{"pass": pass_},
                          git_commit=prov["git_commit"], triton_version=prov["triton_version"]))
     return rows
@@ -871,34 +920,34 @@ def model_misses(rows: list[dict]) -> list[str]:
             if r["arch"] == 90 and r["dtype"] in TARGET_DTYPES and float(r["struct_pct"]) < STRUCT_TARGET_PCT]
 
 
+def pct_summary(title: str, rows: list[dict], group_by: tuple, pct: str, count_name: str,
+                describe: Callable[[dict], str]) -> str:
+    """Lines of `title`, then per group of rows (by the `group_by` fields): how many, the lowest and the median
+    `pct`, and `describe` of the lowest row."""
+    groups: dict = collections.defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in group_by)].append(r)
+    lines = [title]
+    for key, rs in sorted(groups.items()):
+        pcts = sorted(float(r[pct]) for r in rs)
+        worst = min(rs, key=lambda r: float(r[pct]))
+        lines.append(f"  {' '.join(f'{k:9s}' for k in map(str, key))} {count_name} {len(rs):3d}  min {pcts[0]:5.1f}  "
+                     f"median {pcts[len(pcts) // 2]:5.1f}  (lowest: {describe(worst)})")
+    return "\n".join(lines)
+
+
 def model_summary(rows: list[dict]) -> str:
     """Per GEMM kernel and dtype on sm_90: the lowest and the median struct_pct over its launches (best configs)."""
-    groups: dict = collections.defaultdict(list)
-    for r in best_configs(rows):
-        if r["arch"] == 90:
-            groups[(r["kernel"], r["dtype"])].append(r)
-    lines = ["structural model, % of the roofline floor (best config per launch, sm_90):"]
-    for (kernel, dtype), rs in sorted(groups.items()):
-        pcts = sorted(float(r["struct_pct"]) for r in rs)
-        worst = min(rs, key=lambda r: float(r["struct_pct"]))
-        lines.append(f"  {kernel:20s} {dtype:5s} launches {len(rs):3d}  min {pcts[0]:5.1f}  median "
-                     f"{pcts[len(pcts) // 2]:5.1f}  (lowest: {worst['shape']} {worst['flags']})")
-    return "\n".join(lines)
+    return pct_summary("structural model, % of the roofline floor (best config per launch, sm_90):",
+                       [r for r in best_configs(rows) if r["arch"] == 90], ("kernel", "dtype"), "struct_pct",
+                       "launches", lambda r: f"{r['shape']} {r['flags']}")
 
 
 def layer_summary(rows: list[dict]) -> str:
     """Per model, pass, dtype (sm_90): the lowest and the median modelled % of a layer's roofline floor."""
-    groups: dict = collections.defaultdict(list)
-    for r in rows:
-        if r["arch"] == 90:
-            groups[(r["model"], r["pass"], r["dtype"])].append(r)
-    lines = ["per-layer time model, % of the layer's roofline floor (sm_90):"]
-    for (model_name, pass_, dtype), rs in sorted(groups.items()):
-        pcts = sorted(r["model_pct"] for r in rs)
-        worst = min(rs, key=lambda r: r["model_pct"])
-        lines.append(f"  {model_name:9s} {pass_:6s} {dtype:9s} layers {len(rs):2d}  min {pcts[0]:5.1f}  median "
-                     f"{pcts[len(pcts) // 2]:5.1f}  (lowest: {worst['layer']})")
-    return "\n".join(lines)
+    return pct_summary("per-layer time model, % of the layer's roofline floor (sm_90):",
+                       [r for r in rows if r["arch"] == 90], ("model", "pass", "dtype"), "model_pct", "layers",
+                       lambda r: r["layer"])
 
 
 def summary(rows: list[dict]) -> str:
@@ -960,6 +1009,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when an sm_90 row of fp16, bf16 or TF32 misses "
                         "a target")
     parser.add_argument("--bytes-only", action="store_true", help="only the HBM-bytes table (with --bytes-csv)")
+    parser.add_argument("--steps-csv", type=Path, help="with whole models: the step model (train step, eval forward) "
+                        "written here")
     parser.add_argument("--layers-csv", type=Path, help="instead of whole models: every conv layer of --models, eval "
                         "and training passes apart, and the per-layer time model written here (bench_layers' layers)")
     args = parser.parse_args(argv)
@@ -979,11 +1030,12 @@ def main(argv=None) -> int:
     if args.layers_csv:
         steps = layer_table_steps(args.models, args.dtypes, args.batch)
     elif args.layers:
-        steps = [(f"{args.layer_model}:{name}", dtype, layer_step(args.layer_model, name, dtype, args.batch))
+        steps = [(f"{args.layer_model}:{name}", dtype, layer_step(args.layer_model, name, dtype, args.batch), "both")
                  for name in args.layers for dtype in args.dtypes]
-    else:
-        steps = [(model, dtype, model_step(model, dtype, args.batch, args.image))
-                 for model in args.models for dtype in args.dtypes]
+    else:   # each model's training step and eval forward apart (the step model's two passes)
+        steps = [(model, dtype, model_step(model, dtype, args.batch, args.image, pass_ == "train",
+                                           pass_ == "eval"), pass_)
+                 for model in args.models for dtype in args.dtypes for pass_ in ("train", "eval")]
     audit = audit_steps(steps if not args.bytes_only else [], args.archs, Audit(), progress)
     rows = audit_rows(audit)
     if rows:
@@ -992,6 +1044,14 @@ def main(argv=None) -> int:
     if args.csv:
         write_csv(args.csv, AUDIT_FIELDS, rows)
         print(f"wrote {len(rows)} rows to {args.csv}")
+    srows = step_rows(audit, args.batch)
+    if srows:
+        print(pct_summary("step model, % of the sum of the step's conv layers' roofline floors (sm_90):",
+                          [r for r in srows if r["arch"] == 90], ("model", "pass", "dtype"), "model_pct",
+                          "rows", lambda r: f"{r['launches']} launches"))
+    if args.steps_csv:
+        write_csv(args.steps_csv, STEP_FIELDS, srows)
+        print(f"wrote {len(srows)} rows to {args.steps_csv}")
     if args.bytes_csv:
         brows = bytes_rows(args.models, args.dtypes, args.batch, args.image, audit, progress)
         write_csv(args.bytes_csv, BYTES_FIELDS, brows)

@@ -187,10 +187,12 @@ def test_layer_model_sums_each_launchs_best_config_against_the_layers_floor():
 
     layer = bench_layers.conv_layers("pe-2-4-1")[2]
     audit = ka.Audit()
-    step = (f"pe-2-4-1:{layer.name}:fwdbwd", "fp16")
-    # launch 1 ran with two configs (10 and 12 us), launch 2 with one (5 us); another step's launch is not summed
+    step = (f"pe-2-4-1:{layer.name}", "fp16", "fwdbwd")
+    # launch 1 ran with two configs (10 and 12 us), launch 2 with one (5 us); another step's launch is not summed,
+    # nor a whole model's step (step_rows: its floor is the sum of its layers')
     audit.launches = [(step, 1, 90, 10.0), (step, 1, 90, 12.0), (step, 2, 90, 5.0),
-                      ((f"pe-2-4-1:{layer.name}:fwd", "fp16"), 3, 90, 7.0)]
+                      ((f"pe-2-4-1:{layer.name}", "fp16", "fwd"), 3, 90, 7.0),
+                      (("pe-2-4-1", "fp16", "eval"), 4, 90, 9.0)]
     rows = {r["pass"]: r for r in ka.layer_rows(audit, 128)}
     r = rows["fwdbwd"]
     assert r["model_us"] == 15.0 and r["launches"] == 2 and r["layer"] == layer.name and r["count"] == layer.count
@@ -198,6 +200,10 @@ def test_layer_model_sums_each_launchs_best_config_against_the_layers_floor():
     floor = max(flops / bench_layers.H100_FP16_TENSOR_FLOPS, nbytes / bench_layers.H100_HBM_BYTES_PER_S) * 1e6
     assert r["floor_us"] == pytest.approx(floor, abs=1e-3)
     assert r["model_pct"] == pytest.approx(100 * floor / 15.0, abs=0.1)
-    assert rows["fwd"]["model_us"] == 7.0
+    assert rows["fwd"]["model_us"] == 7.0 and len(rows) == 2
+    (step_row,) = ka.step_rows(audit, 128)
+    fwd_floor = sum(lay.count * ka.layer_floor_us(lay, 128, "fwd", "fp16")
+                    for lay in bench_layers.conv_layers("pe-2-4-1"))
+    assert step_row["model_us"] == 9.0 and step_row["floor_us"] == pytest.approx(fwd_floor, abs=1e-3)
     misses = ka.layer_misses([dict(r, model_pct=70.0), dict(r, model_pct=80.0), dict(r, model_pct=50.0, arch=80)])
     assert len(misses) == 1 and "70.0 %" in misses[0]
