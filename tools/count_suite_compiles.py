@@ -74,7 +74,7 @@ GPU_TILE_RULES = {
     "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"], a["x_ptr"].dtype, a["RSC"]), PART_M=64),
     "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"], a["x_ptr"].dtype, a["RSK"]), PART_M=64),
     "_conv_bwd_epilogue_kernel": lambda a: dict(BLOCK_N=64, PART_M=64),
-    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64 if a["RSC"] >= 64 else 32, BLOCK_N=64,
+    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64 if a["RSC"] >= 32 else 32, BLOCK_N=64,
                                          BLOCK_K=_common().gpu_tile_k(a["x_ptr"].dtype, a["RSC"])),
     "_bn_apply_kernel": lambda a: _bn_apply_tiles(a, False),
     "_bn_apply_bwd_kernel": lambda a: _bn_apply_tiles(a, True),

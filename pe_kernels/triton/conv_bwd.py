@@ -698,7 +698,7 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     else:
         # one tile shape for every layer (per dtype), spill-free (bench/kernel_audit.py, Triton 3.6 and 3.9); the
         # stem (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled
-        block_m, block_n, block_k = (64 if rsc >= 64 else 32), 64, gpu_tile_k(geo.dtype, rsc)
+        block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))
