@@ -110,7 +110,6 @@ ARCHS = (90, 80)
 DEFAULT_MODELS = ("single", "pe-2-4-1", "pe-2-4-2")
 CI_LAYERS = ("layer1.0.conv1", "layer2.0.conv2")   # a 1x1 and a 3x3 / stride 2 conv of PE-(2,4,1)
 GEMM_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel")
-CONV_KERNELS = GEMM_KERNELS
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}   # opt-in shared memory per block (H100, A100)
 
 
@@ -437,7 +436,7 @@ def _record(audit: Audit, arch: int, fn, args: tuple, kwargs: dict, original_run
     bound = _bind(fn, args, kwargs)
     dname, dt, precision = dtype_name(bound, kwargs)
     name = fn.fn.__name__
-    flops = conv_flops(bound) if name in CONV_KERNELS else 0
+    flops = conv_flops(bound) if name in GEMM_KERNELS else 0
     nbytes = min_bytes(bound, runtime_params(kernel), info.used)
     peak, bandwidth = peak_flops(dt, precision), _h100().H100_HBM_BYTES_PER_S
     floor = max(flops / peak, nbytes / bandwidth) * 1e6
@@ -811,7 +810,7 @@ def fused_step_bytes(model_name: str, dtype: str, batch: int, image: int, audit:
         model = entry.build(100)
         counter = AtenBytes()
         audit.launch_bytes = []
-        audit.record_bytes, audit.model = counted, ""
+        audit.record_bytes, audit.model, audit.step = counted, "", (model_name, dtype, "bytes")
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.inference_mode(False))
