@@ -7,7 +7,8 @@ Not part of the default test run (the file is not named test_*.py; give its path
 Passes: `fwd` = eval forward (BN folded; the inference kernel), `fwdbwd` = training forward (batch statistics)
 + backward of the output, input and weights. Providers as in throughput.py: eager / eager-channels-last
 (nn.Conv2d + nn.BatchNorm2d + ReLU), compile (torch.compile of those), pe-triton / pe-cuda / pe-auto
-(pe_kernels.functional.conv_bn under use_backend). Shapes: batch 128 at CIFAR resolution on GPU; on CPU a tiny
+(pe_kernels.functional.conv_bn under use_backend, on a channels_last input as eager-channels-last's: the layout a
+fused model's layers receive; before 2026-11-23 the pe cases fed NCHW). Shapes: batch 128 at CIFAR resolution on GPU; on CPU a tiny
 stand-in (batch 2, a quarter of the resolution) that only keeps the file running. The timed function
 synchronises on GPU.
 
@@ -187,7 +188,10 @@ def _skip_reason(provider: str, device: torch.device, dtype: torch.dtype):
     return None
 
 
-def _layer_fn(layer: ConvLayer, provider: str, pass_: str, x: torch.Tensor, dtype: torch.dtype):
+def layer_fn(layer: ConvLayer, provider: str, pass_: str, x: torch.Tensor, dtype: torch.dtype):
+    """The timed function of one case: conv -> BatchNorm -> ReLU of `layer` by `provider`, the eval forward ("fwd")
+    or the training forward + backward of the output, input and weights ("fwdbwd"), on `x` (also
+    bench/kernel_audit.py's layers)."""
     conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel, layer.stride, layer.padding,
                      groups=layer.groups, bias=False).to(x.device, dtype)
     bn = nn.BatchNorm2d(layer.out_channels).to(x.device)
@@ -196,6 +200,9 @@ def _layer_fn(layer: ConvLayer, provider: str, pass_: str, x: torch.Tensor, dtyp
     params = [conv.weight, bn.weight, bn.bias]
     if provider.startswith("pe-"):
         backend = provider[3:]
+        # the layout the package's layers work in (and a fused model's layers receive), as eager-channels-last's
+        # input: an NCHW input reads its channels with a stride, element by element (bench/kernel_audit.py)
+        x = x.contiguous(memory_format=torch.channels_last)
 
         def forward(inp):
             with pe_kernels.use_backend(backend):
@@ -240,7 +247,7 @@ def test_conv_bn_relu(benchmark, layer: ConvLayer, pass_: str, dtype_name: str, 
     size = layer.size if gpu else max(2, layer.size // CPU_SCALE)
     torch.manual_seed(0)
     x = torch.randn(batch, layer.in_channels, size, size, device=device, dtype=dtype)
-    run = _layer_fn(layer, provider, pass_, x, dtype)
+    run = layer_fn(layer, provider, pass_, x, dtype)
     run()  # warm-up (and compilation for `compile`)
     flops, nbytes = flops_and_bytes(layer, batch, size, pass_, x.element_size())
     floor_s = max(flops / peak_flops(dtype), nbytes / H100_HBM_BYTES_PER_S)

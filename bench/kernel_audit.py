@@ -527,34 +527,21 @@ def model_step(model_name: str, dtype: str, batch: int, image: int, train: bool 
 
 def layer_step(model_name: str, layer_name: str, dtype: str, batch: int,
                passes: tuple = ("fwdbwd", "fwd")) -> Callable[[], None]:
-    """A conv -> BatchNorm -> ReLU of one conv shape of a Table 8 model (bench_layers' pe-triton case): a training
-    forward + backward ("fwdbwd"), then an eval forward ("fwd"), or the `passes` named."""
+    """bench_layers.py's pe-triton case of one conv shape of a Table 8 model (its layer_fn: conv -> BatchNorm -> ReLU
+    in the dtype, NCHW input): a training forward + backward ("fwdbwd"), then an eval forward ("fwd"), or the
+    `passes` named."""
     import bench_layers
-    from torch import nn
-
-    from pe_kernels import functional as PF
 
     layers = {layer.name: layer for layer in bench_layers.conv_layers(model_name)}
     if layer_name not in layers:
         raise ValueError(f"{model_name} has no conv layer {layer_name!r}; its layers: {', '.join(layers)}")
     layer = layers[layer_name]
-    amp = _amp(dtype)
 
     def run():
-        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel, layer.stride, layer.padding,
-                         groups=layer.groups, bias=False)
-        bn = nn.BatchNorm2d(layer.out_channels)
-        x = torch.randn(batch, layer.in_channels, layer.size, layer.size).contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-        for train in [p == "fwdbwd" for p in passes]:
-            bn.train(train)
+        for pass_ in passes:
+            x = torch.randn(batch, layer.in_channels, layer.size, layer.size, dtype=DTYPES[dtype])
             with _precision(dtype):
-                with ctx, torch.set_grad_enabled(train):
-                    out = PF.conv_bn(x, conv.weight, None, bn, conv.stride, conv.padding, 1, conv.groups,
-                                     activation="relu")
-                if train:
-                    out.float().sum().backward()
+                bench_layers.layer_fn(layer, "pe-triton", pass_, x, DTYPES[dtype])()
     return run
 
 

@@ -31,26 +31,16 @@ def test_kernels_compile_for_sm90():
 
 
 def _main() -> None:  # runs in the subprocess
-    import importlib
 
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.runtime import jit
 
-    class _CompileOnlyDriver:
-        def get_current_device(self):
-            return 0
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(repo, "bench"))
+    from kernel_audit import compile_target   # the stand-in driver: an sm_90 target, no launch
 
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    importlib.import_module("triton.runtime.driver").driver.set_active(_CompileOnlyDriver())
+    target = compile_target(90)   # held until the subprocess ends (a collected generator would restore the driver)
+    target.__enter__()
     compiled = []
     original_run = jit.JITFunction.run
 
@@ -61,7 +51,7 @@ def _main() -> None:  # runs in the subprocess
 
     jit.JITFunction.run = compile_only
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, repo)
     import pe_kernels.triton as tri
     import pe_kernels.triton.conv_bwd as conv_bwd
     import pe_kernels.triton.conv_fwd as conv_fwd
