@@ -23,6 +23,11 @@ the apply or the next conv's prologue.
 Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
 affine and activation not applied — and the next conv_bn/packed_conv2d applies it while loading its input, so
 the normalised tensor never touches memory (the MLPerf-ResNet pattern). `materialize()` applies it explicitly.
+
+Junctions: a residual block in training may leave its tail (last conv -> BN -> + residual -> act) pending
+(`PendingTail`); the next block's first conv -> BN then joins it in one autograd node (conv_bn_junction_fused:
+ops.conv_bn_junction, whose kernels run the tail's backward in that conv's dgrad epilogue). `materialize()` runs
+a pending tail alone (conv_bn_fused with the residual), as the block would have.
 """
 
 from __future__ import annotations
@@ -58,11 +63,33 @@ class Deferred:
         return ops.bn_apply(self.y, self.scale, self.shift, relu=self.relu)
 
 
-Activation = Union[Tensor, Deferred]
+@dataclasses.dataclass
+class PendingTail:
+    """A block's training tail not run yet: act(BN(conv(x)) + residual * rs + rb) with BN from the batch statistics
+    (conv_bn_fused's arguments): the next block's first conv -> BN may join it (conv_bn_junction_fused)."""
+
+    x: "Activation"                   # the tail conv's input
+    conv: dict                        # the tail conv's weight, bias, stride, padding, dilation, groups, padding_mode
+    bn: nn.BatchNorm2d                # training, batch statistics, N*P*Q >= 2 (checked by the block)
+    residual: Optional[Tensor]
+    residual_affine: Optional[tuple[Tensor, Tensor]]
+    relu: bool
+
+    @property
+    def tensor(self) -> Tensor:
+        """The tensor the tail reads first (its device and dtype are the layer's)."""
+        return self.x.y if isinstance(self.x, Deferred) else self.x
+
+    def materialize(self) -> Tensor:
+        return conv_bn_fused(self.x, bn=self.bn, activation="relu" if self.relu else None, residual=self.residual,
+                             residual_affine=self.residual_affine, **self.conv)
+
+
+Activation = Union[Tensor, Deferred, PendingTail]
 
 
 def materialize(x: Activation) -> Tensor:
-    return x.materialize() if isinstance(x, Deferred) else x
+    return x.materialize() if isinstance(x, (Deferred, PendingTail)) else x
 
 
 def _check_activation(activation: Optional[str]) -> bool:
@@ -373,13 +400,7 @@ def _conv_bn_batch(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: nn
         scale, shift = _batch_affine(bn, stats, y)
         return (y, scale, shift) if tail is None else ops.bn_apply(y, scale, shift, *tail)
     prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
-    bn_weight, bn_bias, running_mean, running_var, nbt = _bn_tensors(bn)
-    tracked = bn.training and bn.track_running_stats
-    running = tracked and running_mean is not None
-    bn_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bn_weight=bn_weight,
-                   bn_bias=bn_bias, eps=bn.eps, running_mean=running_mean if running else None,
-                   running_var=running_var if running else None, num_batches_tracked=nbt if tracked else None,
-                   momentum=bn.momentum)
+    bn_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, **_bn_args(bn))
     if tail is None:
         return ops.conv_bn_train(t, _cast_weight(weight, t), bias, **prologue, **bn_args)
     residual, residual_scale, residual_shift, relu = tail
@@ -447,6 +468,67 @@ def conv_bn_pending(x: Activation, weight: Tensor, bias: Optional[Tensor], bn: n
         y = _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)[0]
         return (y, *_folded_affine(bn, param_dtype(y.dtype)))
     return _conv_bn_batch(x, weight, bias, bn, stride, padding, dilation, groups, padding_mode)
+
+
+def conv_bn_junction_fused(tail: PendingTail, weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d, stride=1,
+                           padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                           activation: Optional[str] = "relu") -> tuple[Tensor, Activation]:
+    """(out, h): out = tail.materialize() and h = conv_bn_fused(out, weight, bias, bn, ..., activation, defer=True),
+    the tail and this conv -> BN (training, batch statistics, no residual) as one autograd node where they can be
+    (ops.conv_bn_junction); otherwise the two calls. The kernels' path only (a block asks stock_layer() first)."""
+    relu = _check_activation(activation)
+    _check_bn(bn, weight.shape[0])
+    t_conv = tail.conv
+    out_shape = _tail_out_shape(tail)
+    joined = (_uses_batch_stats(bn) and padding_mode == "zeros" and not isinstance(padding, str)
+              and t_conv["padding_mode"] == "zeros" and not isinstance(t_conv["padding"], str)
+              and _count_of(out_shape, weight, stride, padding, dilation) >= 2)
+    if not joined:
+        out = tail.materialize()
+        return out, conv_bn_fused(out, weight, bias, bn, stride, padding, dilation, groups, activation,
+                                  padding_mode=padding_mode, defer=True)
+    x = tail.x
+    t = x.y if isinstance(x, Deferred) else x
+    prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
+    rs, rb = tail.residual_affine if tail.residual_affine is not None else (None, None)
+    out, y_h, scale_h, shift_h = ops.conv_bn_junction(
+        t, _cast_weight(t_conv["weight"], t), t_conv["bias"], **prologue, stride=t_conv["stride"],
+        padding=t_conv["padding"], dilation=t_conv["dilation"], groups=t_conv["groups"],
+        **_bn_args(tail.bn), residual=tail.residual, residual_scale=rs, residual_shift=rb, relu=tail.relu,
+        head_weight=_cast_weight(weight, t), head_bias=bias, head_stride=stride, head_padding=padding,
+        head_dilation=dilation, head_groups=groups, **{f"head_{k}": v for k, v in _bn_args(bn).items()})
+    return out, Deferred(y_h, scale_h, shift_h, relu)
+
+
+def _bn_args(bn: nn.BatchNorm2d) -> dict:
+    """The BatchNorm arguments of ops.conv_bn_train for a training BN (batch statistics): its vectors, eps, the
+    running statistics it tracks and momentum."""
+    bn_weight, bn_bias, running_mean, running_var, nbt = _bn_tensors(bn)
+    tracked = bn.training and bn.track_running_stats
+    running = tracked and running_mean is not None
+    return dict(bn_weight=bn_weight, bn_bias=bn_bias, eps=bn.eps, running_mean=running_mean if running else None,
+                running_var=running_var if running else None, num_batches_tracked=nbt if tracked else None,
+                momentum=bn.momentum)
+
+
+def _tail_out_shape(tail: PendingTail) -> tuple[int, int, int, int]:
+    """(N, K, P, Q) of a pending tail's output (nothing computed)."""
+    c = tail.conv
+    t = tail.tensor
+    dilation, stride = ops._common.pair(c["dilation"], "dilation"), ops._common.pair(c["stride"], "stride")
+    pad = ops._common.pair(c["padding"], "padding")
+    weight = c["weight"]
+    return (t.shape[0], weight.shape[0],
+            ops.conv_output_size(t.shape[2], weight.shape[2], stride[0], pad[0], dilation[0]),
+            ops.conv_output_size(t.shape[3], weight.shape[3], stride[1], pad[1], dilation[1]))
+
+
+def _count_of(shape: tuple, weight: Tensor, stride, padding, dilation) -> int:
+    """N*P*Q of a conv with zero numeric padding on an input of `shape`."""
+    dilation, stride = ops._common.pair(dilation, "dilation"), ops._common.pair(stride, "stride")
+    pad = ops._common.pair(padding, "padding")
+    return (shape[0] * ops.conv_output_size(shape[2], weight.shape[2], stride[0], pad[0], dilation[0])
+            * ops.conv_output_size(shape[3], weight.shape[3], stride[1], pad[1], dilation[1]))
 
 
 def batch_norm_act(y: Tensor, bn: nn.BatchNorm2d, activation: Optional[str] = None,

@@ -6,7 +6,9 @@ packed_resnet(...)  Packed-Ensembles ResNet: input (B, C, H, W) -> output (M*B, 
 style="cifar": 3x3 stem, stride 1, no max-pool; style="imagenet": 7x7/2 stem + 3x3/2 max-pool.
 The stem conv1 -> bn1 -> ReLU is one fused conv-BN-ReLU kernel under the rule of pe_kernels.nn's fused modules
 (exact nn.Conv2d / PackedConv2d and nn.BatchNorm2d, no hooks: nn/_common.py); otherwise `stem_modules` calls the
-three one by one and pe_kernels.last_dispatch() says why.
+three one by one and pe_kernels.last_dispatch() says why. In training the stem and the blocks run as one chain:
+each tail (the stem's BN + ReLU, a block's last BN + residual + ReLU) is joined to the next block's first conv -> BN
+in one autograd node (nn/blocks.py, forward_chain; ops.conv_bn_junction).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from .. import functional as PF
 from ..nn import BasicBlock, Bottleneck, PackedBasicBlock, PackedBottleneck, PackedConv2d, PackedLinear
 from ..nn._common import activation_reason, global_hook_reason, record_module_path
-from ..nn.blocks import conv2d_of
+from ..nn.blocks import _FusedResidualBlock, conv2d_of
 from ..nn.fused import conv_bn_reason
 
 Tensor = torch.Tensor
@@ -29,6 +31,11 @@ RESNET_BLOCKS = {18: [2, 2, 2, 2], 20: [3, 3, 3], 34: [3, 4, 6, 3], 44: [7, 7, 7
                  56: [9, 9, 9], 101: [3, 4, 23, 3], 110: [18, 18, 18], 152: [3, 8, 36, 3], 1202: [200, 200, 200]}
 BASIC_ARCHS = (18, 20, 34, 44, 56, 110, 1202)
 NARROW_ARCHS = (20, 44, 56, 110, 1202)  # in_planes 16
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def resnet_num_blocks(arch: int) -> list[int]:
@@ -70,9 +77,37 @@ class _ResNetBase(nn.Module):
                              activation="relu", padding_mode=c.padding_mode)
         return self.optional_pool(out)
 
+    def _stem_chain(self, x: Tensor) -> PF.Activation:
+        """_stem(x), or in training with the fused stem and no pool its conv1 -> bn1 -> ReLU left pending
+        (PF.PendingTail) for the first block to join (nn/blocks.py, forward_chain)."""
+        mods = self._modules
+        pool, bn = mods["optional_pool"], mods["bn1"]
+        if (type(self)._stem is not _ResNetBase._stem or type(pool) is not nn.Identity or _has_hooks(pool)
+                or not bn.training or not PF._uses_batch_stats(bn) or self.stem_reason() is not None
+                or x.dim() != 4 or PF.stock_layer(x) is not None):
+            return self._stem(x)
+        c = conv2d_of(mods["conv1"])
+        kwargs = dict(weight=c.weight, bias=c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                      groups=c.groups, padding_mode=c.padding_mode)
+        if isinstance(c.padding, str) or c.padding_mode != "zeros" or PF.batch_norm_count(x, **kwargs) < 2:
+            return self._stem(x)
+        return PF.PendingTail(x, kwargs, bn, None, None, True)
+
+    def _stages(self, h: PF.Activation) -> Tensor:
+        """layer1 .. layer4 on h: the blocks of exact, unhooked nn.Sequential stages run as one chain
+        (forward_chain: a block's tail joined to the next block's first conv -> BN in training); others called."""
+        mods = self._modules
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            stage = mods[name]
+            if type(stage) is nn.Sequential and not _has_hooks(stage):
+                for block in stage._modules.values():
+                    h = block.forward_chain(h) if isinstance(block, _FusedResidualBlock) else block(PF.materialize(h))
+            else:
+                h = stage(PF.materialize(h))
+        return PF.materialize(h)
+
     def feats_forward(self, x: Tensor) -> Tensor:
-        out = self._stem(x)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self._stages(self._stem_chain(x))
         return self.final_dropout(self.flatten(self.pool(out)))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,6 +11,9 @@ activation ReLU, and no submodule has hooks: nn/_common.py):
 * training: conv1 with statistics; its BN+ReLU is applied in the prologue of conv2 (and conv2's in conv3's),
   so the normalised tensors never touch memory; the tail bn3-apply + shortcut-BN-apply + add + ReLU is one pass.
 * eval: each BN folded into its conv's epilogue; the last conv adds the residual and applies ReLU in its epilogue.
+* a chain of blocks in training (`forward_chain`, run by the models for their stages): a block leaves its tail
+  pending (PF.PendingTail) and the next block's first conv -> BN joins it (PF.conv_bn_junction_fused: one autograd
+  node, the tail's backward in that conv's dgrad epilogue); the chain's end materializes the last tail.
 On the torch backend (PF.stock_layer) the block runs its submodules' stock forwards, as torch-uncertainty does.
 Otherwise the block runs module by module, exactly as torch-uncertainty does (`forward_modules`), and
 pe_kernels.last_dispatch() says why.
@@ -106,6 +109,52 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
         residual = PF.stock_conv_bn(x, conv2d_of(parts[0]), parts[1]) if parts else x
         return torch.relu(out + residual)
 
+    def chain_reason(self) -> Optional[str]:
+        """Why forward_chain must call the module itself (None: it may run its fused chain step): hooks on the
+        block, a subclass's own forward, the module path, a BN not training."""
+        if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
+            return "the block has hooks"
+        if type(self).forward is not _FusedResidualBlock.forward:
+            return "a subclass's forward"
+        reason = self.module_path_reason()
+        if reason is not None:
+            return reason
+        mods = self._modules
+        for _, bn_name in self._names:
+            if not PF._uses_batch_stats(mods[bn_name]) or not mods[bn_name].training:
+                return "a BatchNorm in eval"
+        parts = tuple(mods["shortcut"]._modules.values())
+        if parts and not (parts[1].training and PF._uses_batch_stats(parts[1])):
+            return "a BatchNorm in eval"
+        return None
+
+    def forward_chain(self, x: PF.Activation) -> PF.Activation:
+        """forward(x) for the blocks of a model's chain in training: x may be the previous block's PF.PendingTail
+        (joined to this block's first conv -> BN), and this block's tail may be returned pending (the caller
+        materializes the chain's last: PF.materialize). Where chain_reason() or stock_layer() says no, the module
+        itself is called on the materialized input."""
+        t = x.tensor if isinstance(x, PF.PendingTail) else x
+        if self.chain_reason() is not None or PF.stock_layer(t) is not None:
+            return self(PF.materialize(x))
+        chain = self._chain()
+        conv, bn = chain[0]
+        if isinstance(x, PF.PendingTail):
+            x, h = PF.conv_bn_junction_fused(x, bn=bn, activation="relu", **_conv_kwargs(conv))
+        else:
+            check_batched_4d(self, x)
+            h = PF.conv_bn_fused(x, bn=bn, activation="relu", defer=True, **_conv_kwargs(conv))
+        for conv, bn in chain[1:-1]:
+            h = PF.conv_bn_fused(h, bn=bn, activation="relu", defer=True, **_conv_kwargs(conv))
+        conv, bn = chain[-1]
+        kwargs = _conv_kwargs(conv)
+        if PF.batch_norm_count(h, **kwargs) < 2:  # BatchNorm2d's errors and empty batches: the block's own tail
+            return self._tail(x, h, conv, bn)
+        parts = tuple(self._modules["shortcut"]._modules.values())
+        if parts:
+            ys, s_scale, s_shift = PF.conv_bn_pending(x, bn=parts[1], **_conv_kwargs(parts[0]))
+            return PF.PendingTail(h, kwargs, bn, ys, (s_scale, s_shift), True)
+        return PF.PendingTail(h, kwargs, bn, x, None, True)
+
     def forward(self, x: Tensor) -> Tensor:
         check_batched_4d(self, x)
         reason = self.module_path_reason()
@@ -121,6 +170,10 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
         for conv, bn in chain[:-1]:
             h = PF.conv_bn_fused(h, bn=bn, activation="relu", defer=True, **_conv_kwargs(conv))
         conv, bn = chain[-1]
+        return self._tail(x, h, conv, bn)
+
+    def _tail(self, x: Tensor, h: PF.Activation, conv: nn.Module, bn: nn.Module) -> Tensor:
+        """The block's output from its input x and h, the last conv's input: last conv -> bn + shortcut -> ReLU."""
         has_shortcut = len(self.shortcut) > 0
         if has_shortcut:
             sc_conv, sc_bn = self.shortcut[0], self.shortcut[1]

@@ -24,6 +24,10 @@ FINALIZE_GRAD_NAMES = ("stats", "weight", "bias")
 CONV_BN_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "bn_weight", "bn_bias")
 # Order of the gradients returned by bn_apply_backward.
 APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residual_shift")
+# Order of the gradients returned by conv_bn_junction_backward (ops/conv_bn_junction.py).
+JUNCTION_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "bn_weight", "bn_bias", "residual",
+                       "residual_scale", "residual_shift", "head_weight", "head_bias", "head_bn_weight",
+                       "head_bn_bias")
 
 
 class ConvArgs(NamedTuple):
@@ -138,6 +142,10 @@ BACKEND_FUNCTIONS = tuple(name for name in Backend.__dict__ if not name.startswi
 # layout a saved-tensor hook may change (torch.autograd.graph.save_on_cpu), so its launchers key them themselves.
 OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed", "conv_bn_train_keyed", "bn_apply_keyed")
 
+# Optional fused backwards: a backend may implement one with composed_<name>'s arguments and results (below); a
+# backend without it gets the composition of its own functions.
+OPTIONAL_FUSED_BACKWARDS = ("conv_bn_junction_backward",)
+
 
 def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                            in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
@@ -182,3 +190,46 @@ def composed_conv_bn_train_backward(backend, grad_y: Optional[Tensor], grad_scal
                                                  None, None, False, stride, padding, dilation, groups, y, conv_needs,
                                                  stats)[:5])
     return [*grads, d_bn_weight if needs[5] else None, d_bn_bias if needs[6] else None]
+
+
+def composed_conv_bn_junction_backward(backend, grad_out: Optional[Tensor], grad_y_h: Optional[Tensor],
+                                       grad_scale_h: Optional[Tensor], grad_shift_h: Optional[Tensor], saved: tuple,
+                                       config: tuple, head_config: tuple, relu: bool,
+                                       needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+    """The gradients (JUNCTION_GRAD_NAMES; None where not needed or absent) of a junction (ops/conv_bn_junction.py):
+        out = bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)   (y, scale, shift: the
+              tail's conv_bn_train of x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
+        (y_h, scale_h, shift_h) = conv_bn_train(out, head_weight, head_bias, bn: head_bn_weight, head_bn_bias)
+    from the gradients of (out, y_h, scale_h, shift_h) (any may be None: zero), as `backend`'s conv_bn_train_backward
+    (head), bn_apply_backward of d_out = dx_h + grad_out, conv_bn_train_backward (tail). `saved` = (x, weight, bias,
+    in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift, y, stats, scale, shift, out,
+    head_weight, head_bias, head_bn_weight, head_bn_bias, y_h, stats_h); config / head_config = (in_relu, stride,
+    padding, dilation, groups, eps) of the tail / head conv (the head has no prologue)."""
+    (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift, y, stats,
+     scale, shift, out, h_weight, h_bias, h_bn_weight, h_bn_bias, y_h, stats_h) = saved
+    needs = [bool(v) for v in needs_grad]
+    in_relu, stride, padding, dilation, groups, eps = config
+    _, h_stride, h_padding, h_dilation, h_groups, h_eps = head_config
+    grads: list[Optional[Tensor]] = [None] * len(JUNCTION_GRAD_NAMES)
+    tail = any(needs[:10])
+    h_needs = [tail, needs[10], needs[11], False, False, needs[12], needs[13]]
+    if any(h_needs) and not (grad_y_h is None and grad_scale_h is None and grad_shift_h is None):
+        h_grads = backend.conv_bn_train_backward(grad_y_h, grad_scale_h, grad_shift_h, out, h_weight, h_bias, None,
+                                                 None, False, h_stride, h_padding, h_dilation, h_groups, y_h, stats_h,
+                                                 h_bn_weight, h_eps, h_needs)
+        grads[10:] = h_grads[1], h_grads[2], h_grads[5], h_grads[6]
+        dx_h = h_grads[0]
+        if dx_h is not None:
+            grad_out = dx_h if grad_out is None else dx_h + grad_out
+    if not tail or grad_out is None:
+        return grads
+    inner = any(needs[:7])
+    d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = backend.bn_apply_backward(
+        grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out,
+        [inner, inner, inner, needs[7], needs[8], needs[9]])
+    grads[7:10] = d_res, d_rscale, d_rshift
+    if inner:
+        grads[:7] = backend.conv_bn_train_backward(d_y, d_scale, d_shift, x, weight, bias, in_scale, in_shift, in_relu,
+                                                   stride, padding, dilation, groups, y, stats, bn_weight, eps,
+                                                   needs[:7])
+    return grads

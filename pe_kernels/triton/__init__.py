@@ -10,11 +10,13 @@ Files: conv_fwd.py (fused grouped conv forward + statistics; conv_bn_train: + th
 conv's last programs, one launch), conv_bwd.py (its backward: epilogue backward, dgrad with the prologue backward,
 split-M wgrad; conv_bn_train_backward: wgrad and dgrad forming g_acc on load, two launches), bn_finalize.py
 (statistics -> scale/shift, running stats, num_batches_tracked, and the finalize's backward: one launch each),
-bn_apply.py (BN apply + residual tail, and its one-pass backward).
+bn_apply.py (BN apply + residual tail, and its one-pass backward), conv_bn_junction.py (the backward of a block's
+tail and the next block's first conv as two GEMM pairs: the tail's backward in the head's dgrad epilogue).
 """
 
 from .bn_apply import bn_apply, bn_apply_backward, bn_apply_keyed
 from .bn_finalize import bn_finalize, bn_finalize_backward, bn_running_update, bn_train_finalize
+from .conv_bn_junction import conv_bn_junction_backward
 from .conv_bwd import conv_bn_train_backward, conv_fused_backward
 from .conv_fwd import conv_bn_train, conv_bn_train_keyed, conv_fused, conv_fused_keyed
 
@@ -33,4 +35,6 @@ __all__ = [
     "conv_fused_keyed",
     "conv_bn_train_keyed",
     "bn_apply_keyed",
+    # optional (ops/contract.OPTIONAL_FUSED_BACKWARDS): a fused backward of its own
+    "conv_bn_junction_backward",
 ]

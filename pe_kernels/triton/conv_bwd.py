@@ -212,11 +212,17 @@ def _conv_dgrad_kernel(
     gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
     stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
     bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
-    dx_ptr,         # out: dx (N, C, H, W), any strides, or unused
-    part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused
-    dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS), or unused
-    dshift_ptr,     # out: (C,) d_in_shift = the total of the second sum (STATS), or unused
-    sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch (STATS), or unused
+    gys_ptr,        # GY_SCALE: (K,) fp32 contiguous, grad_y's per-channel factor on load; else unused
+    dx_ptr,         # out: dx (N, C, H, W), any strides, or unused; TAIL: the tail's masked gradient g
+    part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused;
+                    # TAIL: (.., 2 or 3, C) [sum g*y_t, sum g(, sum g*residual)]
+    dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS; TAIL: d_scale of the tail), or unused
+    dshift_ptr,     # out: (C,) d_in_shift = the total of the second sum (STATS; TAIL: d_shift of the tail), or unused
+    sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch (STATS or TAIL), or unused
+    side_ptr,       # TAIL_SIDE: the gradient of x from elsewhere (N, C, H, W), any strides; else unused
+    yt_ptr,         # TAIL: the tail's y (N, C, H, W), any strides; else unused
+    res_ptr,        # TAIL_RES_SUM: the tail's residual (N, C, H, W), any strides; else unused
+    drs_ptr,        # out (TAIL_RES_SUM): (C,) the tail's d_residual_scale = the total of the third sum
     C, H, W, P, Q, N,            # input channels, input height/width, output height/width, batch
     C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
     M_KEY,                       # N*H*W rounded up to a power of two (autotune key)
@@ -230,11 +236,18 @@ def _conv_dgrad_kernel(
     swk, swc, swr, sws,          # weight strides
     sxn, sxc, sxh, sxw,          # x strides
     sdn, sdc, sdh, sdw,          # dx strides
+    ssn, ssc, ssh, ssw,          # side strides (TAIL_SIDE)
+    stn, stc, sth, stw,          # y_t strides (TAIL)
+    srn, src, srh, srw,          # residual strides (TAIL_RES_SUM)
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     PROLOGUE: tl.constexpr,      # the forward loaded x' = act(x * in_scale + in_shift)
     IN_RELU: tl.constexpr,
     STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / d_in_scale, d_in_shift (needs PROLOGUE)
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train)
+    GY_SCALE: tl.constexpr,      # (with GACC_ON_LOAD) grad_y * gys[k] in place of grad_y
+    TAIL: tl.constexpr,          # x = act_t(y_t * scale_t + shift_t + ...) of a block tail (no PROLOGUE): the
+                                 # epilogue is the tail's backward, g = mask(dx' + side), its sums, g stored at dx
+    TAIL_RELU: tl.constexpr, TAIL_SIDE: tl.constexpr, TAIL_RES_SUM: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the last program's reduction
@@ -300,7 +313,10 @@ def _conv_dgrad_kernel(
                                                 count, inv_n, eps)
             yv = tl.load(y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
                          + q.to(tl.int64) * syw, mask=valid, other=0.0).to(tl.float32)
-            a = stats_grad_on_load(a.to(tl.float32), yv, c0[None, :], c1[None, :], mean[None, :], valid)
+            af = a.to(tl.float32)
+            if GY_SCALE:
+                af = af * tl.load(gys_ptr + k, mask=mask_j, other=0.0)[None, :]
+            a = stats_grad_on_load(af, yv, c0[None, :], c1[None, :], mean[None, :], valid)
             a = a.to(w_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
         b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
         b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
@@ -330,31 +346,59 @@ def _conv_dgrad_kernel(
             store_part(part_ph, tile, M_PH, 2 * C, c, mask_n, sum_centred(gm_m, xv, mask), PART_M, BLOCK_M)
             store_part(part_ph + C, tile, M_PH, 2 * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
         gm = gm * scale[None, :]
+    if TAIL:
+        # The tail's backward (bn_apply_backward of x = act_t(y_t * scale_t + shift_t + residual * rs + rb), the
+        # gradient of x being dx' + side): g = where(x <= 0, 0, dx' + side) (torch's threshold_backward, a NaN x
+        # passes), stored at dx; sums g*y_t -> d_scale_t, g -> d_shift_t (and g*residual -> d_rs).
+        rows = n64 * sxn + h64 * sxh + w64 * sxw
+        if TAIL_SIDE:
+            gm += tl.load(side_ptr + (n64 * ssn + h64 * ssh + w64 * ssw)[:, None] + (c64 * ssc)[None, :],
+                          mask=mask, other=0.0).to(tl.float32)
+        if TAIL_RELU:
+            xo = tl.load(x_ptr + rows[:, None] + (c64 * sxc)[None, :], mask=mask, other=0.0)
+            gm = tl.where(xo <= 0, 0.0, gm)
+        gm_m = tl.where(mask, gm, 0.0)
+        n_sums = 3 if TAIL_RES_SUM else 2
+        part_ph = part_ptr + (phase * tl.cdiv(M_PH, PART_M)).to(tl.int64) * n_sums * C
+        yt = tl.load(yt_ptr + (n64 * stn + h64 * sth + w64 * stw)[:, None] + (c64 * stc)[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        store_part(part_ph, tile, M_PH, n_sums * C, c, mask_n, sum_centred(gm_m, yt, mask), PART_M, BLOCK_M)
+        store_part(part_ph + C, tile, M_PH, n_sums * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
+        if TAIL_RES_SUM:
+            rv = tl.load(res_ptr + (n64 * srn + h64 * srh + w64 * srw)[:, None] + (c64 * src)[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            store_part(part_ph + 2 * C, tile, M_PH, n_sums * C, c, mask_n, sum_centred(gm_m, rv, mask), PART_M,
+                       BLOCK_M)
     if STORE_DX:
         tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
                  gm.to(dx_ptr.dtype.element_ty), mask=mask)
-    if PROLOGUE and STATS:
+    if (PROLOGUE and STATS) or TAIL:
         # The last M tile of this column block sums every slot, in slot order, and resets the counter (after the
         # dx store: the accumulator is dead, its registers free for the reduction).
         if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
-            _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, grp * C_g + pid_n * BLOCK_N,
+            _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, drs_ptr, grp * C_g + pid_n * BLOCK_N,
                                  tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N),
-                                 STRIDE_H * STRIDE_W * tl.cdiv(M_PH, PART_M), C, BLOCK_S, BLOCK_N)
+                                 STRIDE_H * STRIDE_W * tl.cdiv(M_PH, PART_M), C, TAIL_RES_SUM, BLOCK_S, BLOCK_N)
             tl.store(sem_ptr + pid_gn, 0)
 
 
 @triton.jit(noinline=True)
-def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, c0, n_cols, n_slots, C, BLOCK_S: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """d_in_scale, d_in_shift of columns c0 .. c0 + n_cols - 1 from the (n_slots, 2, C) partials (a function of its
-    own: its registers do not add to the GEMM's)."""
+def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, c0, n_cols, n_slots, C,
+                         THIRD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d_in_scale, d_in_shift (the tail's d_scale, d_shift; THIRD: and d_residual_scale) of columns c0 .. c0 +
+    n_cols - 1 from the (n_slots, 2 or 3, C) partials (a function of its own: its registers do not add to the
+    GEMM's)."""
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n_cols
     c = c0 + offs
-    d_scale = sum_slots(part_ptr, n_slots, 2 * C, c, mask, BLOCK_S, BLOCK_N)
+    n_sums = 3 if THIRD else 2
+    d_scale = sum_slots(part_ptr, n_slots, n_sums * C, c, mask, BLOCK_S, BLOCK_N)
     tl.store(dscale_ptr + c, d_scale.to(dscale_ptr.dtype.element_ty), mask=mask)
-    d_shift = sum_slots(part_ptr + C, n_slots, 2 * C, c, mask, BLOCK_S, BLOCK_N)
+    d_shift = sum_slots(part_ptr + C, n_slots, n_sums * C, c, mask, BLOCK_S, BLOCK_N)
     tl.store(dshift_ptr + c, d_shift.to(dshift_ptr.dtype.element_ty), mask=mask)
+    if THIRD:
+        third = sum_slots(part_ptr + 2 * C, n_slots, n_sums * C, c, mask, BLOCK_S, BLOCK_N)
+        tl.store(third_ptr + c, third.to(third_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,6 +415,7 @@ def _conv_wgrad_kernel(
     gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
     stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
     bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
+    gys_ptr,        # GY_SCALE: (K,) fp32 contiguous, grad_y's per-channel factor on load; else unused
     dw_ptr,         # out: dw (K, C_g, R, S) in weight's dtype, strides (sdk, sdc, sdr, sds)
     part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest; unused if
                     # SPLIT = 1
@@ -392,6 +437,7 @@ def _conv_wgrad_kernel(
     IN_RELU: tl.constexpr,
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train);
                                  # the programs of j tile 0, split 0 write d_bn_weight, d_bn_bias of their k rows
+    GY_SCALE: tl.constexpr,      # (with GACC_ON_LOAD) grad_y * gys[k] in place of grad_y
     BIAS_GRAD: tl.constexpr,     # (with GACC_ON_LOAD) the programs of j tile 0 sum g_acc over m into d_bias
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
@@ -422,6 +468,8 @@ def _conv_wgrad_kernel(
         if (pid_j == 0) & (split == 0):
             tl.store(dbnw_ptr + k, d_bn_w.to(dbnw_ptr.dtype.element_ty), mask=mask_k)
             tl.store(dbnb_ptr + k, d_bn_b, mask=mask_k)
+        if GY_SCALE:
+            gys = tl.load(gys_ptr + k, mask=mask_k, other=0.0)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if BIAS_GRAD:
@@ -445,7 +493,10 @@ def _conv_wgrad_kernel(
             y_ptrs = (y_ptr + (k.to(tl.int64) * syc)[:, None]
                       + (n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[None, :])
             yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
-            a = stats_grad_on_load(a.to(tl.float32), yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
+            af = a.to(tl.float32)
+            if GY_SCALE:
+                af = af * gys[:, None]
+            a = stats_grad_on_load(af, yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
             a = a.to(x_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
             if BIAS_GRAD:
                 if pid_j == 0:   # the values the dot consumes (A is k x m: a row sum per k)
@@ -568,6 +619,8 @@ class GaccOnLoad(NamedTuple):
     d_bn_weight: Tensor      # out: (K,) in the BN weight's dtype
     d_bn_bias: Tensor        # out: (K,) fp32
     d_bias: Optional[Tensor] = None   # out: the conv bias's gradient (K,) in the bias's dtype, or None (not needed)
+    grad_y_scale: Optional[Tensor] = None  # (K,) fp32 contiguous: grad_y * grad_y_scale[k] in place of grad_y
+    #                                        (GY_SCALE: a tail's scale, its g stored once, unscaled), or None
 
     def inputs(self) -> tuple:
         return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
@@ -578,11 +631,40 @@ class _OnLoadMeta(NamedTuple):
     y: Tensor
     count: int
     eps: float
+    scaled: bool = False  # a grad_y_scale is given
 
 
 def _on_load_ptrs(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple:
-    """The five input pointers of GACC_ON_LOAD for a kernel; dummies without on_load."""
-    return (dummy(device),) * 5 if on_load is None else on_load.inputs()
+    """The six input pointers of GACC_ON_LOAD for a kernel (y, grad_scale, grad_shift, stats, bn_weight,
+    grad_y_scale); dummies without on_load (or without its grad_y_scale)."""
+    if on_load is None:
+        return (dummy(device),) * 6
+    gys = on_load.grad_y_scale
+    return (*on_load.inputs(), dummy(device) if gys is None else gys)
+
+
+def _gy_scaled(on_load) -> bool:
+    """GY_SCALE of a GaccOnLoad or _OnLoadMeta (None: no)."""
+    if on_load is None:
+        return False
+    return on_load.scaled if isinstance(on_load, _OnLoadMeta) else on_load.grad_y_scale is not None
+
+
+class TailBwd(NamedTuple):
+    """A conv whose input x is a block tail's output, x = act_t(y_t * scale_t + shift_t + residual * rs + rb)
+    (bn_apply): its dgrad's epilogue runs the tail's backward (TAIL). The gradient of x is the dgrad plus `side`
+    (x's gradient from its other consumers); g = where(x <= 0, 0, that) (relu) is stored in place of dx, and the
+    sums g*y_t, g (and g*residual) give the tail's d_scale, d_shift (and d_residual_scale)."""
+    y: Tensor                   # y_t (N, C, H, W), any strides
+    side: Optional[Tensor]      # (N, C, H, W), any strides, or None (zero)
+    residual: Optional[Tensor]  # given when d_residual_scale is wanted (sum g*residual), else None
+    relu: bool
+
+
+def _tail_key(tail: Optional[TailBwd]) -> Optional[tuple]:
+    if tail is None:
+        return None
+    return tensor_key(tail.y), tensor_key(tail.side), tensor_key(tail.residual), bool(tail.relu)
 
 
 def _on_load_scalars(on_load) -> tuple[tuple, tuple]:
@@ -619,13 +701,16 @@ class _GemmLaunch:
 
 def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
                   meta: dict, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None,
-                  g_strides: Optional[tuple] = None) -> _GemmLaunch:
-    """_dgrad's launch configuration (metadata only); `g_strides`: g_acc's strides when g_acc is not yet made."""
+                  g_strides: Optional[tuple] = None, tail: Optional[TailBwd] = None) -> _GemmLaunch:
+    """_dgrad's launch configuration (metadata only); `g_strides`: g_acc's strides when g_acc is not yet made;
+    `tail`: the TAIL epilogue (needs no prologue and need_dx: g is stored at dx)."""
     M = geo.N * geo.H * geo.W
     tile_m = _tile_m(tiles)
     tiles_m = {"BLOCK_M": tile_m} if tile_m else None
     part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
     prologue = has_prologue(in_scale, in_shift, in_relu)
+    if tail is not None and (prologue or not need_dx):
+        raise ValueError("triton dgrad: a tail epilogue needs an input without a prologue, and its g stored")
     need_stats = need_stats and prologue
     rsk = geo.R * geo.S * geo.K_g
     (sh, sw), (dh, dw) = geo.stride, geo.dilation
@@ -635,25 +720,33 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     load_scalars, y_strides = _on_load_scalars(on_load)
     dx_strides = channels_last_strides(x.shape) if need_dx else (0, 0, 0, 0)
     gh, gw = math.gcd(dh, sh), math.gcd(dw, sw)
+    side = None if tail is None else tail.side
+    res = None if tail is None else tail.residual
     scalars = (geo.C, geo.H, geo.W, geo.P, geo.Q, geo.N, geo.C_g, geo.K_g, geo.S, rsk, next_pow2(max(M, 1)), m_ph,
                sh // gh, sw // gw, dh // gh, dw // gw,
                *load_scalars, geo.K, *(g_strides or strides4(g_acc)), *y_strides, *krsc_strides(weight),
-               *strides4(x), *dx_strides, *geo.stride, *geo.padding, *geo.dilation)
+               *strides4(x), *dx_strides, *strides4(side), *strides4(None if tail is None else tail.y),
+               *strides4(res), *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
-                GACC_ON_LOAD=on_load is not None, UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
-    return _GemmLaunch(grid, scalars, meta, tiles_m, (phases * cdiv(m_ph, part_m), 2, geo.C) if need_stats else None)
+                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load), TAIL=tail is not None,
+                TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
+                TAIL_RES_SUM=res is not None,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
+    n_sums = (3 if res is not None else 2) if tail is not None else 2
+    part = (phases * cdiv(m_ph, part_m), n_sums, geo.C) if need_stats or tail is not None else None
+    return _GemmLaunch(grid, scalars, meta, tiles_m, part)
 
 
 def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, need_dx: bool, need_stats: bool,
            meta: dict, sems: Tensor, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None,
-           launch_config: Optional[_GemmLaunch] = None):
+           launch_config: Optional[_GemmLaunch] = None, tail: Optional[TailBwd] = None):
     """Returns (dx channels_last in x.dtype or None, (d_in_scale, d_in_shift) or None). With the prologue sums, the
     first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (zeroed by the epilogue kernel, or persistent
     stream_counters). With `on_load`, `g_acc` is grad_y and g_acc is formed on load (GaccOnLoad). `launch_config`:
-    _dgrad_launch's for these arguments (a memoised plan), else made here."""
+    _dgrad_launch's for these arguments (a memoised plan), else made here. With `tail` (TailBwd): (the tail's g in
+    place of dx, (d_scale_t, d_shift_t, d_residual_scale_t or None)), fp32 sums, the counters as the prologue's."""
     cfg = launch_config or _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo, need_dx, need_stats,
-                                         meta, tiles, on_load)
+                                         meta, tiles, on_load, tail=tail)
     M = geo.N * geo.H * geo.W
     dx = empty_channels_last(x.shape, x.dtype, x.device) if need_dx else None
     prologue, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
@@ -662,15 +755,27 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
     part = unused
     if cfg.part_shape is not None:
         part = torch.empty(*cfg.part_shape, dtype=torch.float32, device=x.device)
-        vec_dtype = lambda v: torch.float32 if v is None else v.dtype  # noqa: E731
-        if M == 0:  # no program runs: the sums of nothing
-            return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
-        sums = tuple(torch.empty(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
+        if tail is not None:
+            make = torch.zeros if M == 0 else torch.empty  # (no program runs: the sums of nothing)
+            sums = tuple(make(geo.C, dtype=torch.float32, device=x.device) for _ in range(cfg.part_shape[1]))
+            if M == 0:
+                return dx.zero_(), (*sums[:2], sums[2] if len(sums) > 2 else None)
+        else:
+            vec_dtype = lambda v: torch.float32 if v is None else v.dtype  # noqa: E731
+            if M == 0:  # no program runs: the sums of nothing
+                return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
+            sums = tuple(torch.empty(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
     weight, _ = krsc(weight)
+    t_ptrs = (unused,) * 4
+    if tail is not None:
+        t_ptrs = (unused if tail.side is None else tail.side, tail.y,
+                  unused if tail.residual is None else tail.residual, sums[2] if len(sums) > 2 else unused)
     args = (g_acc, weight, x, scale, shift, *_on_load_ptrs(on_load, x.device), x if dx is None else dx, part,
-            unused if sums is None else sums[0], unused if sums is None else sums[1], sems, *cfg.scalars)
+            unused if sums is None else sums[0], unused if sums is None else sums[1], sems, *t_ptrs, *cfg.scalars)
     if M > 0:
         launch(_conv_dgrad_kernel, _conv_dgrad_kernel_tuned, cfg.grid, args, cfg.meta, cfg.tiles_m)
+    if tail is not None:
+        return dx, (*sums[:2], sums[2] if len(sums) > 2 else None)
     return dx, sums
 
 
@@ -725,7 +830,8 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
                *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
     tail = (*geo.stride, *geo.padding, *geo.dilation)
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
-                GACC_ON_LOAD=on_load is not None, BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
+                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load), BIAS_GRAD=bias_grad,
+                UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=4)
     return _GemmLaunch(plan.grid, scalars, meta, None, (plan.split, geo.K, rsc) if plan.split > 1 else None,
@@ -760,13 +866,13 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
 
 
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
-                tiles: Optional[dict]) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
+                tiles: Optional[dict], tail: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
     """(wgrad plan or None, dgrad meta or None, first wgrad counter, counters in all). The counters of the in-kernel
-    reductions (the dgrad's prologue sums, the wgrad's split) share one int32 buffer, the dgrad's first; the wgrad's
-    start 16-byte aligned (one pointer specialisation whatever the sizes)."""
+    reductions (the dgrad's prologue or tail sums, the wgrad's split) share one int32 buffer, the dgrad's first; the
+    wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes)."""
     wplan = _wgrad_plan(geo, tiles) if need_w else None
     dmeta = _dgrad_meta(geo, tiles) if need_dgrad else None
-    dgrad_sums = need_dgrad and need_in_sums and has_prologue(in_scale, in_shift, in_relu)
+    dgrad_sums = need_dgrad and (tail or (need_in_sums and has_prologue(in_scale, in_shift, in_relu)))
     n_dsem = geo.groups * cdiv(geo.C_g, dmeta["BLOCK_N"]) if dgrad_sums else 0
     w_first = cdiv(n_dsem, 4) * 4
     return wplan, dmeta, w_first, w_first + (wplan.counters if wplan is not None else 0)
@@ -888,8 +994,15 @@ def _zero_grad_y(shape: tuple, device) -> Tensor:
 _CONV_BN_BWD_PLANS = LaunchPlans("conv_bn_bwd")
 
 
+def fast_backward(geo: ConvGeometry, need_weight: bool) -> bool:
+    """Whether conv_bn_bwd takes its two-launch path (else the composition): the weight's gradient is needed and
+    N*P*Q > 0. A tail epilogue (TailBwd) exists on that path only."""
+    return need_weight and geo.N * geo.P * geo.Q > 0
+
+
 def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                      dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles) -> _ConvBnBwdPlan:
+                      dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles, grad_y_scale=None,
+                      tail: Optional[TailBwd] = None) -> _ConvBnBwdPlan:
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     out_shape = (geo.N, geo.K, geo.P, geo.Q)
     check_4d("y", y)
@@ -902,30 +1015,44 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
         raise TypeError(f"triton backend: stats must be float32, got {stats.dtype}")
     for name, t, n in (("bias", bias, geo.K), ("in_scale", in_scale, geo.C), ("in_shift", in_shift, geo.C),
                        ("grad_scale", grad_scale, geo.K), ("grad_shift", grad_shift, geo.K),
-                       ("bn_weight", bn_weight, geo.K)):
+                       ("bn_weight", bn_weight, geo.K), ("grad_y_scale", grad_y_scale, geo.K)):
         check_vector(name, t, n)
+    tail_tensors = {}
+    if tail is not None:
+        tail_tensors = dict(tail_y=tail.y, tail_side=tail.side, tail_residual=tail.residual)
+        for name, t in tail_tensors.items():
+            if t is not None:
+                check_4d(name, t)
+                check_shape(name, t, tuple(x.shape))
     check_same_device(x.device, grad_y=grad_y, grad_scale=grad_scale, grad_shift=grad_shift, bias=bias,
-                      in_scale=in_scale, in_shift=in_shift, y=y, stats=stats, bn_weight=bn_weight)
+                      in_scale=in_scale, in_shift=in_shift, y=y, stats=stats, bn_weight=bn_weight,
+                      grad_y_scale=grad_y_scale, **tail_tensors)
     needs = tuple(bool(v) for v in needs_grad)
     if len(needs) != 7:
         raise ValueError(f"needs_grad must have 7 entries (CONV_BN_GRAD_NAMES), got {len(needs)}")
     inputs = (x, weight, bias, in_scale, in_shift)
     need_inputs = tuple(flag and t is not None for flag, t in zip(needs, inputs))
     need_x, need_w, _, need_isc, need_ish = need_inputs
-    if not need_w or geo.N * geo.P * geo.Q == 0:
+    if not fast_backward(geo, need_w):
+        if tail is not None:
+            raise ValueError("triton conv_bn_bwd: a tail epilogue needs the two-launch path (fast_backward)")
         return _ConvBnBwdPlan(geo, needs, need_inputs, True, None)
+    if tail is not None and (not need_x or has_prologue(in_scale, in_shift, in_relu)):
+        raise ValueError("triton conv_bn_bwd: a tail epilogue needs x's gradient and an input without a prologue")
     need_dgrad = need_x or need_isc or need_ish
-    gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles)
+    gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
+                        tail is not None)
     wplan, dmeta = gemms[:2]
-    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps)
+    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, grad_y_scale is not None)
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
     g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
     wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
                           g_strides)
     dgrad = (_dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
-                           tiles, on_load, g_strides) if need_dgrad else None)
+                           tiles, on_load, g_strides, tail) if need_dgrad else None)
     cast = not (all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
-                    for t in (grad_scale, grad_shift, stats)) and (bn_weight is None or bn_weight.is_contiguous()))
+                    for t in (grad_scale, grad_shift, stats, grad_y_scale))
+                and (bn_weight is None or bn_weight.is_contiguous()))
     return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad, cast)
 
 
@@ -934,6 +1061,17 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
                 in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                 y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool],
                 tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
+    """Launcher of conv_bn_train_backward (conv_bn_bwd_ext without its extensions; see there)."""
+    return conv_bn_bwd_ext(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride,
+                           padding, dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles)[0]
+
+
+def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
+                    weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                    in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                    groups: int, y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float,
+                    needs_grad: Sequence[bool], tiles: Optional[dict] = None, grad_y_scale: Optional[Tensor] = None,
+                    tail: Optional[TailBwd] = None) -> tuple[list[Optional[Tensor]], Optional[tuple]]:
     """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
     SPLIT; the fallback ignores them).
 
@@ -944,24 +1082,31 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed in
     split order by the tile's last split); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
     counters are the persistent stream_counters. Otherwise the composition contract.composed_conv_bn_train_backward
-    of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias)."""
+    of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias).
+
+    Extensions (conv_bn_junction_backward): `grad_y_scale` (K,): the gradient of y is grad_y * grad_y_scale[k]
+    (formed on load on the fast path); `tail` (TailBwd, fast path only, x's gradient needed, no prologue): the dgrad's
+    epilogue runs the backward of the block tail that made x; grads[0] is then the tail's g, and the second result
+    its (d_scale, d_shift, d_residual_scale or None) (None without a tail)."""
     args = (grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
-            groups, y, stats, bn_weight, eps, needs_grad, tiles)
+            groups, y, stats, bn_weight, eps, needs_grad, tiles, grad_y_scale, tail)
     if tiles is not None or not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         plan = _plan_conv_bn_bwd(*args)
     else:
         key = (tensor_key(grad_y), tensor_key(grad_scale), tensor_key(grad_shift), tensor_key(x), tensor_key(weight),
                tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift), bool(in_relu), tuple(stride),
                tuple(padding), tuple(dilation), groups, tensor_key(y), tensor_key(stats), tensor_key(bn_weight), eps,
-               tuple(bool(v) for v in needs_grad), dot_precision(x.dtype))
+               tuple(bool(v) for v in needs_grad), dot_precision(x.dtype), tensor_key(grad_y_scale), _tail_key(tail))
         plan = _CONV_BN_BWD_PLANS.get(key) or _CONV_BN_BWD_PLANS.put(key, _plan_conv_bn_bwd(*args))
     geo, needs = plan.geo, list(plan.needs)
     need_x, need_w, need_b, need_isc, need_ish = plan.need_inputs
     if plan.composed:
+        if grad_y is not None and grad_y_scale is not None:  # (rare: no weight gradient, or an empty batch)
+            grad_y = (grad_y.to(grad_y_scale.dtype) * grad_y_scale.view(1, -1, 1, 1)).to(grad_y.dtype)
         # the composition on this backend's own kernels (pe_kernels.triton: imported, it is what calls us)
         return composed_conv_bn_train_backward(sys.modules[__package__], grad_y, grad_scale, grad_shift, x, weight,
                                                bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, y,
-                                               stats, bn_weight, eps, needs)
+                                               stats, bn_weight, eps, needs), None
 
     device = x.device
     if grad_y is None:  # zero: a cached zero read through all-zero strides (no launch)
@@ -969,6 +1114,7 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     if plan.cast:  # (the plan knows: its key holds their dtypes and strides)
         grad_scale = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
         grad_shift = None if grad_shift is None else grad_shift.to(torch.float32).contiguous()
+        grad_y_scale = None if grad_y_scale is None else grad_y_scale.to(torch.float32).contiguous()
         stats = stats.contiguous()
         bn_weight = None if bn_weight is None else bn_weight.contiguous()
     if grad_scale is None or grad_shift is None:  # an absent one is zero: a cached zero vector (no launch)
@@ -980,7 +1126,7 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
         identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight, geo.N * geo.P * geo.Q, eps,
         torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
         torch.empty(geo.K, dtype=torch.float32, device=device),
-        torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None)
+        torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None, grad_y_scale)
     need_dgrad = need_x or need_isc or need_ish
     wplan, dmeta, w_first, n_sem = plan.gemms
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
@@ -989,19 +1135,23 @@ def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shi
     grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:] if w_first else sems,
                       on_load, plan.wgrad)
     grads[2] = on_load.d_bias
+    tail_sums = None
     if need_dgrad:
         dx, in_sums = _dgrad(grad_y, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
-                             dmeta, sems, tiles, on_load, plan.dgrad)
+                             dmeta, sems, tiles, on_load, plan.dgrad, tail)
         grads[0] = dx
-        if need_isc:
-            grads[3] = in_sums[0]
-        if need_ish:
-            grads[4] = in_sums[1]
+        if tail is not None:
+            tail_sums = in_sums
+        else:
+            if need_isc:
+                grads[3] = in_sums[0]
+            if need_ish:
+                grads[4] = in_sums[1]
     if needs[5] and bn_weight is not None:
         grads[5] = on_load.d_bn_weight
     if needs[6]:
         grads[6] = on_load.d_bn_bias
-    return grads
+    return grads, tail_sums
 
 
 def conv_bn_train_backward(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor],
