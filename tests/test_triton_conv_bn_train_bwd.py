@@ -238,9 +238,10 @@ def test_fp32_equals_the_composed_path(case, weight_layout, bias, kernel_device)
     """g_acc formed on load with the epilogue kernel's expression and the finalize-backward math: in fp32 the two
     launches give the composed path's four (five with d_bias) launches' results (bit for bit under the interpreter,
     but d_bias: numpy sums the wgrad's k x m tile along its contiguous axis pairwise, the epilogue's m x k tile
-    row after row)."""
+    row after row). The fast path reads the saved y here (RECOMPUTE_Y off: a recomputed y may differ in the last
+    place; test_recomputed_y below)."""
     args = make_inputs(case, torch.float32, kernel_device, weight_layout=weight_layout, bias=bias)
-    fast, composed = fast_and_composed(args, torch.float32, ALL if bias else ALL_BUT_BIAS)
+    fast, composed = fast_and_composed(args, torch.float32, ALL if bias else ALL_BUT_BIAS, {"RECOMPUTE_Y": False})
     for name, f, c in zip(CONV_BN_GRAD_NAMES, fast, composed):
         assert (f is None) == (c is None), name
         if f is None:
@@ -389,3 +390,32 @@ def test_fast_path_kernels_compile_for_sm90():
     line = next(s for s in proc.stdout.splitlines() if s.startswith("compiled:"))
     assert "('_conv_dgrad_kernel', True), ('_conv_wgrad_kernel', True)]" in line, line
     assert int(line.rsplit(" ", 1)[1]) <= 227 * 1024, line
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["1x1_g1", "1x1_s2_g2"])
+def test_recomputed_y(case, dtype, kernel_device):
+    """A 1x1 conv without padding or bias: the wgrad and the dgrad recompute y = W x' from the x' they read
+    (RECOMPUTE_Y: no read of y) — a y of NaN changes nothing — and the gradients are the saved-y path's to the
+    rounding of y (fp32: to 1e-5; fp16: within the reference budget, `check`)."""
+    cases = dict(CASES, **{"1x1_s2_g2": Case(2, 8, 12, 7, 6, 1, stride=2, groups=2)})
+    args = make_inputs(cases[case], dtype, kernel_device)
+    with ieee_fp32():
+        y, stats = forward(tri, args)
+        plan = conv_bwd_mod._plan_conv_bn_bwd(*make_grads(y.shape, y.shape[1], dtype, kernel_device), args["x"],
+                                              args["weight"], None, args["in_scale"], args["in_shift"], True,
+                                              args["stride"], args["padding"], args["dilation"], args["groups"], y,
+                                              stats, args["bn_weight"], EPS, ALL_BUT_BIAS, None)
+        assert plan.wgrad.meta["RECOMPUTE_Y"] and plan.dgrad.meta["RECOMPUTE_Y"]
+        grads = make_grads(y.shape, y.shape[1], dtype, kernel_device)
+        saved = backward(conv_bn_bwd, grads, args, y, stats, ALL_BUT_BIAS, tiles={"RECOMPUTE_Y": False})
+        nan_y = torch.full_like(y, float("nan"))
+        recomputed = backward(conv_bn_bwd, grads, args, nan_y, stats, ALL_BUT_BIAS)
+    for name, r, v in zip(CONV_BN_GRAD_NAMES, recomputed, saved):
+        assert (r is None) == (v is None), name
+        if r is not None:
+            assert torch.isfinite(r).all(), name
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(r.float(), v.float(), rtol=tol, atol=tol * max(1.0, v.abs().max().item()),
+                                       msg=name)
+    check(args, dtype)  # and the recomputing path against the float64 reference

@@ -245,6 +245,8 @@ def _conv_dgrad_kernel(
     STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / d_in_scale, d_in_shift (needs PROLOGUE)
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train)
     GY_SCALE: tl.constexpr,      # (with GACC_ON_LOAD) grad_y * gys[k] in place of grad_y
+    RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, C_g <= BLOCK_N, no bias) y = W x' recomputed
+                                 # from the row's own x' (the forward's product, rounded as stored) instead of read
     TAIL: tl.constexpr,          # x = act_t(y_t * scale_t + shift_t + ...) of a block tail (no PROLOGUE): the
                                  # epilogue is the tail's backward, g = mask(dx' + side), its sums, g stored at dx
     TAIL_RELU: tl.constexpr, TAIL_SIDE: tl.constexpr, TAIL_RES_SUM: tl.constexpr,
@@ -290,6 +292,21 @@ def _conv_dgrad_kernel(
     mask_n = offs_n < C_g
     c = grp * C_g + offs_n
 
+    if RECOMPUTE_Y:
+        # x' of this tile's rows, all C_g channels of the group (one column block): y = W x' at the same rows (a 1x1
+        # conv without padding reads x at its output's own input position)
+        x_rows = (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
+        xm = mask_m[:, None] & mask_n[None, :]
+        xt = tl.load(x_ptr + x_rows + (c.to(tl.int64) * sxc)[None, :], mask=xm, other=0.0)
+        if PROLOGUE:
+            xf = xt.to(tl.float32) * tl.load(in_scale_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            xf = xf + tl.load(in_shift_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if IN_RELU:
+                xf = tl.maximum(xf, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            xt = tl.where(xm, xf, 0.0).to(w_ptr.dtype.element_ty)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, T_H * T_W * K_g, BLOCK_K):
         # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t, s0 + STEP_W u).
@@ -307,22 +324,27 @@ def _conv_dgrad_kernel(
         valid = mask_m[:, None] & mask_j[None, :] & (p >= 0) & (q >= 0) & (p < P) & (q < Q)
         a_ptrs = g_rows[:, None] + (k.to(tl.int64) * sgc)[None, :] + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
         a = tl.load(a_ptrs, mask=valid, other=0.0)
+        b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
+        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
         if GACC_ON_LOAD:
             # k changes along j: the per-channel terms are gathered per step (BLOCK_K values, cached loads)
             mean, c0, c1, _, _ = _bn_grad_terms(gscale_ptr, gshift_ptr, stats_ptr, bnw_ptr, k, mask_j, stats_row,
                                                 count, inv_n, eps)
-            yv = tl.load(y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
-                         + q.to(tl.int64) * syw, mask=valid, other=0.0).to(tl.float32)
+            if RECOMPUTE_Y:
+                # y[m, k] = sum_c x'[m, c] w[k, c]: the B tile transposed; rounded as the forward stored it
+                yv = tl.dot(xt, tl.trans(b), input_precision=PRECISION).to(w_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                yv = tl.load(y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
+                             + q.to(tl.int64) * syw, mask=valid, other=0.0).to(tl.float32)
             af = a.to(tl.float32)
             if GY_SCALE:
                 af = af * tl.load(gys_ptr + k, mask=mask_j, other=0.0)[None, :]
             a = stats_grad_on_load(af, yv, c0[None, :], c1[None, :], mean[None, :], valid)
             a = a.to(w_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
-        b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
-        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
@@ -408,6 +430,7 @@ def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, c0, n_cols
 def _conv_wgrad_kernel(
     g_ptr,          # g_acc (N, K, P, Q), any strides; grad_y with GACC_ON_LOAD
     x_ptr,          # forward input (N, C, H, W), any strides
+    w_ptr,          # RECOMPUTE_Y: the weight (K, C_g, 1, 1), any strides; else unused
     in_scale_ptr,   # (C,) contiguous or unused
     in_shift_ptr,   # (C,) contiguous or unused
     y_ptr,          # GACC_ON_LOAD: the forward output y (N, K, P, Q), any strides; else unused
@@ -432,12 +455,15 @@ def _conv_wgrad_kernel(
     syn, syc, syh, syw,          # y strides (GACC_ON_LOAD)
     sxn, sxc, sxh, sxw,          # x strides
     sdk, sdc, sdr, sds,          # dw strides (the weight's memory format)
+    swk, swc,                    # weight strides (RECOMPUTE_Y)
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     PROLOGUE: tl.constexpr,      # x' = x * in_scale + in_shift (then ReLU if IN_RELU)
     IN_RELU: tl.constexpr,
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train);
                                  # the programs of j tile 0, split 0 write d_bn_weight, d_bn_bias of their k rows
     GY_SCALE: tl.constexpr,      # (with GACC_ON_LOAD) grad_y * gys[k] in place of grad_y
+    RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, C_g <= BLOCK_K, no bias) y = W x' from the B
+                                 # tile (all of the group's channels) instead of read
     BIAS_GRAD: tl.constexpr,     # (with GACC_ON_LOAD) the programs of j tile 0 sum g_acc over m into d_bias
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
@@ -470,6 +496,11 @@ def _conv_wgrad_kernel(
             tl.store(dbnb_ptr + k, d_bn_b, mask=mask_k)
         if GY_SCALE:
             gys = tl.load(gys_ptr + k, mask=mask_k, other=0.0)
+        if RECOMPUTE_Y:
+            wk = tl.load(w_ptr + (k.to(tl.int64) * swk)[:, None] + (c_l * swc)[None, :],
+                         mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+            if UPCAST:
+                wk = wk.to(tl.float32)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if BIAS_GRAD:
@@ -484,23 +515,6 @@ def _conv_wgrad_kernel(
         p = pq // Q
         q = pq % Q
         n64 = n.to(tl.int64)
-        # A = g_acc^T tile (BLOCK_N x BLOCK_M)
-        mask_a = mask_k[:, None] & mask_m[None, :]
-        a_ptrs = (g_ptr + (k.to(tl.int64) * sgc)[:, None]
-                  + (n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw)[None, :])
-        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
-        if GACC_ON_LOAD:
-            y_ptrs = (y_ptr + (k.to(tl.int64) * syc)[:, None]
-                      + (n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[None, :])
-            yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
-            af = a.to(tl.float32)
-            if GY_SCALE:
-                af = af * gys[:, None]
-            a = stats_grad_on_load(af, yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
-            a = a.to(x_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
-            if BIAS_GRAD:
-                if pid_j == 0:   # the values the dot consumes (A is k x m: a row sum per k)
-                    d_bias += tl.sum(a.to(tl.float32), axis=1)
         # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
         hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
         ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
@@ -514,8 +528,30 @@ def _conv_wgrad_kernel(
                 bf = tl.maximum(bf, 0.0, propagate_nan=tl.PropagateNan.ALL)
             b = tl.where(in_bounds, bf, 0.0).to(x_ptr.dtype.element_ty)
         if UPCAST:
-            a = a.to(tl.float32)
             b = b.to(tl.float32)
+        # A = g_acc^T tile (BLOCK_N x BLOCK_M)
+        mask_a = mask_k[:, None] & mask_m[None, :]
+        a_ptrs = (g_ptr + (k.to(tl.int64) * sgc)[:, None]
+                  + (n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw)[None, :])
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        if GACC_ON_LOAD:
+            if RECOMPUTE_Y:
+                # y[k, m] = sum_c w[k, c] x'[m, c] (the B tile holds every channel of the group), rounded as stored
+                yv = tl.dot(wk, tl.trans(b), input_precision=PRECISION).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                y_ptrs = (y_ptr + (k.to(tl.int64) * syc)[:, None]
+                          + (n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[None, :])
+                yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
+            af = a.to(tl.float32)
+            if GY_SCALE:
+                af = af * gys[:, None]
+            a = stats_grad_on_load(af, yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
+            a = a.to(x_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
+            if BIAS_GRAD:
+                if pid_j == 0:   # the values the dot consumes (A is k x m: a row sum per k)
+                    d_bias += tl.sum(a.to(tl.float32), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     # dw[k, c_l, r, s] through dw's strides (the weight's memory format); j = (r*S + s)*C_g + c_l
@@ -621,6 +657,8 @@ class GaccOnLoad(NamedTuple):
     d_bias: Optional[Tensor] = None   # out: the conv bias's gradient (K,) in the bias's dtype, or None (not needed)
     grad_y_scale: Optional[Tensor] = None  # (K,) fp32 contiguous: grad_y * grad_y_scale[k] in place of grad_y
     #                                        (GY_SCALE: a tail's scale, its g stored once, unscaled), or None
+    recompute: bool = False  # y may be recomputed from x' (recompute_y_allowed); a kernel does where its tile holds
+    #                          every channel of the group (RECOMPUTE_Y)
 
     def inputs(self) -> tuple:
         return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
@@ -632,6 +670,23 @@ class _OnLoadMeta(NamedTuple):
     count: int
     eps: float
     scaled: bool = False  # a grad_y_scale is given
+    recompute: bool = False
+
+
+def recompute_y_allowed(geo: ConvGeometry, bias: Optional[Tensor], tiles: Optional[dict]) -> bool:
+    """Whether the GEMMs forming g_acc on load may recompute y = W x' (+ nothing) from the x' they read instead of
+    reading the saved y: a 1x1 conv without padding (y at a row is W times x' at that row's input position), no conv
+    bias (`tiles` may say RECOMPUTE_Y=False). Each kernel does it where its tile holds all C_g channels of the group,
+    so that the extra dot at most doubles its MMA work: a memory-bound 1x1 layer saves the read of y (K_g / C_g times
+    the size of x) for it. The recomputed y is the forward's product in another summation order, rounded to the
+    stored dtype: it may differ from the saved y in the last place."""
+    if tiles is not None and tiles.get("RECOMPUTE_Y") is False:
+        return False
+    return geo.R == 1 and geo.S == 1 and tuple(geo.padding) == (0, 0) and bias is None
+
+
+def _recomputes(on_load, geo: ConvGeometry, tile_c: int) -> bool:
+    return on_load is not None and on_load.recompute and geo.C_g <= tile_c
 
 
 def _on_load_ptrs(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple:
@@ -728,7 +783,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                *strides4(x), *dx_strides, *strides4(side), *strides4(None if tail is None else tail.y),
                *strides4(res), *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
-                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load), TAIL=tail is not None,
+                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load),
+                RECOMPUTE_Y=_recomputes(on_load, geo, meta["BLOCK_N"]), TAIL=tail is not None,
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
                 TAIL_RES_SUM=res is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
@@ -828,10 +884,11 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     load_scalars, y_strides = _on_load_scalars(on_load)
     scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
                *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
-    tail = (*geo.stride, *geo.padding, *geo.dilation)
+    recompute = _recomputes(on_load, geo, plan.block_k)
+    tail = (*(weight.stride()[:2] if recompute else (0, 0)), *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
-                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load), BIAS_GRAD=bias_grad,
-                UPCAST=upcast_bf16(x.dtype),
+                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load), RECOMPUTE_Y=recompute,
+                BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=4)
     return _GemmLaunch(plan.grid, scalars, meta, None, (plan.split, geo.K, rsc) if plan.split > 1 else None,
@@ -859,8 +916,8 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
     bpart = unused if cfg.extra_shape is None else torch.empty(*cfg.extra_shape, dtype=torch.float32, device=x.device)
     _, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (unused, unused)
-    _conv_wgrad_kernel[cfg.grid](g_acc, x, scale, shift, *_on_load_ptrs(on_load, x.device), dw, part, sems, *outs,
-                                 on_load.d_bias if bias_grad else unused, bpart, *cfg.scalars, *dw.stride(),
+    _conv_wgrad_kernel[cfg.grid](g_acc, x, weight, scale, shift, *_on_load_ptrs(on_load, x.device), dw, part, sems,
+                                 *outs, on_load.d_bias if bias_grad else unused, bpart, *cfg.scalars, *dw.stride(),
                                  *cfg.tail, **cfg.meta)
     return dw
 
@@ -1043,7 +1100,8 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
                         tail is not None)
     wplan, dmeta = gemms[:2]
-    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, grad_y_scale is not None)
+    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, grad_y_scale is not None,
+                          recompute_y_allowed(geo, bias, tiles))
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
     g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
     wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
@@ -1126,7 +1184,8 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
         identity_vector(1.0, geo.K, device) if bn_weight is None else bn_weight, geo.N * geo.P * geo.Q, eps,
         torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
         torch.empty(geo.K, dtype=torch.float32, device=device),
-        torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None, grad_y_scale)
+        torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None, grad_y_scale,
+        recompute_y_allowed(geo, bias, tiles))
     need_dgrad = need_x or need_isc or need_ish
     wplan, dmeta, w_first, n_sem = plan.gemms
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
