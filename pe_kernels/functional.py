@@ -74,6 +74,8 @@ class PendingTail:
     residual: Optional[Tensor]
     residual_affine: Optional[tuple[Tensor, Tensor]]
     relu: bool
+    shortcut: Optional[tuple] = None  # (its input, its conv's arguments as `conv`, its training BN): the residual is
+    #                                   that conv -> BN (then residual and residual_affine are None)
 
     @property
     def tensor(self) -> Tensor:
@@ -81,8 +83,13 @@ class PendingTail:
         return self.x.y if isinstance(self.x, Deferred) else self.x
 
     def materialize(self) -> Tensor:
-        return conv_bn_fused(self.x, bn=self.bn, activation="relu" if self.relu else None, residual=self.residual,
-                             residual_affine=self.residual_affine, **self.conv)
+        residual, affine = self.residual, self.residual_affine
+        if self.shortcut is not None:  # the shortcut's conv -> BN first, as the block runs it
+            x_s, conv_s, bn_s = self.shortcut
+            residual, s_scale, s_shift = conv_bn_pending(x_s, bn=bn_s, **conv_s)
+            affine = (s_scale, s_shift)
+        return conv_bn_fused(self.x, bn=self.bn, activation="relu" if self.relu else None, residual=residual,
+                             residual_affine=affine, **self.conv)
 
 
 Activation = Union[Tensor, Deferred, PendingTail]
@@ -480,8 +487,9 @@ def conv_bn_junction_fused(tail: PendingTail, weight: Tensor, bias: Optional[Ten
     _check_bn(bn, weight.shape[0])
     t_conv = tail.conv
     out_shape = _tail_out_shape(tail)
+    convs = (t_conv, tail.shortcut[1]) if tail.shortcut is not None else (t_conv,)
     joined = (_uses_batch_stats(bn) and padding_mode == "zeros" and not isinstance(padding, str)
-              and t_conv["padding_mode"] == "zeros" and not isinstance(t_conv["padding"], str)
+              and all(c["padding_mode"] == "zeros" and not isinstance(c["padding"], str) for c in convs)
               and _count_of(out_shape, weight, stride, padding, dilation) >= 2)
     if not joined:
         out = tail.materialize()
@@ -491,12 +499,19 @@ def conv_bn_junction_fused(tail: PendingTail, weight: Tensor, bias: Optional[Ten
     t = x.y if isinstance(x, Deferred) else x
     prologue = dict(in_scale=x.scale, in_shift=x.shift, in_relu=x.relu) if isinstance(x, Deferred) else {}
     rs, rb = tail.residual_affine if tail.residual_affine is not None else (None, None)
+    shortcut = {}
+    if tail.shortcut is not None:
+        x_s, conv_s, bn_s = tail.shortcut
+        shortcut = dict(shortcut_x=x_s, shortcut_weight=_cast_weight(conv_s["weight"], t),
+                        shortcut_bias=conv_s["bias"], shortcut_stride=conv_s["stride"],
+                        shortcut_padding=conv_s["padding"], shortcut_dilation=conv_s["dilation"],
+                        shortcut_groups=conv_s["groups"], **{f"shortcut_{k}": v for k, v in _bn_args(bn_s).items()})
     out, y_h, scale_h, shift_h = ops.conv_bn_junction(
         t, _cast_weight(t_conv["weight"], t), t_conv["bias"], **prologue, stride=t_conv["stride"],
         padding=t_conv["padding"], dilation=t_conv["dilation"], groups=t_conv["groups"],
         **_bn_args(tail.bn), residual=tail.residual, residual_scale=rs, residual_shift=rb, relu=tail.relu,
         head_weight=_cast_weight(weight, t), head_bias=bias, head_stride=stride, head_padding=padding,
-        head_dilation=dilation, head_groups=groups, **{f"head_{k}": v for k, v in _bn_args(bn).items()})
+        head_dilation=dilation, head_groups=groups, **{f"head_{k}": v for k, v in _bn_args(bn).items()}, **shortcut)
     return out, Deferred(y_h, scale_h, shift_h, relu)
 
 

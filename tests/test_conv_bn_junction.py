@@ -24,11 +24,12 @@ from _devices import ieee_fp32, require_backend
 from _oracle import assert_budget, atol_for, check_budget
 from test_triton_conv import count_launches
 
-NAMES = ("x", "w", "b", "isc", "ish", "bn_w", "bn_b", "res", "rs", "rb", "hw", "hb", "hbn_w", "hbn_b")
+NAMES = ("x", "w", "b", "isc", "ish", "bn_w", "bn_b", "res", "rs", "rb", "hw", "hb", "hbn_w", "hbn_b", "xs", "ws",
+         "bs", "sbn_w", "sbn_b")
 
 
 def _inputs(dtype, *, prologue=False, residual=True, affine=False, bias=False, head_r=1, head_stride=1, c=6, k=8,
-            hk=6, seed=0):
+            hk=6, seed=0, shortcut=False):
     """CPU tensors (drawn once: every device and dtype tests the same values)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
@@ -39,9 +40,12 @@ def _inputs(dtype, *, prologue=False, residual=True, affine=False, bias=False, h
              res=rand(3, k, 5, 6).to(memory_format=torch.channels_last) if residual else None,
              rs=pos(k) if affine else None, rb=rand(k) if affine else None,
              hw=rand(hk, k // 2, head_r, head_r) / head_r, hb=rand(hk) if bias else None, hbn_w=pos(hk),
-             hbn_b=rand(hk))
+             hbn_b=rand(hk), xs=None, ws=None, bs=None, sbn_w=None, sbn_b=None)
+    if shortcut:  # a stride-2 1x1 shortcut conv -> BN of a (3, 4, 10, 11) block input gives the residual
+        t.update(res=None, rs=None, rb=None, xs=rand(3, 4, 10, 11).to(memory_format=torch.channels_last),
+                 ws=rand(k, 2, 1, 1), bs=rand(k) if bias else None, sbn_w=pos(k), sbn_b=rand(k))
     vdt = param_dtype(dtype)
-    vectors = ("isc", "ish", "bn_w", "bn_b", "rs", "rb", "hbn_w", "hbn_b")
+    vectors = ("isc", "ish", "bn_w", "bn_b", "rs", "rb", "hbn_w", "hbn_b", "sbn_w", "sbn_b")
     out = {n: None if v is None else v.to(vdt if n in vectors else dtype) for n, v in t.items()}
     out["head"] = dict(head_stride=head_stride, head_padding=head_r // 2, head_groups=2)
     return out
@@ -62,14 +66,26 @@ def _run(t, device, fused: bool, use_out: bool = True, needs=NAMES, momentum=0.1
                 running_var=stats[1], num_batches_tracked=stats[2], momentum=momentum)
     residual = dict(residual=leaves["res"], residual_scale=leaves["rs"], residual_shift=leaves["rb"], relu=True)
     hs, hp, hg = t["head"]["head_stride"], t["head"]["head_padding"], t["head"]["head_groups"]
+    shortcut = leaves["xs"] is not None
+    if shortcut:
+        stats += [torch.zeros(k, dtype=vdt, device=device), torch.ones(k, dtype=vdt, device=device),
+                  torch.tensor(7, device=device)]
+        sc = dict(stride=2, groups=2, bn_weight=leaves["sbn_w"], bn_bias=leaves["sbn_b"], running_mean=stats[6],
+                  running_var=stats[7], num_batches_tracked=stats[8], momentum=momentum)
     if fused:
+        sc_args = {} if not shortcut else dict(shortcut_x=leaves["xs"], shortcut_weight=leaves["ws"],
+                                               shortcut_bias=leaves["bs"],
+                                               **{f"shortcut_{n}": v for n, v in sc.items()})
         outs = ops.conv_bn_junction(leaves["x"], leaves["w"], leaves["b"], **tail, **residual,
                                     head_weight=leaves["hw"], head_bias=leaves["hb"], head_stride=hs,
                                     head_padding=hp, head_groups=hg, head_bn_weight=leaves["hbn_w"],
                                     head_bn_bias=leaves["hbn_b"], head_running_mean=stats[3],
                                     head_running_var=stats[4], head_num_batches_tracked=stats[5],
-                                    head_momentum=momentum)
+                                    head_momentum=momentum, **sc_args)
     else:
+        if shortcut:
+            ys, s_scale, s_shift = ops.conv_bn_train(leaves["xs"], leaves["ws"], leaves["bs"], **sc)
+            residual.update(residual=ys, residual_scale=s_scale, residual_shift=s_shift)
         out = ops.conv_bn_act(leaves["x"], leaves["w"], leaves["b"], **tail, **residual)
         outs = (out, *ops.conv_bn_train(out, leaves["hw"], leaves["hb"], stride=hs, padding=hp, groups=hg,
                                         bn_weight=leaves["hbn_w"], bn_bias=leaves["hbn_b"], running_mean=stats[3],
@@ -86,6 +102,8 @@ CASES = {
     "affine-residual-bias": dict(affine=True, bias=True),
     "no-residual-prologue": dict(residual=False, prologue=True),
     "3x3-stride2-head": dict(affine=True, head_r=3, head_stride=2),
+    "shortcut-conv": dict(shortcut=True),
+    "shortcut-conv-bias-prologue": dict(shortcut=True, bias=True, prologue=True),
 }
 
 
@@ -129,11 +147,13 @@ def _check_against_composition(kernel_device, dtype, t, use_out=True, needs=NAME
     assert grads.keys() == grads64.keys()
     for name in grads:
         assert grads[name].dtype == t[name].dtype and grads[name].shape == t[name].shape, name
-        if name == "b" and "bn_b" in grads64:
+        bn_bias = {"b": "bn_b", "hb": "hbn_b", "bs": "sbn_b"}.get(name)
+        if bn_bias in grads64:
             # a conv bias before a BatchNorm: its gradient is 0 exactly (sum g_acc = 0), what is left is the rounding
             # of a sum of terms of the size of sum g = d bn_bias: the budget's scale is that
-            scale = max(1.0, grads64["bn_b"].abs().max().item())
-            check_budget("db", grads[name], grads_same[name], grads64[name], atol_for(dtype, o.device, True) * scale)
+            scale = max(1.0, grads64[bn_bias].abs().max().item())
+            check_budget(f"d{name}", grads[name], grads_same[name], grads64[name],
+                         atol_for(dtype, o.device, True) * scale)
             continue
         assert_budget(f"d{name}", grads[name], grads_same[name], grads64[name], dtype, dot=True)
 
@@ -150,33 +170,39 @@ def test_triton_without_a_gradient_of_out_from_elsewhere(kernel_device):
     _check_against_composition(kernel_device, torch.float32, _inputs(torch.float32, affine=True), use_out=False)
 
 
-@pytest.mark.parametrize("needs", [("x", "w", "hw"), ("res", "rs", "hw", "hbn_w"), ("hw", "hb", "b"),
-                                   ("hbn_w", "hbn_b", "bn_w")],
-                         ids=["convs-only", "residual-only", "head-and-tail-bias", "frozen-weights"])
-def test_triton_partial_needs(kernel_device, needs):
+@pytest.mark.parametrize("needs,shortcut", [(("x", "w", "hw"), False), (("res", "rs", "hw", "hbn_w"), False),
+                                            (("hw", "hb", "b"), False), (("hbn_w", "hbn_b", "bn_w"), False),
+                                            (("ws", "hw"), True), (("xs", "sbn_b", "w", "hw"), True)],
+                         ids=["convs-only", "residual-only", "head-and-tail-bias", "frozen-weights", "shortcut-weight",
+                              "shortcut-input"])
+def test_triton_partial_needs(kernel_device, needs, shortcut):
     """Some inputs frozen: the gradients of the others, None for the frozen (a head without a weight gradient takes
     the composition)."""
     require_backend("triton")
-    t = _inputs(torch.float32, affine=True, bias=True)
+    t = _inputs(torch.float32, affine=not shortcut, bias=True, shortcut=shortcut)
     _check_against_composition(kernel_device, torch.float32, t, needs=needs)
 
 
-def test_triton_backward_launches(kernel_device):
+@pytest.mark.parametrize("shortcut", [False, True], ids=["identity", "shortcut-conv"])
+def test_triton_backward_launches(kernel_device, shortcut):
     """The fused backward: the head's wgrad and dgrad (its epilogue the tail's backward), the tail conv's wgrad and
-    dgrad; no apply backward, no add, no d_y. (An affine residual's gradient adds one bn_apply launch.)"""
+    dgrad (and the shortcut conv's); no apply backward, no add, no d_y, no d_residual: two launches per conv."""
     require_backend("triton")
-    t = _inputs(torch.float32)
+    t = _inputs(torch.float32, shortcut=shortcut)
     leaves = {n: None if t[n] is None else t[n].to(kernel_device).requires_grad_(True) for n in NAMES}
+    sc = {} if not shortcut else dict(shortcut_x=leaves["xs"], shortcut_weight=leaves["ws"], shortcut_stride=2,
+                                      shortcut_groups=2, shortcut_bn_weight=leaves["sbn_w"])
     with pe_kernels.use_backend("triton"):
         outs = ops.conv_bn_junction(leaves["x"], leaves["w"], padding=1, groups=2, bn_weight=leaves["bn_w"],
                                     bn_bias=leaves["bn_b"], residual=leaves["res"], relu=True,
                                     head_weight=leaves["hw"], head_groups=2, head_bn_weight=leaves["hbn_w"],
-                                    head_bn_bias=leaves["hbn_b"])
+                                    head_bn_bias=leaves["hbn_b"], **sc)
         assert type(outs[0].grad_fn).__name__ == "_ConvBnJunctionFunctionBackward"
         loss = sum(o.float().sum() for o in outs)
         with count_launches() as counted:
             loss.backward()
-    assert dict(counted.triton) == {"_conv_wgrad_kernel": 2, "_conv_dgrad_kernel": 2}, counted.triton
+    convs = 3 if shortcut else 2
+    assert dict(counted.triton) == {"_conv_wgrad_kernel": convs, "_conv_dgrad_kernel": convs}, counted.triton
 
 
 def test_without_gradient_is_the_two_ops():
@@ -211,6 +237,11 @@ def test_double_backward_recomputes_the_composition():
     (dict(head_weight=torch.randn(4, 3, 1, 1)), r"x has 4 channels but weight \(4, 3, 1, 1\)"),
     (dict(residual=torch.randn(2, 4, 2, 3)), r"residual has shape \(2, 4, 2, 3\), y has \(2, 4, 3, 3\)"),
     (dict(x=torch.randn(1, 4, 3, 3), head_weight=torch.randn(4, 4, 3, 3)), "more than 1 value per channel"),
+    (dict(shortcut_x=torch.randn(2, 4, 3, 3)), "shortcut_x and shortcut_weight go together"),
+    (dict(shortcut_x=torch.randn(2, 4, 3, 3), shortcut_weight=torch.randn(4, 4, 1, 1),
+          residual=torch.randn(2, 4, 3, 3)), "must not be given with it"),
+    (dict(shortcut_x=torch.randn(2, 4, 6, 6), shortcut_weight=torch.randn(4, 4, 1, 1)),
+     r"the shortcut conv gives shape \(2, 4, 6, 6\), the tail conv \(2, 4, 3, 3\)"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     x = kwargs.pop("x", torch.randn(2, 4, 3, 3)).requires_grad_(True)
@@ -318,3 +349,32 @@ def test_model_in_eval_or_on_the_torch_backend_has_no_junction():
     if pe_kernels.backends()["triton"].available:
         with pe_kernels.use_backend("triton"), torch.no_grad():
             model.eval()(x)  # eval: BN folded, nothing pending (runs through)
+
+
+@pytest.mark.parametrize("channels", [12, 48, 300])
+def test_bn_apply_relu_bits(kernel_device, channels):
+    """bn_apply_relu_bits: bn_apply's output bit for bit, and its mask: bit k % 32 of word k // 32 of row
+    (n*H + h)*W + w set exactly where out is not <= 0 (a NaN passes, as torch's threshold_backward lets it); channel
+    counts below 32, not a multiple of 32, and several column tiles."""
+    require_backend("triton")
+    import pe_kernels.triton as tri
+    from pe_kernels.triton.bn_apply import bn_apply_relu_bits
+
+    gen = torch.Generator().manual_seed(4)
+    n, h, w = 2, 3, 5
+    y = torch.randn(n, channels, h, w, generator=gen).to(kernel_device, torch.float16)
+    y[0, 1, 1, 1] = float("nan")
+    res = torch.randn(n, channels, h, w, generator=gen).to(kernel_device, torch.float16)
+    scale, shift = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
+    scale, shift = scale.to(kernel_device), shift.to(kernel_device)
+    out, bits = bn_apply_relu_bits(y, scale, shift, res, None, None)
+    torch.testing.assert_close(out, tri.bn_apply(y, scale, shift, res, None, None, True), rtol=0, atol=0,
+                               equal_nan=True)
+    assert bits.shape == (n * h * w, (channels + 31) // 32) and bits.dtype == torch.int32
+    rows = out.permute(0, 2, 3, 1).reshape(n * h * w, channels).cpu().float()
+    on = ~(rows <= 0)
+    words = bits.cpu().long() & 0xFFFFFFFF
+    unpacked = torch.stack([(words[:, k // 32] >> (k % 32)) & 1 for k in range(channels)], dim=1).bool()
+    assert torch.equal(unpacked, on)
+    nan_row = (0 * h + 1) * w + 1
+    assert bool(on[nan_row, 1]) and torch.isnan(rows[nan_row, 1])  # the NaN passes

@@ -393,24 +393,27 @@ def test_fast_path_kernels_compile_for_sm90():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["1x1_g1", "1x1_s2_g2"])
+@pytest.mark.parametrize("case", ["1x1_g1", "1x1_s2_g2", "1x1_c40_small_tiles"])
 def test_recomputed_y(case, dtype, kernel_device):
     """A 1x1 conv without padding or bias: the wgrad and the dgrad recompute y = W x' from the x' they read
     (RECOMPUTE_Y: no read of y) — a y of NaN changes nothing — and the gradients are the saved-y path's to the
-    rounding of y (fp32: to 1e-5; fp16: within the reference budget, `check`)."""
-    cases = dict(CASES, **{"1x1_s2_g2": Case(2, 8, 12, 7, 6, 1, stride=2, groups=2)})
+    rounding of y (fp32: to 1e-5; fp16: within the reference budget, `check`). With 16-wide tiles and 40 channels a
+    group, y is summed over three channel steps in both kernels, in several column / j tiles."""
+    cases = dict(CASES, **{"1x1_s2_g2": Case(2, 8, 12, 7, 6, 1, stride=2, groups=2),
+                           "1x1_c40_small_tiles": Case(2, 40, 24, 5, 6, 1)})
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=2) if case.endswith("small_tiles") else None
     args = make_inputs(cases[case], dtype, kernel_device)
     with ieee_fp32():
         y, stats = forward(tri, args)
         plan = conv_bwd_mod._plan_conv_bn_bwd(*make_grads(y.shape, y.shape[1], dtype, kernel_device), args["x"],
                                               args["weight"], None, args["in_scale"], args["in_shift"], True,
                                               args["stride"], args["padding"], args["dilation"], args["groups"], y,
-                                              stats, args["bn_weight"], EPS, ALL_BUT_BIAS, None)
+                                              stats, args["bn_weight"], EPS, ALL_BUT_BIAS, tiles)
         assert plan.wgrad.meta["RECOMPUTE_Y"] and plan.dgrad.meta["RECOMPUTE_Y"]
         grads = make_grads(y.shape, y.shape[1], dtype, kernel_device)
-        saved = backward(conv_bn_bwd, grads, args, y, stats, ALL_BUT_BIAS, tiles={"RECOMPUTE_Y": False})
+        saved = backward(conv_bn_bwd, grads, args, y, stats, ALL_BUT_BIAS, tiles=dict(tiles or {}, RECOMPUTE_Y=False))
         nan_y = torch.full_like(y, float("nan"))
-        recomputed = backward(conv_bn_bwd, grads, args, nan_y, stats, ALL_BUT_BIAS)
+        recomputed = backward(conv_bn_bwd, grads, args, nan_y, stats, ALL_BUT_BIAS, tiles=tiles)
     for name, r, v in zip(CONV_BN_GRAD_NAMES, recomputed, saved):
         assert (r is None) == (v is None), name
         if r is not None:

@@ -150,9 +150,8 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
         if PF.batch_norm_count(h, **kwargs) < 2:  # BatchNorm2d's errors and empty batches: the block's own tail
             return self._tail(x, h, conv, bn)
         parts = tuple(self._modules["shortcut"]._modules.values())
-        if parts:
-            ys, s_scale, s_shift = PF.conv_bn_pending(x, bn=parts[1], **_conv_kwargs(parts[0]))
-            return PF.PendingTail(h, kwargs, bn, ys, (s_scale, s_shift), True)
+        if parts:  # the shortcut's conv -> BN goes with the tail (the junction runs both)
+            return PF.PendingTail(h, kwargs, bn, None, None, True, (x, _conv_kwargs(parts[0]), parts[1]))
         return PF.PendingTail(h, kwargs, bn, x, None, True)
 
     def forward(self, x: Tensor) -> Tensor:

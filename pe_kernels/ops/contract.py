@@ -27,7 +27,8 @@ APPLY_GRAD_NAMES = ("y", "scale", "shift", "residual", "residual_scale", "residu
 # Order of the gradients returned by conv_bn_junction_backward (ops/conv_bn_junction.py).
 JUNCTION_GRAD_NAMES = ("x", "weight", "bias", "in_scale", "in_shift", "bn_weight", "bn_bias", "residual",
                        "residual_scale", "residual_shift", "head_weight", "head_bias", "head_bn_weight",
-                       "head_bn_bias")
+                       "head_bn_bias", "shortcut_x", "shortcut_weight", "shortcut_bias", "shortcut_bn_weight",
+                       "shortcut_bn_bias")
 
 
 class ConvArgs(NamedTuple):
@@ -145,6 +146,9 @@ OPTIONAL_BACKEND_FUNCTIONS = ("conv_fused_keyed", "conv_bn_train_keyed", "bn_app
 # Optional fused backwards: a backend may implement one with composed_<name>'s arguments and results (below); a
 # backend without it gets the composition of its own functions.
 OPTIONAL_FUSED_BACKWARDS = ("conv_bn_junction_backward",)
+# Optional: bn_apply_relu_bits(y, scale, shift, residual, residual_scale, residual_shift) -> (bn_apply(..., relu=True),
+# its ReLU mask as bits, a layout of the backend's own), for that backend's fused backward (the junction's forward).
+OPTIONAL_FORWARD_EXTRAS = ("bn_apply_relu_bits",)
 
 
 def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -192,44 +196,98 @@ def composed_conv_bn_train_backward(backend, grad_y: Optional[Tensor], grad_scal
     return [*grads, d_bn_weight if needs[5] else None, d_bn_bias if needs[6] else None]
 
 
+class JunctionSaved(NamedTuple):
+    """What a junction's backward reads (ops/conv_bn_junction.py): its saved tensors, then its convs' configs.
+    Without a shortcut conv, shortcut_* and stats_s are None and shortcut_config None; with one, the residual,
+    residual_scale and residual_shift are its (y, scale, shift)."""
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    in_scale: Optional[Tensor]
+    in_shift: Optional[Tensor]
+    bn_weight: Optional[Tensor]
+    bn_bias: Optional[Tensor]
+    residual: Optional[Tensor]
+    residual_scale: Optional[Tensor]
+    residual_shift: Optional[Tensor]
+    y: Tensor                       # the tail conv's output and statistics, its BN's scale and shift
+    stats: Tensor
+    scale: Tensor
+    shift: Tensor
+    out: Tensor                     # the tail's output: the head conv's input
+    head_weight: Tensor
+    head_bias: Optional[Tensor]
+    head_bn_weight: Optional[Tensor]
+    head_bn_bias: Optional[Tensor]
+    y_h: Tensor
+    stats_h: Tensor
+    shortcut_x: Optional[Tensor]
+    shortcut_weight: Optional[Tensor]
+    shortcut_bias: Optional[Tensor]
+    shortcut_bn_weight: Optional[Tensor]
+    shortcut_bn_bias: Optional[Tensor]
+    stats_s: Optional[Tensor]
+    relu_bits: Optional[Tensor]     # out's ReLU mask as bits (a backend's bn_apply_relu_bits), or None
+    config: tuple                   # (in_relu, stride, padding, dilation, groups, eps) of the tail conv and its BN
+    head_config: tuple              # the same of the head conv (no prologue)
+    shortcut_config: Optional[tuple]  # the same of the shortcut conv, or None
+    relu: bool
+
+    def inputs(self) -> tuple:
+        """The node's inputs in JUNCTION_GRAD_NAMES' order (a shortcut's residual* are its outputs: not inputs)."""
+        residual = (None,) * 3 if self.shortcut_config is not None else (self.residual, self.residual_scale,
+                                                                          self.residual_shift)
+        return (self.x, self.weight, self.bias, self.in_scale, self.in_shift, self.bn_weight, self.bn_bias, *residual,
+                self.head_weight, self.head_bias, self.head_bn_weight, self.head_bn_bias, self.shortcut_x,
+                self.shortcut_weight, self.shortcut_bias, self.shortcut_bn_weight, self.shortcut_bn_bias)
+
+
 def composed_conv_bn_junction_backward(backend, grad_out: Optional[Tensor], grad_y_h: Optional[Tensor],
-                                       grad_scale_h: Optional[Tensor], grad_shift_h: Optional[Tensor], saved: tuple,
-                                       config: tuple, head_config: tuple, relu: bool,
-                                       needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+                                       grad_scale_h: Optional[Tensor], grad_shift_h: Optional[Tensor],
+                                       saved: JunctionSaved, needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
     """The gradients (JUNCTION_GRAD_NAMES; None where not needed or absent) of a junction (ops/conv_bn_junction.py):
         out = bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu)   (y, scale, shift: the
-              tail's conv_bn_train of x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
+              tail's conv_bn_train of x, weight, bias, in_scale, in_shift, bn_weight, bn_bias; with a shortcut conv,
+              (residual, residual_scale, residual_shift) its conv_bn_train of shortcut_x, shortcut_weight, ...)
         (y_h, scale_h, shift_h) = conv_bn_train(out, head_weight, head_bias, bn: head_bn_weight, head_bn_bias)
     from the gradients of (out, y_h, scale_h, shift_h) (any may be None: zero), as `backend`'s conv_bn_train_backward
-    (head), bn_apply_backward of d_out = dx_h + grad_out, conv_bn_train_backward (tail). `saved` = (x, weight, bias,
-    in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift, y, stats, scale, shift, out,
-    head_weight, head_bias, head_bn_weight, head_bn_bias, y_h, stats_h); config / head_config = (in_relu, stride,
-    padding, dilation, groups, eps) of the tail / head conv (the head has no prologue)."""
-    (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift, y, stats,
-     scale, shift, out, h_weight, h_bias, h_bn_weight, h_bn_bias, y_h, stats_h) = saved
+    (head), bn_apply_backward of d_out = dx_h + grad_out, conv_bn_train_backward (tail, and shortcut)."""
+    sv = saved
     needs = [bool(v) for v in needs_grad]
-    in_relu, stride, padding, dilation, groups, eps = config
-    _, h_stride, h_padding, h_dilation, h_groups, h_eps = head_config
     grads: list[Optional[Tensor]] = [None] * len(JUNCTION_GRAD_NAMES)
-    tail = any(needs[:10])
+    shortcut = sv.shortcut_config is not None
+    tail = any(needs[:10]) or any(needs[14:])
     h_needs = [tail, needs[10], needs[11], False, False, needs[12], needs[13]]
+    _, h_stride, h_padding, h_dilation, h_groups, h_eps = sv.head_config
     if any(h_needs) and not (grad_y_h is None and grad_scale_h is None and grad_shift_h is None):
-        h_grads = backend.conv_bn_train_backward(grad_y_h, grad_scale_h, grad_shift_h, out, h_weight, h_bias, None,
-                                                 None, False, h_stride, h_padding, h_dilation, h_groups, y_h, stats_h,
-                                                 h_bn_weight, h_eps, h_needs)
-        grads[10:] = h_grads[1], h_grads[2], h_grads[5], h_grads[6]
+        h_grads = backend.conv_bn_train_backward(grad_y_h, grad_scale_h, grad_shift_h, sv.out, sv.head_weight,
+                                                 sv.head_bias, None, None, False, h_stride, h_padding, h_dilation,
+                                                 h_groups, sv.y_h, sv.stats_h, sv.head_bn_weight, h_eps, h_needs)
+        grads[10:14] = h_grads[1], h_grads[2], h_grads[5], h_grads[6]
         dx_h = h_grads[0]
         if dx_h is not None:
             grad_out = dx_h if grad_out is None else dx_h + grad_out
     if not tail or grad_out is None:
         return grads
     inner = any(needs[:7])
+    s_needs = needs[14:16] + [needs[16], False, False, needs[17], needs[18]]
+    res_needs = [any(s_needs)] * 3 if shortcut else needs[7:10]
     d_y, d_scale, d_shift, d_res, d_rscale, d_rshift = backend.bn_apply_backward(
-        grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out,
-        [inner, inner, inner, needs[7], needs[8], needs[9]])
-    grads[7:10] = d_res, d_rscale, d_rshift
+        grad_out, sv.y, sv.scale, sv.shift, sv.residual, sv.residual_scale, sv.residual_shift, sv.relu, sv.out,
+        [inner, inner, inner, *res_needs])
+    if shortcut:
+        if any(s_needs):
+            in_relu, stride, padding, dilation, groups, eps = sv.shortcut_config
+            s_grads = backend.conv_bn_train_backward(d_res, d_rscale, d_rshift, sv.shortcut_x, sv.shortcut_weight,
+                                                     sv.shortcut_bias, None, None, False, stride, padding, dilation,
+                                                     groups, sv.residual, sv.stats_s, sv.shortcut_bn_weight, eps,
+                                                     s_needs)
+            grads[14:19] = s_grads[0], s_grads[1], s_grads[2], s_grads[5], s_grads[6]
+    else:
+        grads[7:10] = d_res, d_rscale, d_rshift
     if inner:
-        grads[:7] = backend.conv_bn_train_backward(d_y, d_scale, d_shift, x, weight, bias, in_scale, in_shift, in_relu,
-                                                   stride, padding, dilation, groups, y, stats, bn_weight, eps,
-                                                   needs[:7])
+        in_relu, stride, padding, dilation, groups, eps = sv.config
+        grads[:7] = backend.conv_bn_train_backward(d_y, d_scale, d_shift, sv.x, sv.weight, sv.bias, sv.in_scale,
+                                                   sv.in_shift, in_relu, stride, padding, dilation, groups, sv.y,
+                                                   sv.stats, sv.bn_weight, eps, needs[:7])
     return grads

@@ -34,11 +34,18 @@ _CHECKS = CheckMemo()  # check_residual, once per metadata
 _INPUTS = 10  # x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift
 
 
-def _apply_impl(args: tuple, plan_key: Optional[tuple]) -> Tensor:
-    """backend.bn_apply(*args); through its bn_apply_keyed where it has one and a key is given."""
+def _apply_impl(args: tuple, plan_key: Optional[tuple], relu_bits: bool = False):
+    """backend.bn_apply(*args); through its bn_apply_keyed where it has one and a key is given. With relu_bits:
+    (out, its ReLU mask as bits or None), the bits from the backend's optional bn_apply_relu_bits where it has one
+    (relu only)."""
     y = args[0]
     backend, _ = _backend.select("bn_apply", y.device, y.dtype, args=args)
     with no_autocast(y.device):
+        if relu_bits:
+            with_bits = getattr(backend, "bn_apply_relu_bits", None) if args[6] else None
+            if with_bits is not None:
+                return with_bits(*args[:6])
+            return _apply_impl(args, plan_key), None
         keyed = None if plan_key is None else getattr(backend, "bn_apply_keyed", None)
         if keyed is not None:
             return keyed(plan_key, *args)

@@ -14,7 +14,7 @@ bn_apply.py (BN apply + residual tail, and its one-pass backward), conv_bn_junct
 tail and the next block's first conv as two GEMM pairs: the tail's backward in the head's dgrad epilogue).
 """
 
-from .bn_apply import bn_apply, bn_apply_backward, bn_apply_keyed
+from .bn_apply import bn_apply, bn_apply_backward, bn_apply_keyed, bn_apply_relu_bits
 from .bn_finalize import bn_finalize, bn_finalize_backward, bn_running_update, bn_train_finalize
 from .conv_bn_junction import conv_bn_junction_backward
 from .conv_bwd import conv_bn_train_backward, conv_fused_backward
@@ -35,6 +35,7 @@ __all__ = [
     "conv_fused_keyed",
     "conv_bn_train_keyed",
     "bn_apply_keyed",
-    # optional (ops/contract.OPTIONAL_FUSED_BACKWARDS): a fused backward of its own
+    # optional (ops/contract.OPTIONAL_FUSED_BACKWARDS, OPTIONAL_FORWARD_EXTRAS): a fused backward of its own
     "conv_bn_junction_backward",
+    "bn_apply_relu_bits",
 ]

@@ -63,13 +63,18 @@ def _bn_apply_kernel(
     rscale_ptr,     # (K,) residual_scale, contiguous, or unused
     rshift_ptr,     # (K,) residual_shift, contiguous, or unused
     out_ptr,        # out: (N, K, H, W), any strides
+    bits_ptr,       # out (RELU_BITS): (M, n_words) int32, bit k % 32 of word k // 32 of row m = n*H*W + h*W + w set
+                    # where out is not <= 0 (the ReLU's backward mask: torch's threshold_backward), or unused
     K, H, W, M,                  # channels, height, width, M = N*H*W
+    n_words,                     # cdiv(K, 32) (RELU_BITS)
     syn, syc, syh, syw,          # y strides
     srn, src, srh, srw,          # residual strides
     son, soc, soh, sow,          # out strides
     HAS_RES: tl.constexpr,
     RES_AFFINE: tl.constexpr,    # residual * residual_scale + residual_shift (an absent one passed as identity)
     RELU: tl.constexpr,
+    RELU_BITS: tl.constexpr,     # also store the ReLU mask, one bit an element (a tile's channels start at a multiple
+                                 # of 32 or are all of them: BLOCK_K >= 32 or BLOCK_K >= K)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(tl.program_id(0), tl.program_id(1), M, K, H, W,
@@ -88,8 +93,16 @@ def _bn_apply_kernel(
         z = z + r
     if RELU:
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow),
-             z.to(out_ptr.dtype.element_ty), mask=mask)
+    zs = z.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow), zs, mask=mask)
+    if RELU_BITS:
+        WORD: tl.constexpr = 32 if BLOCK_K >= 32 else BLOCK_K
+        on = (mask & ~(zs <= 0)).to(tl.int32)   # of the value stored (a NaN passes, as in threshold_backward)
+        shifts = tl.arange(0, WORD)
+        words = tl.sum(tl.reshape(on, (BLOCK_M, BLOCK_K // WORD, WORD)) << shifts[None, None, :], axis=2)
+        word = tl.program_id(1) * (BLOCK_K // WORD) + tl.arange(0, BLOCK_K // WORD)
+        tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * n_words + word[None, :], words,
+                 mask=mask_m[:, None] & (word < n_words)[None, :])
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -269,9 +282,9 @@ class _ApplyPlan:
         self.res_affine = has_res and (residual_scale is not None or residual_shift is not None)
         self.grid = (cdiv(self.M, block_m), cdiv(K, block_k))
         out_strides = channels_last_strides(y.shape)
-        self.scalars = (K, H, W, self.M, *strides4(y), *strides4(residual), *out_strides)
-        self.meta = dict(HAS_RES=has_res, RES_AFFINE=self.res_affine, RELU=bool(relu), BLOCK_M=block_m,
-                         BLOCK_K=block_k)
+        self.scalars = (K, H, W, self.M, cdiv(K, 32), *strides4(y), *strides4(residual), *out_strides)
+        self.meta = dict(HAS_RES=has_res, RES_AFFINE=self.res_affine, RELU=bool(relu), RELU_BITS=False,
+                         BLOCK_M=block_m, BLOCK_K=block_k)
         self.cast = not (_is_vec32(scale) and _is_vec32(shift) and _is_vec32(residual_scale)
                          and _is_vec32(residual_shift))
 
@@ -291,7 +304,26 @@ def bn_apply_fwd(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Ten
     return _run_apply(plan, y, scale, shift, residual, residual_scale, residual_shift)
 
 
-def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, residual_shift) -> Tensor:
+def bn_apply_relu_bits(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                       residual_scale: Optional[Tensor], residual_shift: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(bn_apply(..., relu=True), its ReLU mask as bits): (M = N*H*W, cdiv(K, 32)) int32, bit k % 32 of word k // 32
+    of row m = (n*H + h)*W + w set where out is not <= 0 (where torch's threshold_backward passes the gradient). A
+    backward that needs the mask reads M*K/8 bytes instead of out (optional backend function: ops/conv_bn_junction).
+    One launch, as bn_apply."""
+    args = (y, scale, shift, residual, residual_scale, residual_shift, True)
+    key = ("bits", tensor_key(y), tensor_key(scale), tensor_key(shift), tensor_key(residual),
+           tensor_key(residual_scale), tensor_key(residual_shift))
+    plan = _APPLY_PLANS.get(key)
+    if plan is None:
+        plan = _ApplyPlan(*args, None)
+        plan.meta = dict(plan.meta, RELU_BITS=True)
+        plan = _APPLY_PLANS.put(key, plan)
+    bits = torch.empty(plan.M, cdiv(plan.shape[1], 32), dtype=torch.int32, device=y.device)
+    return _run_apply(plan, y, scale, shift, residual, residual_scale, residual_shift, bits), bits
+
+
+def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, residual_shift,
+               bits: Optional[Tensor] = None) -> Tensor:
     out = empty_channels_last(plan.shape, y.dtype, y.device)
     if plan.M * plan.shape[1] == 0:
         return out
@@ -303,7 +335,7 @@ def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, resi
     if plan.cast:
         scale, shift, rscale, rshift = _vec32(scale), _vec32(shift), _vec32(rscale), _vec32(rshift)
     _bn_apply_kernel[plan.grid](y, scale, shift, y if residual is None else residual, rscale, rshift, out,
-                                *plan.scalars, **plan.meta)
+                                out if bits is None else bits, *plan.scalars, **plan.meta)
     return out
 
 

@@ -212,7 +212,8 @@ def _conv_dgrad_kernel(
     gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
     stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
     bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
-    gys_ptr,        # GY_SCALE: (K,) fp32 contiguous, grad_y's per-channel factor on load; else unused
+    gys_ptr,        # GACC_ON_LOAD: (K,) fp32 contiguous, grad_y's per-channel factor on load (cached ones when
+                    # absent: one flag fewer, one compile fewer per layer kind); else unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused; TAIL: the tail's masked gradient g
     part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused;
                     # TAIL: (.., 2 or 3, C) [sum g*y_t, sum g(, sum g*residual)]
@@ -223,6 +224,7 @@ def _conv_dgrad_kernel(
     yt_ptr,         # TAIL: the tail's y (N, C, H, W), any strides; else unused
     res_ptr,        # TAIL_RES_SUM: the tail's residual (N, C, H, W), any strides; else unused
     drs_ptr,        # out (TAIL_RES_SUM): (C,) the tail's d_residual_scale = the total of the third sum
+    bits_ptr,       # TAIL_BITS: x's ReLU mask as bits (N*H*W, n_words) int32 (bn_apply_relu_bits); else unused
     C, H, W, P, Q, N,            # input channels, input height/width, output height/width, batch
     C_g, K_g, S, RSK,            # channels per group (in/out), filter width, R*S*K_g
     M_KEY,                       # N*H*W rounded up to a power of two (autotune key)
@@ -239,18 +241,20 @@ def _conv_dgrad_kernel(
     ssn, ssc, ssh, ssw,          # side strides (TAIL_SIDE)
     stn, stc, sth, stw,          # y_t strides (TAIL)
     srn, src, srh, srw,          # residual strides (TAIL_RES_SUM)
+    n_words,                     # cdiv(C, 32) (TAIL_BITS)
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     PROLOGUE: tl.constexpr,      # the forward loaded x' = act(x * in_scale + in_shift)
     IN_RELU: tl.constexpr,
     STORE_DX: tl.constexpr, STATS: tl.constexpr,   # write dx / d_in_scale, d_in_shift (needs PROLOGUE)
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train)
-    GY_SCALE: tl.constexpr,      # (with GACC_ON_LOAD) grad_y * gys[k] in place of grad_y
-    RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, C_g <= BLOCK_N, no bias) y = W x' recomputed
-                                 # from the row's own x' (the forward's product, rounded as stored) instead of read
+    RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, no bias) y = W x' recomputed from the row's
+                                 # own x' (the forward's product, rounded as stored) instead of read
     TAIL: tl.constexpr,          # x = act_t(y_t * scale_t + shift_t + ...) of a block tail (no PROLOGUE): the
                                  # epilogue is the tail's backward, g = mask(dx' + side), its sums, g stored at dx
     TAIL_RELU: tl.constexpr, TAIL_SIDE: tl.constexpr, TAIL_RES_SUM: tl.constexpr,
+    TAIL_BITS: tl.constexpr,     # (TAIL_RELU) the mask read from bits_ptr instead of x (1 bit an element, not 16)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the last program's reduction
 ):
@@ -292,21 +296,6 @@ def _conv_dgrad_kernel(
     mask_n = offs_n < C_g
     c = grp * C_g + offs_n
 
-    if RECOMPUTE_Y:
-        # x' of this tile's rows, all C_g channels of the group (one column block): y = W x' at the same rows (a 1x1
-        # conv without padding reads x at its output's own input position)
-        x_rows = (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
-        xm = mask_m[:, None] & mask_n[None, :]
-        xt = tl.load(x_ptr + x_rows + (c.to(tl.int64) * sxc)[None, :], mask=xm, other=0.0)
-        if PROLOGUE:
-            xf = xt.to(tl.float32) * tl.load(in_scale_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            xf = xf + tl.load(in_shift_ptr + c, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if IN_RELU:
-                xf = tl.maximum(xf, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            xt = tl.where(xm, xf, 0.0).to(w_ptr.dtype.element_ty)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, T_H * T_W * K_g, BLOCK_K):
         # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t, s0 + STEP_W u).
@@ -333,14 +322,25 @@ def _conv_dgrad_kernel(
             mean, c0, c1, _, _ = _bn_grad_terms(gscale_ptr, gshift_ptr, stats_ptr, bnw_ptr, k, mask_j, stats_row,
                                                 count, inv_n, eps)
             if RECOMPUTE_Y:
-                # y[m, k] = sum_c x'[m, c] w[k, c]: the B tile transposed; rounded as the forward stored it
-                yv = tl.dot(xt, tl.trans(b), input_precision=PRECISION).to(w_ptr.dtype.element_ty).to(tl.float32)
+                # y[m, k] = sum_c x'[m, c] w[k, c] over the group's C_g channels, x' of this tile's rows (a 1x1 conv
+                # without padding reads x at its output's own input position), BLOCK_N channels a step; rounded as
+                # the forward stored it. x' is loaded again at every step (L1 / L2 hits): kept across the loop,
+                # its registers made the GEMM spill.
+                yacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                for cr0 in range(0, C_g, BLOCK_C):
+                    cr = cr0 + tl.arange(0, BLOCK_C)
+                    xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, h, w, grp * C_g + cr, mask_m, cr < C_g,
+                                       sxn, sxc, sxh, sxw, PROLOGUE, IN_RELU, UPCAST)
+                    wt = tl.load(w_ptr + (k.to(tl.int64) * swk)[None, :] + (cr * swc)[:, None],
+                                 mask=(cr < C_g)[:, None] & mask_j[None, :], other=0.0)
+                    if UPCAST:
+                        wt = wt.to(tl.float32)
+                    yacc = tl.dot(xt, wt, yacc, input_precision=PRECISION)
+                yv = yacc.to(w_ptr.dtype.element_ty).to(tl.float32)
             else:
                 yv = tl.load(y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
                              + q.to(tl.int64) * syw, mask=valid, other=0.0).to(tl.float32)
-            af = a.to(tl.float32)
-            if GY_SCALE:
-                af = af * tl.load(gys_ptr + k, mask=mask_j, other=0.0)[None, :]
+            af = a.to(tl.float32) * tl.load(gys_ptr + k, mask=mask_j, other=0.0)[None, :]
             a = stats_grad_on_load(af, yv, c0[None, :], c1[None, :], mean[None, :], valid)
             a = a.to(w_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
         if UPCAST:
@@ -377,8 +377,13 @@ def _conv_dgrad_kernel(
             gm += tl.load(side_ptr + (n64 * ssn + h64 * ssh + w64 * ssw)[:, None] + (c64 * ssc)[None, :],
                           mask=mask, other=0.0).to(tl.float32)
         if TAIL_RELU:
-            xo = tl.load(x_ptr + rows[:, None] + (c64 * sxc)[None, :], mask=mask, other=0.0)
-            gm = tl.where(xo <= 0, 0.0, gm)
+            if TAIL_BITS:
+                word = tl.load(bits_ptr + ((n64 * H + h64) * W + w64)[:, None] * n_words + (c // 32)[None, :],
+                               mask=mask, other=0)
+                gm = tl.where(((word >> (c % 32)[None, :]) & 1) == 0, 0.0, gm)
+            else:
+                xo = tl.load(x_ptr + rows[:, None] + (c64 * sxc)[None, :], mask=mask, other=0.0)
+                gm = tl.where(xo <= 0, 0.0, gm)
         gm_m = tl.where(mask, gm, 0.0)
         n_sums = 3 if TAIL_RES_SUM else 2
         part_ph = part_ptr + (phase * tl.cdiv(M_PH, PART_M)).to(tl.int64) * n_sums * C
@@ -402,6 +407,25 @@ def _conv_dgrad_kernel(
                                  tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N),
                                  STRIDE_H * STRIDE_W * tl.cdiv(M_PH, PART_M), C, TAIL_RES_SUM, BLOCK_S, BLOCK_N)
             tl.store(sem_ptr + pid_gn, 0)
+
+
+@triton.jit
+def _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, h, w, c, mask_m, mask_c, sxn, sxc, sxh, sxw,
+                  PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, UPCAST: tl.constexpr):
+    """x' = act(x * in_scale + in_shift) (or x) at rows (n, h, w) and channels c, in x's dtype as the forward's dot
+    read it (fp32 with UPCAST); 0 where masked."""
+    xm = mask_m[:, None] & mask_c[None, :]
+    xt = tl.load(x_ptr + (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
+                 + (c.to(tl.int64) * sxc)[None, :], mask=xm, other=0.0)
+    if PROLOGUE:
+        xf = xt.to(tl.float32) * tl.load(in_scale_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        xf = xf + tl.load(in_shift_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        if IN_RELU:
+            xf = tl.maximum(xf, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)
+    if UPCAST:
+        xt = xt.to(tl.float32)
+    return xt
 
 
 @triton.jit(noinline=True)
@@ -438,7 +462,8 @@ def _conv_wgrad_kernel(
     gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
     stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
     bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
-    gys_ptr,        # GY_SCALE: (K,) fp32 contiguous, grad_y's per-channel factor on load; else unused
+    gys_ptr,        # GACC_ON_LOAD: (K,) fp32 contiguous, grad_y's per-channel factor on load (cached ones when
+                    # absent: one flag fewer, one compile fewer per layer kind); else unused
     dw_ptr,         # out: dw (K, C_g, R, S) in weight's dtype, strides (sdk, sdc, sdr, sds)
     part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest; unused if
                     # SPLIT = 1
@@ -461,9 +486,8 @@ def _conv_wgrad_kernel(
     IN_RELU: tl.constexpr,
     GACC_ON_LOAD: tl.constexpr,  # g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) formed on load (conv -> BN train);
                                  # the programs of j tile 0, split 0 write d_bn_weight, d_bn_bias of their k rows
-    GY_SCALE: tl.constexpr,      # (with GACC_ON_LOAD) grad_y * gys[k] in place of grad_y
-    RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, C_g <= BLOCK_K, no bias) y = W x' from the B
-                                 # tile (all of the group's channels) instead of read
+    RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, no bias) y = W x' recomputed from the rows'
+                                 # x' instead of read
     BIAS_GRAD: tl.constexpr,     # (with GACC_ON_LOAD) the programs of j tile 0 sum g_acc over m into d_bias
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # tiles of m, k, j
@@ -494,13 +518,7 @@ def _conv_wgrad_kernel(
         if (pid_j == 0) & (split == 0):
             tl.store(dbnw_ptr + k, d_bn_w.to(dbnw_ptr.dtype.element_ty), mask=mask_k)
             tl.store(dbnb_ptr + k, d_bn_b, mask=mask_k)
-        if GY_SCALE:
-            gys = tl.load(gys_ptr + k, mask=mask_k, other=0.0)
-        if RECOMPUTE_Y:
-            wk = tl.load(w_ptr + (k.to(tl.int64) * swk)[:, None] + (c_l * swc)[None, :],
-                         mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-            if UPCAST:
-                wk = wk.to(tl.float32)
+        gys = tl.load(gys_ptr + k, mask=mask_k, other=0.0)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if BIAS_GRAD:
@@ -536,15 +554,26 @@ def _conv_wgrad_kernel(
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         if GACC_ON_LOAD:
             if RECOMPUTE_Y:
-                # y[k, m] = sum_c w[k, c] x'[m, c] (the B tile holds every channel of the group), rounded as stored
-                yv = tl.dot(wk, tl.trans(b), input_precision=PRECISION).to(x_ptr.dtype.element_ty).to(tl.float32)
+                # y[k, m] = sum_c w[k, c] x'[m, c] over the group's C_g channels, BLOCK_K a step, x' at the rows'
+                # input positions (1x1, no padding: (p*sh, q*sw)); rounded as stored. Loaded again at every step
+                # (L1 / L2 hits): kept across the loop, w's tile made TF32 spill.
+                yacc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for cr0 in range(0, C_g, BLOCK_K):
+                    cr = cr0 + tl.arange(0, BLOCK_K)
+                    xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, p * STRIDE_H, q * STRIDE_W,
+                                       grp * C_g + cr, mask_m, cr < C_g, sxn, sxc, sxh, sxw, PROLOGUE, IN_RELU,
+                                       UPCAST)
+                    wk = tl.load(w_ptr + (k.to(tl.int64) * swk)[:, None] + (cr * swc)[None, :],
+                                 mask=mask_k[:, None] & (cr < C_g)[None, :], other=0.0)
+                    if UPCAST:
+                        wk = wk.to(tl.float32)
+                    yacc = tl.dot(wk, tl.trans(xt), yacc, input_precision=PRECISION)
+                yv = yacc.to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
                 y_ptrs = (y_ptr + (k.to(tl.int64) * syc)[:, None]
                           + (n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[None, :])
                 yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
-            af = a.to(tl.float32)
-            if GY_SCALE:
-                af = af * gys[:, None]
+            af = a.to(tl.float32) * gys[:, None]
             a = stats_grad_on_load(af, yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
             a = a.to(x_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
             if BIAS_GRAD:
@@ -656,9 +685,9 @@ class GaccOnLoad(NamedTuple):
     d_bn_bias: Tensor        # out: (K,) fp32
     d_bias: Optional[Tensor] = None   # out: the conv bias's gradient (K,) in the bias's dtype, or None (not needed)
     grad_y_scale: Optional[Tensor] = None  # (K,) fp32 contiguous: grad_y * grad_y_scale[k] in place of grad_y
-    #                                        (GY_SCALE: a tail's scale, its g stored once, unscaled), or None
-    recompute: bool = False  # y may be recomputed from x' (recompute_y_allowed); a kernel does where its tile holds
-    #                          every channel of the group (RECOMPUTE_Y)
+    #                                        (a tail's scale: its g stored once, unscaled), or None (ones)
+    recompute: bool = False  # y may be recomputed from x' (recompute_y_allowed); the kernels do where C_g is small
+    #                          enough (_recomputes: RECOMPUTE_Y)
 
     def inputs(self) -> tuple:
         return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
@@ -669,40 +698,38 @@ class _OnLoadMeta(NamedTuple):
     y: Tensor
     count: int
     eps: float
-    scaled: bool = False  # a grad_y_scale is given
     recompute: bool = False
 
 
 def recompute_y_allowed(geo: ConvGeometry, bias: Optional[Tensor], tiles: Optional[dict]) -> bool:
     """Whether the GEMMs forming g_acc on load may recompute y = W x' (+ nothing) from the x' they read instead of
     reading the saved y: a 1x1 conv without padding (y at a row is W times x' at that row's input position), no conv
-    bias (`tiles` may say RECOMPUTE_Y=False). Each kernel does it where its tile holds all C_g channels of the group,
-    so that the extra dot at most doubles its MMA work: a memory-bound 1x1 layer saves the read of y (K_g / C_g times
-    the size of x) for it. The recomputed y is the forward's product in another summation order, rounded to the
-    stored dtype: it may differ from the saved y in the last place."""
+    bias (`tiles` may say RECOMPUTE_Y=False), and C_g small enough (_recomputes). A memory-bound 1x1 layer saves the
+    read of y (K_g / C_g times the size of x) for some MMA work. The recomputed y is the forward's product in another
+    summation order, rounded to the stored dtype: it may differ from the saved y in the last place."""
     if tiles is not None and tiles.get("RECOMPUTE_Y") is False:
         return False
     return geo.R == 1 and geo.S == 1 and tuple(geo.padding) == (0, 0) and bias is None
 
 
-def _recomputes(on_load, geo: ConvGeometry, tile_c: int) -> bool:
-    return on_load is not None and on_load.recompute and geo.C_g <= tile_c
+RECOMPUTE_MAX_CHANNELS = 128  # C_g beyond which recomputing y costs more MMA time than reading it saves
+
+
+def _recomputes(on_load, geo: ConvGeometry) -> bool:
+    """Whether a GEMM forming g_acc on load recomputes y (RECOMPUTE_Y). Each of the C_g / tile column (dgrad) or j
+    (wgrad) tiles recomputes all of y's K_g x C_g product, so its MMA work is (1 + C_g / tile) times its own: with
+    C_g <= 128 and 64-wide tiles at most 3x, still below the time saved not reading y on an H100 (fp16: C_g^2 / 64
+    * bandwidth / (peak * 2 bytes) = 0.48 at C_g = 128; 1.9 at 256)."""
+    return on_load is not None and on_load.recompute and geo.C_g <= RECOMPUTE_MAX_CHANNELS
 
 
 def _on_load_ptrs(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple:
     """The six input pointers of GACC_ON_LOAD for a kernel (y, grad_scale, grad_shift, stats, bn_weight,
-    grad_y_scale); dummies without on_load (or without its grad_y_scale)."""
+    grad_y_scale: cached ones without one); dummies without on_load."""
     if on_load is None:
         return (dummy(device),) * 6
     gys = on_load.grad_y_scale
-    return (*on_load.inputs(), dummy(device) if gys is None else gys)
-
-
-def _gy_scaled(on_load) -> bool:
-    """GY_SCALE of a GaccOnLoad or _OnLoadMeta (None: no)."""
-    if on_load is None:
-        return False
-    return on_load.scaled if isinstance(on_load, _OnLoadMeta) else on_load.grad_y_scale is not None
+    return (*on_load.inputs(), identity_vector(1.0, on_load.stats.shape[1], device) if gys is None else gys)
 
 
 class TailBwd(NamedTuple):
@@ -714,12 +741,15 @@ class TailBwd(NamedTuple):
     side: Optional[Tensor]      # (N, C, H, W), any strides, or None (zero)
     residual: Optional[Tensor]  # given when d_residual_scale is wanted (sum g*residual), else None
     relu: bool
+    bits: Optional[Tensor] = None  # x's ReLU mask as bn_apply_relu_bits stores it ((N*H*W, cdiv(C, 32)) int32), read
+    #                                instead of x where given
 
 
 def _tail_key(tail: Optional[TailBwd]) -> Optional[tuple]:
     if tail is None:
         return None
-    return tensor_key(tail.y), tensor_key(tail.side), tensor_key(tail.residual), bool(tail.relu)
+    return (tensor_key(tail.y), tensor_key(tail.side), tensor_key(tail.residual), bool(tail.relu),
+            tail.bits is not None)
 
 
 def _on_load_scalars(on_load) -> tuple[tuple, tuple]:
@@ -781,13 +811,24 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                sh // gh, sw // gw, dh // gh, dw // gw,
                *load_scalars, geo.K, *(g_strides or strides4(g_acc)), *y_strides, *krsc_strides(weight),
                *strides4(x), *dx_strides, *strides4(side), *strides4(None if tail is None else tail.y),
-               *strides4(res), *geo.stride, *geo.padding, *geo.dilation)
+               *strides4(res), cdiv(geo.C, 32), *geo.stride, *geo.padding, *geo.dilation)
+    # recompute y where the dgrad reads x anyway (the prologue's mask or sums; a tail's mask without its bits) or x
+    # is no larger than y: else reading x to save reading y moves more bytes (a block head's 1x1 conv: C = 4 K)
+    x_read = (prologue and (bool(in_relu) or need_stats)) or (tail is not None and tail.relu and tail.bits is None)
+    recompute = _recomputes(on_load, geo) and (x_read or geo.C * geo.H * geo.W <= geo.K * geo.P * geo.Q)
+    block_c = meta["BLOCK_N"]
+    if recompute and not INTERPRET and "BLOCK_K" not in (tiles or {}):
+        # the recomputed y tile (BLOCK_M x BLOCK_K, fp32) beside the accumulator spilled with a full-depth step, and
+        # fp32 x' tiles of 64 channels beside it
+        meta = dict(meta, BLOCK_K=max(16, meta["BLOCK_K"] // 2))
+        block_c = 32 if x.dtype == torch.float32 else block_c
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
-                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load),
-                RECOMPUTE_Y=_recomputes(on_load, geo, meta["BLOCK_N"]), TAIL=tail is not None,
+                GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
+                TAIL=tail is not None,
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
-                TAIL_RES_SUM=res is not None,
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS)
+                TAIL_RES_SUM=res is not None, TAIL_BITS=tail is not None and tail.relu and tail.bits is not None,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
+                BLOCK_C=block_c if recompute else 16)
     n_sums = (3 if res is not None else 2) if tail is not None else 2
     part = (phases * cdiv(m_ph, part_m), n_sums, geo.C) if need_stats or tail is not None else None
     return _GemmLaunch(grid, scalars, meta, tiles_m, part)
@@ -822,10 +863,11 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
                 return dx, tuple(torch.zeros(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
             sums = tuple(torch.empty(geo.C, dtype=vec_dtype(v), device=x.device) for v in (in_scale, in_shift))
     weight, _ = krsc(weight)
-    t_ptrs = (unused,) * 4
+    t_ptrs = (unused,) * 5
     if tail is not None:
         t_ptrs = (unused if tail.side is None else tail.side, tail.y,
-                  unused if tail.residual is None else tail.residual, sums[2] if len(sums) > 2 else unused)
+                  unused if tail.residual is None else tail.residual, sums[2] if len(sums) > 2 else unused,
+                  unused if tail.bits is None else tail.bits)
     args = (g_acc, weight, x, scale, shift, *_on_load_ptrs(on_load, x.device), x if dx is None else dx, part,
             unused if sums is None else sums[0], unused if sums is None else sums[1], sems, *t_ptrs, *cfg.scalars)
     if M > 0:
@@ -884,12 +926,15 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     load_scalars, y_strides = _on_load_scalars(on_load)
     scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
                *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
-    recompute = _recomputes(on_load, geo, plan.block_k)
+    recompute = _recomputes(on_load, geo)
     tail = (*(weight.stride()[:2] if recompute else (0, 0)), *geo.stride, *geo.padding, *geo.dilation)
+    # the recomputed y tile (BLOCK_N x BLOCK_M, fp32) spilled fp32 / TF32 with 64-row steps: 32 (M_PER_SPLIT stays
+    # a multiple of it)
+    block_m = 32 if recompute and x.dtype == torch.float32 and not INTERPRET else plan.block_m
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
-                GACC_ON_LOAD=on_load is not None, GY_SCALE=_gy_scaled(on_load), RECOMPUTE_Y=recompute,
+                GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
                 BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
-                PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+                PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=4)
     return _GemmLaunch(plan.grid, scalars, meta, None, (plan.split, geo.K, rsc) if plan.split > 1 else None,
                        (plan.split, geo.K) if bias_grad and plan.split > 1 else None, tail)
@@ -1081,6 +1126,12 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
             if t is not None:
                 check_4d(name, t)
                 check_shape(name, t, tuple(x.shape))
+        if tail.bits is not None:
+            n, c, h, w = x.shape
+            check_shape("tail_bits", tail.bits, (n * h * w, cdiv(c, 32)))
+            if tail.bits.dtype != torch.int32 or not tail.bits.is_contiguous():
+                raise TypeError(f"triton conv_bn_bwd: tail bits must be contiguous int32, got {tail.bits.dtype}")
+            tail_tensors["tail_bits"] = tail.bits
     check_same_device(x.device, grad_y=grad_y, grad_scale=grad_scale, grad_shift=grad_shift, bias=bias,
                       in_scale=in_scale, in_shift=in_shift, y=y, stats=stats, bn_weight=bn_weight,
                       grad_y_scale=grad_y_scale, **tail_tensors)
@@ -1100,8 +1151,7 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
                         tail is not None)
     wplan, dmeta = gemms[:2]
-    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, grad_y_scale is not None,
-                          recompute_y_allowed(geo, bias, tiles))
+    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, recompute_y_allowed(geo, bias, tiles))
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
     g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
     wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
