@@ -29,7 +29,7 @@ NAMES = ("x", "w", "b", "isc", "ish", "bn_w", "bn_b", "res", "rs", "rb", "hw", "
 
 
 def _inputs(dtype, *, prologue=False, residual=True, affine=False, bias=False, head_r=1, head_stride=1, c=6, k=8,
-            hk=6, seed=0, shortcut=False):
+            hk=6, seed=0, shortcut=False, relu=True):
     """CPU tensors (drawn once: every device and dtype tests the same values)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
@@ -48,6 +48,7 @@ def _inputs(dtype, *, prologue=False, residual=True, affine=False, bias=False, h
     vectors = ("isc", "ish", "bn_w", "bn_b", "rs", "rb", "hbn_w", "hbn_b", "sbn_w", "sbn_b")
     out = {n: None if v is None else v.to(vdt if n in vectors else dtype) for n, v in t.items()}
     out["head"] = dict(head_stride=head_stride, head_padding=head_r // 2, head_groups=2)
+    out["relu"] = relu
     return out
 
 
@@ -64,7 +65,8 @@ def _run(t, device, fused: bool, use_out: bool = True, needs=NAMES, momentum=0.1
     tail = dict(in_scale=leaves["isc"], in_shift=leaves["ish"], in_relu=leaves["isc"] is not None, padding=1,
                 groups=2, bn_weight=leaves["bn_w"], bn_bias=leaves["bn_b"], eps=1e-5, running_mean=stats[0],
                 running_var=stats[1], num_batches_tracked=stats[2], momentum=momentum)
-    residual = dict(residual=leaves["res"], residual_scale=leaves["rs"], residual_shift=leaves["rb"], relu=True)
+    residual = dict(residual=leaves["res"], residual_scale=leaves["rs"], residual_shift=leaves["rb"],
+                    relu=t.get("relu", True))
     hs, hp, hg = t["head"]["head_stride"], t["head"]["head_padding"], t["head"]["head_groups"]
     shortcut = leaves["xs"] is not None
     if shortcut:
@@ -104,6 +106,8 @@ CASES = {
     "3x3-stride2-head": dict(affine=True, head_r=3, head_stride=2),
     "shortcut-conv": dict(shortcut=True),
     "shortcut-conv-bias-prologue": dict(shortcut=True, bias=True, prologue=True),
+    "no-relu-wide-head": dict(affine=True, relu=False, hk=12),  # no mask: the head's dgrad reads no x, C <= K: it
+    #                                                              recomputes y_h from x (RECOMPUTE_Y with TAIL)
 }
 
 
@@ -134,7 +138,7 @@ def _check_against_composition(kernel_device, dtype, t, use_out=True, needs=NAME
     with pe_kernels.use_backend("triton"), ieee_fp32():
         outs, stats, grads = _run(t, kernel_device, True, use_out, needs)
         outs_same, stats_same, grads_same = _run(t, kernel_device, False, use_out, needs)
-    t64 = dict({n: None if t[n] is None else t[n].double() for n in NAMES}, head=t["head"])
+    t64 = dict({n: None if t[n] is None else t[n].double() for n in NAMES}, head=t["head"], relu=t["relu"])
     with pe_kernels.use_backend("torch"):
         outs64, stats64, grads64 = _run(t64, "cpu", False, use_out, needs)
     for name, o, s, r in zip(("out", "y_h", "scale_h", "shift_h"), outs, outs_same, outs64):
@@ -337,8 +341,12 @@ def test_model_chain_is_the_block_by_block_model(kernel_device, arch, style, jun
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_model_in_eval_or_on_the_torch_backend_has_no_junction():
+def test_model_in_eval_or_on_the_torch_backend_has_no_junction(monkeypatch):
+    """No chain on the torch backend (the stock modules run) or in eval (BN folded into the convs: nothing pending):
+    forward_chain is not called, and the eval output is the block-by-block model's."""
     import importlib
+
+    import pe_kernels.nn.blocks as blocks
 
     resnet = importlib.import_module("pe_kernels.models.resnet")
     model = resnet.packed_resnet(3, 10, 18, num_estimators=2, alpha=2, gamma=1, style="cifar",
@@ -348,7 +356,13 @@ def test_model_in_eval_or_on_the_torch_backend_has_no_junction():
         assert "_ConvBnJunctionFunctionBackward" not in _graph_nodes(model(x))
     if pe_kernels.backends()["triton"].available:
         with pe_kernels.use_backend("triton"), torch.no_grad():
-            model.eval()(x)  # eval: BN folded, nothing pending (runs through)
+            reference = torch.nn.Sequential(*[model.get_submodule(f"layer{i}") for i in range(1, 5)])
+            stem = model._stem(x)
+            monkeypatch.setattr(blocks._FusedResidualBlock, "forward_chain", None)  # would fail if called
+            out = model.eval()(x)
+            model.eval()
+            expected = model.linear(model.flatten(model.pool(reference(model._stem(x)))))
+        assert torch.equal(out, expected) and stem is not None
 
 
 @pytest.mark.parametrize("channels", [12, 48, 300])
@@ -378,3 +392,46 @@ def test_bn_apply_relu_bits(kernel_device, channels):
     assert torch.equal(unpacked, on)
     nan_row = (0 * h + 1) * w + 1
     assert bool(on[nan_row, 1]) and torch.isnan(rows[nan_row, 1])  # the NaN passes
+
+
+def test_double_backward_reaches_the_head_s_cast_vectors():
+    """The head's BN vectors given in another dtype than the node's (fp32 for fp64 activations) are cast where
+    autograd sees the cast: with create_graph=True their first-order gradient is the two ops' (not lost)."""
+    t = _inputs(torch.float64, c=4, k=4, hk=4)
+    x, w, hw = (t[n].detach().clone().requires_grad_(True) for n in ("x", "w", "hw"))
+    hbn_w = (torch.rand(4, generator=torch.Generator().manual_seed(5)) + 0.5).requires_grad_(True)  # fp32
+    grads = []
+    with pe_kernels.use_backend("torch"):
+        for fused in (True, False):
+            if fused:
+                outs = ops.conv_bn_junction(x, w, padding=1, groups=2, relu=True, head_weight=hw, head_groups=2,
+                                            head_bn_weight=hbn_w)
+            else:
+                out = ops.conv_bn_act(x, w, padding=1, groups=2, relu=True)
+                outs = (out, *ops.conv_bn_train(out, hw, groups=2, bn_weight=hbn_w))
+            loss = outs[1].square().sum() + (outs[2] * outs[3]).sum()
+            grads.append(torch.autograd.grad(loss, [hbn_w, hw], create_graph=True))
+    for a, b in zip(*grads):
+        assert a is not None and a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+
+
+def test_model_chain_with_a_global_module_hook_calls_every_module(kernel_device):
+    """A global module hook (torch.nn.modules.module.register_module_forward_hook, FlopCounterMode's tracker) sees
+    every module called: no chain, the stages and blocks are called as modules."""
+    require_backend("triton")
+    import importlib
+
+    resnet = importlib.import_module("pe_kernels.models.resnet")
+    model = resnet.packed_resnet(3, 10, 18, num_estimators=2, alpha=2, gamma=1, style="cifar",
+                                 width_multiplier=0.25).to(kernel_device).train()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m))
+    try:
+        with pe_kernels.use_backend("triton"):
+            out = model(torch.randn(2, 3, 8, 8, device=kernel_device))
+    finally:
+        handle.remove()
+    assert "_ConvBnJunctionFunctionBackward" not in _graph_nodes(out)
+    for name in ("layer1", "layer2", "layer1.0", "layer3.1"):
+        assert model.get_submodule(name) in [m for m in seen], name

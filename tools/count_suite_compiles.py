@@ -38,6 +38,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -69,13 +71,31 @@ def _gemm_tiles(n: int, dtype, length: int) -> dict:
     return dict(BLOCK_N=_common().gpu_tile_n(n), BLOCK_K=_common().gpu_tile_k(dtype, length))
 
 
+def _dgrad_tiles(a: dict) -> dict:
+    """conv_bwd._dgrad_launch's GPU tiles: a recomputing dgrad (RECOMPUTE_Y) halves BLOCK_K and steps its recompute
+    over BLOCK_C channels (32 in fp32, BLOCK_N otherwise; 16, unused, elsewhere)."""
+    dtype = a["x_ptr"].dtype
+    tiles = _gemm_tiles(a["C_g"], dtype, a["RSK"])
+    if a.get("RECOMPUTE_Y"):
+        return dict(tiles, BLOCK_K=max(16, tiles["BLOCK_K"] // 2),
+                    BLOCK_C=32 if dtype == torch.float32 else tiles["BLOCK_N"], PART_M=64)
+    return dict(tiles, BLOCK_C=16, PART_M=64)
+
+
+def _wgrad_tiles(a: dict) -> dict:
+    """conv_bwd's wgrad plan on a GPU: 64 rows a step (32 for the stem's 27-long reduction and for a recomputing
+    fp32 wgrad)."""
+    dtype = a["x_ptr"].dtype
+    small = a["RSC"] < 32 or (a.get("RECOMPUTE_Y") and dtype == torch.float32)
+    return dict(BLOCK_M=32 if small else 64, BLOCK_N=64, BLOCK_K=_common().gpu_tile_k(dtype, a["RSC"]))
+
+
 # kernel -> constexprs the launchers choose on a GPU, from the bound arguments (pe_kernels/triton/*.py, 2026-11)
 GPU_TILE_RULES = {
     "_conv_fwd_kernel": lambda a: dict(_gemm_tiles(a["K_g"], a["x_ptr"].dtype, a["RSC"]), PART_M=64),
-    "_conv_dgrad_kernel": lambda a: dict(_gemm_tiles(a["C_g"], a["x_ptr"].dtype, a["RSK"]), PART_M=64),
+    "_conv_dgrad_kernel": _dgrad_tiles,
     "_conv_bwd_epilogue_kernel": lambda a: dict(BLOCK_N=64, PART_M=64),
-    "_conv_wgrad_kernel": lambda a: dict(BLOCK_M=64 if a["RSC"] >= 32 else 32, BLOCK_N=64,
-                                         BLOCK_K=_common().gpu_tile_k(a["x_ptr"].dtype, a["RSC"])),
+    "_conv_wgrad_kernel": _wgrad_tiles,
     "_bn_apply_kernel": lambda a: _bn_apply_tiles(a, False),
     "_bn_apply_bwd_kernel": lambda a: _bn_apply_tiles(a, True),
     "_stats_merge_kernel": lambda a: dict(BLOCK_S=128, BLOCK_K=32),

@@ -94,9 +94,15 @@ class _ResNetBase(nn.Module):
         return PF.PendingTail(x, kwargs, bn, None, None, True)
 
     def _stages(self, h: PF.Activation) -> Tensor:
-        """layer1 .. layer4 on h: the blocks of exact, unhooked nn.Sequential stages run as one chain
-        (forward_chain: a block's tail joined to the next block's first conv -> BN in training); others called."""
+        """layer1 .. layer4 on h. In training, with no global module hook, the blocks of exact, unhooked
+        nn.Sequential stages run as one chain (forward_chain: a block's tail joined to the next block's first
+        conv -> BN); other stages, and every stage otherwise, are called."""
         mods = self._modules
+        if not self.training or global_hook_reason() is not None:
+            out = PF.materialize(h)
+            for name in ("layer1", "layer2", "layer3", "layer4"):
+                out = mods[name](out)
+            return out
         for name in ("layer1", "layer2", "layer3", "layer4"):
             stage = mods[name]
             if type(stage) is nn.Sequential and not _has_hooks(stage):

@@ -112,21 +112,18 @@ class _FusedResidualBlock(NoTorchScript, nn.Module):
     def chain_reason(self) -> Optional[str]:
         """Why forward_chain must call the module itself (None: it may run its fused chain step): hooks on the
         block, a subclass's own forward, the module path, a BN not training."""
+        mods = self._modules
+        for _, bn_name in self._names:
+            if not mods[bn_name].training:
+                return "a BatchNorm in eval"
+        parts = tuple(mods["shortcut"]._modules.values())
+        if parts and not getattr(parts[-1], "training", False):
+            return "a BatchNorm in eval"
         if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
             return "the block has hooks"
         if type(self).forward is not _FusedResidualBlock.forward:
             return "a subclass's forward"
-        reason = self.module_path_reason()
-        if reason is not None:
-            return reason
-        mods = self._modules
-        for _, bn_name in self._names:
-            if not PF._uses_batch_stats(mods[bn_name]) or not mods[bn_name].training:
-                return "a BatchNorm in eval"
-        parts = tuple(mods["shortcut"]._modules.values())
-        if parts and not (parts[1].training and PF._uses_batch_stats(parts[1])):
-            return "a BatchNorm in eval"
-        return None
+        return self.module_path_reason()  # (exact BatchNorm2d modules in training: batch statistics)
 
     def forward_chain(self, x: PF.Activation) -> PF.Activation:
         """forward(x) for the blocks of a model's chain in training: x may be the previous block's PF.PendingTail

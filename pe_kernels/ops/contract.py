@@ -265,8 +265,8 @@ def composed_conv_bn_junction_backward(backend, grad_out: Optional[Tensor], grad
                                                  h_groups, sv.y_h, sv.stats_h, sv.head_bn_weight, h_eps, h_needs)
         grads[10:14] = h_grads[1], h_grads[2], h_grads[5], h_grads[6]
         dx_h = h_grads[0]
-        if dx_h is not None:
-            grad_out = dx_h if grad_out is None else dx_h + grad_out
+        if dx_h is not None:  # (in autograd's order: the gradient from out's other consumers first)
+            grad_out = dx_h if grad_out is None else grad_out + dx_h
     if not tail or grad_out is None:
         return grads
     inner = any(needs[:7])

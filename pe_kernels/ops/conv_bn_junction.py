@@ -42,8 +42,8 @@ import torch
 
 from .. import _backend
 from . import _transforms, conv_bn_train as _cbt
-from ._common import CheckMemo, eager_dispatch, no_autocast
-from .contract import JUNCTION_GRAD_NAMES, JunctionSaved, composed_conv_bn_junction_backward
+from ._common import CheckMemo, autocast_dtype, cast_activation, cast_vector, eager_dispatch, no_autocast
+from .contract import JUNCTION_GRAD_NAMES, JunctionSaved, composed_conv_bn_junction_backward, param_dtype
 from .bn_apply import cast_residual, check_residual
 from .conv_bn_act import _apply_impl, conv_bn_act
 
@@ -82,6 +82,7 @@ class _ConvBnJunctionFunction(torch.autograd.Function):
         head = (head_weight, head_bias, *head[2:6], head_bn_weight, head_bn_bias, *head[8:])
         h_tensors, h_config, _, _ = _head_prepare(out, head)
         y_h, stats_h, scale_h, shift_h, _ = _cbt.forward_impl(*h_tensors, h_config)
+        # (the head's tensors were cast by conv_bn_junction: prepare's casts are no-ops, h_tensors hold the inputs)
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
                               residual_shift, y, stats, scale, shift, out, *h_tensors[1:3], *h_tensors[5:7], y_h,
                               stats_h, sc_x, sc_weight, sc_bias, sc_bn_weight, sc_bn_bias, stats_s, bits)
@@ -95,7 +96,6 @@ class _ConvBnJunctionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_y_h, grad_scale_h, grad_shift_h):
         saved = JunctionSaved(*ctx.saved_tensors, *ctx.configs, ctx.relu)
         inputs = saved.inputs()
-        # (the head's BN vectors were cast in the forward: their gradients reach the inputs through autograd's cast)
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
         nones = (None,) * 5
         grads_out = (grad_out, grad_y_h, grad_scale_h, grad_shift_h)
@@ -190,6 +190,15 @@ def conv_bn_junction(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
                                             residual_shift)
         residual, residual_scale, residual_shift = cast_residual(tensors[0], residual, residual_scale, residual_shift)
     extra = (residual, residual_scale, residual_shift)
+    # The head's casts as its prepare makes them (autocast, the bias in the activations' dtype, the BN vectors in the
+    # per-channel dtype), made here, where autograd sees them (a double backward differentiates through them)
+    act_dtype = tensors[0].dtype
+    amp = autocast_dtype(x)
+    head_weight = cast_activation(head_weight, amp)
+    head_bias = cast_vector(cast_activation(head_bias, amp), act_dtype)
+    head_bn_weight = cast_vector(head_bn_weight, param_dtype(act_dtype))
+    head_bn_bias = cast_vector(head_bn_bias, param_dtype(act_dtype))
+    head = (head_weight, head_bias, *head[2:6], head_bn_weight, head_bn_bias, *head[8:])
     head_tensors = (head_weight, head_bias, head_bn_weight, head_bn_bias)
     sc_tensors = (None,) * 5 if shortcut is None else (*shortcut[0][:3], *shortcut[0][5:7])
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad

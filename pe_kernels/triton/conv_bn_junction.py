@@ -1,11 +1,12 @@
 """The backward of ops.conv_bn_junction (a block's tail conv -> BN -> + residual -> act, and the next block's first
-conv -> BN of its output) as two GEMM pairs: four launches (five with an affine residual's gradient).
+conv -> BN of its output) as two launches per conv, wgrad and dgrad: four (six with a shortcut conv in the node; five
+with an affine residual given as a tensor, whose gradient g * residual_scale takes a bn_apply launch).
 
     head:  wgrad and dgrad of the head conv (g_acc of its BN formed on load, conv_bn_bwd); the dgrad's epilogue is
            the tail's backward (TailBwd): g = where(out <= 0, 0, dx_h + grad_out) stored once (the mask read from
            the forward's bits: bn_apply_relu_bits), and the sums
            d_scale = sum g*y, d_shift = sum g (d_residual_scale = sum g*residual) by its last programs
-    tail:  wgrad and dgrad of the tail conv from grad_y = g scaled by `scale` on load (GY_SCALE): d_y = g * scale
+    tail:  wgrad and dgrad of the tail conv from grad_y = g scaled by `scale` on load (grad_y_scale): d_y = g * scale
            is never stored
     shortcut (a shortcut conv in the node): its wgrad and dgrad from g scaled by residual_scale on load, its BN's
            gradients d_residual_scale = sum g*residual, d_residual_shift = sum g

@@ -35,12 +35,20 @@ the saved y = acc (no epilogue), and its finalize's backward (bn_finalize_grads,
 grad_shift, stats, bn_weight, eps, n) gives grad_stats = [d_mean, d_m2] and d_bn_weight, d_bn_bias. With
 GACC_ON_LOAD the wgrad and the dgrad compute those per-channel terms themselves and form
 g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load (stats_grad_on_load, the epilogue kernel's expression, g_acc
-rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's); the wgrad's programs of j tile
+rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's where y is read); the wgrad's
+programs of j tile
 0 and split 0 write d_bn_weight, d_bn_bias, and those of j tile 0 sum the rounded g_acc they load into
 d_bias = sum g_acc (BIAS_GRAD; with a split, (SPLIT, K) fp32 partials summed in split order by the last split of
 j tile 0). Two launches, no epilogue kernel, no finalize-backward kernel and no reduce launch, when the weight's
 gradient is needed (with or without the conv bias's); the counters are then _common.stream_counters. Other cases:
 the composition (ops/contract.composed_conv_bn_train_backward).
+On that path, for ops.conv_bn_junction (conv_bn_bwd_ext): grad_y may come scaled on load (grad_y * grad_y_scale[k],
+always applied: ones when absent); RECOMPUTE_Y (a 1x1 conv without padding or bias, C_g <= 128: recompute_y_allowed)
+forms y = W x' from the x' a GEMM reads instead of reading the saved y (the forward's product in another summation
+order, rounded as stored: it may differ from the saved y in the last place); TAIL (TailBwd) makes the dgrad's
+epilogue the backward of the block tail whose output is x: g = where(x <= 0, 0, dx' + side) (the mask from the
+forward's bits where given), stored at dx, and (slots, 2 or 3, C) partials [sum g*y_t, sum g, sum g*residual] summed
+by the last M tile of each column block into the tail's d_scale, d_shift, d_residual_scale.
 
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
