@@ -84,9 +84,9 @@ def _dgrad_tiles(a: dict) -> dict:
 
 def _wgrad_tiles(a: dict) -> dict:
     """conv_bwd's wgrad plan on a GPU: 64 rows a step (32 for the stem's 27-long reduction and for a recomputing
-    fp32 wgrad)."""
+    wgrad)."""
     dtype = a["x_ptr"].dtype
-    small = a["RSC"] < 32 or (a.get("RECOMPUTE_Y") and dtype == torch.float32)
+    small = a["RSC"] < 32 or a.get("RECOMPUTE_Y")
     return dict(BLOCK_M=32 if small else 64, BLOCK_N=64, BLOCK_K=_common().gpu_tile_k(dtype, a["RSC"]))
 
 

@@ -346,6 +346,18 @@ def sum_slots(part_ptr, n_slots, slot_elems, offs, mask, BLOCK_S: tl.constexpr, 
 
 
 @triton.jit
+def apply_prologue(a, scale_ptr, shift_ptr, c, mask_c, valid, IN_RELU: tl.constexpr):
+    """x' = act(a * scale[c] + shift[c]) of a loaded tile `a` (columns c, `mask_c`ed vectors), in fp32, rounded to
+    a's dtype as the dot reads it; 0 where not `valid` (the prologue acts on real pixels only: zero padding stays
+    zero). The conv forward's prologue and the backward's recomputed x' (conv_bwd): one expression."""
+    af = a.to(tl.float32) * tl.load(scale_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    af = af + tl.load(shift_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if IN_RELU:
+        af = tl.maximum(af, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(valid, af, 0.0).to(a.dtype)
+
+
+@triton.jit
 def last_arrival(sem_ptr, arrivals):
     """True in the last of the `arrivals` programs that call it on the int32 counter at `sem_ptr` (which must be 0
     when the first arrives; the last program resets it with tl.store(sem_ptr, 0) once done). The barrier orders

@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
-from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
+from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv,
                       channels_last_strides, check_4d, check_same_device, check_shape, check_vector, dot_precision,
                       dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides,
                       last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part,
@@ -426,11 +426,7 @@ def _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, h, w, c, mask_m, mask_c,
     xt = tl.load(x_ptr + (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
                  + (c.to(tl.int64) * sxc)[None, :], mask=xm, other=0.0)
     if PROLOGUE:
-        xf = xt.to(tl.float32) * tl.load(in_scale_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        xf = xf + tl.load(in_shift_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if IN_RELU:
-            xf = tl.maximum(xf, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)
+        xt = apply_prologue(xt, in_scale_ptr, in_shift_ptr, c, mask_c, xm, IN_RELU)
     if UPCAST:
         xt = xt.to(tl.float32)
     return xt
@@ -936,9 +932,9 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
                *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
     recompute = _recomputes(on_load, geo)
     tail = (*(weight.stride()[:2] if recompute else (0, 0)), *geo.stride, *geo.padding, *geo.dilation)
-    # the recomputed y tile (BLOCK_N x BLOCK_M, fp32) spilled fp32 / TF32 with 64-row steps: 32 (M_PER_SPLIT stays
-    # a multiple of it)
-    block_m = 32 if recompute and x.dtype == torch.float32 and not INTERPRET else plan.block_m
+    # the recomputed y tile (BLOCK_N x BLOCK_M, fp32) spilled with 64-row steps (fp32 / TF32, and fp16 / bf16 with a
+    # prologue on Triton 3.6): 32 (M_PER_SPLIT stays a multiple of it)
+    block_m = 32 if recompute and not INTERPRET else plan.block_m
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
                 GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
                 BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, LaunchPlans, Tensor, affine_pair, cdiv, channels_last_strides,
+from ._common import (INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv, channels_last_strides,
                       check_4d, check_activation_dtype, check_same_device, check_shape, check_vector, dot_precision,
                       dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch,
                       next_pow2, pair, part_rows, pow2_tile, store_part, stream_counters, strides4, tensor_key,
@@ -216,12 +216,7 @@ def _conv_fwd_kernel(
         a_ptrs = x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         a = tl.load(a_ptrs, mask=in_bounds, other=0.0)
         if PROLOGUE:
-            af = a.to(tl.float32) * tl.load(in_scale_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-            af = af + tl.load(in_shift_ptr + c, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-            if IN_RELU:
-                af = tl.maximum(af, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            # The prologue acts on real pixels only: zero padding stays zero.
-            a = tl.where(in_bounds, af, 0.0).to(x_ptr.dtype.element_ty)
+            a = apply_prologue(a, in_scale_ptr, in_shift_ptr, c, mask_j, in_bounds, IN_RELU)
         b_ptrs = w_cols[None, :] + (c_l * swc + r * swr + s * sws)[:, None]
         b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
