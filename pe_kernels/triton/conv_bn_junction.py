@@ -28,7 +28,6 @@ from ..ops.contract import JUNCTION_GRAD_NAMES, JunctionSaved, composed_conv_bn_
 from ._common import Tensor, identity_vector
 from .bn_apply import bn_apply_fwd
 from .conv_bwd import TailBwd, conv_bn_bwd_ext, fast_backward
-from .conv_fwd import conv_geometry
 
 
 def conv_bn_junction_backward(grad_out: Optional[Tensor], grad_y_h: Optional[Tensor],
@@ -42,8 +41,7 @@ def conv_bn_junction_backward(grad_out: Optional[Tensor], grad_y_h: Optional[Ten
     shortcut = sv.shortcut_config is not None
     s_needs = needs[14:16] + [needs[16], False, False, needs[17], needs[18]]
     tail = any(needs[:10]) or any(s_needs)
-    h_geo = conv_geometry(sv.out, sv.head_weight, h_stride, h_padding, h_dilation, h_groups)
-    if not tail or not fast_backward(h_geo, needs[10]):
+    if not tail or not fast_backward(sv.y_h, needs[10]):  # (the head's checks: conv_bn_bwd_ext's memoised plan)
         return composed_conv_bn_junction_backward(sys.modules[__package__], grad_out, grad_y_h, grad_scale_h,
                                                   grad_shift_h, saved, needs)
     grads: list[Optional[Tensor]] = [None] * len(JUNCTION_GRAD_NAMES)

@@ -1100,10 +1100,10 @@ def _zero_grad_y(shape: tuple, device) -> Tensor:
 _CONV_BN_BWD_PLANS = LaunchPlans("conv_bn_bwd")
 
 
-def fast_backward(geo: ConvGeometry, need_weight: bool) -> bool:
-    """Whether conv_bn_bwd takes its two-launch path (else the composition): the weight's gradient is needed and
-    N*P*Q > 0. A tail epilogue (TailBwd) exists on that path only."""
-    return need_weight and geo.N * geo.P * geo.Q > 0
+def fast_backward(y: Tensor, need_weight: bool) -> bool:
+    """Whether conv_bn_bwd takes its two-launch path for a conv of output `y` (else the composition): the weight's
+    gradient is needed and N*P*Q > 0. A tail epilogue (TailBwd) exists on that path only."""
+    return need_weight and y.shape[0] * y.shape[2] * y.shape[3] > 0
 
 
 def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
@@ -1145,7 +1145,7 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     inputs = (x, weight, bias, in_scale, in_shift)
     need_inputs = tuple(flag and t is not None for flag, t in zip(needs, inputs))
     need_x, need_w, _, need_isc, need_ish = need_inputs
-    if not fast_backward(geo, need_w):
+    if not fast_backward(y, need_w):
         if tail is not None:
             raise ValueError("triton conv_bn_bwd: a tail epilogue needs the two-launch path (fast_backward)")
         return _ConvBnBwdPlan(geo, needs, need_inputs, True, None)
