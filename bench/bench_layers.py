@@ -17,7 +17,10 @@ is set (tools/gpu_lab.sh sets it), so a run stopped by a time limit keeps what i
 --benchmark-json is written only when the session ends. tools/update_dispatch_table.py reads either.
 
 extra_info: FLOPs, bytes of a minimal-traffic model, the roofline floor max(FLOPs / peak, bytes / bandwidth)
-on an H100 SXM5 and, when timed on a GPU, the achieved % of that floor (meaningful on an H100 only).
+on an H100 SXM5 and, when timed on a GPU, the achieved % of that floor (meaningful on an H100 only); on a GPU
+also the device time of the case's kernels alone (`kernel_s`: the median over KERNEL_REPS calls of the summed
+durations of the kernels, memsets and copies the torch profiler records in one call; `kernels`: how many) and the
+% of the floor by that time: the wall-clock median less the host's share.
 Traffic model (elements x dtype size):
   fwd:    x + w + y                       (one fused kernel reads x, w and writes y)
   fwdbwd: 3x + 3w + 9y                    (fwd with stats x+w+y, BN apply y+y, BN-grad reductions dy+y,
@@ -63,7 +66,8 @@ PROVIDERS = ("eager", "eager-channels-last", "compile", "pe-triton", "pe-cuda", 
 CSV_ENV = "PE_BENCH_LAYERS_CSV"
 CSV_FIELDS = ("group", "model", "layer", "count", "pass", "dtype", "provider", "batch", "size", "device",
               "median_s", "flops", "bytes", "h100_roofline_floor_ms", "pct_of_h100_roofline", "git_commit",
-              "torch_version", "triton_version")
+              "torch_version", "triton_version", "kernel_s", "kernels", "pct_of_h100_roofline_kernel")
+KERNEL_REPS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +236,23 @@ def layer_fn(layer: ConvLayer, provider: str, pass_: str, x: torch.Tensor, dtype
     return run
 
 
+def device_kernel_seconds(run, reps: int = KERNEL_REPS) -> tuple[float, int]:
+    """(median over `reps` calls of run()'s summed device-activity time in seconds, device activities per call),
+    from the torch profiler's CUDA events (kernels, memsets, copies)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sums, counts = [], []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        sums.append(sum(e.time_range.elapsed_us() for e in events) * 1e-6)
+        counts.append(len(events))
+    sums.sort()
+    return sums[len(sums) // 2], max(set(counts), key=counts.count)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype_name", tuple(DTYPES))
 @pytest.mark.parametrize("pass_", PASSES)
@@ -263,5 +284,9 @@ def test_conv_bn_relu(benchmark, layer: ConvLayer, pass_: str, dtype_name: str, 
     if gpu and median:
         benchmark.extra_info.update(median_ms=1e3 * median, tflops=flops / median / 1e12,
                                     gbps=nbytes / median / 1e9, pct_of_h100_roofline=100 * floor_s / median)
+        kernel_s, kernels = device_kernel_seconds(run)
+        if kernel_s > 0:
+            benchmark.extra_info.update(kernel_s=kernel_s, kernels=kernels,
+                                        pct_of_h100_roofline_kernel=100 * floor_s / kernel_s)
     if os.environ.get(CSV_ENV) and median is not None:
         append_csv_row(Path(os.environ[CSV_ENV]), dict(benchmark.extra_info, group=benchmark.group, median_s=median))

@@ -62,6 +62,8 @@ declare -A REPLAY=(
 )
 REPLAY_ORDER="replay1 replay2 replay3 replay4 replay5 replay6 replay7 replay8 replay9 replay10 replay11"
 declare -A LAYERS=(
+  [layers-main]="fp16 and not compile and not pe-auto and not (eager and not channels)"   # both passes; the
+  # providers that matter: eager cuDNN channels_last, pe-triton, pe-cuda (kernel time too: bench_layers.py)
   [layers-fwd]="fp16 and fwd and not fwdbwd and not compile"
   [layers-fwdbwd]="fp16 and fwdbwd and not compile"
   [layers-compile-fwd-single]="fp16 and compile and single and fwd and not fwdbwd"   # 23 cases each: about
@@ -69,9 +71,14 @@ declare -A LAYERS=(
   [layers-compile-fwdbwd-single]="fp16 and compile and single and fwdbwd"           # compile per case
   [layers-compile-fwdbwd-pe]="fp16 and compile and pe-2-4-1 and fwdbwd"
 )
-LAYERS_ORDER="layers-fwd layers-fwdbwd layers-compile-fwd-single layers-compile-fwd-pe layers-compile-fwdbwd-single
+LAYERS_ORDER="layers-main layers-fwd layers-fwdbwd layers-compile-fwd-single layers-compile-fwd-pe layers-compile-fwdbwd-single
   layers-compile-fwdbwd-pe"
-STAGES="plan unstash stash build warmup gpu suite memcheck racecheck $REPLAY_ORDER $(echo $LAYERS_ORDER)"
+# ncu: Nsight Compute on bench_layers cases (tools/ncu_layer.py), NCU_CASES="layer-id-start:pass:provider ..."
+NCU_CASES=${NCU_CASES:-"pe-2-4-1-layer1.0.conv2:fwd:pe-triton pe-2-4-1-layer1.0.conv2:fwd:eager-channels-last
+  pe-2-4-1-layer1.0.conv2:fwdbwd:pe-triton"}
+NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+  --section Occupancy --section LaunchStats --section WarpStateStats"
+STAGES="plan unstash stash build warmup gpu suite memcheck racecheck ncu $REPLAY_ORDER $(echo $LAYERS_ORDER)"
 
 say() { echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s into the call)"; }
 die() { echo "GPU LAB STOPPED: $*" >&2; limit_out; exit "${2:-1}"; }
@@ -178,13 +185,26 @@ sys.exit('BUILD FAILED: backend(s) unavailable after the build: ' + '; '.join(mi
       else
         run_pytest suite ${SUITE_ARGS:-} || status=1
       fi ;;
-    memcheck|racecheck)   # compute-sanitizer on one fused-block step of each fast backend
+    memcheck|racecheck)   # compute-sanitizer on one fused-block step and one small chained ResNet step of each
+      # fast backend; Triton kernels with their first config (autotuning every config under the sanitizer would
+      # not fit the call; tests/test_triton_configs.py launches each config in the suite)
+      export PE_KERNELS_TRITON_CONFIG=${PE_KERNELS_TRITON_CONFIG:-first}
       for backend in cuda triton; do
         t=$(budget 280)
         echo "compute-sanitizer --tool $stage ... --backend $backend (${t}s at most)" | tee -a "$OUT/sanitizer.log"
         timeout -k 15 "$t" compute-sanitizer --tool "$stage" --error-exitcode 9 python3 tools/sanitize_step.py \
           --backend "$backend" >> "$OUT/sanitizer.log" 2>&1 || { status=1; echo "  failed (rc $?)"; }
         tail -4 "$OUT/sanitizer.log"
+      done ;;
+    ncu)        # Nsight Compute on the slowest fused layer class's largest case (one steady-state call each)
+      for case in $NCU_CASES; do
+        IFS=: read -r layer pass provider <<< "$case"
+        t=$(budget 200)
+        echo "ncu $layer $pass $provider (${t}s at most)" | tee -a "$OUT/ncu.log"
+        timeout -k 15 "$t" ncu --profile-from-start off $NCU_SECTIONS python3 tools/ncu_layer.py --layer "$layer" \
+          --pass "$pass" --provider "$provider" >> "$OUT/ncu.log" 2>&1 || { status=1; echo "  failed (rc $?)"; }
+        grep -E "^  [a-zA-Z_].*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|profiled" \
+          "$OUT/ncu.log" | tail -40
       done ;;
     replay*)    # Table 8 cells appended to $REPLAY_CSV as each finishes; no cell starts after the budget
       t=$(budget 580)

@@ -1,5 +1,8 @@
 """One small fused-block training step on a chosen backend, for compute-sanitizer (memcheck / racecheck).
 
+Also one training step and one eval forward of a small Packed ResNet-18 (cifar stem): in training its blocks run
+as a chain, so the junction kernels (a block's tail backward in the next conv's dgrad) are checked too.
+
     compute-sanitizer --tool memcheck python tools/sanitize_step.py --backend cuda
 """
 
@@ -8,6 +11,7 @@ import argparse
 import torch
 
 import pe_kernels
+from pe_kernels.models import packed_resnet
 from pe_kernels.nn import PackedBottleneck
 
 
@@ -26,6 +30,15 @@ def main() -> None:
         block.eval()
         with torch.no_grad():
             block(x)
+    model = packed_resnet(3, 10, 18, num_estimators=2, alpha=2, gamma=1, style="cifar",
+                          width_multiplier=0.25).cuda().to(memory_format=torch.channels_last)
+    images = torch.randn(4, 3, 12, 12, device="cuda").to(memory_format=torch.channels_last)
+    with pe_kernels.use_backend(args.backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        model.train()
+        model(images).float().square().mean().backward()
+        model.eval()
+        with torch.no_grad():
+            model(images)
     torch.cuda.synchronize()
     print(f"sanitize step done: backend={args.backend} dtype={args.dtype} last={pe_kernels.last_dispatch()}")
 
