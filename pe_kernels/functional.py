@@ -15,9 +15,12 @@ Stock path: where the layer's backend is `torch` (requested, or `auto` without a
 _backend.stock_path), a layer runs the stock modules' ATen ops — F.conv2d, BatchNorm2d's own forward, relu — so
 it costs what the stock modules cost (launches and host time). Kernel path: eval conv -> BN -> act is one
 conv_fused launch; the folded BN (scale, shift) and, under autocast, the weight's cast are cached per parameter
-version (tensor version counters: recomputed when a parameter or buffer changes), except while torch.compile
-traces, while a CUDA graph captures (the graph then recomputes them in its own kernels) or when they need a
-gradient. Training: conv with statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then
+version (tensor version counters: recomputed when a parameter or buffer changes in place) and per cache
+generation, except while torch.compile traces, while a CUDA graph captures (the graph then recomputes them in its
+own kernels) or when they need a gradient. The generation moves on (every cached value is dropped) after any
+torch.optim optimizer's step (fused optimizers write without bumping versions), when a pe_kernels module changes
+mode (train() / eval()) and on clear_caches(): the call for writes no version counter sees — through `.data`, a
+CUDA graph's replays, another library's kernels — into a model kept in eval mode. Training: conv with statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then
 the apply or the next conv's prologue.
 
 Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
@@ -39,6 +42,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _backend, ops
@@ -275,6 +279,26 @@ def _cacheable(*tensors: Optional[Tensor]) -> bool:
 # module -> (key, weak refs to the sources, derived tensors); parameter -> (key, derived); entries die with their owner
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _CAST = WeakTensorKeyDictionary()  # (tensor keys compare by identity)
+_GENERATION = [0]  # part of every cache key: clear_caches() moves it on
+
+
+def clear_caches() -> None:
+    """Drop every value derived from parameters and buffers (eval BatchNorm folds, cast weights): the next call
+    recomputes them. Called after every torch.optim optimizer step and when a pe_kernels module changes mode; call
+    it yourself after writing a model's parameters or buffers in a way no version counter sees (`p.data.copy_(...)`,
+    CUDA-graph replays of a training step, another library's kernels) while the model stays in eval mode."""
+    _GENERATION[0] += 1
+    _FOLDED.clear()
+    _CAST.clear()
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """torch.optim's global step post-hook: fused optimizers (SGD/Adam/AdamW fused=True) write parameters without
+    bumping their version counters, so no cached value may outlive a step."""
+    clear_caches()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def _bn_tensors(bn: nn.BatchNorm2d) -> tuple:
@@ -297,7 +321,7 @@ def _folded_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tens
     w, b, rm, rv, _ = _bn_tensors(bn)
     if not _cacheable(w, b, rm, rv):
         return _fold(w, b, rm, rv, bn.eps, dtype)
-    key = (dtype, bn.eps, *_version(w), *_version(b), *_version(rm), *_version(rv))
+    key = (_GENERATION[0], dtype, bn.eps, *_version(w), *_version(b), *_version(rm), *_version(rv))
     hit = _FOLDED.get(bn)
     if hit is not None and hit[0] == key and _same_sources(hit[1], (w, b, rm, rv)):
         return hit[2]
@@ -318,9 +342,9 @@ def _fold(weight, bias, running_mean, running_var, eps: float, dtype: torch.dtyp
 
 def _cast_weight(weight: Tensor, x: Activation) -> Tensor:
     """The conv weight as the kernels read it: in the dtype the op runs in (autocast's). Where that is cacheable
-    (eval) also channels_last (KRSC), made once per weight version. Otherwise (training) only cast, differentiably,
-    in its own layout: the weight gradient then comes back in the parameter's layout (no AccumulateGrad copy), and
-    the launchers make the KRSC copy of a KCRS weight once per weight version (triton/_common.krsc)."""
+    (eval) also channels_last (KRSC), made once per weight version and cache generation. Otherwise (training) only
+    cast, differentiably, in its own layout: the weight gradient then comes back in the parameter's layout (no
+    AccumulateGrad copy), and the launchers copy a KCRS weight to KRSC per launch (triton/_common.krsc)."""
     x_t = x.y if isinstance(x, Deferred) else x
     amp = ops._common.autocast_dtype(x_t)
     dtype = weight.dtype if amp is None else amp
@@ -329,7 +353,7 @@ def _cast_weight(weight: Tensor, x: Activation) -> Tensor:
         return weight
     if not _cacheable(weight):
         return weight if dtype == weight.dtype else weight.to(dtype)
-    key = (dtype, *_version(weight))
+    key = (_GENERATION[0], dtype, *_version(weight))
     hit = _CAST.get(weight)  # keyed by the tensor object itself
     if hit is not None and hit[0] == key:
         return hit[1]

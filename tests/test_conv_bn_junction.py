@@ -341,7 +341,7 @@ def test_model_chain_is_the_block_by_block_model(kernel_device, arch, style, jun
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_model_in_eval_or_on_the_torch_backend_has_no_junction(monkeypatch):
+def test_model_in_eval_or_on_the_torch_backend_has_no_junction(monkeypatch, kernel_device):
     """No chain on the torch backend (the stock modules run) or in eval (BN folded into the convs: nothing pending):
     forward_chain is not called, and the eval output is the block-by-block model's."""
     import importlib
@@ -350,8 +350,8 @@ def test_model_in_eval_or_on_the_torch_backend_has_no_junction(monkeypatch):
 
     resnet = importlib.import_module("pe_kernels.models.resnet")
     model = resnet.packed_resnet(3, 10, 18, num_estimators=2, alpha=2, gamma=1, style="cifar",
-                                 width_multiplier=0.25).train()
-    x = torch.randn(2, 3, 8, 8)
+                                 width_multiplier=0.25).to(kernel_device).train()
+    x = torch.randn(2, 3, 8, 8, device=kernel_device)
     with pe_kernels.use_backend("torch"):
         assert "_ConvBnJunctionFunctionBackward" not in _graph_nodes(model(x))
     if pe_kernels.backends()["triton"].available:

@@ -92,12 +92,13 @@ def test_training_step_meets_the_target(counts, model):
 
 
 def test_nchw_model_training_step(counts):
-    """A model left in the default layout (KCRS weights): one KRSC copy per 3x3 conv and step, made once per weight
-    version by the launchers (forward and dgrad share it), and the weight gradients in the parameters' own layout
-    (no AccumulateGrad copy): 193 + 17 (16 bottleneck 3x3 convs and the stem)."""
+    """A model left in the default layout (KCRS weights): a KRSC copy of each 3x3 weight per launch that reads it
+    (never cached: triton/_common.krsc), and the weight gradients in the parameters' own layout (no AccumulateGrad
+    copy): 193 + 17 forward copies (16 bottleneck 3x3 convs and the stem) + 16 dgrad copies (the stem has no dgrad).
+    model.to(memory_format=torch.channels_last) takes all 33 away (test above)."""
     row = counts[("pe-2-4-1", "train", "pe-triton", "nchw")]
-    assert row["launches"] <= 210, row
-    assert row["aten_ops"].get("aten::copy_", 0) <= 23, row["aten_ops"]
+    assert row["launches"] <= 226, row
+    assert row["aten_ops"].get("aten::copy_", 0) <= 39, row["aten_ops"]
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
@@ -195,9 +196,9 @@ def test_eval_weight_cast_cache_under_autocast(kernel_device):
             layer.conv.conv.weight.mul_(-1.0 if step == 0 else 2.0)
 
 
-def test_krsc_copy_once_per_weight_version():
-    """The launchers' KRSC copy of a KCRS 3x3 weight is made once per weight version and tensor (triton/_common.krsc):
-    reused while nothing changes, remade after an in-place change (an optimizer step), never shared between tensors."""
+def test_krsc_copy_is_never_cached():
+    """The launchers' KRSC copy of a KCRS 3x3 weight is made per call (triton/_common.krsc), so a write no version
+    counter sees (a fused optimizer's step, `.data`) is never missed; a channels_last weight is used as it is."""
     if not pe_kernels.backends()["triton"].available:
         pytest.skip("triton unavailable")
     from pe_kernels.triton._common import krsc
@@ -205,18 +206,15 @@ def test_krsc_copy_once_per_weight_version():
     w = torch.randn(8, 4, 3, 3)
     first, strides = krsc(w)
     assert first.is_contiguous(memory_format=torch.channels_last) and strides == (36, 1, 12, 4)
-    assert krsc(w)[0] is first
     torch.testing.assert_close(first, w)
-    with torch.no_grad():
-        w.mul_(2.0)
+    w.data.mul_(2.0)  # no version bump
     second = krsc(w)[0]
     assert second is not first
     torch.testing.assert_close(second, w)
-    other = w.clone()
-    assert krsc(other)[0] is not second
     cl = w.contiguous(memory_format=torch.channels_last)
-    assert krsc(cl)[0] is cl                      # already KRSC: itself, nothing cached
-    assert krsc(w[:, :, :, :])[0] is not second  # a view is another tensor: its own copy
+    assert krsc(cl)[0] is cl                      # already KRSC: itself, no copy
+    one = torch.randn(8, 4, 1, 1)
+    assert krsc(one)[0] is one                    # a 1x1 filter: both layouts are one
 
 
 def test_training_weight_gradient_in_the_parameter_layout(kernel_device):

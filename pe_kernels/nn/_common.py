@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize, prune
 
-from .. import _backend
+from .. import _backend, functional
 
 MODULE_PATH = "modules"  # the `backend` of a module-by-module forward in last_dispatch()
 
@@ -102,10 +102,17 @@ def record_module_path(owner: nn.Module, reason: str) -> None:
 
 
 class NoTorchScript:
-    """Mixin of every pe_kernels module: torch.jit.script raises a clear error instead of a TorchScript one.
+    """Mixin of every pe_kernels module: torch.jit.script raises a clear error instead of a TorchScript one, and a
+    change of mode (train() / eval()) drops the values functional.py caches from parameters (clear_caches: writes
+    that bypass version counters during training — CUDA-graph replays, `.data` — cannot leave a stale eval cache).
 
     torch.jit.script calls `__prepare_scriptable__()` on the module and, recursively, on its submodules, so a
     model built of pe_kernels modules raises it too."""
+
+    def train(self, mode: bool = True):
+        if self.training != bool(mode):
+            functional.clear_caches()
+        return super().train(mode)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(

@@ -46,6 +46,15 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def mark_written(*tensors: Optional[Tensor]) -> None:
+    """Bump the version counters of tensors a kernel wrote in place (running statistics, num_batches_tracked), as
+    ATen's in-place ops do: caches keyed by versions (functional.py's folded BatchNorm) then see the change. Absent
+    tensors and inference tensors (no version counter) are skipped."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
 def metadata_key(*values) -> Optional[tuple]:
     """A hashable key of an op's arguments as its checks see them: a plain tensor's (type, shape, strides, dtype,
     device), None and strings as they are, a bool / int / float with its type (1, 1.0 and True are checked

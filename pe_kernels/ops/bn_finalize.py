@@ -26,8 +26,8 @@ import torch
 
 from .. import _backend, reference
 from . import _transforms
-from ._common import (check_vector, eager_context, eager_dispatch, empty_grad, no_autocast, pack_grads,
-                      unpack_grads)
+from ._common import (check_vector, eager_context, eager_dispatch, empty_grad, mark_written, no_autocast,
+                      pack_grads, unpack_grads)
 
 Tensor = torch.Tensor
 
@@ -107,7 +107,10 @@ def _finalize_impl(function: str, finalize_args: tuple, args: tuple) -> tuple[Te
     stats = args[0]
     backend, _ = _backend.select("bn_finalize", stats.device, torch.float32, args=finalize_args)
     with no_autocast(stats.device):
-        return getattr(backend, function)(*args)
+        out = getattr(backend, function)(*args)
+    if function == "bn_train_finalize":  # (stats, count, weight, bias, eps, running_mean, running_var, nbt, ...)
+        mark_written(*args[5:8])  # written by the kernel: versions as an in-place ATen op's
+    return out
 
 
 class _BnFinalizeFunction(torch.autograd.Function):

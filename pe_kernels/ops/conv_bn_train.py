@@ -30,7 +30,7 @@ import torch
 
 from .. import _backend
 from . import _transforms
-from ._common import CheckMemo, eager_dispatch, no_autocast
+from ._common import CheckMemo, eager_dispatch, mark_written, no_autocast
 from .bn_finalize import bn_train_finalize, check_train_args
 from .contract import param_dtype
 from .conv_fused import checked_args_keyed, conv_fused, conv_output_size
@@ -58,6 +58,7 @@ def forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config
         else:
             out = backend.conv_bn_train(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
                                         groups, bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+    mark_written(running_mean, running_var, nbt)  # written by the kernel: versions as an in-place ATen op's
     return (*out, choice.backend)
 
 

@@ -27,7 +27,6 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
 Tensor = torch.Tensor
 
@@ -172,26 +171,16 @@ def krsc(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
     """(weight, strides): the weight (K, C_g, R, S) in KRSC memory order (channels_last) and its strides
     (R*S*C_g, 1, S*C_g, C_g) in logical order, also for size-1 dims (whose strides are never used), so B-operand
     loads are contiguous along c and 1x1 and 3x3 convolutions share compiled kernels. No copy (no launch) for a
-    weight that is already channels_last-contiguous or a 1x1 filter. A KCRS 3x3 weight is copied once per weight
-    version (its version counter and storage, the tensor object as the key): a training step's forward and dgrad
-    share one copy, the next optimizer step makes the next one; never cached while a CUDA graph captures (the graph
-    copies in its own replays) or for an inference tensor (no version counter)."""
+    weight that is already channels_last-contiguous or a 1x1 filter; a KCRS 3x3 weight is copied per launch, never
+    cached across calls: a version-keyed cache went stale under fused optimizers (which write parameters without
+    bumping their version counters) and kept allocations alive in torch.compile's CUDA-graph pools (both seen on an
+    H100, tests/test_cuda_graphs.py). A model in channels_last (model.to(memory_format=torch.channels_last)) has no
+    copy at all; in eval, functional.py's cast cache hands the launchers channels_last weights."""
     strides = krsc_strides(weight)
     if weight.is_contiguous(memory_format=torch.channels_last):
         return weight, strides
-    if _capturing(weight.device) or weight.is_inference() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
-        return weight.contiguous(memory_format=torch.channels_last), strides
-    key = (weight._version, weight.data_ptr(), weight.dtype)
-    hit = _KRSC.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1], strides
     with torch.no_grad():
-        copy = weight.detach().contiguous(memory_format=torch.channels_last)
-    _KRSC[weight] = (key, copy)
-    return copy, strides
-
-
-_KRSC = WeakTensorKeyDictionary()  # weight tensor -> ((version, data_ptr, dtype), its KRSC copy); dies with it
+        return weight.detach().contiguous(memory_format=torch.channels_last), strides
 
 
 def strides4(t: Optional[Tensor]) -> tuple[int, int, int, int]:
