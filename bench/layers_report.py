@@ -62,7 +62,37 @@ def render(paths: list[Path]) -> str:
     for pas, dtype, model in sorted({k[:3] for k in total}):
         cells = [f"{total[(pas, dtype, model, p)]:.2f}" if (pas, dtype, model, p) in total else "-" for p in providers]
         out.append(f"| {pas} | {dtype} | {model} | " + " | ".join(cells) + " |")
+    out += _kernel_tables(rows)
     return "\n".join(out)
+
+
+def _kernel_tables(rows: list[dict]) -> list[str]:
+    """The same two tables by the kernels' device time alone (rows with `kernel_s`: bench_layers.py since
+    2026-11-23; the torch profiler's kernels, memsets and copies of one call), host time left out; empty if none."""
+    rows = [r for r in rows if r.get("kernel_s")]
+    if not rows:
+        return []
+    pct, total, launches = defaultdict(list), defaultdict(float), defaultdict(list)
+    for r in rows:
+        key = (r["pass"], r["dtype"], layer_class(r["group"]), r["provider"])
+        pct[key].append(float(r["pct_of_h100_roofline_kernel"]))
+        launches[key].append(int(float(r["kernels"])))
+        total[(r["pass"], r["dtype"], r["model"], r["provider"])] += float(r["kernel_s"]) * int(r["count"]) * 1e3
+    providers = [p for p in PROVIDERS if any(k[-1] == p for k in pct)]
+    out = ["", "By the kernels' device time alone (torch profiler: the kernels, memsets and copies of one call; host "
+           "time left out): median % of the H100 roofline per layer class, and in brackets the median number of "
+           "device activities per call:", "",
+           "| pass | dtype | class | " + " | ".join(providers) + " |", "|---" * (3 + len(providers)) + "|"]
+    for pas, dtype, cls in sorted({k[:3] for k in pct}):
+        cells = [f"{statistics.median(pct[k]):.1f} % ({statistics.median(launches[k]):g})" if pct.get(k) else "-"
+                 for k in ((pas, dtype, cls, p) for p in providers)]
+        out.append(f"| {pas} | {dtype} | {cls} | " + " | ".join(cells) + " |")
+    out += ["", "Sum of the kernels' device time over a network's conv-BN-ReLU layers (ms, each layer times its "
+            "count):", "", "| pass | dtype | model | " + " | ".join(providers) + " |", "|---" * (3 + len(providers)) + "|"]
+    for pas, dtype, model in sorted({k[:3] for k in total}):
+        cells = [f"{total[(pas, dtype, model, p)]:.2f}" if (pas, dtype, model, p) in total else "-" for p in providers]
+        out.append(f"| {pas} | {dtype} | {model} | " + " | ".join(cells) + " |")
+    return out
 
 
 def update_readme(table: str, readme: Path = README) -> None:

@@ -20,8 +20,9 @@ generation, except while torch.compile traces, while a CUDA graph captures (the 
 own kernels) or when they need a gradient. The generation moves on (every cached value is dropped) after any
 torch.optim optimizer's step (fused optimizers write without bumping versions), when a pe_kernels module changes
 mode (train() / eval()) and on clear_caches(): the call for writes no version counter sees — through `.data`, a
-CUDA graph's replays, another library's kernels — into a model kept in eval mode. Training: conv with statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then
-the apply or the next conv's prologue.
+CUDA graph's replays, another library's kernels — into a model kept in eval mode. Training: conv with
+statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then the apply or the next conv's
+prologue.
 
 Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
 affine and activation not applied — and the next conv_bn/packed_conv2d applies it while loading its input, so

@@ -315,3 +315,29 @@ def test_layers_report_medians_per_class_and_readme_markers(tmp_path):
     assert layers_report.main([str(cpu), "--update-readme"]) == 2
     with pytest.raises(ValueError, match="kernel size"):
         layers_report.layer_class("no-geometry-here")
+    assert "device time" not in table                                 # no kernel_s column: no kernel tables
+
+
+def test_layers_report_kernel_time_tables(tmp_path):
+    """Rows with the kernels' device time (bench_layers.py's kernel_s, kernels, pct_of_h100_roofline_kernel) add
+    the same two tables by device time: per class the median % and the median number of device activities; the
+    totals weight kernel_s by count. Rows without it (older CSVs) are left out of those tables."""
+    layers_report = _load("layers_report")
+    fields = ("group", "model", "layer", "count", "pass", "dtype", "provider", "device", "median_s",
+              "pct_of_h100_roofline", "kernel_s", "kernels", "pct_of_h100_roofline_kernel")
+    rows = [("single-l.a-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "a", 2, "fwd", "fp16", "pe-triton", "GPU", 0.004,
+             1.0, 0.001, 1, 40.0),
+            ("single-l.b-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "b", 1, "fwd", "fp16", "pe-triton", "GPU", 0.004,
+             1.0, 0.003, 3, 10.0),
+            ("single-l.c-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "c", 1, "fwd", "fp16", "eager", "GPU", 0.004,
+             1.0, "", "", "")]
+    path = tmp_path / "layers.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    table = layers_report.render([path])
+    kernel_part = table[table.index("device time"):]
+    assert "| fwd | fp16 | k3s1 | 25.0 % (2) |" in kernel_part          # median of 40 and 10 %, of 1 and 3 launches
+    assert "| fwd | fp16 | single | 5.00 |" in kernel_part              # 2 x 1 ms + 3 ms; eager has no kernel time
+    assert "| pass | dtype | class | pe-triton |" in kernel_part      # eager has no kernel time: no column

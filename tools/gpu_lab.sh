@@ -18,7 +18,10 @@
 #   run: bash tools/gpu_lab.sh build replay1        Table 8, fp16 Single + PE-(2,4,1), the main providers
 #   run: bash tools/gpu_lab.sh build replay2 ...    later replay stages (`plan` lists them all)
 #   run: bash tools/gpu_lab.sh build memcheck       compute-sanitizer (then racecheck)
-#   run: bash tools/gpu_lab.sh build layers-fwd     per-layer benches (then layers-fwdbwd, layers-compile-*)
+#   run: bash tools/gpu_lab.sh build layers-main    per-layer benches, both passes, eager cuDNN / pe-triton / pe-cuda
+#                                                   with the kernels' device time (layers-fwd, layers-fwdbwd: every
+#                                                   provider; layers-compile-*: torch.compile)
+#   run: bash tools/gpu_lab.sh build ncu            Nsight Compute on bench_layers cases (NCU_CASES) into ncu.log
 #   run: bash tools/gpu_lab.sh plan                 every stage's command, nothing run
 #   run: bash tools/gpu_lab.sh unstash build ...  (carry .lab_state) after `stash` brought back lab_state.tgz
 # `build` is skipped when pe_kernels._C already imports and csrc/ is unchanged (a warm machine keeps it).
