@@ -17,9 +17,9 @@ it costs what the stock modules cost (launches and host time). Kernel path: eval
 conv_fused launch; the folded BN (scale, shift) and, under autocast, the weight's cast are cached per parameter
 version (tensor version counters: recomputed when a parameter or buffer changes in place) and per cache
 generation, except while torch.compile traces, while a CUDA graph captures (the graph then recomputes them in its
-own kernels) or when they need a gradient. The generation moves on (every cached value is dropped) after any
-torch.optim optimizer's step (fused optimizers write without bumping versions), when a pe_kernels module changes
-mode (train() / eval()) and on clear_caches(): the call for writes no version counter sees — through `.data`, a
+own kernels) or when they need a gradient. A torch.optim optimizer's step drops what was cached from its
+parameters (fused optimizers write without bumping versions); the generation moves on (every cached value is
+dropped) when a pe_kernels module changes mode (train() / eval()) and on clear_caches(): the call for writes no version counter sees — through `.data`, a
 CUDA graph's replays, another library's kernels — into a model kept in eval mode. Training: conv with
 statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then the apply or the next conv's
 prologue.
@@ -285,7 +285,8 @@ _GENERATION = [0]  # part of every cache key: clear_caches() moves it on
 
 def clear_caches() -> None:
     """Drop every value derived from parameters and buffers (eval BatchNorm folds, cast weights): the next call
-    recomputes them. Called after every torch.optim optimizer step and when a pe_kernels module changes mode; call
+    recomputes them. Called when a pe_kernels module changes mode (an optimizer step drops what was cached from
+    its own parameters); call
     it yourself after writing a model's parameters or buffers in a way no version counter sees (`p.data.copy_(...)`,
     CUDA-graph replays of a training step, another library's kernels) while the model stays in eval mode."""
     _GENERATION[0] += 1
@@ -295,8 +296,16 @@ def clear_caches() -> None:
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     """torch.optim's global step post-hook: fused optimizers (SGD/Adam/AdamW fused=True) write parameters without
-    bumping their version counters, so no cached value may outlive a step."""
-    clear_caches()
+    bumping their version counters, so no value cached from the optimizer's parameters may outlive its step (the
+    caches of models it does not train, e.g. a teacher in eval, stay)."""
+    if not (_FOLDED or _CAST):
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for weight in [t for t in _CAST.keys() if id(t) in stepped]:
+        del _CAST[weight]
+    for bn in [m for m, hit in _FOLDED.items()
+               if any(ref is not None and id(ref()) in stepped for ref in hit[1])]:
+        del _FOLDED[bn]
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)

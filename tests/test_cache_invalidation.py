@@ -37,19 +37,20 @@ def backend():
     return "triton"
 
 
-def test_running_statistics_written_by_the_kernels_bump_their_versions(kernel_device, backend):
+def test_running_statistics_written_by_the_kernels_bump_their_versions(kernel_device, backend, monkeypatch):
     """A training step on the kernels updates running_mean / running_var / num_batches_tracked in place; their
-    version counters move as an ATen in-place op's would, and the next eval forward uses the new statistics."""
+    version counters move as an ATen in-place op's would, and the next eval forward uses the new statistics (the
+    mode switches' cache clearing switched off: only the version counters may tell the eval fold)."""
     layer = _layer(kernel_device)
     x = torch.randn(4, 16, 5, 5, device=kernel_device)
     _eval_matches_stock(layer, x, backend)  # fills the fold cache
+    monkeypatch.setattr(PF, "clear_caches", lambda: None)
     bn = layer.bn
     versions = [t._version for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-    generation = PF._GENERATION[0]
     layer.train()
     with pe_kernels.use_backend(backend):
         layer(x).sum().backward()
-    PF._GENERATION[0] = generation  # only the version counters may tell the eval fold about the new statistics
+    assert len(PF._FOLDED) > 0  # the entry of the first eval is still there
     after = [t._version for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
     assert all(a > b for a, b in zip(after, versions)), (versions, after)
     _eval_matches_stock(layer, x, backend)
@@ -72,6 +73,35 @@ def test_an_optimizer_step_drops_the_caches(kernel_device, backend, optimizer):
             p.grad = torch.randn_like(p)
         opt.step()
     _eval_matches_stock(layer, x, backend)
+
+
+def test_an_optimizer_step_keeps_the_caches_of_models_it_does_not_train(kernel_device, backend):
+    """Only what was cached from the stepped optimizer's parameters is dropped: a teacher model kept in eval keeps
+    its folded BatchNorm across the student's steps."""
+    teacher, student = _layer(kernel_device).eval(), _layer(kernel_device).eval()  # (a mode switch clears all)
+    x = torch.randn(4, 16, 5, 5, device=kernel_device)
+    _eval_matches_stock(teacher, x, backend)
+    _eval_matches_stock(student, x, backend)
+    assert teacher.bn in PF._FOLDED and student.bn in PF._FOLDED
+    opt = torch.optim.SGD(student.parameters(), lr=0.5, fused=True)
+    for p in student.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert teacher.bn in PF._FOLDED and student.bn not in PF._FOLDED
+    _eval_matches_stock(student, x, backend)
+
+
+def test_a_grown_identity_buffer_stays_alive(kernel_device, backend):
+    """identity_vector hands out views of a cached buffer (a CUDA graph may capture one); growing it keeps the old
+    buffer alive, so a captured view never reads freed memory."""
+    from pe_kernels.triton import _common
+
+    small = _common.identity_vector(1.0, 3, kernel_device)
+    storage = small.untyped_storage().data_ptr()
+    big = _common.identity_vector(1.0, 2 * _common._IDENTITIES[(kernel_device, 1.0)].numel() + 1, kernel_device)
+    assert big.untyped_storage().data_ptr() != storage
+    assert any(b.untyped_storage().data_ptr() == storage for b in _common._RETIRED_IDENTITIES)
+    assert torch.equal(small, torch.ones(3, device=kernel_device))
 
 
 def test_unversioned_writes_need_a_mode_change_or_clear_caches(kernel_device, backend):

@@ -2,7 +2,8 @@
 
 Counts are deterministic (Triton launches of a dry run + ATen ops that launch a kernel, from torch.profiler), so
 they are asserted with exact upper bounds: a change that adds a launch fails here. Measured 2026-11-22 at this
-commit (python bench/launches.py --model pe-2-4-1 single; models channels_last on every provider; --nchw: 210):
+commit (python bench/launches.py --model pe-2-4-1 single; models channels_last on every provider; --nchw: 226,
+210 before the KRSC weight copy stopped being cached across calls):
 pe-triton inference 58 / 56 launches for 53 convs (issue 11's target: <= 1.2 per conv; 395 before the fold and
 weight caches); training step 193 / 190 = 3.64 / 3.58 per conv (target <= 5; 1657 at the start of issue 11, 418
 before conv_bn_train fused the BatchNorm finalize into the conv and its backward into wgrad/dgrad, the weights went

@@ -268,15 +268,22 @@ def identity_vector(value: float, length: int, device: torch.device) -> Tensor:
     """A read-only contiguous fp32 vector of `length` copies of `value` (1.0 or 0.0: an absent scale or shift),
     a view of a per-device cached buffer: no launch per call (one when the buffer is made or grown, to a power of
     two). Made on the host and copied synchronously, so that a kernel on any stream sees it filled; not cached
-    while a CUDA graph captures (the graph's own copy is filled by the captured launch)."""
+    while a CUDA graph captures (the graph's own copy is filled by the captured launch). A buffer replaced by a
+    larger one is kept alive (_RETIRED_IDENTITIES): a CUDA graph captured with a view of it reads it in every
+    replay."""
     key = (device, float(value))
     buf = _IDENTITIES.get(key)
     if buf is None or buf.numel() < length:
         if _capturing(device):
             return torch.full((int(length),), float(value), dtype=torch.float32, device=device)
+        if buf is not None:
+            _RETIRED_IDENTITIES.append(buf)
         size = next_pow2(max(int(length), 16))
         buf = _IDENTITIES[key] = torch.full((size,), float(value), dtype=torch.float32).to(device)
     return buf[:length]
+
+
+_RETIRED_IDENTITIES: list = []  # identity buffers replaced by larger ones: never freed (a few KB in all)
 
 
 _COUNTERS: dict = {}
