@@ -286,6 +286,14 @@ def test_smoke_and_cpu_results_are_git_ignored():
     assert proc.returncode == 1                          # GPU results are committed
 
 
+def _write_csv(path, fields, rows):
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    return path
+
+
 def test_layers_report_medians_per_class_and_readme_markers(tmp_path):
     """layers_report.py: % of roofline per layer class is the median over the class's rows; totals weight by count;
     the README gets the tables between its markers; CPU rows never reach the README."""
@@ -296,11 +304,7 @@ def test_layers_report_medians_per_class_and_readme_markers(tmp_path):
             ("single-l.b-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "b", 1, "fwd", "fp16", "pe-triton", "GPU", 0.002, 3.0),
             ("single-l.c-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "c", 1, "fwd", "fp16", "pe-triton", "GPU", 0.004, 8.0),
             ("single-l.d-8to8-k1s2g1-h4-x1-fwd-fp16", "single", "d", 3, "fwd", "fp16", "eager", "GPU", 0.001, 5.0)]
-    path = tmp_path / "layers.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(fields)
-        writer.writerows(rows)
+    path = _write_csv(tmp_path / "layers.csv", fields, rows)
     table = layers_report.render([path])
     assert "| fwd | fp16 | k3s1 | - | 3.00 % |" in table            # median of 1, 3, 8; eager has no k3s1 row
     assert "| fwd | fp16 | k1s2 | 5.00 % | - |" in table
@@ -331,12 +335,7 @@ def test_layers_report_kernel_time_tables(tmp_path):
              1.0, 0.003, 3, 10.0),
             ("single-l.c-8to8-k3s1g1-h4-x1-fwd-fp16", "single", "c", 1, "fwd", "fp16", "eager", "GPU", 0.004,
              1.0, "", "", "")]
-    path = tmp_path / "layers.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(fields)
-        writer.writerows(rows)
-    table = layers_report.render([path])
+    table = layers_report.render([_write_csv(tmp_path / "layers.csv", fields, rows)])
     kernel_part = table[table.index("device time"):]
     assert "| fwd | fp16 | k3s1 | 25.0 % (2) |" in kernel_part          # median of 40 and 10 %, of 1 and 3 launches
     assert "| fwd | fp16 | single | 5.00 |" in kernel_part              # 2 x 1 ms + 3 ms; eager has no kernel time

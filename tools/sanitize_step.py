@@ -23,22 +23,17 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     block = PackedBottleneck(32, 16, 2, alpha=2, num_estimators=4, gamma=2, conv_bias=False, dropout_rate=0,
                              groups=1).cuda().to(memory_format=torch.channels_last)
-    x = torch.randn(4, 64, 9, 9, device="cuda").to(memory_format=torch.channels_last)
-    with pe_kernels.use_backend(args.backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        block.train()
-        block(x).float().square().mean().backward()
-        block.eval()
-        with torch.no_grad():
-            block(x)
     model = packed_resnet(3, 10, 18, num_estimators=2, alpha=2, gamma=1, style="cifar",
                           width_multiplier=0.25).cuda().to(memory_format=torch.channels_last)
-    images = torch.randn(4, 3, 12, 12, device="cuda").to(memory_format=torch.channels_last)
-    with pe_kernels.use_backend(args.backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        model.train()
-        model(images).float().square().mean().backward()
-        model.eval()
-        with torch.no_grad():
-            model(images)
+    for module, shape in ((block, (4, 64, 9, 9)), (model, (4, 3, 12, 12))):
+        x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last)
+        with pe_kernels.use_backend(args.backend), torch.autocast("cuda", dtype=dtype,
+                                                                  enabled=dtype != torch.float32):
+            module.train()
+            module(x).float().square().mean().backward()
+            module.eval()
+            with torch.no_grad():
+                module(x)
     torch.cuda.synchronize()
     print(f"sanitize step done: backend={args.backend} dtype={args.dtype} last={pe_kernels.last_dispatch()}")
 
