@@ -19,10 +19,10 @@ version (tensor version counters: recomputed when a parameter or buffer changes 
 generation, except while torch.compile traces, while a CUDA graph captures (the graph then recomputes them in its
 own kernels) or when they need a gradient. A torch.optim optimizer's step drops what was cached from its
 parameters (fused optimizers write without bumping versions); the generation moves on (every cached value is
-dropped) when a pe_kernels module changes mode (train() / eval()) and on clear_caches(): the call for writes no version counter sees — through `.data`, a
-CUDA graph's replays, another library's kernels — into a model kept in eval mode. Training: conv with
-statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then the apply or the next conv's
-prologue.
+dropped) when a pe_kernels module changes mode (train() / eval()) and on clear_caches(): the call for writes no
+version counter sees — through `.data`, a CUDA graph's replays, another library's kernels — into a model kept in
+eval mode. Training: conv with statistics, one bn_train_finalize (BatchNorm2d's bookkeeping, no host sync), then
+the apply or the next conv's prologue.
 
 Prologue fusion: conv_bn(..., defer=True) in training returns a `Deferred` — the conv output with its BN
 affine and activation not applied — and the next conv_bn/packed_conv2d applies it while loading its input, so
@@ -286,9 +286,9 @@ _GENERATION = [0]  # part of every cache key: clear_caches() moves it on
 def clear_caches() -> None:
     """Drop every value derived from parameters and buffers (eval BatchNorm folds, cast weights): the next call
     recomputes them. Called when a pe_kernels module changes mode (an optimizer step drops what was cached from
-    its own parameters); call
-    it yourself after writing a model's parameters or buffers in a way no version counter sees (`p.data.copy_(...)`,
-    CUDA-graph replays of a training step, another library's kernels) while the model stays in eval mode."""
+    its own parameters); call it yourself after writing a model's parameters or buffers in a way no version counter
+    sees (`p.data.copy_(...)`, CUDA-graph replays of a training step, another library's kernels) while the model
+    stays in eval mode."""
     _GENERATION[0] += 1
     _FOLDED.clear()
     _CAST.clear()
