@@ -88,7 +88,8 @@ def _kernel_tables(rows: list[dict]) -> list[str]:
                  for k in ((pas, dtype, cls, p) for p in providers)]
         out.append(f"| {pas} | {dtype} | {cls} | " + " | ".join(cells) + " |")
     out += ["", "Sum of the kernels' device time over a network's conv-BN-ReLU layers (ms, each layer times its "
-            "count):", "", "| pass | dtype | model | " + " | ".join(providers) + " |", "|---" * (3 + len(providers)) + "|"]
+            "count):", "", "| pass | dtype | model | " + " | ".join(providers) + " |",
+            "|---" * (3 + len(providers)) + "|"]
     for pas, dtype, model in sorted({k[:3] for k in total}):
         cells = [f"{total[(pas, dtype, model, p)]:.2f}" if (pas, dtype, model, p) in total else "-" for p in providers]
         out.append(f"| {pas} | {dtype} | {model} | " + " | ".join(cells) + " |")
