@@ -74,8 +74,8 @@ declare -A LAYERS=(
   [layers-compile-fwdbwd-single]="fp16 and compile and single and fwdbwd"           # compile per case
   [layers-compile-fwdbwd-pe]="fp16 and compile and pe-2-4-1 and fwdbwd"
 )
-LAYERS_ORDER="layers-main layers-fwd layers-fwdbwd layers-compile-fwd-single layers-compile-fwd-pe layers-compile-fwdbwd-single
-  layers-compile-fwdbwd-pe"
+LAYERS_ORDER="layers-main layers-fwd layers-fwdbwd layers-compile-fwd-single layers-compile-fwd-pe
+  layers-compile-fwdbwd-single layers-compile-fwdbwd-pe"
 # ncu: Nsight Compute on bench_layers cases (tools/ncu_layer.py), NCU_CASES="layer-id-start:pass:provider ..."
 NCU_CASES=${NCU_CASES:-"pe-2-4-1-layer1.0.conv2:fwd:pe-triton pe-2-4-1-layer1.0.conv2:fwd:eager-channels-last
   pe-2-4-1-layer1.0.conv2:fwdbwd:pe-triton"}
@@ -190,12 +190,13 @@ sys.exit('BUILD FAILED: backend(s) unavailable after the build: ' + '; '.join(mi
       fi ;;
     memcheck|racecheck)   # compute-sanitizer on one fused-block step and one small chained ResNet step of each
       # fast backend; Triton kernels with their first config (autotuning every config under the sanitizer would
-      # not fit the call; tests/test_triton_configs.py launches each config in the suite)
-      export PE_KERNELS_TRITON_CONFIG=${PE_KERNELS_TRITON_CONFIG:-first}
+      # not fit the call; tests/test_triton_configs.py launches each config in the suite); only for this stage:
+      # a later stage of the same call (a replay) keeps its own policy
       for backend in cuda triton; do
         t=$(budget 280)
         echo "compute-sanitizer --tool $stage ... --backend $backend (${t}s at most)" | tee -a "$OUT/sanitizer.log"
-        timeout -k 15 "$t" compute-sanitizer --tool "$stage" --error-exitcode 9 python3 tools/sanitize_step.py \
+        PE_KERNELS_TRITON_CONFIG=${PE_KERNELS_TRITON_CONFIG:-first} timeout -k 15 "$t" \
+          compute-sanitizer --tool "$stage" --error-exitcode 9 python3 tools/sanitize_step.py \
           --backend "$backend" >> "$OUT/sanitizer.log" 2>&1 || { status=1; echo "  failed (rc $?)"; }
         tail -4 "$OUT/sanitizer.log"
       done ;;
