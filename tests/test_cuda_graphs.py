@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -228,6 +229,43 @@ def test_compile_reduce_overhead_equals_eager(backend, amp, mode):
     torch.testing.assert_close(dict(model.named_buffers()), dict(eager_model.named_buffers()), **tol)
     skips = counters["inductor"]["cudagraph_skips"]
     assert skips == 0, f"inductor ran {skips} graph(s) without CUDA graphs (TORCH_LOGS=perf_hints says why)"
+
+
+def _in_pool(pool, t: torch.Tensor) -> bool:
+    ptr = t.data_ptr()
+    return any(seg["address"] <= ptr < seg["address"] + seg["total_size"] for seg in pool.snapshot())
+
+
+@pytest.mark.gpu
+def test_cached_buffers_are_not_claimed_by_a_thread_routed_pool():
+    """What reduce-overhead's warm-up does to a cache miss (every allocation of the thread routed to the graph
+    tree's private pool, on the tree's own stream): the counters, identity vectors and dummies the Triton launchers
+    keep come from the ordinary allocator (a control tensor made beside them lands in the pool), filled."""
+    require_backend("triton")
+    from pe_kernels.triton import _common
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    pool, side = torch.cuda.MemPool(), torch.cuda.Stream()  # a new stream: a counters miss
+    before = len(_common._ALLOCATOR_THREAD)
+    with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool):
+        control = torch.zeros(64, device=device)
+        counters = _common.stream_counters(64, device)
+        ones = _common.identity_vector(1.0, 4 * _common._IDENTITIES.get((device, 1.0), control).numel(), device)
+        unused = _common.dummy(device, torch.float16)
+    torch.cuda.synchronize()
+    assert _in_pool(pool, control), "the control allocation should be in the thread-routed pool"
+    for name, t in dict(counters=counters, ones=ones, dummy=unused).items():
+        assert not _in_pool(pool, t), f"{name} was allocated in the private pool"
+    assert int(counters.count_nonzero()) == 0 and bool((ones == 1).all())
+    assert len(_common._ALLOCATOR_THREAD) == 1 and before <= 1
+
+
+def test_persistent_runs_the_factory_here_on_cpu():
+    from pe_kernels.triton import _common
+
+    made_on = []
+    t = _common.persistent(torch.device("cpu"), lambda: made_on.append(threading.get_ident()) or torch.ones(3))
+    assert made_on == [threading.get_ident()] and t.tolist() == [1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------ the bench's graph providers (CPU)

@@ -255,3 +255,41 @@ def test_lab_replay_stages_cover_table8_first_stage_first(tmp_path):
     everything = {(m, p, mode, d) for m in throughput.MODELS for p in throughput.PROVIDERS
                   for mode in throughput.MODES for d in throughput.DTYPES}
     assert set(cells) == everything
+
+
+# ------------------------------------------------------------------ tools/autotune_models.py
+
+def test_lab_autotune_stage_appends_the_csv(tmp_path):
+    proc, out, calls = _lab(tmp_path, "autotune")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    call = next(c for c in calls if "tools/autotune_models.py" in c)
+    assert "--csv" in call and call.split("--csv ")[1].startswith(str(tmp_path / "results" / "autotune_cuda_"))
+    assert [p.name for p in out.iterdir() if p.name.startswith("autotune_cuda_")]
+
+
+def test_autotune_models_rows_and_csv(tmp_path):
+    tool = _load(REPO / "tools" / "autotune_models.py", "autotune_models_for_tools")
+    from pe_kernels.tuning import AutotuneReport, Choice
+
+    report = AutotuneReport("H100 (sm_90)", "cache.json", (
+        Choice("conv_fused", "x(128, 64, 32, 32)", "float16", "triton", {"triton": 0.05, "torch": 0.08},
+               {"cuda": "wrong results: max error 1.0 > 0.01"}),
+        Choice("bn_apply", "x(128, 64, 32, 32)", "float16", "torch", {"torch": 0.02}, {})))
+    env = dict(device="H100", torch_version="2.11", git_commit="abc")
+    rows = tool.report_rows("pe-2-4-1", "infer", "fp16", report, env)
+    assert [r["chosen"] for r in rows] == ["triton", "torch"]
+    assert rows[0]["triton_ms"] == "0.05" and rows[0]["torch_ms"] == "0.08" and rows[1]["triton_ms"] == ""
+    assert rows[0]["refused"] == "cuda: wrong results: max error 1.0 > 0.01" and rows[0]["device"] == "H100"
+    path = tmp_path / "a" / "autotune.csv"
+    tool.append_rows(path, rows[:1])
+    tool.append_rows(path, rows[1:])  # appended: one header
+    with path.open() as f:
+        read = list(csv.DictReader(f))
+    assert [r["op"] for r in read] == ["conv_fused", "bn_apply"] and read[0]["git_commit"] == "abc"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_autotune_models_needs_cuda(tmp_path, capsys):
+    tool = _load(REPO / "tools" / "autotune_models.py", "autotune_models_for_tools")
+    assert tool.main(["--csv", str(tmp_path / "a.csv")]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not (tmp_path / "a.csv").exists()

@@ -22,6 +22,9 @@
 #                                                   with the kernels' device time (layers-fwd, layers-fwdbwd: every
 #                                                   provider; layers-compile-*: torch.compile)
 #   run: bash tools/gpu_lab.sh build ncu            Nsight Compute on bench_layers cases (NCU_CASES) into ncu.log
+#   run: bash tools/gpu_lab.sh build autotune       pe_kernels.autotune on the Table 8 models (AUTOTUNE_ARGS; default
+#                                                   fp16 Single and PE-(2,4,1), eval and training) into
+#                                                   $RESULTS/autotune_cuda_$DAY.csv (tools/autotune_models.py)
 #   run: bash tools/gpu_lab.sh plan                 every stage's command, nothing run
 #   run: bash tools/gpu_lab.sh unstash build ...  (carry .lab_state) after `stash` brought back lab_state.tgz
 # `build` is skipped when pe_kernels._C already imports and csrc/ is unchanged (a warm machine keeps it).
@@ -81,7 +84,8 @@ NCU_CASES=${NCU_CASES:-"pe-2-4-1-layer1.0.conv2:fwd:pe-triton pe-2-4-1-layer1.0.
   pe-2-4-1-layer1.0.conv2:fwdbwd:pe-triton"}
 NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
   --section Occupancy --section LaunchStats --section WarpStateStats"
-STAGES="plan unstash stash build warmup gpu suite memcheck racecheck ncu $REPLAY_ORDER $(echo $LAYERS_ORDER)"
+AUTOTUNE_CSV=${AUTOTUNE_CSV:-$RESULTS/autotune_cuda_$DAY.csv}
+STAGES="plan unstash stash build warmup gpu suite memcheck racecheck ncu autotune $REPLAY_ORDER $(echo $LAYERS_ORDER)"
 
 say() { echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s into the call)"; }
 die() { echo "GPU LAB STOPPED: $*" >&2; limit_out; exit "${2:-1}"; }
@@ -181,12 +185,13 @@ sys.exit('BUILD FAILED: backend(s) unavailable after the build: ' + '; '.join(mi
       run_pytest gpu -m gpu || status=1 ;;
     suite)      # the whole suite with compiled Triton and _C (never -x: one failure must not hide the rest);
                 # SUITE_ARGS (e.g. "tests/test_triton_conv.py") narrows it; SUITE_SHARD=i/n runs the i-th of n
-                # parts (whole files, balanced by test count: tests/conftest.py, PE_KERNELS_TEST_SHARD)
+                # parts (whole files, balanced by test count: tests/conftest.py, PE_KERNELS_TEST_SHARD); SUITE_NAME
+                # names its log and junit files (default suite); SUITE_ARGS="-n 12" runs it with pytest-xdist
       if [[ -n ${SUITE_SHARD:-} ]]; then
         [[ $SUITE_SHARD =~ ^[0-9]+/[0-9]+$ ]] || die "SUITE_SHARD must be i/n, e.g. 1/2 (got '$SUITE_SHARD')" 2
         PE_KERNELS_TEST_SHARD=$SUITE_SHARD run_pytest "suite-${SUITE_SHARD/\//of}" ${SUITE_ARGS:-} || status=1
       else
-        run_pytest suite ${SUITE_ARGS:-} || status=1
+        run_pytest "${SUITE_NAME:-suite}" ${SUITE_ARGS:-} || status=1
       fi ;;
     memcheck|racecheck)   # compute-sanitizer on one fused-block step and one small chained ResNet step of each
       # fast backend; Triton kernels with their first config (autotuning every config under the sanitizer would
@@ -210,6 +215,12 @@ sys.exit('BUILD FAILED: backend(s) unavailable after the build: ' + '; '.join(mi
         grep -E "^  [a-zA-Z_].*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|profiled" \
           "$OUT/ncu.log" | tail -40
       done ;;
+    autotune)   # pe_kernels.autotune on the Table 8 models; rows appended per (model, mode, dtype) as each ends
+      t=$(budget 570)
+      timeout -k 15 "$t" python3 tools/autotune_models.py ${AUTOTUNE_ARGS:-} --csv "$AUTOTUNE_CSV" \
+        > "$OUT/autotune.log" 2>&1 || status=1
+      tail -30 "$OUT/autotune.log"
+      cp "$AUTOTUNE_CSV" "$OUT"/ 2>/dev/null ;;
     replay*)    # Table 8 cells appended to $REPLAY_CSV as each finishes; no cell starts after the budget
       t=$(budget 580)
       timeout -k 15 "$t" $(throughput_cmd "$stage" $(( t - 120 > 60 ? t - 120 : 60 ))) > "$OUT/$stage.log" 2>&1 \

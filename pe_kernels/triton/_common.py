@@ -243,6 +243,36 @@ def part_rows(configs, tiles: Optional[dict], interpret_block_m: int) -> int:
     return smallest
 
 
+_ALLOCATOR_THREAD: list = []  # [ThreadPoolExecutor]: made on the first CUDA buffer a cache keeps
+
+
+def persistent(device: torch.device, make) -> Tensor:
+    """`make()`'s tensor, allocated so that no private memory pool claims it: for a buffer a module-level cache keeps
+    beyond the call. torch.compile(mode="reduce-overhead") warms its CUDA graphs up with every allocation of the
+    calling thread routed to the graph tree's private pool (`_cuda_beginAllocateCurrentThreadToPool`), and a pool
+    block still alive after the warm-up fails its check ("tensor(s) in the cudagraph pool not tracked as outputs").
+    So on CUDA `make` runs on one helper thread, with the caller's device and current stream: the tensor comes from
+    the ordinary caching allocator, owned by the caller's stream, and whatever `make` enqueues (a memset, a copy)
+    precedes the caller's next launch on that stream. Caches miss rarely (first use per device/stream, growth), so
+    the hand-off is off the hot path. On CPU (the interpreter), `make()` here."""
+    if device.type != "cuda":
+        return make()
+    if not _ALLOCATOR_THREAD:
+        with _ALLOCATOR_LOCK:
+            if not _ALLOCATOR_THREAD:
+                from concurrent.futures import ThreadPoolExecutor
+                _ALLOCATOR_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="pe_kernels-alloc"))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+
+    def on_helper() -> Tensor:
+        with torch.cuda.device(index), torch.cuda.stream(stream):
+            return make()
+
+    return _ALLOCATOR_THREAD[0].submit(on_helper).result()
+
+
+_ALLOCATOR_LOCK = threading.Lock()
 _DUMMIES: dict = {}
 
 
@@ -250,17 +280,22 @@ def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """A 16-byte aligned tensor for pointer arguments a launch does not use (their loads are compiled out). fp32 for
     all float arguments: one dtype for all of them keeps compile and autotune keys independent of which arguments are
     absent (the autotuner keys on every tensor argument's dtype); int32 for an absent int32 counter buffer, for the
-    same reason. Made once per device and dtype (one launch), not per call."""
+    same reason. Made once per device and dtype (one launch, `persistent`), not per call; while a CUDA graph
+    captures, a miss is not cached (the tensor belongs to the graph's pool)."""
     t = _DUMMIES.get((device, dtype))
     if t is None:
-        t = _DUMMIES[(device, dtype)] = torch.zeros(16 // dtype.itemsize, dtype=dtype, device=device)
+        if capturing(device):
+            return torch.zeros(16 // dtype.itemsize, dtype=dtype, device=device)
+        t = _DUMMIES[(device, dtype)] = persistent(
+            device, lambda: torch.zeros(16 // dtype.itemsize, dtype=dtype, device=device))
     return t
 
 
 _IDENTITIES: dict = {}
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph captures on the current stream (never on CPU)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -270,16 +305,17 @@ def identity_vector(value: float, length: int, device: torch.device) -> Tensor:
     two). Made on the host and copied synchronously, so that a kernel on any stream sees it filled; not cached
     while a CUDA graph captures (the graph's own copy is filled by the captured launch). A buffer replaced by a
     larger one is kept alive (_RETIRED_IDENTITIES): a CUDA graph captured with a view of it reads it in every
-    replay."""
+    replay. Allocated by `persistent` (no private pool keeps it)."""
     key = (device, float(value))
     buf = _IDENTITIES.get(key)
     if buf is None or buf.numel() < length:
-        if _capturing(device):
+        if capturing(device):
             return torch.full((int(length),), float(value), dtype=torch.float32, device=device)
         if buf is not None:
             _RETIRED_IDENTITIES.append(buf)
         size = next_pow2(max(int(length), 16))
-        buf = _IDENTITIES[key] = torch.full((size,), float(value), dtype=torch.float32).to(device)
+        buf = _IDENTITIES[key] = persistent(
+            device, lambda: torch.full((size,), float(value), dtype=torch.float32).to(device))
     return buf[:length]
 
 
@@ -297,8 +333,10 @@ def stream_counters(n: int, device: torch.device) -> Tensor:
     so no two of them use the counters at the same time; a launch on another stream has its own buffer. Under the
     interpreter (CPU) launches run on the calling thread: one buffer per (device, thread). While a CUDA graph captures,
     a fresh zeroed buffer for this launch only (a memset node of the graph), never cached: a cached buffer baked into a
-    graph would be shared with whatever runs on the stream the graph is replayed on."""
-    if _capturing(device):
+    graph would be shared with whatever runs on the stream the graph is replayed on. Allocated by `persistent`: the
+    warm-up of torch.compile(mode="reduce-overhead") runs on the graph tree's own stream, whose buffer must not be
+    made in the tree's private pool."""
+    if capturing(device):
         return torch.zeros(max(int(n), 1), dtype=torch.int32, device=device)
     if device.type == "cuda":
         key = (device, torch.cuda.current_stream(device).cuda_stream)
@@ -306,7 +344,8 @@ def stream_counters(n: int, device: torch.device) -> Tensor:
         key = (device, threading.get_ident())
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(next_pow2(max(int(n), 64)), dtype=torch.int32, device=device)
+        size = next_pow2(max(int(n), 64))
+        buf = _COUNTERS[key] = persistent(device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
     return buf
 
 

@@ -54,11 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv, channels_last_strides,
-                      check_4d, check_activation_dtype, check_same_device, check_shape, check_vector, dot_precision,
-                      dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch,
-                      next_pow2, pair, part_rows, pow2_tile, store_part, stream_counters, strides4, tensor_key,
-                      upcast_bf16)
+from ._common import (INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, capturing, cdiv,
+                      channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
+                      check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, krsc,
+                      krsc_strides, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile, store_part,
+                      stream_counters, strides4, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -455,8 +455,12 @@ def _finalize_scalars(bn: Optional[BNTrain], K: int, M: int, x: Tensor) -> tuple
 def _finalize_ptrs(bn: Optional[BNTrain], K: int, x: Tensor) -> tuple:
     """The kernel's BN pointer arguments, in its order (dummies without `bn`)."""
     if bn is None:
-        return _NO_FINALIZE.get(x.device) or _NO_FINALIZE.setdefault(
-            x.device, (dummy(x.device),) * 6 + (dummy(x.device, torch.int64),))
+        ptrs = _NO_FINALIZE.get(x.device)
+        if ptrs is None:
+            ptrs = (dummy(x.device),) * 6 + (dummy(x.device, torch.int64),)
+            if not capturing(x.device):  # (a miss while a graph captures gets the graph's own dummies)
+                _NO_FINALIZE[x.device] = ptrs
+        return ptrs
     unused = dummy(x.device)
     running = bn.running_mean is not None
     nbt = bn.num_batches_tracked
