@@ -197,7 +197,7 @@ sys.exit('BUILD FAILED: backend(s) unavailable after the build: ' + '; '.join(mi
       # fast backend; Triton kernels with their first config (autotuning every config under the sanitizer would
       # not fit the call; tests/test_triton_configs.py launches each config in the suite); only for this stage:
       # a later stage of the same call (a replay) keeps its own policy
-      for backend in cuda triton; do
+      for backend in ${SANITIZER_BACKENDS:-cuda triton}; do   # SANITIZER_BACKENDS=triton: one of them
         t=$(budget 280)
         echo "compute-sanitizer --tool $stage ... --backend $backend (${t}s at most)" | tee -a "$OUT/sanitizer.log"
         PE_KERNELS_TRITON_CONFIG=${PE_KERNELS_TRITON_CONFIG:-first} timeout -k 15 "$t" \
