@@ -263,8 +263,20 @@ def _consistent_inputs(op: str, args: tuple) -> tuple:
     return tuple(args)
 
 
+def _overflowed(o: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where an infinite output is the dtype's range, not a wrong answer: the float64 reference's magnitude is at
+    least half the dtype's largest finite value (an fp16 intermediate of that size may overflow in any correct
+    order of summation), with the reference's sign. (Measured on an H100, 2026-11-23: autotune's fp16 training step
+    of PE-(2,4,1) refused cuDNN's own backward, 9979 of 16.8 M grad_x elements inf where the reference was finite.)
+    Elsewhere an inf still fails the check."""
+    if not (dtype.is_floating_point and torch.finfo(dtype).bits < 64):
+        return torch.zeros_like(o, dtype=torch.bool)
+    return o.isinf() & (r.abs() >= 0.5 * torch.finfo(dtype).max) & (o.sign() == r.sign())
+
+
 def check(outs: list, same: list, ref64: list, dtype: torch.dtype, device: torch.device) -> Optional[str]:
-    """None if `outs` is within the error budget, else what is wrong."""
+    """None if `outs` is within the error budget, else what is wrong (an inf where the reference is near the dtype's
+    largest value counts as overflow: _overflowed)."""
     if len(outs) != len(ref64):
         return f"returned {len(outs)} tensors, the reference {len(ref64)}"
     tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
@@ -276,7 +288,7 @@ def check(outs: list, same: list, ref64: list, dtype: torch.dtype, device: torch
         o, s = o.to(r.device, torch.float64), s.to(r.device, torch.float64)
         atol = ATOL[torch.float16 if tf32 else dtype] * max(1.0, r.abs().max().item())
         err = (o - r).abs()
-        bad = ~(err <= 2 * (s - r).abs() + atol) & ~(o.isnan() & r.isnan())
+        bad = ~(err <= 2 * (s - r).abs() + atol) & ~(o.isnan() & r.isnan()) & ~_overflowed(o, r, dtype)
         if bad.any():
             return (f"wrong on this device: output {i}: {int(bad.sum())} of {bad.numel()} elements outside the "
                     f"error budget (max err {err.nan_to_num(float('inf')).max().item():.3g})")

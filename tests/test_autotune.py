@@ -280,3 +280,20 @@ def test_tf32_gets_fp16_budget_on_cuda(monkeypatch):
     assert at.check([tf32_like], [same], [ref64], torch.float32, torch.device("cpu")) is not None  # CPU: exact fp32
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert "outside the error budget" in at.check([tf32_like], [same], [ref64], torch.float32, cuda)
+
+
+def test_overflow_near_the_dtype_limit_is_not_a_wrong_answer():
+    """fp16 gradients of a large upstream gradient: an inf where the float64 reference is near fp16's largest value
+    (with its sign) is the dtype's range, and the fp16 reference itself may stay finite there (cuDNN's own backward
+    was refused so on an H100); an inf where the reference is small, or of the wrong sign, is still refused."""
+    cpu = torch.device("cpu")
+    ref64 = torch.tensor([1.0, -2.0, 60000.0, -50000.0], dtype=torch.float64)
+    same = ref64.half()  # all finite
+    overflowed = torch.tensor([1.0, -2.0, float("inf"), float("-inf")], dtype=torch.float16)
+    assert at.check([overflowed], [same], [ref64], torch.float16, cpu) is None
+    wrong_sign = torch.tensor([1.0, -2.0, float("-inf"), float("-inf")], dtype=torch.float16)
+    assert "1 of 4 elements" in at.check([wrong_sign], [same], [ref64], torch.float16, cpu)
+    small = torch.tensor([float("inf"), -2.0, 60000.0, -50000.0], dtype=torch.float16)
+    assert "1 of 4 elements" in at.check([small], [same], [ref64], torch.float16, cpu)
+    fp32_ref = torch.tensor([60000.0], dtype=torch.float64)  # far from fp32's range: an inf is wrong
+    assert at.check([torch.tensor([float("inf")])], [fp32_ref.float()], [fp32_ref], torch.float32, cpu) is not None

@@ -360,16 +360,18 @@ def test_jit_script_raises_a_clear_error(name):
 
 
 # ---- 5a. unbatched input -----------------------------------------------------------------------------------------
+@ieee_fp32()
 def test_packed_conv2d_unbatched_input(backend):
-    layer = packed_conv().to(backend[1])
-    x = torch.randn(8, 5, 5, device=backend[1])
+    device = backend[1]
+    layer = packed_conv().to(device)
+    x = torch.randn(8, 5, 5, device=device)
     out = layer(x)
     torch.testing.assert_close(out, layer.conv(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, layer(x.unsqueeze(0))[0])
-    last = PackedConv2d(4, 4, 3, alpha=2, num_estimators=2, last=True, minimum_channels_per_group=1)
+    last = PackedConv2d(4, 4, 3, alpha=2, num_estimators=2, last=True, minimum_channels_per_group=1).to(device)
     with pytest.raises(ValueError, match="unbatched"):
-        last(torch.randn(8, 5, 5))
-    assert last(torch.randn(1, 8, 5, 5)).shape == (2, 4, 3, 3)
+        last(torch.randn(8, 5, 5, device=device))
+    assert last(torch.randn(1, 8, 5, 5, device=device)).shape == (2, 4, 3, 3)
 
 
 def test_packed_conv1d_unbatched_last_raises():

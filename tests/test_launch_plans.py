@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pe_kernels
+from _devices import ieee_fp32
 from pe_kernels.ops import _common as ops_common
 from pe_kernels.triton import _common as common
 
@@ -328,6 +329,7 @@ def test_op_keyed_plans_are_the_plain_launches(kernel_device):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@ieee_fp32()  # torch's and triton's fp32 compared at 1e-4: no TF32 on a GPU
 def test_backward_plans_follow_saved_tensor_hooks(kernel_device):
     """A saved-tensor hook may hand the backward its tensors in another layout (save_on_cpu packs them contiguous):
     the backward's plans key the tensors it gets, so a step under such a hook after a plain one (same forward keys)
@@ -366,6 +368,7 @@ def test_op_keyed_conv_plan_follows_autocast_and_flags(kernel_device):
     assert torch.equal(y_amp, _fwd(x.bfloat16(), w.bfloat16(), scale, shift, compute_stats=False)[0])
 
 
+@ieee_fp32()  # torch's and triton's fp32 compared at 1e-4: no TF32 on a GPU
 def test_op_keys_name_the_backend_that_made_an_input(kernel_device, monkeypatch):
     """y, scale and shift are the outputs of whichever backend ran the conv: the apply's keyed plan names that
     backend (a conv moving to another backend, by autotune or a request, gets the apply another plan: no plan made
