@@ -615,10 +615,10 @@ def test_stats_counters_are_reused_and_left_at_zero(kernel_device, monkeypatch):
     assert used[-1][0] == 3 and used[-1][1] is big and not big.any()
     assert torch.equal(stats, merge_partials(wide, torch.float32, kernel_device)[0])
     # capture: a fresh buffer per launch, the cached one left alone
-    capturing = _common._capturing
-    monkeypatch.setattr(_common, "_capturing", lambda device: True)
+    real_capturing = _common.capturing
+    monkeypatch.setattr(_common, "capturing", lambda device: True)
     assert torch.equal(merge_partials(small, torch.float32, kernel_device)[0], runs[0])
-    monkeypatch.setattr(_common, "_capturing", capturing)
+    monkeypatch.setattr(_common, "capturing", real_capturing)
     assert used[-1][1] is not big and not used[-1][1].any() and _common.stream_counters(1, kernel_device) is big
 
 
