@@ -251,7 +251,7 @@ def test_cached_buffers_are_not_claimed_by_a_thread_routed_pool():
         control = torch.zeros(64, device=device)
         counters = _common.stream_counters(64, device)
         ones = _common.identity_vector(1.0, 4 * _common._IDENTITIES.get((device, 1.0), control).numel(), device)
-        unused = _common.dummy(device, torch.float16)
+        unused = _common.dummy(device, torch.int16)  # a dtype no launcher uses: a miss
     torch.cuda.synchronize()
     assert _in_pool(pool, control), "the control allocation should be in the thread-routed pool"
     for name, t in dict(counters=counters, ones=ones, dummy=unused).items():
