@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import pe_kernels.reference as ref
 import pe_kernels.triton as tri
-from pe_kernels.triton._common import krsc
+from pe_kernels.triton._common import CHUNK_SLOTS, chunk_counters, krsc, slot_chunks
 from pe_kernels.triton.conv_bwd import _phase_taps, conv_bwd
 from pe_kernels.triton.conv_fwd import conv_fwd
 
@@ -569,22 +569,33 @@ def merge_partials(case: Case, dtype, device, features="plain", tiles=MERGE_TILE
     P = (case.H + 2 * case.padding[0] - case.dilation[0] * (case.R - 1) - 1) // case.stride[0] + 1
     Q = (case.W + 2 * case.padding[1] - case.dilation[1] * (case.S - 1) - 1) // case.stride[1] + 1
     slots = -(-case.N * P * Q // tiles["BLOCK_M"])
-    part = torch.full((slots, 3, case.K), float("nan"), device=device)   # every slot must be written
+    # every slot must be written; the chunks' level-2 slots follow (written where there are several chunks)
+    part = torch.full((slots + slot_chunks(slots), 3, case.K), float("nan"), device=device)
     _, stats = run_fwd(conv_fwd, args, True, tiles=tiles, partials=part)
+    part, level2 = part[:slots], part[slots:]
     assert not part.isnan().any() and torch.equal(part[:, 0].sum(0), torch.full_like(stats[0], case.N * P * Q))
+    if slot_chunks(slots) > 1:   # each chunk's count: its rows
+        counts = part[:, 0].reshape(-1).new_zeros(slot_chunks(slots), case.K)
+        for c in range(slot_chunks(slots)):
+            counts[c] = part[c * CHUNK_SLOTS:(c + 1) * CHUNK_SLOTS, 0].sum(0)
+        assert torch.equal(level2[:, 0], counts)
     return stats, part
 
 
 @pytest.mark.parametrize("name", list(MERGE_CASES))
 def test_stats_merged_in_kernel_equal_the_separate_merge(name, kernel_device):
-    """The last program of each column block merges the slots as merge_stats (the former second launch) does, bit for
-    bit: same fixed slot order, same k-way Chan steps (MERGE_SLOTS slots each; on a GPU the same tile and warps)."""
+    """The kernel merges the slots in two levels as merge_stats(chunk=CHUNK_SLOTS) does in its two launches, bit for
+    bit: the same chunks in slot order, the chunks in chunk order, the same k-way Chan steps (MERGE_SLOTS slots each;
+    on a GPU the same tile and warps). Two of the cases have several chunks (two levels), one has one chunk."""
     from pe_kernels.triton.conv_fwd import MERGE_SLOTS, merge_stats
 
     case, dtype = MERGE_CASES[name]
     stats, part = merge_partials(case, dtype, kernel_device)
-    expected = merge_stats(part, block_s=MERGE_SLOTS, block_k=MERGE_TILES["BLOCK_N"], num_warps=4)
+    expected = merge_stats(part, block_s=MERGE_SLOTS, block_k=MERGE_TILES["BLOCK_N"], num_warps=4, chunk=CHUNK_SLOTS)
     assert torch.equal(stats, expected)
+    # the same statistics as the one-level merge of the same partials, to rounding
+    flat = merge_stats(part, block_s=MERGE_SLOTS, block_k=MERGE_TILES["BLOCK_N"], num_warps=4)
+    torch.testing.assert_close(stats, flat, rtol=1e-5, atol=1e-5)
 
 
 def test_stats_counters_are_reused_and_left_at_zero(kernel_device, monkeypatch):
@@ -606,13 +617,14 @@ def test_stats_counters_are_reused_and_left_at_zero(kernel_device, monkeypatch):
     wide, _ = MERGE_CASES["1x1_k37_3_col_blocks_37_slots"]
     runs = [merge_partials(small, torch.float32, kernel_device)[0] for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
-    assert [n for n, _ in used] == [4] * 3 and len({buf.data_ptr() for _, buf in used}) == 1
+    # chunk_counters: 4 column blocks, the spare, one chunk per column block
+    assert [n for n, _ in used] == [chunk_counters(4, 1)] * 3 and len({buf.data_ptr() for _, buf in used}) == 1
     assert not used[0][1].any()
-    # one counter per column block: 3 here; a buffer grown for a wider launch is used from then on
+    # 3 column blocks and 10 chunks (37 slots) here; a buffer grown for a wider launch is used from then on
     big = _common.stream_counters(1024, kernel_device)
     assert big.numel() >= 1024 and big.data_ptr() != used[0][1].data_ptr()
     stats, _ = merge_partials(wide, torch.float32, kernel_device)
-    assert used[-1][0] == 3 and used[-1][1] is big and not big.any()
+    assert used[-1][0] == chunk_counters(3, 10) and used[-1][1] is big and not big.any()
     assert torch.equal(stats, merge_partials(wide, torch.float32, kernel_device)[0])
     # capture: a fresh buffer per launch, the cached one left alone
     real_capturing = _common.capturing

@@ -364,6 +364,88 @@ def affine_pair(scale: Optional[Tensor], shift: Optional[Tensor], length: int, l
 # ---------------------------------------------------------------------------------------------------------------
 REDUCE_SLOTS = 32  # slots summed per step by sum_slots (a constexpr: one value, one compile)
 
+# Two-level reductions. A launch's per-column totals over thousands of slots (batch 128: 2048-4096) were summed by one
+# program per column block, slot block after slot block: a serial tail of ~0.9 us a step on one SM while the others
+# idled (Nsight Compute on an H100, bench/results/RUNS_20261123.md). Now the slots are grouped in chunks of
+# CHUNK_SLOTS: the last program of a chunk to arrive sums the chunk into a level-2 slot (two steps), and the last
+# chunk to arrive sums the level-2 slots (one step per REDUCE_SLOTS chunks). Fixed orders at both levels, so the bits
+# do not depend on which program is last. Under the interpreter a small chunk, so that the tests' few slots make
+# several chunks.
+CHUNK_SLOTS = 4 if INTERPRET else 64
+
+
+def slot_chunks(slots_per_phase: int, phases: int = 1) -> int:
+    """Level-2 slots of a two-level reduction: chunks of CHUNK_SLOTS slots, a phase's last chunk short (the dgrad's
+    stride phases own their slots apart)."""
+    return phases * cdiv(slots_per_phase, CHUNK_SLOTS)
+
+
+def chunk_counters(n_cols: int, n_chunks: int) -> int:
+    """int32 counters of a two-level reduction over `n_cols` column blocks: the column blocks' own (0 .. n_cols-1),
+    one spare (n_cols: the forward's num_batches_tracked), then one per (column block, chunk)."""
+    return n_cols + 1 + n_cols * n_chunks
+
+
+@triton.jit
+def slot_chunk(tile, tiles_ph, phase, slots_ph, PROGS: tl.constexpr, CHUNK: tl.constexpr):
+    """The chunk of M tile `tile` (of `tiles_ph` in its phase; a launch without phases: phase 0, tiles_ph every
+    tile) for a two-level reduction over `slots_ph` slots a phase, a tile owning BLOCK_M / PART_M consecutive slots
+    and a chunk PROGS = CHUNK * PART_M / BLOCK_M tiles: (chunk index over all phases, tiles that arrive at its
+    counter, its first slot over all phases, its slot count). A phase of slots_ph slots has cdiv(slots_ph, CHUNK)
+    chunks whatever BLOCK_M (cdiv(tiles_ph, PROGS) is that too): the level-2 layout does not depend on the config."""
+    local = tile // PROGS
+    chunk = phase * tl.cdiv(slots_ph, CHUNK) + local
+    arrivals = tl.minimum(tiles_ph - local * PROGS, PROGS)
+    first = phase * slots_ph + local * CHUNK
+    count = tl.minimum(slots_ph - local * CHUNK, CHUNK)
+    return chunk, arrivals, first, count
+
+
+@triton.jit
+def sum_chunks_if_last(part_ptr, level2_ptr, slot_elems, K, sem_ptr, col, n_cols, n_chunks, chunk, arrivals, first,
+                       count, offs, mask, ROW0: tl.constexpr, ROW1: tl.constexpr, ROW2: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Two-level per-column totals of rows 0, 1, 2 (those asked for; row i at part_ptr + i*K in each slot of
+    `slot_elems` elements) for column block `col` (columns `offs`, `mask`ed). Each program arrives at its chunk's
+    counter (sem_ptr + n_cols + 1 + col * n_chunks + chunk; slot_chunk gives chunk, arrivals, first, count); the last
+    of the chunk sums its `count` slots from `first` (sum_slots, slot order), and, with more than one chunk, stores
+    them in level-2 slot `chunk` (level2_ptr, same slot layout) and arrives at the column block's counter
+    (sem_ptr + col), whose last program sums the n_chunks level-2 slots in chunk order. Counters reset by their last
+    programs. Returns (t0, t1, t2, final): `final` is true in the one program per column block holding the totals."""
+    t0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    csem = sem_ptr + n_cols + 1 + col * n_chunks + chunk
+    chunk_last = last_arrival(csem, arrivals)
+    final = chunk_last & (n_chunks == 1)
+    if chunk_last:
+        tl.store(csem, 0)
+        base = part_ptr + tl.cast(first, tl.int64) * slot_elems
+        if ROW0:
+            t0 = sum_slots(base, count, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+        if ROW1:
+            t1 = sum_slots(base + K, count, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+        if ROW2:
+            t2 = sum_slots(base + 2 * K, count, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+        if n_chunks > 1:
+            dst = level2_ptr + tl.cast(chunk, tl.int64) * slot_elems + offs
+            if ROW0:
+                tl.store(dst, t0, mask=mask)
+            if ROW1:
+                tl.store(dst + K, t1, mask=mask)
+            if ROW2:
+                tl.store(dst + 2 * K, t2, mask=mask)
+            final = last_arrival(sem_ptr + col, n_chunks)
+            if final:
+                tl.store(sem_ptr + col, 0)
+                if ROW0:
+                    t0 = sum_slots(level2_ptr, n_chunks, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+                if ROW1:
+                    t1 = sum_slots(level2_ptr + K, n_chunks, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+                if ROW2:
+                    t2 = sum_slots(level2_ptr + 2 * K, n_chunks, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+    return t0, t1, t2, final
+
 
 @triton.jit
 def sum_slots(part_ptr, n_slots, slot_elems, offs, mask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -12,11 +12,12 @@ The scale sums are formed centred on each tile's mean (sum_centred): sum g (y - 
 weight gradient, sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's sum g (y - mean).
 
 Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
-per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual]; in the same launch the last M tile of each
-column block to arrive at its counter (_common.last_arrival, counters from _common.stream_counters, reset by that
-program) sums its columns' slots in slot order (deterministic, no atomics on values) into the needed sums, each a
-tensor of its own; every slot is written (store_part), so the buffer needs no zeroing. Launches: the apply, one
-kernel; its backward, one; no other device work.
+per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual]; in the same launch they are summed in two
+levels (_common.sum_chunks_if_last): the last M tile of each chunk of CHUNK_SLOTS slots to arrive at its counter
+(_common.last_arrival, counters from _common.stream_counters, reset by their last programs) sums the chunk, the last
+chunk of each column block sums the chunks' totals, in fixed orders (deterministic, no atomics on values), into the
+needed sums, each a tensor of its own; every slot is written (store_part), so the buffer needs no zeroing. Launches:
+the apply, one kernel; its backward, one; no other device work.
 Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
 """
 
@@ -28,10 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv, channels_last_strides,
-                      check_4d, check_activation_dtype, check_same_device, check_shape, check_vector, dummy,
-                      empty_channels_last, last_arrival, nhwc_tile, pow2_tile, store_part, stream_counters, strides4,
-                      sum_slots, tensor_key, tile_offsets)
+from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
+                      channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
+                      check_vector, chunk_counters, dummy, empty_channels_last, nhwc_tile, pow2_tile, slot_chunk,
+                      slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tensor_key,
+                      tile_offsets)
 
 
 # Spatial sizes do not help code generation: not specialised on (strides and K are).
@@ -115,12 +117,14 @@ def _bn_apply_bwd_kernel(
     rscale_ptr,     # (K,) residual_scale, contiguous, or unused
     dy_ptr,         # out: dy, any strides, or unused
     dres_ptr,       # out: d_residual, any strides, or unused
-    part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g*y, sum g, sum g*residual], all written
+    part_ptr,       # out: (cdiv(M, PART_M) + chunks, 3, K) fp32 [sum g*y, sum g, sum g*residual]: every slot
+                    # written, then the chunks' level-2 slots (slot_chunks)
     dscale_ptr,     # out: (K,) fp32 d_scale = sum g*y (SUM_GY), or unused
     dshift_ptr,     # out: (K,) fp32 d_shift = sum g (SUM_G), or unused
     drscale_ptr,    # out: (K,) fp32 d_residual_scale = sum g*residual (SUM_GR), or unused
     drshift_ptr,    # out: (K,) fp32 d_residual_shift = sum g (SUM_G_RES), or unused
-    sem_ptr,        # (column blocks,) int32 counters, 0 at launch, left at 0 (SUMS), or unused
+    sem_ptr,        # (chunk_counters(column blocks, chunks),) int32 counters, 0 at launch, left at 0 (SUMS), or
+                    # unused
     K, H, W, M,                  # channels, height, width, M = N*H*W
     sgn, sgc, sgh, sgw,          # grad_out strides
     son, soc, soh, sow,          # out strides
@@ -135,6 +139,7 @@ def _bn_apply_bwd_kernel(
     PART_M: tl.constexpr,        # rows per partial-sum slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the reduction (REDUCE_SLOTS)
+    CHUNK: tl.constexpr,         # slots per chunk of the two-level reduction (CHUNK_SLOTS)
 ):
     pid_m = tl.program_id(0)
     offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(pid_m, tl.program_id(1), M, K, H, W, BLOCK_M, BLOCK_K)
@@ -172,33 +177,34 @@ def _bn_apply_bwd_kernel(
         store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
     if SUMS:
         _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, K, M, SUM_GY, SUM_G,
-                      SUM_GR, SUM_G_RES, PART_M, BLOCK_S, BLOCK_K)
+                      SUM_GR, SUM_G_RES, PART_M, BLOCK_S, BLOCK_K, CHUNK)
 
 
 @triton.jit(noinline=True)
 def _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, K, M, SUM_GY: tl.constexpr,
                   SUM_G: tl.constexpr, SUM_GR: tl.constexpr, SUM_G_RES: tl.constexpr, PART_M: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    """In the last M tile of this column block to arrive: d_scale, d_shift, d_residual_scale, d_residual_shift of
-    its columns from the (cdiv(M, PART_M), 3, K) partials (those asked for), then the counter reset to 0."""
+                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """d_scale, d_shift, d_residual_scale, d_residual_shift of this column block from the (cdiv(M, PART_M), 3, K)
+    partials (those asked for), in two levels (sum_chunks_if_last: the last tile of each chunk of CHUNK slots, then
+    the last chunk; the level-2 slots after the slots), written by the last program; counters left at 0."""
     pid_k = tl.program_id(1)
-    if last_arrival(sem_ptr + pid_k, tl.num_programs(0)):
-        offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        n_slots = tl.cdiv(M, PART_M)
+    offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    n_slots = tl.cdiv(M, PART_M)
+    chunk, arrivals, first, count = slot_chunk(tl.program_id(0), tl.num_programs(0), 0, n_slots, CHUNK, CHUNK)
+    level2 = part_ptr + tl.cast(n_slots, tl.int64) * 3 * K
+    t_gy, t_g, t_gr, final = sum_chunks_if_last(part_ptr, level2, 3 * K, K, sem_ptr, pid_k, tl.num_programs(1),
+                                                tl.cdiv(n_slots, CHUNK), chunk, arrivals, first, count, offs, mask,
+                                                SUM_GY, SUM_G or SUM_G_RES, SUM_GR, BLOCK_S, BLOCK_K)
+    if final:
         if SUM_GY:
-            total = sum_slots(part_ptr, n_slots, 3 * K, offs, mask, BLOCK_S, BLOCK_K)
-            tl.store(dscale_ptr + offs, total, mask=mask)
-        if SUM_G or SUM_G_RES:
-            total = sum_slots(part_ptr + K, n_slots, 3 * K, offs, mask, BLOCK_S, BLOCK_K)
-            if SUM_G:
-                tl.store(dshift_ptr + offs, total, mask=mask)
-            if SUM_G_RES:
-                tl.store(drshift_ptr + offs, total, mask=mask)
+            tl.store(dscale_ptr + offs, t_gy, mask=mask)
+        if SUM_G:
+            tl.store(dshift_ptr + offs, t_g, mask=mask)
+        if SUM_G_RES:
+            tl.store(drshift_ptr + offs, t_g, mask=mask)
         if SUM_GR:
-            total = sum_slots(part_ptr + 2 * K, n_slots, 3 * K, offs, mask, BLOCK_S, BLOCK_K)
-            tl.store(drscale_ptr + offs, total, mask=mask)
-        tl.store(sem_ptr + pid_k, 0)
+            tl.store(drscale_ptr + offs, t_gr, mask=mask)
 
 
 def _tiles(K: int, tiles: Optional[dict]) -> tuple[int, int]:
@@ -342,8 +348,8 @@ def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, resi
 class _ApplyBwdPlan:
     """bn_apply_backward's launch from its arguments' metadata (LaunchPlans); see _ApplyPlan."""
 
-    __slots__ = ("shape", "res_shape", "M", "needs", "sums", "n_cols", "part_shape", "grid", "scalars", "meta",
-                 "cast")
+    __slots__ = ("shape", "res_shape", "M", "needs", "sums", "n_cols", "n_sems", "part_shape", "grid", "scalars",
+                 "meta", "cast")
 
     def __init__(self, grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out, needs_grad,
                  tiles):
@@ -362,8 +368,10 @@ class _ApplyBwdPlan:
         self.res_shape = tuple(residual.shape) if has_res else None
         block_m, block_k = _tiles(K, tiles)
         self.n_cols = cdiv(K, block_k)
-        # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part).
-        self.part_shape = (cdiv(self.M, block_m), 3, K)
+        # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part), then the chunks'.
+        slots = cdiv(self.M, block_m)
+        self.n_sems = chunk_counters(self.n_cols, slot_chunks(slots))
+        self.part_shape = (slots + slot_chunks(slots), 3, K)
         self.grid = (cdiv(self.M, block_m), self.n_cols)
         cl = channels_last_strides(y.shape)
         self.scalars = (K, H, W, self.M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y),
@@ -372,7 +380,7 @@ class _ApplyBwdPlan:
         self.meta = dict(RELU=bool(relu), HAS_RSCALE=has_rscale, STORE_DY=need_y, SUM_GY=need_scale,
                          STORE_DRES=need_res, SUM_GR=need_rscale, SUM_G=need_shift, SUM_G_RES=need_rshift,
                          SUMS=any(self.sums), PART_M=block_m, BLOCK_M=block_m, BLOCK_K=block_k,
-                         BLOCK_S=REDUCE_SLOTS)
+                         BLOCK_S=REDUCE_SLOTS, CHUNK=CHUNK_SLOTS)
         self.cast = not (_is_vec32(scale) and (not has_rscale or _is_vec32(residual_scale)))
 
 
@@ -414,7 +422,7 @@ def _run_apply_bwd(plan: _ApplyBwdPlan, grad_out, y, scale, shift, residual, res
     if plan.M * K == 0:  # an empty input launches nothing
         return result
     unused = dummy(device)
-    sems = stream_counters(plan.n_cols, device) if any(plan.sums) else dummy(device, torch.int32)
+    sems = stream_counters(plan.n_sems, device) if any(plan.sums) else dummy(device, torch.int32)
     rscale = residual_scale if plan.meta["HAS_RSCALE"] else unused
     if plan.cast:
         scale, rscale = _vec32(scale), _vec32(rscale)

@@ -79,11 +79,12 @@ import triton
 import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
-from ._common import (INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv,
-                      channels_last_strides, check_4d, check_same_device, check_shape, check_vector, dot_precision,
-                      dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides,
-                      last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, store_part,
-                      stream_counters, strides4, sum_slots, tensor_key, tile_offsets, upcast_bf16)
+from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv,
+                      channels_last_strides, check_4d, check_same_device, check_shape, check_vector, chunk_counters,
+                      dot_precision, dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
+                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots,
+                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tensor_key,
+                      tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -223,11 +224,13 @@ def _conv_dgrad_kernel(
     gys_ptr,        # GACC_ON_LOAD: (K,) fp32 contiguous, grad_y's per-channel factor on load (cached ones when
                     # absent: one flag fewer, one compile fewer per layer kind); else unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused; TAIL: the tail's masked gradient g
-    part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M), 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], or unused;
-                    # TAIL: (.., 2 or 3, C) [sum g*y_t, sum g(, sum g*residual)]
+    part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M) + chunks, 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], then
+                    # the chunks' level-2 slots (slot_chunks), or unused; TAIL: (.., 2 or 3, C) [sum g*y_t, sum g(,
+                    # sum g*residual)]
     dscale_ptr,     # out: (C,) d_in_scale = the total of the first sum (STATS; TAIL: d_scale of the tail), or unused
     dshift_ptr,     # out: (C,) d_in_shift = the total of the second sum (STATS; TAIL: d_shift of the tail), or unused
-    sem_ptr,        # (groups * column blocks,) int32 counters, 0 at launch (STATS or TAIL), or unused
+    sem_ptr,        # (chunk_counters(groups * column blocks, chunks),) int32 counters, 0 at launch (STATS or TAIL),
+                    # or unused
     side_ptr,       # TAIL_SIDE: the gradient of x from elsewhere (N, C, H, W), any strides; else unused
     yt_ptr,         # TAIL: the tail's y (N, C, H, W), any strides; else unused
     res_ptr,        # TAIL_RES_SUM: the tail's residual (N, C, H, W), any strides; else unused
@@ -264,7 +267,8 @@ def _conv_dgrad_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,       # slots per step of the last program's reduction
+    BLOCK_S: tl.constexpr,       # slots per step of the sums' reduction
+    CHUNK: tl.constexpr,         # slots per chunk of the sums' two-level reduction (CHUNK_SLOTS)
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -408,13 +412,11 @@ def _conv_dgrad_kernel(
         tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
                  gm.to(dx_ptr.dtype.element_ty), mask=mask)
     if (PROLOGUE and STATS) or TAIL:
-        # The last M tile of this column block sums every slot, in slot order, and resets the counter (after the
-        # dx store: the accumulator is dead, its registers free for the reduction).
-        if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
-            _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, drs_ptr, grp * C_g + pid_n * BLOCK_N,
-                                 tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N),
-                                 STRIDE_H * STRIDE_W * tl.cdiv(M_PH, PART_M), C, TAIL_RES_SUM, BLOCK_S, BLOCK_N)
-            tl.store(sem_ptr + pid_gn, 0)
+        # Two-level sums of the slots (after the dx store: the accumulator is dead, its registers free for them).
+        _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, drs_ptr, sem_ptr, grp * C_g + pid_n * BLOCK_N,
+                             tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N), tile, tiles_ph, phase,
+                             tl.cdiv(M_PH, PART_M), STRIDE_H * STRIDE_W, C, TAIL_RES_SUM, PART_M, BLOCK_M, BLOCK_S,
+                             BLOCK_N, CHUNK)
 
 
 @triton.jit
@@ -433,22 +435,28 @@ def _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, h, w, c, mask_m, mask_c,
 
 
 @triton.jit(noinline=True)
-def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, c0, n_cols, n_slots, C,
-                         THIRD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, sem_ptr, c0, n_cols, tile, tiles_ph, phase,
+                         slots_ph, phases, C, THIRD: tl.constexpr, PART_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """d_in_scale, d_in_shift (the tail's d_scale, d_shift; THIRD: and d_residual_scale) of columns c0 .. c0 +
-    n_cols - 1 from the (n_slots, 2 or 3, C) partials (a function of its own: its registers do not add to the
-    GEMM's)."""
+    n_cols - 1 from the (phases * slots_ph, 2 or 3, C) partials, in two levels (sum_chunks_if_last: chunks of CHUNK
+    slots within each stride phase, then the chunks; level-2 slots after the slots), written by the last program (a
+    function of its own: its registers do not add to the GEMM's)."""
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n_cols
     c = c0 + offs
     n_sums = 3 if THIRD else 2
-    d_scale = sum_slots(part_ptr, n_slots, n_sums * C, c, mask, BLOCK_S, BLOCK_N)
-    tl.store(dscale_ptr + c, d_scale.to(dscale_ptr.dtype.element_ty), mask=mask)
-    d_shift = sum_slots(part_ptr + C, n_slots, n_sums * C, c, mask, BLOCK_S, BLOCK_N)
-    tl.store(dshift_ptr + c, d_shift.to(dshift_ptr.dtype.element_ty), mask=mask)
-    if THIRD:
-        third = sum_slots(part_ptr + 2 * C, n_slots, n_sums * C, c, mask, BLOCK_S, BLOCK_N)
-        tl.store(third_ptr + c, third.to(third_ptr.dtype.element_ty), mask=mask)
+    chunk, arrivals, first, count = slot_chunk(tile, tiles_ph, phase, slots_ph, CHUNK * PART_M // BLOCK_M, CHUNK)
+    level2 = part_ptr + tl.cast(phases * slots_ph, tl.int64) * n_sums * C
+    d_scale, d_shift, third, final = sum_chunks_if_last(
+        part_ptr, level2, n_sums * C, C, sem_ptr, tl.program_id(1), tl.num_programs(1),
+        phases * tl.cdiv(slots_ph, CHUNK), chunk, arrivals, first, count, c, mask, True, True, THIRD, BLOCK_S,
+        BLOCK_N)
+    if final:
+        tl.store(dscale_ptr + c, d_scale.to(dscale_ptr.dtype.element_ty), mask=mask)
+        tl.store(dshift_ptr + c, d_shift.to(dshift_ptr.dtype.element_ty), mask=mask)
+        if THIRD:
+            tl.store(third_ptr + c, third.to(third_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -794,9 +802,7 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     """_dgrad's launch configuration (metadata only); `g_strides`: g_acc's strides when g_acc is not yet made;
     `tail`: the TAIL epilogue (needs no prologue and need_dx: g is stored at dx)."""
     M = geo.N * geo.H * geo.W
-    tile_m = _tile_m(tiles)
-    tiles_m = {"BLOCK_M": tile_m} if tile_m else None
-    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
+    tiles_m, part_m, slots_ph = _dgrad_slots(geo, tiles)
     prologue = has_prologue(in_scale, in_shift, in_relu)
     if tail is not None and (prologue or not need_dx):
         raise ValueError("triton dgrad: a tail epilogue needs an input without a prologue, and its g stored")
@@ -832,9 +838,10 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
                 TAIL_RES_SUM=res is not None, TAIL_BITS=tail is not None and tail.relu and tail.bits is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
-                BLOCK_C=block_c if recompute else 16)
+                BLOCK_C=block_c if recompute else 16, CHUNK=CHUNK_SLOTS)
     n_sums = (3 if res is not None else 2) if tail is not None else 2
-    part = (phases * cdiv(m_ph, part_m), n_sums, geo.C) if need_stats or tail is not None else None
+    part = ((phases * slots_ph + slot_chunks(slots_ph, phases), n_sums, geo.C) if need_stats or tail is not None
+            else None)
     return _GemmLaunch(grid, scalars, meta, tiles_m, part)
 
 
@@ -842,7 +849,7 @@ def _dgrad(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeometry, nee
            meta: dict, sems: Tensor, tiles: Optional[dict], on_load: Optional[GaccOnLoad] = None,
            launch_config: Optional[_GemmLaunch] = None, tail: Optional[TailBwd] = None):
     """Returns (dx channels_last in x.dtype or None, (d_in_scale, d_in_shift) or None). With the prologue sums, the
-    first groups * cdiv(C_g, BLOCK_N) counters of `sems` must be 0 (zeroed by the epilogue kernel, or persistent
+    first _dgrad_counters counters of `sems` must be 0 (zeroed by the epilogue kernel, or persistent
     stream_counters). With `on_load`, `g_acc` is grad_y and g_acc is formed on load (GaccOnLoad). `launch_config`:
     _dgrad_launch's for these arguments (a memoised plan), else made here. With `tail` (TailBwd): (the tail's g in
     place of dx, (d_scale_t, d_shift_t, d_residual_scale_t or None)), fp32 sums, the counters as the prologue's."""
@@ -971,6 +978,24 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
     return dw
 
 
+def _dgrad_slots(geo: ConvGeometry, tiles: Optional[dict]) -> tuple[Optional[dict], int, int]:
+    """(explicit BLOCK_M tile or None, PART_M, slots per stride phase) of the dgrad's partial sums: each of the
+    sh * sw phases owns cdiv(M_PH, PART_M) slots, M_PH = N * cdiv(H, sh) * cdiv(W, sw) (the largest phase's rows)."""
+    tile_m = _tile_m(tiles)
+    tiles_m = {"BLOCK_M": tile_m} if tile_m else None
+    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
+    (sh, sw) = geo.stride
+    return tiles_m, part_m, cdiv(geo.N * cdiv(geo.H, sh) * cdiv(geo.W, sw), part_m)
+
+
+def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int:
+    """Counters of the dgrad's two-level sums: chunk_counters over its column blocks and its stride phases'
+    chunks."""
+    slots_ph = _dgrad_slots(geo, tiles)[2]
+    return chunk_counters(geo.groups * cdiv(geo.C_g, meta["BLOCK_N"]), slot_chunks(slots_ph, geo.stride[0]
+                                                                                   * geo.stride[1]))
+
+
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
                 tiles: Optional[dict], tail: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
     """(wgrad plan or None, dgrad meta or None, first wgrad counter, counters in all). The counters of the in-kernel
@@ -979,7 +1004,7 @@ def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums:
     wplan = _wgrad_plan(geo, tiles) if need_w else None
     dmeta = _dgrad_meta(geo, tiles) if need_dgrad else None
     dgrad_sums = need_dgrad and (tail or (need_in_sums and has_prologue(in_scale, in_shift, in_relu)))
-    n_dsem = geo.groups * cdiv(geo.C_g, dmeta["BLOCK_N"]) if dgrad_sums else 0
+    n_dsem = _dgrad_counters(geo, dmeta, tiles) if dgrad_sums else 0
     w_first = cdiv(n_dsem, 4) * 4
     return wplan, dmeta, w_first, w_first + (wplan.counters if wplan is not None else 0)
 

@@ -20,12 +20,15 @@ NHWC gives contiguous loads along c and k). The output is channels_last.
 Statistics are stable and deterministic. Each M tile computes, from its fp32 accumulator in registers, its
 count c_t of valid rows, mean_t and M2_t = sum (acc - mean_t)^2 over those rows (two passes: the mean, then
 the deviations, whose own sum also corrects the mean's rounding; no cancellation), and writes
-[c_t, mean_t, M2_t] to its own slot of a (cdiv(M, PART_M), 3, K) fp32 buffer. In the same launch, the last M
-tile of each column block to finish (an int32 counter per column block, _common.last_arrival) merges that column
-block's slots with Chan et al.'s formula in a fixed order (no atomics on values), skipping slots of count 0:
+[c_t, mean_t, M2_t] to its own slot of a (cdiv(M, PART_M), 3, K) fp32 buffer. In the same launch the slots are
+merged in two levels with Chan et al.'s formula in fixed orders (no atomics on values), skipping slots of count 0:
     n = nA + nB,  d = meanB - meanA,  mean = meanA + d nB / n,  M2 = M2A + M2B + d^2 nA nB / n
-(BLOCK_S slots at once in its k-way form, the blocks folded in slot order: `_merge_slots`), and writes the (2, K)
-stats. The order does not depend on which program is last: the same bits whatever the completion order.
+(BLOCK_S slots at once in its k-way form, the blocks folded in slot order: `_merge_slots`): the last M tile of each
+chunk of CHUNK_SLOTS slots to finish (an int32 counter per chunk and column block, _common.last_arrival) merges the
+chunk into a level-2 slot after the slots, and the last chunk of each column block merges those in chunk order and
+writes the (2, K) stats (one chunk: its merge is the stats). The order does not depend on which program is last:
+the same bits whatever the completion order. (One program merging all slots of its column block, as before, was a
+serial tail of ~190 us at batch 128 on an H100.)
 The buffer's layout does not depend on the autotune config and every config writes all of it (store_part: a
 program's first slot gets its values, its other slots zeros, i.e. count 0), so autotune trials leave nothing
 stale and the buffer needs no zeroing; each trial merges again and the last run (the winning config's) writes the
@@ -54,11 +57,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, capturing, cdiv,
+from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, capturing, cdiv,
                       channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, dot_precision, dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, krsc,
-                      krsc_strides, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile, store_part,
-                      stream_counters, strides4, tensor_key, upcast_bf16)
+                      check_vector, chunk_counters, dot_precision, dummy, empty_channels_last, gpu_tile_k,
+                      gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile,
+                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -143,9 +146,11 @@ def _conv_fwd_kernel(
     out_shift_ptr,  # (K,) epilogue shift (contiguous) or unused
     res_ptr,        # residual (N, K, P, Q), any strides, or unused
     y_ptr,          # output (N, K, P, Q), any strides; its element type is the stored dtype
-    part_ptr,       # (cdiv(M, PART_M), 3, K) fp32 contiguous per-slot [count, mean, M2], or unused
+    part_ptr,       # (cdiv(M, PART_M) + chunks, 3, K) fp32 contiguous per-slot [count, mean, M2], then the
+                    # chunks' level-2 slots (slot_chunks), or unused
     stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2] (STATS), or unused
-    sem_ptr,        # (groups * column blocks (+ 1 with FINALIZE),) int32 counters, 0 at launch, left at 0 (STATS)
+    sem_ptr,        # (chunk_counters(groups * column blocks, chunks),) int32 counters, 0 at launch, left at 0
+                    # (STATS): the column blocks', FINALIZE's num_batches_tracked one, the chunks'
     bn_w_ptr,       # (K,) BN weight (gamma; cached ones when absent), contiguous (FINALIZE), or unused
     bn_b_ptr,       # (K,) BN bias (beta; cached zeros when absent), contiguous (FINALIZE), or unused
     scale_ptr,      # out: (K,) fp32 contiguous BN scale (FINALIZE), or unused
@@ -176,6 +181,7 @@ def _conv_fwd_kernel(
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
+    CHUNK: tl.constexpr,         # slots per chunk of the two-level merge (CHUNK_SLOTS)
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -262,7 +268,7 @@ def _conv_fwd_kernel(
     if STATS:  # after the y store: the accumulator is dead, its registers free for the merge
         _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
                        nbt_ptr, K, K_g, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative, FINALIZE,
-                       PART_M, BLOCK_S, BLOCK_N)
+                       PART_M, BLOCK_M, BLOCK_S, BLOCK_N, CHUNK)
 
 
 @triton.jit
@@ -279,8 +285,8 @@ def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @triton.jit
 def _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, m2) of columns `offs_k` (BLOCK_K of them, `mask_k`ed) from the (n_slots, 3, K) fp32 contiguous per-slot
-    [count, mean, M2]. Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's formula,
+    """(count, mean, m2) of columns `offs_k` (BLOCK_K of them, `mask_k`ed) from the (n_slots, 3, K) fp32 contiguous
+    per-slot [count, mean, M2]. Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's formula,
     two passes over the registers (n_b = sum c, mean_b = sum c mean / n_b plus its rounding corrected with the
     deviations, M2_b = sum M2 + c (mean - mean_b)^2: no cancellation), then folds (n_b, mean_b, M2_b) into the
     running total with the pairwise formula, steps in slot order. Slots of count 0 (and the masked tail) are skipped,
@@ -304,56 +310,91 @@ def _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S: tl.constexpr, BL
         dev = mu - mean_b[None, :]
         m2_b = tl.sum(tl.where(used, q + c * dev * dev, 0.0), axis=0)
         n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
-    return mean, m2
+    return n, mean, m2
 
 
 @triton.jit(noinline=True)
 def _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
                    nbt_ptr, K, K_g, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative,
-                   FINALIZE: tl.constexpr, PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
-    """In the last M tile of this program's column block to arrive at its counter: stats[:, columns of the block]
-    from the (cdiv(M, PART_M), 3, K) partials, in slot order, then the counter reset to 0. A function of its own,
-    counter included: its registers do not add to the GEMM's (inlined, or with the counter in the kernel, the
+                   FINALIZE: tl.constexpr, PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """stats[:, columns of this program's column block] from the (cdiv(M, PART_M), 3, K) partials, merged in two
+    levels: the last M tile of each chunk of CHUNK slots to arrive at the chunk's counter merges the chunk's slots
+    (_merge_slots, slot order) and, with more than one chunk, stores [count, mean, M2] in the chunk's level-2 slot
+    (after the slots) and arrives at the column block's counter, whose last program merges the level-2 slots in chunk
+    order (the same bits whichever program is last); counters reset by their last programs. A function of its own,
+    counters included: its registers do not add to the GEMM's (inlined, or with the counter in the kernel, the
     4-warp 128-column config spilled ~200 bytes more for sm_90 with Triton 3.9's ptxas; as it is, ~16).
 
-    FINALIZE: then BN's finalize of the same columns from the merged (mean, m2) still in registers (bn_finalize's
+    FINALIZE: then, in the program holding the merged (mean, m2), BN's finalize of the same columns (bn_finalize's
     `finalize_channels`). num_batches_tracked is bumped once per launch: each finalizing program reads it (for
     f = 1 / (nbt + 1) when cumulative) BEFORE it arrives at a second counter, sem[column blocks]; the last to arrive
     there, after every other finalizer has read it (acq_rel), stores nbt + 1 and resets that counter."""
     pid_gn = tl.program_id(1)
-    if last_arrival(sem_ptr + pid_gn, tl.num_programs(0)):
-        num_n = tl.cdiv(K_g, BLOCK_N)
-        offs = (pid_gn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = offs < K_g
-        k = (pid_gn // num_n) * K_g + offs
-        mean, m2 = _merge_slots(part_ptr, tl.cdiv(M, PART_M), K, k, mask, BLOCK_S, BLOCK_N)
+    n_cols = tl.num_programs(1)
+    num_n = tl.cdiv(K_g, BLOCK_N)
+    offs = (pid_gn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < K_g
+    k = (pid_gn // num_n) * K_g + offs
+    n_slots = tl.cdiv(M, PART_M)
+    n_chunks = tl.cdiv(n_slots, CHUNK)
+    chunk, arrivals, first, n_in = slot_chunk(tl.program_id(0), tl.num_programs(0), 0, n_slots,
+                                              CHUNK * PART_M // BLOCK_M, CHUNK)
+    csem = sem_ptr + n_cols + 1 + pid_gn * n_chunks + chunk
+    chunk_last = last_arrival(csem, arrivals)
+    final = chunk_last & (n_chunks == 1)
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if chunk_last:
+        tl.store(csem, 0)
+        n, mean, m2 = _merge_slots(part_ptr + tl.cast(first, tl.int64) * 3 * K, n_in, K, k, mask, BLOCK_S, BLOCK_N)
+        if n_chunks > 1:
+            level2 = part_ptr + tl.cast(n_slots, tl.int64) * 3 * K
+            dst = level2 + tl.cast(chunk, tl.int64) * 3 * K + k
+            tl.store(dst, n, mask=mask)
+            tl.store(dst + K, mean, mask=mask)
+            tl.store(dst + 2 * K, m2, mask=mask)
+            final = last_arrival(sem_ptr + pid_gn, n_chunks)
+            if final:
+                tl.store(sem_ptr + pid_gn, 0)
+                _, mean, m2 = _merge_slots(level2, n_chunks, K, k, mask, BLOCK_S, BLOCK_N)
+    if final:
         tl.store(stats_ptr + k, mean, mask=mask)
         tl.store(stats_ptr + K + k, m2, mask=mask)
-        tl.store(sem_ptr + pid_gn, 0)
         if FINALIZE:
             nbt = tl.load(nbt_ptr) + 1   # the count after this launch's bump (an int64 dummy's 0 when absent)
             finalize_channels(mean, m2, k, mask, count, eps, running_factor(nbt, momentum, cumulative), bn_w_ptr, 1,
                               bn_b_ptr, 1, scale_ptr, shift_ptr, rmean_ptr, srm, rvar_ptr, srv, 1, running)
             if has_nbt != 0:
-                n_cols = tl.num_programs(1)
                 if last_arrival(sem_ptr + n_cols, n_cols):
                     tl.store(nbt_ptr, nbt)
                     tl.store(sem_ptr + n_cols, 0)
 
 
-@triton.jit(do_not_specialize=["K", "n_slots"])
+@triton.jit(do_not_specialize=["K", "n_slots", "group"])
 def _stats_merge_kernel(
     part_ptr,       # (n_slots, 3, K) fp32 contiguous per-slot [count, mean, M2]
-    stats_ptr,      # out: (2, K) fp32 contiguous [mean, m2]
+    out_ptr,        # out: COUNTS: (groups, 3, K) fp32 contiguous [count, mean, M2]; else (2, K) [mean, m2]
     K, n_slots,     # channels, slots
+    group,          # slots per program along axis 1
     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,   # slots per step, channels per program
+    COUNTS: tl.constexpr,
 ):
-    """The merge of `_conv_fwd_kernel`'s last programs in a launch of its own, parallel over channels."""
+    """The merge of `_conv_fwd_kernel`'s merging programs in a launch of its own, parallel over channels (axis 0)
+    and groups of slots (axis 1: slots g*group .. (g+1)*group - 1 of program g, as conv_fwd's chunks)."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    mean, m2 = _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S, BLOCK_K)
-    tl.store(stats_ptr + offs_k, mean, mask=mask_k)
-    tl.store(stats_ptr + K + offs_k, m2, mask=mask_k)
+    first = tl.program_id(1) * group
+    n, mean, m2 = _merge_slots(part_ptr + tl.cast(first, tl.int64) * 3 * K, tl.minimum(n_slots - first, group), K,
+                               offs_k, mask_k, BLOCK_S, BLOCK_K)
+    if COUNTS:
+        dst = out_ptr + tl.cast(tl.program_id(1), tl.int64) * 3 * K + offs_k
+        tl.store(dst, n, mask=mask_k)
+        tl.store(dst + K, mean, mask=mask_k)
+        tl.store(dst + 2 * K, m2, mask=mask_k)
+    else:
+        tl.store(out_ptr + offs_k, mean, mask=mask_k)
+        tl.store(out_ptr + K + offs_k, m2, mask=mask_k)
 
 
 # The separate merge: one config for every layer (one compile). Under the interpreter, one program and one step.
@@ -361,13 +402,14 @@ _MERGE_BLOCKS = dict(BLOCK_S=128, BLOCK_K=32)
 
 
 def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[int] = None,
-                num_warps: int = 4) -> Tensor:
-    """(2, K) [mean, m2] from (slots, 3, K) per-slot [count, mean, M2] partials: one launch (zeros for 0 slots).
-    Not on conv_fwd's path (its kernel merges in place); for tests and tools. `block_s` (slots per step) sets the
-    rounding: with MERGE_SLOTS it gives conv_fwd's stats of the same partials bit for bit. On a GPU the order of
-    the sums within a step also follows the register layout: the same with block_k = the conv's BLOCK_N, its
-    num_warps and K not a multiple of 16 (the conv kernel specialises on K's divisibility and then vectorises the
-    merge's loads; this kernel does not)."""
+                num_warps: int = 4, chunk: Optional[int] = None) -> Tensor:
+    """(2, K) [mean, m2] from (slots, 3, K) per-slot [count, mean, M2] partials: one launch (zeros for 0 slots); with
+    `chunk`, in two levels as conv_fwd merges (chunks of `chunk` slots merged into (chunks, 3, K), then those: two
+    launches where there is more than one chunk). Not on conv_fwd's path (its kernel merges in place); for tests and
+    tools. `block_s` (slots per step) sets the rounding: with MERGE_SLOTS and chunk=CHUNK_SLOTS it gives conv_fwd's
+    stats of the same partials bit for bit. On a GPU the order of the sums within a step also follows the register
+    layout: the same with block_k = the conv's BLOCK_N, its num_warps and K not a multiple of 16 (the conv kernel
+    specialises on K's divisibility and then vectorises the merge's loads; this kernel does not)."""
     n_slots, _, K = part.shape
     if n_slots == 0:
         return torch.zeros((2, K), dtype=torch.float32, device=part.device)
@@ -378,7 +420,13 @@ def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[i
         blocks["BLOCK_S"] = int(block_s)
     if block_k is not None:
         blocks["BLOCK_K"] = int(block_k)
-    _stats_merge_kernel[(cdiv(K, blocks["BLOCK_K"]),)](part, stats, K, n_slots, **blocks, num_warps=num_warps)
+    cols = cdiv(K, blocks["BLOCK_K"])
+    if chunk is not None and n_slots > chunk:
+        level2 = torch.empty((cdiv(n_slots, chunk), 3, K), dtype=torch.float32, device=part.device)
+        _stats_merge_kernel[(cols, level2.shape[0])](part, level2, K, n_slots, int(chunk), **blocks, COUNTS=True,
+                                                     num_warps=num_warps)
+        part, n_slots = level2, level2.shape[0]
+    _stats_merge_kernel[(cols, 1)](part, stats, K, n_slots, n_slots, **blocks, COUNTS=False, num_warps=num_warps)
     return stats
 
 
@@ -489,8 +537,8 @@ class _FwdPlan:
     prologue: bool
     epilogue: bool
     compute_stats: bool
-    part_shape: tuple  # the statistics' per-slot partials
-    n_sems: int  # counters: the column blocks' merges (+ FINALIZE's num_batches_tracked)
+    part_shape: tuple  # the statistics' per-slot partials, then the chunks' level-2 slots
+    n_sems: int  # counters: the column blocks', FINALIZE's num_batches_tracked one, the chunks'
     grid: Callable
     scalars: tuple  # every integer / float argument, in the kernel's order
     meta: dict  # constexprs
@@ -544,9 +592,10 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
                 FINALIZE=finalize is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m,
-                BLOCK_S=MERGE_SLOTS)
+                BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
+    slots = cdiv(M, part_m)
     return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),
-                    (cdiv(M, part_m), 3, geo.K), n_cols + (finalize is not None),
+                    (slots + slot_chunks(slots), 3, geo.K), chunk_counters(n_cols, slot_chunks(slots)),
                     lambda m: (cdiv(M, m["BLOCK_M"]), n_cols), scalars, meta, tiles_m)
 
 
@@ -600,7 +649,7 @@ def _run_fwd(plan: _FwdPlan, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
             raise ValueError(f"partials must be a contiguous fp32 tensor of shape {plan.part_shape} on {device}, "
                              f"got {part.dtype} {tuple(part.shape)} on {part.device}")
         stats = torch.empty(2, geo.K, dtype=torch.float32, device=device)  # every element written
-        sems = stream_counters(plan.n_sems, device)  # [n_cols]: FINALIZE's nbt counter
+        sems = stream_counters(plan.n_sems, device)  # chunk_counters: [n_cols] is FINALIZE's nbt counter
     weight, _ = krsc(weight)
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
             x if residual is None else residual, y, part, stats, sems, *_finalize_ptrs(finalize, geo.K, x),
