@@ -362,7 +362,7 @@ def affine_pair(scale: Optional[Tensor], shift: Optional[Tensor], length: int, l
 # ---------------------------------------------------------------------------------------------------------------
 # Reductions of per-slot partial sums, inside the kernels: deterministic (fixed order), no atomics on values.
 # ---------------------------------------------------------------------------------------------------------------
-REDUCE_SLOTS = 32  # slots summed per step by sum_slots (a constexpr: one value, one compile)
+REDUCE_SLOTS = 32  # slots summed per step by sum_slot_rows (a constexpr: one value, one compile)
 
 # Two-level reductions. A launch's per-column totals over thousands of slots (batch 128: 2048-4096) were summed by one
 # program per column block, slot block after slot block: a serial tail of ~0.9 us a step on one SM while the others
@@ -402,13 +402,43 @@ def slot_chunk(tile, tiles_ph, phase, slots_ph, PROGS: tl.constexpr, CHUNK: tl.c
 
 
 @triton.jit
+def sum_slot_rows(part_ptr, n_slots, slot_elems, K, offs, mask, ROW0: tl.constexpr, ROW1: tl.constexpr,
+                  ROW2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per column `offs` (BLOCK_C of them, `mask`ed), the fp32 sums over slots 0 .. n_slots-1 of rows 0, 1, 2 (those
+    asked for; row i at part_ptr + i*K of each slot, slot stride `slot_elems` elements; zeros for a row not asked
+    for): BLOCK_S slots per step, every row's loaded before any is summed (one memory latency a step, not one per
+    row), summed in registers, the steps in slot order. A fixed order whoever runs it: deterministic. The loads bypass
+    L1 (.cg): a program that arrived last (last_arrival) reads what the other programs of its launch wrote."""
+    t0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, n_slots, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        ptrs = part_ptr + (slots.to(tl.int64) * slot_elems)[:, None] + offs[None, :]
+        m = (slots < n_slots)[:, None] & mask[None, :]
+        if ROW0:
+            v0 = tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg")
+        if ROW1:
+            v1 = tl.load(ptrs + K, mask=m, other=0.0, cache_modifier=".cg")
+        if ROW2:
+            v2 = tl.load(ptrs + 2 * K, mask=m, other=0.0, cache_modifier=".cg")
+        if ROW0:
+            t0 += tl.sum(v0, axis=0)
+        if ROW1:
+            t1 += tl.sum(v1, axis=0)
+        if ROW2:
+            t2 += tl.sum(v2, axis=0)
+    return t0, t1, t2
+
+
+@triton.jit
 def sum_chunks_if_last(part_ptr, level2_ptr, slot_elems, K, sem_ptr, col, n_cols, n_chunks, chunk, arrivals, first,
                        count, offs, mask, ROW0: tl.constexpr, ROW1: tl.constexpr, ROW2: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Two-level per-column totals of rows 0, 1, 2 (those asked for; row i at part_ptr + i*K in each slot of
     `slot_elems` elements) for column block `col` (columns `offs`, `mask`ed). Each program arrives at its chunk's
     counter (sem_ptr + n_cols + 1 + col * n_chunks + chunk; slot_chunk gives chunk, arrivals, first, count); the last
-    of the chunk sums its `count` slots from `first` (sum_slots, slot order), and, with more than one chunk, stores
+    of the chunk sums its `count` slots from `first` (sum_slot_rows, slot order), and, with more than one chunk, stores
     them in level-2 slot `chunk` (level2_ptr, same slot layout) and arrives at the column block's counter
     (sem_ptr + col), whose last program sums the n_chunks level-2 slots in chunk order. Counters reset by their last
     programs. Returns (t0, t1, t2, final): `final` is true in the one program per column block holding the totals."""
@@ -420,13 +450,8 @@ def sum_chunks_if_last(part_ptr, level2_ptr, slot_elems, K, sem_ptr, col, n_cols
     final = chunk_last & (n_chunks == 1)
     if chunk_last:
         tl.store(csem, 0)
-        base = part_ptr + tl.cast(first, tl.int64) * slot_elems
-        if ROW0:
-            t0 = sum_slots(base, count, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
-        if ROW1:
-            t1 = sum_slots(base + K, count, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
-        if ROW2:
-            t2 = sum_slots(base + 2 * K, count, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+        t0, t1, t2 = sum_slot_rows(part_ptr + tl.cast(first, tl.int64) * slot_elems, count, slot_elems, K, offs, mask,
+                                   ROW0, ROW1, ROW2, BLOCK_S, BLOCK_C)
         if n_chunks > 1:
             dst = level2_ptr + tl.cast(chunk, tl.int64) * slot_elems + offs
             if ROW0:
@@ -438,28 +463,9 @@ def sum_chunks_if_last(part_ptr, level2_ptr, slot_elems, K, sem_ptr, col, n_cols
             final = last_arrival(sem_ptr + col, n_chunks)
             if final:
                 tl.store(sem_ptr + col, 0)
-                if ROW0:
-                    t0 = sum_slots(level2_ptr, n_chunks, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
-                if ROW1:
-                    t1 = sum_slots(level2_ptr + K, n_chunks, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
-                if ROW2:
-                    t2 = sum_slots(level2_ptr + 2 * K, n_chunks, slot_elems, offs, mask, BLOCK_S, BLOCK_C)
+                t0, t1, t2 = sum_slot_rows(level2_ptr, n_chunks, slot_elems, K, offs, mask, ROW0, ROW1, ROW2,
+                                           BLOCK_S, BLOCK_C)
     return t0, t1, t2, final
-
-
-@triton.jit
-def sum_slots(part_ptr, n_slots, slot_elems, offs, mask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per column `offs` (BLOCK_C of them, `mask`ed), the fp32 sum over slots 0 .. n_slots-1 of a partial-sum
-    buffer (slot stride `slot_elems` elements; `part_ptr` at this sum's slot 0): BLOCK_S slots per step summed in
-    registers, the steps in slot order. A fixed order whoever runs it: deterministic. The loads bypass L1 (.cg): a
-    last-arriving program (last_arrival) reads what the other programs of its launch wrote."""
-    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s0 in range(0, n_slots, BLOCK_S):
-        slots = s0 + tl.arange(0, BLOCK_S)
-        ptrs = part_ptr + (slots.to(tl.int64) * slot_elems)[:, None] + offs[None, :]
-        v = tl.load(ptrs, mask=(slots < n_slots)[:, None] & mask[None, :], other=0.0, cache_modifier=".cg")
-        total += tl.sum(v, axis=0)
-    return total
 
 
 @triton.jit
@@ -480,53 +486,70 @@ def last_arrival(sem_ptr, arrivals):
     when the first arrives; the last program resets it with tl.store(sem_ptr, 0) once done). The barrier orders
     every thread's earlier stores before the counter's release; the counter's acquire (and the barrier Triton
     places after a scalar atomic) orders the last program's later loads after every other program's stores.
-    Counting only: the values themselves are reduced in a fixed order (sum_slots), never with atomics."""
+    Counting only: the values themselves are reduced in a fixed order (sum_slot_rows), never with atomics."""
     tl.debug_barrier()
     return tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
 
 
-@triton.jit(do_not_specialize=["n_slots", "K", "rows", "src0", "src1", "src2", "src3"])
+@triton.jit(do_not_specialize=["n_slots", "K"])
 def _sum_slots_kernel(
-    part_ptr,       # (n_slots, rows, K) fp32 contiguous partial sums
-    out0_ptr, out1_ptr, out2_ptr, out3_ptr,   # out: (K,) contiguous, any float dtype, or unused
-    n_slots, K, rows,            # slots, channels, sums per slot
-    src0, src1, src2, src3,      # the row each output sums (-1: that output is not written)
-    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    part_ptr,       # (n_slots, rows, K) fp32 contiguous partial sums, then (chunks, rows, K) level-2 slots
+    out0_ptr, out1_ptr, out2_ptr,   # out: (K,) contiguous, any float dtype: the totals of rows 0, 1, 2 (or unused)
+    sem_ptr,        # (chunk_counters(column blocks, chunks),) int32 counters, 0 at launch, left at 0
+    n_slots, K,     # slots, channels
+    ROWS: tl.constexpr,          # rows per slot (<= 3)
+    OUT0: tl.constexpr, OUT1: tl.constexpr, OUT2: tl.constexpr,   # which rows' totals are written
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Up to four per-channel totals of a partial-sum buffer, each written in its output's dtype (zeros for 0
-    slots). Two outputs may sum the same row: each output is its own tensor (no aliasing)."""
-    offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Per-channel totals of rows of a partial-sum buffer, in two levels as the kernels' in-launch sums
+    (sum_chunks_if_last): program (column block, chunk) sums its chunk of CHUNK slots, the last chunk of a column
+    block the chunks' totals; each written in its output's dtype."""
+    col = tl.program_id(0)
+    offs = col * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K
-    if src0 >= 0:
-        tl.store(out0_ptr + offs, sum_slots(part_ptr + src0 * K, n_slots, rows * K, offs, mask, BLOCK_S,
-                                            BLOCK_K).to(out0_ptr.dtype.element_ty), mask=mask)
-    if src1 >= 0:
-        tl.store(out1_ptr + offs, sum_slots(part_ptr + src1 * K, n_slots, rows * K, offs, mask, BLOCK_S,
-                                            BLOCK_K).to(out1_ptr.dtype.element_ty), mask=mask)
-    if src2 >= 0:
-        tl.store(out2_ptr + offs, sum_slots(part_ptr + src2 * K, n_slots, rows * K, offs, mask, BLOCK_S,
-                                            BLOCK_K).to(out2_ptr.dtype.element_ty), mask=mask)
-    if src3 >= 0:
-        tl.store(out3_ptr + offs, sum_slots(part_ptr + src3 * K, n_slots, rows * K, offs, mask, BLOCK_S,
-                                            BLOCK_K).to(out3_ptr.dtype.element_ty), mask=mask)
+    chunk, arrivals, first, count = slot_chunk(tl.program_id(1), tl.num_programs(1), 0, n_slots, 1, CHUNK)
+    level2 = part_ptr + tl.cast(n_slots, tl.int64) * ROWS * K
+    t0, t1, t2, final = sum_chunks_if_last(part_ptr, level2, ROWS * K, K, sem_ptr, col, tl.num_programs(0),
+                                           tl.num_programs(1), chunk, arrivals, first, count, offs, mask, OUT0, OUT1,
+                                           OUT2, BLOCK_S, BLOCK_K)
+    if final:
+        if OUT0:
+            tl.store(out0_ptr + offs, t0.to(out0_ptr.dtype.element_ty), mask=mask)
+        if OUT1:
+            tl.store(out1_ptr + offs, t1.to(out1_ptr.dtype.element_ty), mask=mask)
+        if OUT2:
+            tl.store(out2_ptr + offs, t2.to(out2_ptr.dtype.element_ty), mask=mask)
 
 
-def reduce_slots(part: Tensor, outputs: Sequence[tuple[int, Optional[Tensor]]]) -> None:
+def reduce_slots(part: Tensor, n_slots: int, outputs: Sequence[tuple[int, Optional[Tensor]]]) -> None:
     """One launch: for each (row, out) with `out` given, out[k] = sum over slots of part[slot, row, k], in out's
-    dtype (fixed order: deterministic). `part` is (n_slots, rows, K) fp32 contiguous; at most four outputs, each a
-    contiguous (K,) tensor of its own."""
-    n_slots, rows, K = part.shape
+    dtype, in two levels (chunks of CHUNK_SLOTS slots in parallel, then the chunks: fixed orders, deterministic).
+    `part` is (n_slots + slot_chunks(n_slots), rows, K) fp32 contiguous: the n_slots slots, then room for the chunks'
+    level-2 slots; rows <= 3, each row at most once; each out a contiguous (K,) tensor of its own. The counters are
+    the stream's (stream_counters)."""
+    rows, K = part.shape[1], part.shape[2]
     outputs = [(row, out) for row, out in outputs if out is not None]
     if not outputs or K == 0:
         return
-    if len(outputs) > 4:
-        raise ValueError(f"reduce_slots writes at most 4 outputs, got {len(outputs)}")
+    given = [row for row, _ in outputs]
+    if rows > 3 or len(set(given)) != len(given) or not all(0 <= row < rows for row in given):
+        raise ValueError(f"reduce_slots sums distinct rows of at most 3, got rows {given} of a {rows}-row buffer")
+    chunks = slot_chunks(n_slots)
+    if part.shape[0] != n_slots + chunks:
+        raise ValueError(f"reduce_slots needs {n_slots} + {chunks} slots (the chunks' level-2 room), "
+                         f"got {part.shape[0]}")
+    if n_slots == 0:   # the sums of nothing (no program would run)
+        for _, out in outputs:
+            out.zero_()
+        return
     unused = dummy(part.device)
-    outputs = outputs + [(-1, unused)] * (4 - len(outputs))
+    by_row = dict(outputs)
     block_k = 128  # one tile everywhere (interpreter included): one compile, and the suite's compile count is the GPU's
-    _sum_slots_kernel[(cdiv(K, block_k),)](
-        part, *(out for _, out in outputs), n_slots, K, rows, *(row for row, _ in outputs),
-        BLOCK_S=REDUCE_SLOTS, BLOCK_K=block_k, num_warps=4)
+    cols = cdiv(K, block_k)
+    sems = stream_counters(chunk_counters(cols, chunks), part.device)
+    _sum_slots_kernel[(cols, chunks)](
+        part, *(by_row.get(row, unused) for row in range(3)), sems, n_slots, K, ROWS=rows, OUT0=0 in by_row,
+        OUT1=1 in by_row, OUT2=2 in by_row, BLOCK_S=REDUCE_SLOTS, BLOCK_K=block_k, CHUNK=CHUNK_SLOTS, num_warps=4)
 
 
 def tensor_key(t: Optional[Tensor]) -> Optional[tuple]:

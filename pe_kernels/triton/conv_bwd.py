@@ -131,7 +131,8 @@ def _conv_bwd_epilogue_kernel(
     stats_ptr,      # the forward's stats (2, K) fp32 contiguous [mean, m2] (with gs_ptr) or unused
     gacc_ptr,       # out: g_acc (N, K, P, Q), any strides
     dres_ptr,       # out: d_residual (N, K, P, Q), any strides, or unused
-    part_ptr,       # out: (cdiv(M, PART_M), 3, K) fp32 [sum g, sum g*acc, sum g_acc], or unused
+    part_ptr,       # out: (cdiv(M, PART_M) (+ reduce_slots' room), 3, K) fp32 [sum g, sum g*acc, sum g_acc], or
+                    # unused
     sem_ptr,        # out: (n_sem,) int32 counters of the wgrad / dgrad launches that follow, zeroed here
     K, P, Q, M,                  # channels, output height/width, M = N*P*Q
     n_sem,                       # counters to zero
@@ -645,8 +646,9 @@ def _tile_m(tiles: Optional[dict]) -> Optional[int]:
 def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo: ConvGeometry,
                        need_dres: bool, need_sums: bool, sems: Tensor, n_sem: int, act_dtype,
                        tiles: Optional[dict]):
-    """Returns (g_acc channels_last in act_dtype, d_residual or None, (slots, 3, K) fp32 partials
-    [sum g, sum g*acc, sum g_acc] or None). Zeroes the first `n_sem` counters of `sems`."""
+    """Returns (g_acc channels_last in act_dtype, d_residual or None, (slots + chunks, 3, K) fp32 partials
+    [sum g, sum g*acc, sum g_acc] with room for reduce_slots' level-2 slots, or None, and the slots). Zeroes the
+    first `n_sem` counters of `sems`."""
     M = geo.N * geo.P * geo.Q
     g_acc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), act_dtype, grad_y.device)
     d_res = empty_channels_last(residual.shape, residual.dtype, grad_y.device) if need_dres else None
@@ -654,8 +656,9 @@ def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, o
     tiles_m = {"BLOCK_M": tile_m} if tile_m else None
     part_m = part_rows(EPILOGUE_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
     unused = dummy(grad_y.device)
-    part = (torch.empty((cdiv(M, part_m), 3, geo.K), dtype=torch.float32, device=grad_y.device) if need_sums
-            else None)
+    slots = cdiv(M, part_m)   # then room for reduce_slots' level-2 slots
+    part = (torch.empty((slots + slot_chunks(slots), 3, geo.K), dtype=torch.float32, device=grad_y.device)
+            if need_sums else None)
     block_n = (tiles or {}).get("BLOCK_N") or (pow2_tile(geo.K, 16, 256) if INTERPRET else 64)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(geo.K, m["BLOCK_N"]))  # noqa: E731
     args = (grad_y, y if out_relu else grad_y, unused if acc is None else acc,
@@ -670,7 +673,7 @@ def _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, o
                 BLOCK_N=block_n)
     if M > 0:
         launch(_conv_bwd_epilogue_kernel, _conv_bwd_epilogue_kernel_tuned, grid, args, meta, tiles_m)
-    return g_acc, d_res, part
+    return g_acc, d_res, part, slots
 
 
 def _prologue_vectors(in_scale, in_shift, in_relu, geo: ConvGeometry, x: Tensor) -> tuple[bool, Tensor, Tensor]:
@@ -1068,8 +1071,8 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
     wplan, dmeta, w_first, n_sem = _gemm_plans(geo, need_w, need_dgrad, need_isc or need_ish, in_scale, in_shift,
                                                in_relu, tiles)
     sems = torch.empty(max(n_sem, 4), dtype=torch.int32, device=x.device)  # zeroed by the epilogue kernel
-    g_acc, d_res, part = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu, geo,
-                                            need_res, need_sums, sems, n_sem, x.dtype, tiles)
+    g_acc, d_res, part, slots = _epilogue_backward(grad_y, y, acc, out_scale, grad_stats, stats, residual, out_relu,
+                                                   geo, need_res, need_sums, sems, n_sem, x.dtype, tiles)
     if wplan is not None:
         grads[1] = _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:])
     if need_dgrad:
@@ -1083,7 +1086,7 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
     if need_sums:  # [sum g, sum g*acc, sum g_acc] -> d_out_shift, d_out_scale, d_bias: one launch
         outputs = [(0, out_shift, need[6]), (1, out_scale, need_osc), (2, bias, need[2])]
         totals = {row: torch.empty(geo.K, dtype=v.dtype, device=x.device) for row, v, flag in outputs if flag}
-        reduce_slots(part, list(totals.items()))
+        reduce_slots(part, slots, list(totals.items()))
         grads[6], grads[5], grads[2] = totals.get(0), totals.get(1), totals.get(2)
     grads[7] = d_res
     return grads

@@ -286,12 +286,12 @@ def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @triton.jit
 def _merge_slots(part_ptr, n_slots, K, offs_k, mask_k, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """(count, mean, m2) of columns `offs_k` (BLOCK_K of them, `mask_k`ed) from the (n_slots, 3, K) fp32 contiguous
-    per-slot [count, mean, M2]. Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's formula,
-    two passes over the registers (n_b = sum c, mean_b = sum c mean / n_b plus its rounding corrected with the
-    deviations, M2_b = sum M2 + c (mean - mean_b)^2: no cancellation), then folds (n_b, mean_b, M2_b) into the
+    per-slot [count, mean, M2]. Each step loads BLOCK_S slots and merges them at once with the k-way form of Chan's
+    formula, two passes over the registers (n_b = sum c, mean_b = sum c mean / n_b plus its rounding corrected with
+    the deviations, M2_b = sum M2 + c (mean - mean_b)^2: no cancellation), then folds (n_b, mean_b, M2_b) into the
     running total with the pairwise formula, steps in slot order. Slots of count 0 (and the masked tail) are skipped,
-    whatever they hold. A fixed order whoever runs it; the loads bypass L1 (.cg): a last-arriving program
-    (last_arrival) reads what the other programs of its launch wrote."""
+    whatever they hold. A fixed order whoever runs it; the loads bypass L1 (.cg): a merging program (last_arrival)
+    reads what the other programs of its launch wrote."""
     n = tl.zeros((BLOCK_K,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_K,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
