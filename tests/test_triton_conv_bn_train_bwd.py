@@ -160,16 +160,19 @@ def test_small_tiles_split(case, dtype, weight_layout, kernel_device):
 
 
 # The conv bias's gradient on the fast path: d_bias = sum g_acc from the wgrad's programs of j tile 0, written
-# directly (split 1) or through (SPLIT, K) partials summed by each k tile's last split (split 3).
-BIAS_TILES = [pytest.param(None, 1, id="split1"), pytest.param(TILES, 3, id="split3")]
+# directly (split 1) or through (SPLIT, K) partials summed with dw's: in one chunk (split 3), or in two levels (5
+# splits in chunks of 2: 2, 2, 1; dw too).
+BIAS_TILES = [pytest.param(None, 1, 1, id="split1"), pytest.param(TILES, 3, 1, id="split3"),
+              pytest.param(dict(TILES, SPLIT=5, SPLIT_CHUNK=2), 5, 3, id="split5_3chunks")]
 
 
-@pytest.mark.parametrize("tiles, split", BIAS_TILES)
+@pytest.mark.parametrize("tiles, split, chunks", BIAS_TILES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(TILED_CASES.values()), ids=list(TILED_CASES))
-def test_bias_grad(case, dtype, tiles, split, kernel_device):
+def test_bias_grad(case, dtype, tiles, split, chunks, kernel_device):
     args = make_inputs(case, dtype, kernel_device, bias=True)
-    assert wgrad_plan(args, tiles).split == split or (tiles is None and kernel_device.type != "cpu")
+    plan = wgrad_plan(args, tiles)
+    assert (plan.split, plan.chunks) == (split, chunks) or (tiles is None and kernel_device.type != "cpu")
     out = check(args, dtype, needs_grad=ALL, tiles=tiles)
     assert out[2] is not None and out[2].dtype == args["bias"].dtype
 
@@ -252,10 +255,10 @@ def test_fp32_equals_the_composed_path(case, weight_layout, bias, kernel_device)
             torch.testing.assert_close(f, c, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("tiles, split", BIAS_TILES)
+@pytest.mark.parametrize("tiles, split, chunks", BIAS_TILES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_grad_matches_the_composed_path(dtype, tiles, split, kernel_device):
-    """d_bias from the wgrad (split 1 or split 3, groups 2) against the composed path's reduce launch: the same sum
+def test_bias_grad_matches_the_composed_path(dtype, tiles, split, chunks, kernel_device):
+    """d_bias from the wgrad (split 1, split 3, split 5 in 3 chunks; groups 2) against the composed path's reduce launch: the same sum
     of g_acc (fp16: of g_acc rounded to fp16, as the dot consumes it, where the composed path sums the fp32 value)."""
     args = make_inputs(TILED_CASES["3x3_s2_g2_k40"], dtype, kernel_device, bias=True)
     fast, composed = fast_and_composed(args, dtype, ALL, tiles)

@@ -61,10 +61,12 @@ Kernels:
                              The prologue backward runs in its epilogue; (slots, 2, C) partials, summed by
                              the last M tile of each column block into d_in_scale, d_in_shift.
   _conv_wgrad_kernel         rows k of group g, columns j = (r, s, c) with c fastest, reduction over
-                             m = (n, p, q) split into SPLIT chunks: (SPLIT, K, R*S*C_g) fp32 partials, summed
-                             by the last split of each tile into dw (weight's strides and dtype); SPLIT = 1 writes dw
-                             directly. BIAS_GRAD: the programs of j tile 0 also sum g_acc over their m range into
-                             d_bias (SPLIT = 1) or (SPLIT, K) fp32 partials (summed by the tile's last split).
+                             m = (n, p, q) split into SPLIT parts: (SPLIT, K, R*S*C_g) fp32 partials, summed
+                             in two levels into dw (weight's strides and dtype): the last split of each chunk of
+                             SPLIT_CHUNK splits (split_chunk: ~sqrt(SPLIT)) sums the chunk, the tile's last chunk
+                             the chunks' sums (one chunk up to 8 splits); SPLIT = 1 writes dw directly. BIAS_GRAD:
+                             the programs of j tile 0 also sum g_acc over their m range into d_bias (SPLIT = 1) or
+                             (SPLIT, K) fp32 partials (summed alongside dw's).
 """
 
 from __future__ import annotations
@@ -463,7 +465,7 @@ def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, sem_ptr, c
 # --------------------------------------------------------------------------------------------------------------
 # 3. wgrad: grouped implicit GEMM over M = N*P*Q, prologue recomputed on load, split-M fp32 partials
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT", "sdk", "sdc", "sdr", "sds"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT", "SPLIT_CHUNK", "sdk", "sdc", "sdr", "sds"])
 def _conv_wgrad_kernel(
     g_ptr,          # g_acc (N, K, P, Q), any strides; grad_y with GACC_ON_LOAD
     x_ptr,          # forward input (N, C, H, W), any strides
@@ -478,16 +480,19 @@ def _conv_wgrad_kernel(
     gys_ptr,        # GACC_ON_LOAD: (K,) fp32 contiguous, grad_y's per-channel factor on load (cached ones when
                     # absent: one flag fewer, one compile fewer per layer kind); else unused
     dw_ptr,         # out: dw (K, C_g, R, S) in weight's dtype, strides (sdk, sdc, sdr, sds)
-    part_ptr,       # out: (SPLIT, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest; unused if
-                    # SPLIT = 1
-    sem_ptr,        # (tiles of k x j, groups) int32 counters, 0 at launch (SPLIT > 1), or unused
+    part_ptr,       # out: (SPLIT + chunks, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest: the
+                    # splits' partials, then the chunks' level-2 partials; unused if SPLIT = 1
+    sem_ptr,        # (tiles * (1 + chunks),) int32 counters (tiles = k x j tiles x groups), 0 at launch (SPLIT > 1),
+                    # or unused
     dbnw_ptr,       # out (GACC_ON_LOAD): d_bn_weight (K,) in the BN weight's dtype; else unused
     dbnb_ptr,       # out (GACC_ON_LOAD): d_bn_bias (K,) fp32; else unused
     dbias_ptr,      # out (BIAS_GRAD): the conv bias's gradient d_bias (K,) in the bias's dtype; else unused
-    bpart_ptr,      # out (BIAS_GRAD, SPLIT > 1): (SPLIT, K) fp32 contiguous partial sums of d_bias; else unused
+    bpart_ptr,      # out (BIAS_GRAD, SPLIT > 1): (SPLIT + chunks, K) fp32 contiguous partial sums of d_bias (the
+                    # chunks' after the splits'); else unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_PER_SPLIT,                 # rows of M per split (a multiple of BLOCK_M)
+    SPLIT_CHUNK,                 # splits per chunk of the two-level sum of the split partials (split_chunk)
     count, inv_n, eps,           # GACC_ON_LOAD: n = M (float), 1 / n, BN epsilon
     sgn, sgc, sgh, sgw,          # g_acc (grad_y) strides
     syn, syc, syh, syw,          # y strides (GACC_ON_LOAD)
@@ -611,22 +616,57 @@ def _conv_wgrad_kernel(
         if BIAS_GRAD:
             if pid_j == 0:
                 tl.store(bpart_ptr + split * K + k, d_bias, mask=mask_k)
-        # The last split of this tile sums the SPLIT partials in split order (and, in j tile 0, the d_bias
-        # partials) and resets the counter.
-        sem = sem_ptr + pid_nk + grp * tl.num_programs(0)
-        if last_arrival(sem, n_split):
-            total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for i in range(0, n_split):
-                total += tl.load(part_ptr + tl.cast(i, tl.int64) * K * RSC + tile, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=mask)
-            if BIAS_GRAD:
-                if pid_j == 0:
+        _sum_splits_if_last(part_ptr, bpart_ptr, dw_ptr, dbias_ptr, sem_ptr, tile, dw_offs, mask, k, mask_k, split,
+                            n_split, SPLIT_CHUNK, K, RSC, pid_nk + grp * tl.num_programs(0),
+                            tl.num_programs(0) * tl.num_programs(1), BIAS_GRAD and (pid_j == 0), BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _sum_splits_if_last(part_ptr, bpart_ptr, dw_ptr, dbias_ptr, sem_ptr, tile, dw_offs, mask, k, mask_k, split,
+                        n_split, SPLIT_CHUNK, K, RSC, tile_id, n_tiles, BIAS, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """dw (and, with BIAS, d_bias) of this (k, j) tile from its split partials, in two levels: splits in chunks of
+    SPLIT_CHUNK; the last split of a chunk to arrive (counter sem[n_tiles + tile_id * chunks + chunk]) sums the chunk's
+    partials in split order and, with more than one chunk, stores them as the chunk's level-2 partial (after the
+    splits') and arrives at the tile's counter (sem[tile_id]), whose last program sums the chunks' in chunk order and
+    writes dw; counters reset by their last programs (the same bits whichever program is last). One chunk: the
+    single-level sum."""
+    n_chunks = tl.cdiv(n_split, SPLIT_CHUNK)
+    chunk = split // SPLIT_CHUNK
+    first = chunk * SPLIT_CHUNK
+    csem = sem_ptr + n_tiles + tile_id * n_chunks + chunk
+    chunk_last = last_arrival(csem, tl.minimum(n_split - first, SPLIT_CHUNK))
+    final = chunk_last & (n_chunks == 1)
+    total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    total_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if chunk_last:
+        tl.store(csem, 0)
+        for i in range(first, tl.minimum(first + SPLIT_CHUNK, n_split)):
+            total += tl.load(part_ptr + tl.cast(i, tl.int64) * K * RSC + tile, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        if BIAS:
+            for i in range(first, tl.minimum(first + SPLIT_CHUNK, n_split)):
+                total_b += tl.load(bpart_ptr + i * K + k, mask=mask_k, other=0.0, cache_modifier=".cg")
+        if n_chunks > 1:
+            tl.store(part_ptr + tl.cast(n_split + chunk, tl.int64) * K * RSC + tile, total, mask=mask)
+            if BIAS:
+                tl.store(bpart_ptr + (n_split + chunk) * K + k, total_b, mask=mask_k)
+            final = last_arrival(sem_ptr + tile_id, n_chunks)
+            if final:
+                tl.store(sem_ptr + tile_id, 0)
+                total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                for c in range(0, n_chunks):
+                    total += tl.load(part_ptr + tl.cast(n_split + c, tl.int64) * K * RSC + tile, mask=mask,
+                                     other=0.0, cache_modifier=".cg")
+                if BIAS:
                     total_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                    for i in range(0, n_split):
-                        total_b += tl.load(bpart_ptr + i * K + k, mask=mask_k, other=0.0, cache_modifier=".cg")
-                    tl.store(dbias_ptr + k, total_b.to(dbias_ptr.dtype.element_ty), mask=mask_k)
-            tl.store(sem, 0)
+                    for c in range(0, n_chunks):
+                        total_b += tl.load(bpart_ptr + (n_split + c) * K + k, mask=mask_k, other=0.0,
+                                           cache_modifier=".cg")
+    if final:
+        tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=mask)
+        if BIAS:
+            tl.store(dbias_ptr + k, total_b.to(dbias_ptr.dtype.element_ty), mask=mask_k)
 
 
 # Two configs for the dgrad GEMM (as the forward); the elementwise epilogue backward runs one.
@@ -901,10 +941,25 @@ class _WgradPlan:
     m_per_split: int
     grid: tuple[int, int, int]
 
+    split_chunk: int = 1
+
     @property
     def counters(self) -> int:
-        """Counters the last-split reduction needs (one per (k, j) tile and group), 0 without a split."""
-        return self.grid[0] * self.grid[1] if self.split > 1 else 0
+        """Counters the split reduction needs (per (k, j) tile and group: the tile's and one per chunk of splits), 0
+        without a split."""
+        return self.grid[0] * self.grid[1] * (1 + self.chunks) if self.split > 1 else 0
+
+    @property
+    def chunks(self) -> int:
+        """Chunks of split_chunk splits (the level-2 partials)."""
+        return cdiv(self.split, self.split_chunk)
+
+
+def split_chunk(split: int) -> int:
+    """Splits per chunk of the wgrad's two-level sum of its split partials: all of them up to 8 (one level), else
+    ceil(sqrt(split)), which keeps the last program's serial steps (a chunk, an arrival, the chunks) near
+    2 sqrt(split) instead of split (256 splits of a 1x1 layer: 33 steps, not 256)."""
+    return split if split <= 8 else math.isqrt(split - 1) + 1
 
 
 def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
@@ -928,7 +983,8 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     m_per_split = max(1, cdiv(cdiv(M, block_m), split)) * block_m
     split = max(1, cdiv(M, m_per_split))
     grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
-    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid)
+    chunk = max(1, min(tiles.get("SPLIT_CHUNK") or split_chunk(split), split))
+    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid, chunk)
 
 
 def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan,
@@ -938,7 +994,8 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
     load_scalars, y_strides = _on_load_scalars(on_load)
-    scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split, *load_scalars,
+    scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split,
+               plan.split_chunk, *load_scalars,
                *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
     recompute = _recomputes(on_load, geo)
     tail = (*(weight.stride()[:2] if recompute else (0, 0)), *geo.stride, *geo.padding, *geo.dilation)
@@ -950,15 +1007,17 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
                 BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=4)
-    return _GemmLaunch(plan.grid, scalars, meta, None, (plan.split, geo.K, rsc) if plan.split > 1 else None,
-                       (plan.split, geo.K) if bias_grad and plan.split > 1 else None, tail)
+    rows = plan.split + plan.chunks   # the splits' partials, then the chunks' (two levels)
+    return _GemmLaunch(plan.grid, scalars, meta, None, (rows, geo.K, rsc) if plan.split > 1 else None,
+                       (rows, geo.K) if bias_grad and plan.split > 1 else None, tail)
 
 
 def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan, sems: Tensor,
            on_load: Optional[GaccOnLoad] = None, launch_config: Optional[_GemmLaunch] = None):
     """Weight gradient (K, C_g, R, S) in weight.dtype and in the weight's strides (torch.empty_like: a channels_last
     weight gets a channels_last dw, which autograd's AccumulateGrad takes without a copy), written by the kernel; a
-    split-M launch sums its fp32 partials in the last split of each tile (deterministic: split order), on
+    split-M launch sums its fp32 partials in two levels (chunks of plan.split_chunk splits, then the chunks:
+    deterministic, fixed orders), on
     `plan.counters` counters of `sems` that must be 0 (zeroed by the epilogue kernel, or persistent
     stream_counters). With `on_load`, `g_acc` is grad_y, g_acc is formed on load and the kernel also writes
     on_load.d_bn_weight, d_bn_bias and on_load.d_bias if given (needs M > 0). Not autotuned: one config, and every
@@ -1019,7 +1078,7 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
              needs_grad: Sequence[bool], stats: Optional[Tensor] = None,
              tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
     """Launcher of the fused backward; `stats`: the forward's (2, K) [mean, m2], needed with grad_stats;
-    `tiles` overrides tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)."""
+    `tiles` overrides tile sizes (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT, SPLIT_CHUNK)."""
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     out_shape = (geo.N, geo.K, geo.P, geo.Q)
     check_4d("grad_y", grad_y)
