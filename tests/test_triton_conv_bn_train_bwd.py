@@ -258,8 +258,9 @@ def test_fp32_equals_the_composed_path(case, weight_layout, bias, kernel_device)
 @pytest.mark.parametrize("tiles, split, chunks", BIAS_TILES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_grad_matches_the_composed_path(dtype, tiles, split, chunks, kernel_device):
-    """d_bias from the wgrad (split 1, split 3, split 5 in 3 chunks; groups 2) against the composed path's reduce launch: the same sum
-    of g_acc (fp16: of g_acc rounded to fp16, as the dot consumes it, where the composed path sums the fp32 value)."""
+    """d_bias from the wgrad (split 1, split 3, split 5 in 3 chunks; groups 2) against the composed path's reduce
+    launch: the same sum of g_acc (fp16: of g_acc rounded to fp16, as the dot consumes it, where the composed path sums
+    the fp32 value)."""
     args = make_inputs(TILED_CASES["3x3_s2_g2_k40"], dtype, kernel_device, bias=True)
     fast, composed = fast_and_composed(args, dtype, ALL, tiles)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-2)
