@@ -148,3 +148,31 @@ def test_dgrad_prologue_sums_in_two_levels(stride, kernel_device):
             continue
         assert torch.equal(a, b), name
         assert_budget(name, a.cpu(), s, r, torch.float32, dot=True)
+
+
+def test_conv_statistics_from_tiles_of_two_slots(monkeypatch, kernel_device):
+    """conv_fwd's merge when each M tile owns two slots (BLOCK_M = 2 PART_M, as the 128-row GPU config on 64-row
+    slots): a chunk is CHUNK_SLOTS / 2 tiles, the same slots and level-2 layout; the statistics are the float64
+    reference's and those of one-slot tiles, to rounding."""
+    from pe_kernels.triton import conv_fwd as conv_fwd_mod
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 2 * CHUNK_SLOTS + 5, 16, generator=gen)   # 2 * H * 16 rows: slots of 16 rows
+    w = torch.randn(24, 4, 1, 1, generator=gen) / 2
+    geometry = ((1, 1), (0, 0), (1, 1), 2)
+
+    def stats(block_m):
+        def launch(kernel, tuned_kernel, grid, args, meta, tiles):
+            kernel[grid](*args, **meta, BLOCK_M=block_m)
+
+        monkeypatch.setattr(conv_fwd_mod, "launch", launch)
+        dev = x.to(kernel_device).contiguous(memory_format=torch.channels_last)
+        return conv_fwd_mod.conv_fwd(dev, w.to(kernel_device), None, None, None, False, None, None, None, False,
+                                     *geometry, True, tiles={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})[1]
+
+    one, two = stats(16), stats(32)
+    assert not _common.stream_counters(1, kernel_device).any()
+    _, ref64 = ref.conv_fused(x.double(), w.double(), None, None, None, False, None, None, None, False, *geometry,
+                              True)
+    torch.testing.assert_close(two.cpu().double(), ref64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)

@@ -393,6 +393,7 @@ def slot_chunk(tile, tiles_ph, phase, slots_ph, PROGS: tl.constexpr, CHUNK: tl.c
     and a chunk PROGS = CHUNK * PART_M / BLOCK_M tiles: (chunk index over all phases, tiles that arrive at its
     counter, its first slot over all phases, its slot count). A phase of slots_ph slots has cdiv(slots_ph, CHUNK)
     chunks whatever BLOCK_M (cdiv(tiles_ph, PROGS) is that too): the level-2 layout does not depend on the config."""
+    tl.static_assert(PROGS >= 1, "a chunk must hold at least one tile's slots (CHUNK * PART_M >= BLOCK_M)")
     local = tile // PROGS
     chunk = phase * tl.cdiv(slots_ph, CHUNK) + local
     arrivals = tl.minimum(tiles_ph - local * PROGS, PROGS)

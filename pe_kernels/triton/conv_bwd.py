@@ -22,12 +22,14 @@ autotune trials. acc (for d_out_scale or grad_stats[1]) is the saved output y wh
 epilogue (y = acc in x.dtype); otherwise it is recomputed with the forward kernel (fp32 output).
 
 Launches: the epilogue backward, the wgrad and the dgrad, nothing else on the device (a training conv: no
-epilogue, no bias). The wgrad's split-M partials and the dgrad's prologue sums are reduced inside those kernels by
-the last program to arrive at a per-tile int32 counter (_common.last_arrival; fixed-order sums, so the result does
-not depend on which program is last); the counters are zeroed by the epilogue kernel, which runs before them on
-the same stream, and reset by their last program (autotune trials and CUDA graph replays find them at 0). The
-epilogue's own sums (d_bias, d_out_scale, d_out_shift, only with an epilogue or a bias) take one small reduce
-launch (_common.reduce_slots). Outputs are written in their final dtype and layout (dw in the weight's dtype and
+epilogue, no bias). The wgrad's split-M partials and the dgrad's prologue sums are reduced inside those kernels in
+two levels: the last program of a chunk (of splits, or of slots) to arrive at its int32 counter sums the chunk, the
+last chunk of a tile or column block sums the chunks' sums (_common.last_arrival, sum_chunks_if_last; fixed-order
+sums, so the result does not depend on which program is last; one program summing them all was a serial tail while
+the other SMs idled); the counters are zeroed by the epilogue kernel, which runs before them on the same stream,
+and reset by their last programs (autotune trials and CUDA graph replays find them at 0). The epilogue's own sums
+(d_bias, d_out_scale, d_out_shift, only with an epilogue or a bias) take one small reduce launch
+(_common.reduce_slots, two levels too). Outputs are written in their final dtype and layout (dw in the weight's dtype and
 strides: a channels_last weight gets a channels_last dw).
 
 conv -> BN training backward (conv_bn_bwd; reference.conv_bn_train_backward): BN's batch statistics are those of
@@ -38,8 +40,8 @@ g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load (stats_grad_on_load, the e
 rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's where y is read); the wgrad's
 programs of j tile
 0 and split 0 write d_bn_weight, d_bn_bias, and those of j tile 0 sum the rounded g_acc they load into
-d_bias = sum g_acc (BIAS_GRAD; with a split, (SPLIT, K) fp32 partials summed in split order by the last split of
-j tile 0). Two launches, no epilogue kernel, no finalize-backward kernel and no reduce launch, when the weight's
+d_bias = sum g_acc (BIAS_GRAD; with a split, (SPLIT, K) fp32 partials summed alongside dw's partials, in j tile
+0). Two launches, no epilogue kernel, no finalize-backward kernel and no reduce launch, when the weight's
 gradient is needed (with or without the conv bias's); the counters are then _common.stream_counters. Other cases:
 the composition (ops/contract.composed_conv_bn_train_backward).
 On that path, for ops.conv_bn_junction (conv_bn_bwd_ext): grad_y may come scaled on load (grad_y * grad_y_scale[k],
@@ -1272,14 +1274,14 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
                     needs_grad: Sequence[bool], tiles: Optional[dict] = None, grad_y_scale: Optional[Tensor] = None,
                     tail: Optional[TailBwd] = None) -> tuple[list[Optional[Tensor]], Optional[tuple]]:
     """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
-    SPLIT; the fallback ignores them).
+    SPLIT, SPLIT_CHUNK; the fallback ignores them).
 
     Fast path, two launches (one without dgrad): when the weight's gradient is needed and N*P*Q > 0. The wgrad and
     the dgrad read grad_y and y and form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from
     the BN finalize's backward computed per channel in the kernels; the wgrad's programs of j tile 0 and split 0
     write d_bn_weight and d_bn_bias, and, when the conv bias's gradient is needed, those of j tile 0 sum the g_acc
-    they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed in
-    split order by the tile's last split); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
+    they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed with
+    dw's, in two levels); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
     counters are the persistent stream_counters. Otherwise the composition contract.composed_conv_bn_train_backward
     of this backend's bn_finalize_backward and conv_fused_backward (four launches, five with d_bias).
 
