@@ -575,7 +575,7 @@ def merge_partials(case: Case, dtype, device, features="plain", tiles=MERGE_TILE
     part, level2 = part[:slots], part[slots:]
     assert not part.isnan().any() and torch.equal(part[:, 0].sum(0), torch.full_like(stats[0], case.N * P * Q))
     if slot_chunks(slots) > 1:   # each chunk's count: its rows
-        counts = part[:, 0].reshape(-1).new_zeros(slot_chunks(slots), case.K)
+        counts = part.new_zeros(slot_chunks(slots), case.K)
         for c in range(slot_chunks(slots)):
             counts[c] = part[c * CHUNK_SLOTS:(c + 1) * CHUNK_SLOTS, 0].sum(0)
         assert torch.equal(level2[:, 0], counts)
@@ -586,7 +586,8 @@ def merge_partials(case: Case, dtype, device, features="plain", tiles=MERGE_TILE
 def test_stats_merged_in_kernel_equal_the_separate_merge(name, kernel_device):
     """The kernel merges the slots in two levels as merge_stats(chunk=CHUNK_SLOTS) does in its two launches, bit for
     bit: the same chunks in slot order, the chunks in chunk order, the same k-way Chan steps (MERGE_SLOTS slots each;
-    on a GPU the same tile and warps). Two of the cases have several chunks (two levels), one has one chunk."""
+    on a GPU the same tile and warps). Under the interpreter (chunks of 4 slots) two of the cases have several
+    chunks, one has one; on a GPU (chunks of 64) each has one."""
     from pe_kernels.triton.conv_fwd import MERGE_SLOTS, merge_stats
 
     case, dtype = MERGE_CASES[name]
@@ -617,14 +618,15 @@ def test_stats_counters_are_reused_and_left_at_zero(kernel_device, monkeypatch):
     wide, _ = MERGE_CASES["1x1_k37_3_col_blocks_37_slots"]
     runs = [merge_partials(small, torch.float32, kernel_device)[0] for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
-    # chunk_counters: 4 column blocks, the spare, one chunk per column block
-    assert [n for n, _ in used] == [chunk_counters(4, 1)] * 3 and len({buf.data_ptr() for _, buf in used}) == 1
+    # chunk_counters: 4 column blocks, the spare, one chunk (one slot) per column block
+    assert [n for n, _ in used] == [chunk_counters(4, slot_chunks(1))] * 3
+    assert len({buf.data_ptr() for _, buf in used}) == 1
     assert not used[0][1].any()
-    # 3 column blocks and 10 chunks (37 slots) here; a buffer grown for a wider launch is used from then on
+    # 3 column blocks and the chunks of 37 slots here; a buffer grown for a wider launch is used from then on
     big = _common.stream_counters(1024, kernel_device)
     assert big.numel() >= 1024 and big.data_ptr() != used[0][1].data_ptr()
     stats, _ = merge_partials(wide, torch.float32, kernel_device)
-    assert used[-1][0] == chunk_counters(3, 10) and used[-1][1] is big and not big.any()
+    assert used[-1][0] == chunk_counters(3, slot_chunks(37)) and used[-1][1] is big and not big.any()
     assert torch.equal(stats, merge_partials(wide, torch.float32, kernel_device)[0])
     # capture: a fresh buffer per launch, the cached one left alone
     real_capturing = _common.capturing
