@@ -33,20 +33,26 @@ Per compiled kernel x layer shape (CSV, one row each):
                       pointer parameter is used in the PTX), once, at its size; dummies and partials included
   floor_us            max(flops / peak, min_bytes / bandwidth) on an H100 SXM5 (bench_layers' datasheet figures:
                       fp16/bf16 dense tensor peak; fp32 with TF32 on at the TF32 peak, else the FP32 peak)
-The structural time model (GEMM kernels; documented assumptions, an upper bound of what the kernel's structure allows,
+The structural time model (GEMM kernels; documented assumptions, calibrated on one Nsight Compute run of one layer,
 not a prediction: a GPU's measured % of roofline replaces it, bench_layers.py):
   exec_flops          the MMA work the launch issues, padding included: masked tile rows / columns / reduction steps
                       (narrow groups, short reductions) and, for the dgrad, the live taps of each stride phase
   programs, waves     the grid's programs, and how many of them the busiest of the 132 SMs runs (ceil(programs / 132))
   occupancy           resident blocks per SM allowed by registers, shared memory and warps (for reading only)
+  loop_instrs         PTX instructions in the body of that loop (once); outer_instrs those of the outermost loop
+                      holding an MMA when the loop is nested in it (the RECOMPUTE_Y recompute), else 0
+  program_instrs      the loop PTX instructions one program executes (iterations x body; the dgrad's busiest phase)
+  issue_us            the busiest SM's programs x program_instrs x warps / ISSUE_PTX_PER_SM_S: the time to issue the
+                      main loops' instructions (calibrated on the H100's ncu run, where the GEMMs were issue-bound)
   tail_steps, tail_us the serial tail of the launch's in-kernel reductions (the statistics merge, the backward's sums,
                       the wgrad's split partials): the steps its last program takes after the last wave while the other
                       SMs idle (two-level sums: the last chunk's steps, an arrival, the level-2 steps), at step times
                       measured by Nsight Compute on an H100 (SUM_STEP_US, MERGE_STEP_US: how they were derived is
                       written beside them)
-  struct_us           max(exec_flops / peak, min_bytes / bandwidth) * waves * 132 / programs + tail_us: every SM at the
-                      peak and bandwidth share of one SM (perfect pipelining, no L2 misses beyond min_bytes, no launch
-                      cost), the slowest SM deciding, then the reductions' serial tail
+  struct_us           max(max(exec_flops / peak, min_bytes / bandwidth) * waves * 132 / programs, issue_us) + tail_us:
+                      every SM at the peak and bandwidth share of one SM (perfect pipelining, no L2 misses beyond
+                      min_bytes, no launch cost) or issuing its loops' instructions, the slowest SM deciding, then the
+                      reductions' serial tail
   struct_pct          100 * floor_us / struct_us; --check asks >= 75 % of the best config per launch (sm_90, fp16,
                       bf16, TF32)
 Rows are deduplicated over (kernel, config, flags, shape, dtype, arch); `launches` counts the launches of the audited
@@ -105,8 +111,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 AUDIT_FIELDS = ("kernel", "config", "flags", "shape", "dtype", "arch", "regs", "spills", "smem_bytes", "mma", "loop",
                 "scalar_loads", "vector_loads", "narrow_vector_loads", "async_copies", "async_16", "tma_loads",
-                "flops", "min_bytes", "floor_us", "programs", "exec_flops", "occupancy", "waves", "tail_steps",
-                "tail_us", "struct_us", "struct_pct",
+                "flops", "min_bytes", "floor_us", "programs", "exec_flops", "occupancy", "waves", "loop_instrs",
+                "outer_instrs", "program_instrs", "issue_us", "tail_steps", "tail_us", "struct_us", "struct_pct",
                 "launches", "models", "git_commit", "triton_version")
 BYTES_FIELDS = ("model", "dtype", "batch", "side", "triton_launches", "triton_bytes", "aten_ops", "aten_bytes",
                 "total_bytes", "ratio_to_eager", "git_commit", "torch_version", "triton_version")
@@ -166,9 +172,9 @@ _MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
 _FMA = re.compile(r"\bfma\.rn\.f32\b")
 
 
-def mma_loop(lines: list[str], pattern: re.Pattern = _MMA) -> Optional[tuple[int, int]]:
-    """(first, last) line of the innermost loop (a label and a later branch back to it) that holds an MMA
-    instruction (or what `pattern` matches); None when no loop holds one."""
+def mma_loop(lines: list[str], pattern: re.Pattern = _MMA, innermost: bool = True) -> Optional[tuple[int, int]]:
+    """(first, last) line of the innermost (or, innermost=False, the outermost) loop (a label and a later branch
+    back to it) that holds an MMA instruction (or what `pattern` matches); None when no loop holds one."""
     labels = {}
     loops = []
     for i, line in enumerate(lines):
@@ -179,7 +185,9 @@ def mma_loop(lines: list[str], pattern: re.Pattern = _MMA) -> Optional[tuple[int
         if b and b.group(1) in labels:
             loops.append((labels[b.group(1)], i))
     with_mma = [(a, b) for a, b in loops if any(pattern.search(lines[k]) for k in range(a, b + 1))]
-    return min(with_mma, key=lambda ab: ab[1] - ab[0]) if with_mma else None
+    if not with_mma:
+        return None
+    return (min if innermost else max)(with_mma, key=lambda ab: ab[1] - ab[0])
 
 
 def load_counts(lines: list[str]) -> dict:
@@ -256,6 +264,8 @@ class Compiled:
     loop: str
     loads: dict
     used: set  # indices of the non-constexpr parameters the PTX uses
+    loop_instrs: int = 0   # PTX instructions in the body of the innermost MMA (or FMA) loop, once
+    outer_instrs: int = 0  # those of the outermost loop holding it, once (inner body included), when it is nested
 
 
 def analyse(kernel, arch: int) -> Compiled:
@@ -267,8 +277,15 @@ def analyse(kernel, arch: int) -> Compiled:
     body = lines[span[0]:span[1] + 1] if span else lines
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
     regs, spills = ptxas_usage(ptx, arch)
+    outer = mma_loop(lines, _MMA if loop == "mma" else _FMA, innermost=False) if span else None
     return Compiled(regs, spills, int(kernel.metadata.shared), mma, loop if span else "kernel", load_counts(body),
-                    used_params(ptx))
+                    used_params(ptx), instruction_count(body) if span else 0,
+                    instruction_count(lines[outer[0]:outer[1] + 1]) if outer and outer != span else 0)
+
+
+def instruction_count(lines: list[str]) -> int:
+    """PTX instructions in a stretch of PTX: statements ending in ';' that are not directives or comments."""
+    return sum(1 for line in lines if line.strip().endswith(";") and not line.strip().startswith((".", "//")))
 
 
 def runtime_params(kernel) -> list[str]:
@@ -472,6 +489,46 @@ def reduction_tail(name: str, bound: dict, kwargs: dict) -> tuple[int, float]:
     return steps, steps * SUM_STEP_US
 
 
+# Issue time of a GEMM's main loop. Nsight Compute on the H100 (the same log and layer as the step times above)
+# found the three GEMM launches issue-bound rather than MMA- or memory-bound: 2.0-2.4 warp instructions issued per
+# SM cycle, issue slots 49-58 % busy, SASS ~1.4-2.2 instructions per PTX instruction of the loop. Their PTX loop
+# instructions (iterations x the loop body's PTX instructions x warps, over the SMs) ran at 1.0 (forward, 163 us),
+# 0.93 (dgrad forming the BatchNorm gradient on load, 719 us) and 1.7 (wgrad, 379 us less its tail) per warp and SM
+# cycle at the 1.42-1.50 GHz ncu ran them at. The model issues ISSUE_PTX_PER_SM_S loop PTX instructions (a warp's
+# instruction counted once) per SM and second: one per cycle at 1.5 GHz.
+ISSUE_PTX_PER_SM_S = 1.5e9
+
+
+def loop_iterations(name: str, bound: dict, kwargs: dict) -> tuple[int, int]:
+    """(iterations of a GEMM program's outer MMA loop, iterations of its inner loop per outer one: 1 unless the loop
+    nests another holding an MMA: the RECOMPUTE_Y recompute of y, C_g channels a step); (0, 0) for other kernels.
+    The dgrad: its busiest stride phase (the most live taps)."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    bk = kwargs.get("BLOCK_K", 0)
+    if name == "_conv_fwd_kernel":
+        return cdiv(bound["RSC"], bk), 1
+    if name == "_conv_wgrad_kernel":
+        inner = cdiv(bound["C_g"], bk) if kwargs.get("RECOMPUTE_Y") else 1
+        return cdiv(bound["M_PER_SPLIT"], kwargs["BLOCK_M"]), inner
+    if name == "_conv_dgrad_kernel":
+        S, K_g = bound["S"], bound["K_g"]
+        R = bound["RSK"] // (S * K_g)
+        sh, sw = bound["STRIDE_H"], bound["STRIDE_W"]
+        taps = max(_phase_taps(a, R, bound["PAD_H"], sh, bound["DIL_H"]) * _phase_taps(
+            b, S, bound["PAD_W"], sw, bound["DIL_W"]) for a in range(sh) for b in range(sw))
+        inner = cdiv(bound["C_g"], kwargs.get("BLOCK_C", 16)) if kwargs.get("RECOMPUTE_Y") else 1
+        return cdiv(taps * K_g, bk), inner
+    return 0, 0
+
+
+def program_instructions(info, outer_iters: int, inner_iters: int) -> int:
+    """PTX loop instructions a program executes: the innermost MMA loop's body per iteration, and for a nested loop
+    the outer body's own instructions (its body less the inner one) per outer iteration."""
+    if info.outer_instrs:
+        return outer_iters * (info.outer_instrs - info.loop_instrs + inner_iters * info.loop_instrs)
+    return outer_iters * info.loop_instrs
+
+
 def grid_programs(grid, kwargs: dict, bound: dict) -> int:
     g = grid({**bound, **kwargs}) if callable(grid) else grid
     n = 1
@@ -501,9 +558,13 @@ def _record(audit: Audit, arch: int, fn, args: tuple, kwargs: dict, original_run
     waves = -(-programs // H100_SMS)   # programs per SM on the busiest SM
     executed = executed_flops(name, bound, kwargs, programs)
     tail_steps, tail_us = reduction_tail(name, bound, kwargs)
-    struct_s = max(executed / peak, nbytes / bandwidth) * waves * H100_SMS / max(programs, 1) + tail_us * 1e-6
-    model = dict(exec_flops=executed, occupancy=occupancy, waves=waves, tail_steps=tail_steps,
-                 tail_us=round(tail_us, 3), struct_us=round(struct_s * 1e6, 3),
+    per_program = program_instructions(info, *loop_iterations(name, bound, kwargs))
+    issue_s = waves * per_program * constexprs["num_warps"] / ISSUE_PTX_PER_SM_S   # the busiest SM's programs
+    struct_s = (max(executed / peak * waves * H100_SMS / max(programs, 1),
+                    nbytes / bandwidth * waves * H100_SMS / max(programs, 1), issue_s) + tail_us * 1e-6)
+    model = dict(exec_flops=executed, occupancy=occupancy, waves=waves, loop_instrs=info.loop_instrs,
+                 outer_instrs=info.outer_instrs, program_instrs=per_program, issue_us=round(issue_s * 1e6, 3),
+                 tail_steps=tail_steps, tail_us=round(tail_us, 3), struct_us=round(struct_s * 1e6, 3),
                  struct_pct=round(100 * floor / (struct_s * 1e6), 1) if struct_s > 0 else "")
     if first:
         audit.launch_count += 1

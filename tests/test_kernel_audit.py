@@ -153,6 +153,9 @@ def test_audit_of_two_shapes_meets_the_sm90_targets(tmp_path):
         assert float(r["struct_us"]) >= float(r["tail_us"]) >= 0 and int(r["tail_steps"]) <= 40, r
         if r["kernel"] in ka.GEMM_KERNELS:
             assert r["mma"] == "wgmma" and int(r["spills"]) == 0 and int(r["scalar_loads"]) == 0, r
+            # the main loop's instructions are counted and their issue time is part of the structural time
+            assert int(r["loop_instrs"]) > 0 and int(r["program_instrs"]) >= int(r["loop_instrs"]), r
+            assert float(r["struct_us"]) >= float(r["issue_us"]) > 0, r
             flops = float(r["flops"])
             assert flops > 0
             floor = max(flops / ka.peak_flops(torch.float16, None),
@@ -212,3 +215,24 @@ def test_layer_model_sums_each_launchs_best_config_against_the_layers_floor():
     assert step_row["model_us"] == 9.0 and step_row["floor_us"] == pytest.approx(fwd_floor, abs=1e-3)
     misses = ka.layer_misses([dict(r, model_pct=70.0), dict(r, model_pct=80.0), dict(r, model_pct=50.0, arch=80)])
     assert len(misses) == 1 and "70.0 %" in misses[0]
+
+
+def test_issue_model_counts_each_programs_loop_instructions():
+    """loop_iterations: the forward's reduction steps, the wgrad's M steps (times the recompute's channel steps), the
+    dgrad's busiest stride phase; program_instructions: a nested loop's own body per outer step plus the inner body
+    per inner step."""
+    import kernel_audit as ka
+
+    fwd = dict(RSC=9 * 32)
+    assert ka.loop_iterations("_conv_fwd_kernel", fwd, dict(BLOCK_K=64)) == (5, 1)
+    wgrad = dict(M_PER_SPLIT=2560, C_g=128)
+    assert ka.loop_iterations("_conv_wgrad_kernel", wgrad, dict(BLOCK_K=64, BLOCK_M=64)) == (40, 1)
+    assert ka.loop_iterations("_conv_wgrad_kernel", wgrad, dict(BLOCK_K=64, BLOCK_M=32, RECOMPUTE_Y=True)) == (80, 2)
+    # 3x3 / stride 2, pad 1: phase (1, 1) has 2 x 2 live taps of 9 (the busiest), K_g = 32 in 64-deep steps
+    dgrad = dict(S=3, K_g=32, RSK=9 * 32, STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, C_g=64)
+    assert ka.loop_iterations("_conv_dgrad_kernel", dgrad, dict(BLOCK_K=64)) == (2, 1)
+    assert ka.loop_iterations("_bn_apply_kernel", {}, {}) == (0, 0)
+    flat = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=100)
+    nested = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=40, outer_instrs=100)
+    assert ka.program_instructions(flat, 5, 1) == 500
+    assert ka.program_instructions(nested, 5, 3) == 5 * (60 + 3 * 40)
