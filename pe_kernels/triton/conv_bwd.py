@@ -29,8 +29,8 @@ sums, so the result does not depend on which program is last; one program summin
 the other SMs idled); the counters are zeroed by the epilogue kernel, which runs before them on the same stream,
 and reset by their last programs (autotune trials and CUDA graph replays find them at 0). The epilogue's own sums
 (d_bias, d_out_scale, d_out_shift, only with an epilogue or a bias) take one small reduce launch
-(_common.reduce_slots, two levels too). Outputs are written in their final dtype and layout (dw in the weight's dtype and
-strides: a channels_last weight gets a channels_last dw).
+(_common.reduce_slots, two levels too). Outputs are written in their final dtype and layout (dw in the weight's dtype
+and strides: a channels_last weight gets a channels_last dw).
 
 conv -> BN training backward (conv_bn_bwd; reference.conv_bn_train_backward): BN's batch statistics are those of
 the saved y = acc (no epilogue), and its finalize's backward (bn_finalize_grads, per channel, from grad_scale,
