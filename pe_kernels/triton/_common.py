@@ -369,8 +369,8 @@ REDUCE_SLOTS = 32  # slots summed per step by sum_slot_rows (a constexpr: one va
 # idled (Nsight Compute on an H100, bench/results/RUNS_20261123.md; kernel_audit.py's SUM_STEP_US, MERGE_STEP_US).
 # Now the slots are grouped in chunks of CHUNK_SLOTS: the last program of a chunk to arrive sums the chunk into a
 # level-2 slot (two steps), and the last chunk to arrive sums the level-2 slots (one step per REDUCE_SLOTS chunks).
-# Fixed orders at both levels, so the bits do not depend on which program is last. Under the interpreter a small chunk, so that the tests' few slots make
-# several chunks.
+# Fixed orders at both levels, so the bits do not depend on which program is last. Under the interpreter a small
+# chunk, so that the tests' few slots make several chunks.
 CHUNK_SLOTS = 4 if INTERPRET else 64
 
 
