@@ -41,9 +41,12 @@ not a prediction: a GPU's measured % of roofline replaces it, bench_layers.py):
   occupancy           resident blocks per SM allowed by registers, shared memory and warps (for reading only)
   loop_instrs         PTX instructions in the body of that loop (once); outer_instrs those of the outermost loop
                       holding an MMA when the loop is nested in it (the RECOMPUTE_Y recompute), else 0
-  program_instrs      the loop PTX instructions one program executes (iterations x body; the dgrad's busiest phase)
-  issue_us            the busiest SM's programs x program_instrs x warps / ISSUE_PTX_PER_SM_S: the time to issue the
-                      main loops' instructions (calibrated on the H100's ncu run, where the GEMMs were issue-bound)
+  loop_sass           the same loops' SASS instructions (from the cubin, Triton's nvdisasm), outer_sass likewise
+  program_instrs      the loop SASS instructions one program executes (iterations x body; the dgrad's busiest phase)
+  issue_us            the busiest SM's loop SASS x warps / ISSUE_SASS_PER_SM_S: the time to issue the main loops'
+                      instructions (calibrated on the H100's ncu run, where the GEMMs were issue-bound). The busiest
+                      SM's share: waves x program_instrs for equal programs; the dgrad's stride phases, which run
+                      different tap counts, by their total work in whole programs
   tail_steps, tail_us the serial tail of the launch's in-kernel reductions (the statistics merge, the backward's sums,
                       the wgrad's split partials): the steps its last program takes after the last wave while the other
                       SMs idle (two-level sums: the last chunk's steps, an arrival, the level-2 steps), at step times
@@ -112,8 +115,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 AUDIT_FIELDS = ("kernel", "config", "flags", "shape", "dtype", "arch", "regs", "spills", "smem_bytes", "mma", "loop",
                 "scalar_loads", "vector_loads", "narrow_vector_loads", "async_copies", "async_16", "tma_loads",
                 "flops", "min_bytes", "floor_us", "programs", "exec_flops", "occupancy", "waves", "loop_instrs",
-                "outer_instrs", "program_instrs", "issue_us", "tail_steps", "tail_us", "struct_us", "struct_pct",
-                "launches", "models", "git_commit", "triton_version")
+                "outer_instrs", "loop_sass", "outer_sass", "program_instrs", "issue_us", "tail_steps", "tail_us",
+                "struct_us", "struct_pct", "launches", "models", "git_commit", "triton_version")
 BYTES_FIELDS = ("model", "dtype", "batch", "side", "triton_launches", "triton_bytes", "aten_ops", "aten_bytes",
                 "total_bytes", "ratio_to_eager", "git_commit", "torch_version", "triton_version")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp32-ieee": torch.float32}
@@ -266,6 +269,8 @@ class Compiled:
     used: set  # indices of the non-constexpr parameters the PTX uses
     loop_instrs: int = 0   # PTX instructions in the body of the innermost MMA (or FMA) loop, once
     outer_instrs: int = 0  # those of the outermost loop holding it, once (inner body included), when it is nested
+    loop_sass: int = 0     # the same loops' SASS instructions (what the SM issues); 0 when no SASS could be read
+    outer_sass: int = 0
 
 
 def analyse(kernel, arch: int) -> Compiled:
@@ -278,9 +283,52 @@ def analyse(kernel, arch: int) -> Compiled:
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
     regs, spills = ptxas_usage(ptx, arch)
     outer = mma_loop(lines, _MMA if loop == "mma" else _FMA, innermost=False) if span else None
+    loop_sass, outer_sass = sass_loops(kernel, loop == "mma") if span else (0, 0)
     return Compiled(regs, spills, int(kernel.metadata.shared), mma, loop if span else "kernel", load_counts(body),
                     used_params(ptx), instruction_count(body) if span else 0,
-                    instruction_count(lines[outer[0]:outer[1] + 1]) if outer and outer != span else 0)
+                    instruction_count(lines[outer[0]:outer[1] + 1]) if outer and outer != span else 0,
+                    loop_sass, outer_sass if outer and outer != span else 0)
+
+
+_SASS_LABEL = re.compile(r"^\s*([A-Za-z_.$][\w.$]*):\s*$")
+_SASS_BRANCH = re.compile(r"\bBRA\s+`?\(?([A-Za-z_.$][\w.$]*)")
+_SASS_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_SASS_FMA = re.compile(r"\bFFMA\b")
+
+
+def sass_text(kernel) -> Optional[str]:
+    """The cubin's SASS (Triton's nvdisasm / cuobjdump, bundled with it); None where they cannot run."""
+    try:
+        from triton.tools.disasm import get_sass
+        return get_sass(kernel.asm["cubin"])
+    except Exception as exc:  # a missing binary: the model falls back to the PTX counts (SASS_PER_PTX)
+        print(f"[kernel_audit] no SASS for {kernel.metadata.name}: {exc}", file=sys.stderr)
+        return None
+
+
+def sass_loops(kernel, mma: bool) -> tuple[int, int]:
+    """SASS instructions in the innermost and the outermost loop (a label and a later branch back to it) holding an
+    HGMMA / HMMA (mma) or FFMA; (0, 0) without SASS or without such a loop. The outer count is that of the
+    outermost loop (the same as the inner one unless the loop is nested)."""
+    text = sass_text(kernel)
+    if text is None:
+        return 0, 0
+    lines = text.splitlines()
+    labels, loops = {}, []
+    for i, line in enumerate(lines):
+        m = _SASS_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+            continue
+        b = _SASS_BRANCH.search(line)
+        if b and b.group(1) in labels:
+            loops.append((labels[b.group(1)], i))
+    pattern = _SASS_MMA if mma else _SASS_FMA
+    held = [(a, b) for a, b in loops if any(pattern.search(lines[k]) for k in range(a, b + 1))]
+    if not held:
+        return 0, 0
+    count = lambda ab: sum(1 for k in range(ab[0] + 1, ab[1] + 1) if "\t" in lines[k])  # noqa: E731
+    return (count(min(held, key=lambda ab: ab[1] - ab[0])), count(max(held, key=lambda ab: ab[1] - ab[0])))
 
 
 def instruction_count(lines: list[str]) -> int:
@@ -490,19 +538,23 @@ def reduction_tail(name: str, bound: dict, kwargs: dict) -> tuple[int, float]:
 
 
 # Issue time of a GEMM's main loop. Nsight Compute on the H100 (the same log and layer as the step times above)
-# found the three GEMM launches issue-bound rather than MMA- or memory-bound: 2.0-2.4 warp instructions issued per
-# SM cycle, issue slots 49-58 % busy, SASS ~1.4-2.2 instructions per PTX instruction of the loop. Their PTX loop
-# instructions (iterations x the loop body's PTX instructions x warps, over the SMs) ran at 1.0 (forward, 163 us),
-# 0.93 (dgrad forming the BatchNorm gradient on load, 719 us) and 1.7 (wgrad, 379 us less its tail) per warp and SM
-# cycle at the 1.42-1.50 GHz ncu ran them at. The model issues ISSUE_PTX_PER_SM_S loop PTX instructions (a warp's
-# instruction counted once) per SM and second: one per cycle at 1.5 GHz.
-ISSUE_PTX_PER_SM_S = 1.5e9
+# found the three GEMM launches issue-bound rather than MMA- or memory-bound: 1.8-2.4 warp instructions issued per
+# SM cycle, issue slots 38-58 % busy. The model counts the SASS the SM issues (the loops' bodies read from the cubin
+# with Triton's nvdisasm: what PTX hides, such as a 32-bit division's ~20 instructions, counts), iterations x body x
+# warps on the busiest SM. Compiled with Triton 3.6 as on that GPU (the registers match ncu's: 106, 202, 254), the
+# loops' SASS ran at 1.93e9 (forward, 162.9 us: 63 programs x 5 x 250 x 4 warps per SM), 2.44e9 (dgrad forming the
+# BatchNorm gradient on load, 719 us) and 3.35e9 (wgrad, 379 us less its ~65 us tail) instructions per SM and second.
+# ISSUE_SASS_PER_SM_S is the forward's, the lowest (a launch without a serial tail or an on-load transform): the model
+# is pessimistic for the backward (dgrad ~1.3x, wgrad ~1.7x too slow on that layer). Without SASS (no nvdisasm), the
+# PTX counts x SASS_PER_PTX (1.2-1.7 on those loops).
+ISSUE_SASS_PER_SM_S = 1.93e9
+SASS_PER_PTX = 1.4
 
 
-def loop_iterations(name: str, bound: dict, kwargs: dict) -> tuple[int, int]:
+def loop_iterations(name: str, bound: dict, kwargs: dict, phase: Optional[int] = None) -> tuple[int, int]:
     """(iterations of a GEMM program's outer MMA loop, iterations of its inner loop per outer one: 1 unless the loop
     nests another holding an MMA: the RECOMPUTE_Y recompute of y, C_g channels a step); (0, 0) for other kernels.
-    The dgrad: its busiest stride phase (the most live taps)."""
+    The dgrad: its busiest stride phase (the most live taps), or stride phase `phase` (h % sh) * sw + w % sw."""
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     bk = kwargs.get("BLOCK_K", 0)
     if name == "_conv_fwd_kernel":
@@ -514,19 +566,40 @@ def loop_iterations(name: str, bound: dict, kwargs: dict) -> tuple[int, int]:
         S, K_g = bound["S"], bound["K_g"]
         R = bound["RSK"] // (S * K_g)
         sh, sw = bound["STRIDE_H"], bound["STRIDE_W"]
+        phases = [(a, b) for a in range(sh) for b in range(sw)] if phase is None else [divmod(phase, sw)]
         taps = max(_phase_taps(a, R, bound["PAD_H"], sh, bound["DIL_H"]) * _phase_taps(
-            b, S, bound["PAD_W"], sw, bound["DIL_W"]) for a in range(sh) for b in range(sw))
+            b, S, bound["PAD_W"], sw, bound["DIL_W"]) for a, b in phases)
         inner = cdiv(bound["C_g"], kwargs.get("BLOCK_C", 16)) if kwargs.get("RECOMPUTE_Y") else 1
         return cdiv(taps * K_g, bk), inner
     return 0, 0
 
 
 def program_instructions(info, outer_iters: int, inner_iters: int) -> int:
-    """PTX loop instructions a program executes: the innermost MMA loop's body per iteration, and for a nested loop
-    the outer body's own instructions (its body less the inner one) per outer iteration."""
-    if info.outer_instrs:
-        return outer_iters * (info.outer_instrs - info.loop_instrs + inner_iters * info.loop_instrs)
-    return outer_iters * info.loop_instrs
+    """SASS loop instructions a program executes: the innermost MMA loop's body per iteration, and for a nested loop
+    the outer body's own instructions (its body less the inner one) per outer iteration. Without SASS (no
+    nvdisasm): the PTX counts x SASS_PER_PTX."""
+    loop, outer = info.loop_sass, info.outer_sass
+    if not loop:
+        loop, outer = round(info.loop_instrs * SASS_PER_PTX), round(info.outer_instrs * SASS_PER_PTX)
+    if outer:
+        return outer_iters * (outer - loop + inner_iters * loop)
+    return outer_iters * loop
+
+
+def busiest_sm_instructions(name: str, bound: dict, kwargs: dict, info, programs: int) -> tuple[int, int]:
+    """(SASS loop instructions of the busiest program, of the busiest SM): the SM's share of the launch's loop work in
+    whole programs, ceil(total / (SMs x busiest program)) x busiest program -- waves x the program for a grid of equal
+    programs; the dgrad's stride phases run different tap counts (a 1x1 stride-2 dgrad's three phases without a live
+    tap: programs that only store zeros), each phase a 1/phases share of the grid."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    outer, inner = loop_iterations(name, bound, kwargs)
+    busiest = program_instructions(info, outer, inner)
+    total = programs * busiest
+    if name == "_conv_dgrad_kernel":
+        per_phase = [program_instructions(info, *loop_iterations(name, bound, kwargs, phase))
+                     for phase in range(bound["STRIDE_H"] * bound["STRIDE_W"])]
+        total = programs // len(per_phase) * sum(per_phase)
+    return busiest, (cdiv(total, H100_SMS * busiest) * busiest if busiest else 0)
 
 
 def grid_programs(grid, kwargs: dict, bound: dict) -> int:
@@ -558,12 +631,13 @@ def _record(audit: Audit, arch: int, fn, args: tuple, kwargs: dict, original_run
     waves = -(-programs // H100_SMS)   # programs per SM on the busiest SM
     executed = executed_flops(name, bound, kwargs, programs)
     tail_steps, tail_us = reduction_tail(name, bound, kwargs)
-    per_program = program_instructions(info, *loop_iterations(name, bound, kwargs))
-    issue_s = waves * per_program * constexprs["num_warps"] / ISSUE_PTX_PER_SM_S   # the busiest SM's programs
+    per_program, per_sm = busiest_sm_instructions(name, bound, kwargs, info, programs)
+    issue_s = per_sm * constexprs["num_warps"] / ISSUE_SASS_PER_SM_S   # the busiest SM's programs
     struct_s = (max(executed / peak * waves * H100_SMS / max(programs, 1),
                     nbytes / bandwidth * waves * H100_SMS / max(programs, 1), issue_s) + tail_us * 1e-6)
     model = dict(exec_flops=executed, occupancy=occupancy, waves=waves, loop_instrs=info.loop_instrs,
-                 outer_instrs=info.outer_instrs, program_instrs=per_program, issue_us=round(issue_s * 1e6, 3),
+                 outer_instrs=info.outer_instrs, loop_sass=info.loop_sass, outer_sass=info.outer_sass,
+                 program_instrs=per_program, issue_us=round(issue_s * 1e6, 3),
                  tail_steps=tail_steps, tail_us=round(tail_us, 3), struct_us=round(struct_s * 1e6, 3),
                  struct_pct=round(100 * floor / (struct_s * 1e6), 1) if struct_s > 0 else "")
     if first:

@@ -154,7 +154,7 @@ def test_audit_of_two_shapes_meets_the_sm90_targets(tmp_path):
         if r["kernel"] in ka.GEMM_KERNELS:
             assert r["mma"] == "wgmma" and int(r["spills"]) == 0 and int(r["scalar_loads"]) == 0, r
             # the main loop's instructions are counted and their issue time is part of the structural time
-            assert int(r["loop_instrs"]) > 0 and int(r["program_instrs"]) >= int(r["loop_instrs"]), r
+            assert int(r["loop_instrs"]) > 0 and int(r["program_instrs"]) >= int(r["loop_sass"]) > 0, r
             assert float(r["struct_us"]) >= float(r["issue_us"]) > 0, r
             flops = float(r["flops"])
             assert flops > 0
@@ -232,7 +232,19 @@ def test_issue_model_counts_each_programs_loop_instructions():
     dgrad = dict(S=3, K_g=32, RSK=9 * 32, STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, C_g=64)
     assert ka.loop_iterations("_conv_dgrad_kernel", dgrad, dict(BLOCK_K=64)) == (2, 1)
     assert ka.loop_iterations("_bn_apply_kernel", {}, {}) == (0, 0)
-    flat = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=100)
-    nested = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=40, outer_instrs=100)
+    # SASS counts where read; without SASS, the PTX counts x SASS_PER_PTX
+    flat = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=70, loop_sass=100)
+    nested = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=30, outer_instrs=80, loop_sass=40,
+                         outer_sass=100)
     assert ka.program_instructions(flat, 5, 1) == 500
     assert ka.program_instructions(nested, 5, 3) == 5 * (60 + 3 * 40)
+    ptx_only = ka.Compiled(0, 0, 0, "wgmma", "mma", {}, set(), loop_instrs=100)
+    assert ka.program_instructions(ptx_only, 5, 1) == 5 * round(100 * ka.SASS_PER_PTX)
+    # the busiest SM: equal programs in waves; a 1x1 stride-2 dgrad's phases without a live tap (3 of 4) add no loop
+    # work: 4 x 132 programs, a quarter of them busy, fit one program's work per SM
+    assert ka.busiest_sm_instructions("_conv_fwd_kernel", fwd, dict(BLOCK_K=64), flat, 133) == (500, 1000)
+    one = dict(S=1, K_g=64, RSK=64, STRIDE_H=2, STRIDE_W=2, PAD_H=0, PAD_W=0, DIL_H=1, DIL_W=1, C_g=64)
+    assert ka.busiest_sm_instructions("_conv_dgrad_kernel", one, dict(BLOCK_K=64), flat, 4 * 132) == (100, 100)
+    # 3x3 / stride 2: phases of 1, 2, 2, 4 taps (K_g = 64: 1, 2, 2, 4 steps): 9 steps per 4 programs
+    three = dict(one, S=3, RSK=9 * 64, PAD_H=1, PAD_W=1)
+    assert ka.busiest_sm_instructions("_conv_dgrad_kernel", three, dict(BLOCK_K=64), flat, 4 * 132) == (400, 400 * 3)

@@ -87,11 +87,22 @@ def gpu_tile_k(dtype: torch.dtype, length: int) -> int:
     return full if length >= 32 else pow2_tile(length, 16, full)
 
 
-def gpu_tile_n(n: int) -> int:
-    """A conv GEMM's column tile on a GPU: 64, whatever the group width (narrower groups are masked; wider ones take
-    several column blocks), so that layers of every width share compiled kernels. 128-column tiles spilled registers
-    with the prologue / finalize epilogues at Table 8 shapes (bench/kernel_audit.py)."""
-    return 64
+def tap_steps(channels: int, taps: int, block: int) -> bool:
+    """Whether every `block`-deep step of a conv GEMM's reduction (or column tile) over j = (tap, channel), channel
+    fastest, lies in one filter tap: `channels` a multiple of `block`, or a single tap (1x1). The kernels then carry
+    the step's tap as scalars and form bounds and offsets per row (TAP_STEPS); otherwise a step may span taps and they
+    split j per element (integer division by the channel count per column)."""
+    return taps == 1 or channels % block == 0
+
+
+def gpu_tile_n(n: int, steps_in_one_tap: bool) -> int:
+    """A conv GEMM's column tile on a GPU for `n` columns per group (the forward's K_g, the dgrad's C_g): 128 for groups
+    of 128 and more whose reduction steps each lie in one filter tap (tap_steps), else 64 (narrower groups are masked;
+    wider ones take several column blocks). The per-step work of the A operand (addresses, masks, async copies: the
+    loops are issue-bound, bench/kernel_audit.py) is shared by twice the MMA work with 128 columns. The per-element
+    split of j (the stem, narrow groups) spilled registers with 128 columns, as did 4-warp configs with the prologue
+    / finalize epilogues before the tap steps (bench/kernel_audit.py)."""
+    return 128 if n >= 128 and steps_in_one_tap else 64
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:

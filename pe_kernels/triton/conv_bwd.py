@@ -35,7 +35,8 @@ and strides: a channels_last weight gets a channels_last dw).
 conv -> BN training backward (conv_bn_bwd; reference.conv_bn_train_backward): BN's batch statistics are those of
 the saved y = acc (no epilogue), and its finalize's backward (bn_finalize_grads, per channel, from grad_scale,
 grad_shift, stats, bn_weight, eps, n) gives grad_stats = [d_mean, d_m2] and d_bn_weight, d_bn_bias. With
-GACC_ON_LOAD the wgrad and the dgrad compute those per-channel terms themselves and form
+GACC_ON_LOAD the wgrad computes those per-channel terms itself (and stores them, (3, K) fp32, for the dgrad launched
+after it: the dgrad's reduction runs over k, so it would recompute them at every step) and both form
 g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load (stats_grad_on_load, the epilogue kernel's expression, g_acc
 rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's where y is read); the wgrad's
 programs of j tile
@@ -87,8 +88,8 @@ from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor,
                       channels_last_strides, check_4d, check_same_device, check_shape, check_vector, chunk_counters,
                       dot_precision, dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
                       krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots,
-                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tensor_key,
-                      tile_offsets, upcast_bf16)
+                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tap_steps,
+                      tensor_key, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -222,12 +223,14 @@ def _conv_dgrad_kernel(
     in_scale_ptr,   # (C,) contiguous or unused
     in_shift_ptr,   # (C,) contiguous or unused
     y_ptr,          # GACC_ON_LOAD: the forward output y (N, K, P, Q), any strides; else unused
-    gscale_ptr,     # GACC_ON_LOAD: grad_scale (K,) fp32 contiguous (cached zeros when absent); else unused
-    gshift_ptr,     # GACC_ON_LOAD: grad_shift (K,) fp32 contiguous (cached zeros when absent); else unused
-    stats_ptr,      # GACC_ON_LOAD: the forward's stats (2, K) fp32 contiguous [mean, m2]; else unused
-    bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
+    gscale_ptr,     # unused (the wgrad's: the finalize backward's inputs; their terms come in terms_ptr)
+    gshift_ptr,     # unused (likewise)
+    stats_ptr,      # unused (likewise)
+    bnw_ptr,        # unused (likewise)
     gys_ptr,        # GACC_ON_LOAD: (K,) fp32 contiguous, grad_y's per-channel factor on load (cached ones when
                     # absent: one flag fewer, one compile fewer per layer kind); else unused
+    terms_ptr,      # GACC_ON_LOAD: (3, K) fp32 contiguous [mean, d_mean/n, 2 d_m2] per channel, written by the wgrad
+                    # launched before (its _bn_grad_terms); else unused
     dx_ptr,         # out: dx (N, C, H, W), any strides, or unused; TAIL: the tail's masked gradient g
     part_ptr,       # out: (sh * sw * cdiv(M_PH, PART_M) + chunks, 2, C) fp32 [sum dx'*mask*x, sum dx'*mask], then
                     # the chunks' level-2 slots (slot_chunks), or unused; TAIL: (.., 2 or 3, C) [sum g*y_t, sum g(,
@@ -247,8 +250,8 @@ def _conv_dgrad_kernel(
     M_PH,                        # rows of the largest stride phase: N * cdiv(H, sh) * cdiv(W, sw)
     STEP_H, STEP_W, DQ_H, DQ_W,  # live taps of a phase: r = r0 + STEP_H t, p = i + c - DQ_H t (sh / g, dh / g,
                                  # g = gcd(dh, sh)); likewise along w
-    count, inv_n, eps,           # GACC_ON_LOAD: n = N*P*Q (float), 1 / n, BN epsilon
-    stats_row,                   # GACC_ON_LOAD: K, the row stride of stats
+    count, inv_n, eps,           # unused (the wgrad's)
+    stats_row,                   # GACC_ON_LOAD: K, the row stride of terms
     sgn, sgc, sgh, sgw,          # g_acc (grad_y) strides
     syn, syc, syh, syw,          # y strides (GACC_ON_LOAD)
     swk, swc, swr, sws,          # weight strides
@@ -270,6 +273,7 @@ def _conv_dgrad_kernel(
     TAIL_RELU: tl.constexpr, TAIL_SIDE: tl.constexpr, TAIL_RES_SUM: tl.constexpr,
     TAIL_BITS: tl.constexpr,     # (TAIL_RELU) the mask read from bits_ptr instead of x (1 bit an element, not 16)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TAP_STEPS: tl.constexpr,     # every reduction step lies in one live tap (tap_steps: K_g % BLOCK_K == 0, or 1x1)
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the sums' reduction
@@ -314,30 +318,65 @@ def _conv_dgrad_kernel(
     c = grp * C_g + offs_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # TAP_STEPS: the step's live tap (t_t, u_t) and first channel k0, carried from step to step as scalars
+    k0 = 0
+    t_t = 0
+    u_t = 0
     for j0 in range(0, T_H * T_W * K_g, BLOCK_K):
-        # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t, s0 + STEP_W u).
-        offs_j = j0 + tl.arange(0, BLOCK_K)
-        mask_j = offs_j < T_H * T_W * K_g
-        k = grp * K_g + offs_j % K_g
-        tu = offs_j // K_g
-        # (T_W >= 1 whenever the loop runs; the pipeliner may hoist this index math out of a loop of no step)
-        t = tu // tl.maximum(T_W, 1)
-        u = tu % tl.maximum(T_W, 1)
-        r = r0 + STEP_H * t
-        s = s0 + STEP_W * u
-        p = i_h[:, None] + (c_h - DQ_H * t)[None, :]
-        q = i_w[:, None] + (c_w - DQ_W * u)[None, :]
-        valid = mask_m[:, None] & mask_j[None, :] & (p >= 0) & (q >= 0) & (p < P) & (q < Q)
-        a_ptrs = g_rows[:, None] + (k.to(tl.int64) * sgc)[None, :] + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
+        if TAP_STEPS:
+            # The step lies in one live tap (r0 + STEP_H t_t, s0 + STEP_W u_t), channels k0 .. k0 + BLOCK_K - 1:
+            # bounds and offsets per row, one add per element.
+            k_l = k0 + tl.arange(0, BLOCK_K)
+            mask_j = k_l < K_g
+            k = grp * K_g + k_l
+            r = r0 + STEP_H * t_t
+            s = s0 + STEP_W * u_t
+            p_t = i_h + (c_h - DQ_H * t_t)
+            q_t = i_w + (c_w - DQ_W * u_t)
+            row_ok = mask_m & (p_t >= 0) & (q_t >= 0) & (p_t < P) & (q_t < Q)
+            valid = row_ok[:, None] & mask_j[None, :]
+            a_ptrs = ((g_rows + p_t.to(tl.int64) * sgh + q_t.to(tl.int64) * sgw)[:, None]
+                      + (k.to(tl.int64) * sgc)[None, :])
+            y_ptrs = ((y_rows + p_t.to(tl.int64) * syh + q_t.to(tl.int64) * syw)[:, None]
+                      + (k.to(tl.int64) * syc)[None, :])
+            b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
+            k0 += BLOCK_K
+            next_tap = k0 >= K_g
+            k0 = tl.where(next_tap, 0, k0)
+            u_t = tl.where(next_tap, u_t + 1, u_t)
+            next_row = u_t >= T_W
+            u_t = tl.where(next_row, 0, u_t)
+            t_t = tl.where(next_row, t_t + 1, t_t)
+        else:
+            # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t,
+            # s0 + STEP_W u): a step may span taps (narrow groups).
+            offs_j = j0 + tl.arange(0, BLOCK_K)
+            mask_j = offs_j < T_H * T_W * K_g
+            k = grp * K_g + offs_j % K_g
+            tu = offs_j // K_g
+            # (T_W >= 1 whenever the loop runs; the pipeliner may hoist this index math out of a loop of no step)
+            t = tu // tl.maximum(T_W, 1)
+            u = tu % tl.maximum(T_W, 1)
+            r = r0 + STEP_H * t
+            s = s0 + STEP_W * u
+            p = i_h[:, None] + (c_h - DQ_H * t)[None, :]
+            q = i_w[:, None] + (c_w - DQ_W * u)[None, :]
+            valid = mask_m[:, None] & mask_j[None, :] & (p >= 0) & (q >= 0) & (p < P) & (q < Q)
+            a_ptrs = (g_rows[:, None] + (k.to(tl.int64) * sgc)[None, :] + p.to(tl.int64) * sgh
+                      + q.to(tl.int64) * sgw)
+            y_ptrs = (y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
+                      + q.to(tl.int64) * syw)
+            b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
         a = tl.load(a_ptrs, mask=valid, other=0.0)
-        b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
         b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             b = b.to(tl.float32)
         if GACC_ON_LOAD:
-            # k changes along j: the per-channel terms are gathered per step (BLOCK_K values, cached loads)
-            mean, c0, c1, _, _ = _bn_grad_terms(gscale_ptr, gshift_ptr, stats_ptr, bnw_ptr, k, mask_j, stats_row,
-                                                count, inv_n, eps)
+            # k changes along j: the per-channel terms are gathered per step (BLOCK_K values, cached loads), as the
+            # wgrad computed them (not recomputed here: BN's finalize backward per step was ~1/4 of the loop's SASS)
+            mean = tl.load(terms_ptr + k, mask=mask_j, other=0.0)
+            c0 = tl.load(terms_ptr + stats_row + k, mask=mask_j, other=0.0)
+            c1 = tl.load(terms_ptr + 2 * stats_row + k, mask=mask_j, other=0.0)
             if RECOMPUTE_Y:
                 # y[m, k] = sum_c x'[m, c] w[k, c] over the group's C_g channels, x' of this tile's rows (a 1x1 conv
                 # without padding reads x at its output's own input position), BLOCK_N channels a step; rounded as
@@ -355,8 +394,7 @@ def _conv_dgrad_kernel(
                     yacc = tl.dot(xt, wt, yacc, input_precision=PRECISION)
                 yv = yacc.to(w_ptr.dtype.element_ty).to(tl.float32)
             else:
-                yv = tl.load(y_rows[:, None] + (k.to(tl.int64) * syc)[None, :] + p.to(tl.int64) * syh
-                             + q.to(tl.int64) * syw, mask=valid, other=0.0).to(tl.float32)
+                yv = tl.load(y_ptrs, mask=valid, other=0.0).to(tl.float32)
             af = a.to(tl.float32) * tl.load(gys_ptr + k, mask=mask_j, other=0.0)[None, :]
             a = stats_grad_on_load(af, yv, c0[None, :], c1[None, :], mean[None, :], valid)
             a = a.to(w_ptr.dtype.element_ty)   # g_acc in x.dtype, as the epilogue kernel stores it
@@ -481,6 +519,8 @@ def _conv_wgrad_kernel(
     bnw_ptr,        # GACC_ON_LOAD: BN weight (K,) contiguous (cached ones when absent); else unused
     gys_ptr,        # GACC_ON_LOAD: (K,) fp32 contiguous, grad_y's per-channel factor on load (cached ones when
                     # absent: one flag fewer, one compile fewer per layer kind); else unused
+    terms_ptr,      # out (GACC_ON_LOAD): (3, K) fp32 contiguous [mean, d_mean/n, 2 d_m2] per channel (the programs of
+                    # j tile 0, split 0), for the dgrad launched after this kernel; else unused
     dw_ptr,         # out: dw (K, C_g, R, S) in weight's dtype, strides (sdk, sdc, sdr, sds)
     part_ptr,       # out: (SPLIT + chunks, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest: the
                     # splits' partials, then the chunks' level-2 partials; unused if SPLIT = 1
@@ -538,6 +578,9 @@ def _conv_wgrad_kernel(
         if (pid_j == 0) & (split == 0):
             tl.store(dbnw_ptr + k, d_bn_w.to(dbnw_ptr.dtype.element_ty), mask=mask_k)
             tl.store(dbnb_ptr + k, d_bn_b, mask=mask_k)
+            tl.store(terms_ptr + k, mean, mask=mask_k)
+            tl.store(terms_ptr + K + k, c0, mask=mask_k)
+            tl.store(terms_ptr + 2 * K + k, c1, mask=mask_k)
         gys = tl.load(gys_ptr + k, mask=mask_k, other=0.0)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -745,6 +788,8 @@ class GaccOnLoad(NamedTuple):
     #                                        (a tail's scale: its g stored once, unscaled), or None (ones)
     recompute: bool = False  # y may be recomputed from x' (recompute_y_allowed); the kernels do where C_g is small
     #                          enough (_recomputes: RECOMPUTE_Y)
+    terms: Optional[Tensor] = None  # (3, K) fp32 contiguous [mean, d_mean/n, 2 d_m2]: written by the wgrad (its
+    #                                 programs of j tile 0, split 0), read by the dgrad launched after it
 
     def inputs(self) -> tuple:
         return self.y, self.grad_scale, self.grad_shift, self.stats, self.bn_weight
@@ -781,12 +826,15 @@ def _recomputes(on_load, geo: ConvGeometry) -> bool:
 
 
 def _on_load_ptrs(on_load: Optional[GaccOnLoad], device: torch.device) -> tuple:
-    """The six input pointers of GACC_ON_LOAD for a kernel (y, grad_scale, grad_shift, stats, bn_weight,
-    grad_y_scale: cached ones without one); dummies without on_load."""
+    """The seven pointers of GACC_ON_LOAD for a kernel (y, grad_scale, grad_shift, stats, bn_weight, grad_y_scale:
+    cached ones without one, the per-channel terms the wgrad writes and the dgrad reads); dummies without on_load."""
     if on_load is None:
-        return (dummy(device),) * 6
+        return (dummy(device),) * 7
+    if on_load.terms is None:
+        raise ValueError("triton conv backward: GaccOnLoad.terms, the (3, K) per-channel terms buffer, is required")
     gys = on_load.grad_y_scale
-    return (*on_load.inputs(), identity_vector(1.0, on_load.stats.shape[1], device) if gys is None else gys)
+    return (*on_load.inputs(), identity_vector(1.0, on_load.stats.shape[1], device) if gys is None else gys,
+            on_load.terms)
 
 
 class TailBwd(NamedTuple):
@@ -823,7 +871,8 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
     if INTERPRET:
         meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
     else:
-        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g), BLOCK_K=gpu_tile_k(geo.dtype, rsk))
+        block_k = gpu_tile_k(geo.dtype, rsk)
+        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g, tap_steps(geo.K_g, geo.R * geo.S, block_k)), BLOCK_K=block_k)
     meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
     return meta
 
@@ -871,6 +920,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     # is no larger than y: else reading x to save reading y moves more bytes (a block head's 1x1 conv: C = 4 K)
     x_read = (prologue and (bool(in_relu) or need_stats)) or (tail is not None and tail.relu and tail.bits is None)
     recompute = _recomputes(on_load, geo) and (x_read or geo.C * geo.H * geo.W <= geo.K * geo.P * geo.Q)
+    if recompute and not INTERPRET and "BLOCK_N" not in (tiles or {}):
+        meta = dict(meta, BLOCK_N=min(meta["BLOCK_N"], 64))   # 128 columns beside the recomputed y tile spilled
     block_c = meta["BLOCK_N"]
     if recompute and not INTERPRET and "BLOCK_K" not in (tiles or {}):
         # the recomputed y tile (BLOCK_M x BLOCK_K, fp32) beside the accumulator spilled with a full-depth step, and
@@ -882,7 +933,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                 TAIL=tail is not None,
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
                 TAIL_RES_SUM=res is not None, TAIL_BITS=tail is not None and tail.relu and tail.bits is not None,
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
+                TAP_STEPS=tap_steps(geo.K_g, geo.R * geo.S, meta["BLOCK_K"]), PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
                 BLOCK_C=block_c if recompute else 16, CHUNK=CHUNK_SLOTS)
     n_sums = (3 if res is not None else 2) if tail is not None else 2
     part = ((phases * slots_ph + slot_chunks(slots_ph, phases), n_sums, geo.C) if need_stats or tail is not None
@@ -1056,8 +1108,9 @@ def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int
     """Counters of the dgrad's two-level sums: chunk_counters over its column blocks and its stride phases'
     chunks."""
     slots_ph = _dgrad_slots(geo, tiles)[2]
-    return chunk_counters(geo.groups * cdiv(geo.C_g, meta["BLOCK_N"]), slot_chunks(slots_ph, geo.stride[0]
-                                                                                   * geo.stride[1]))
+    # (_dgrad_launch may narrow BLOCK_N to 64 when it recomputes y: sized for the narrower tile, an upper bound)
+    block_n = min(meta["BLOCK_N"], 64) if not INTERPRET else meta["BLOCK_N"]
+    return chunk_counters(geo.groups * cdiv(geo.C_g, block_n), slot_chunks(slots_ph, geo.stride[0] * geo.stride[1]))
 
 
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
@@ -1328,7 +1381,8 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
         torch.empty(geo.K, dtype=torch.float32 if bn_weight is None else bn_weight.dtype, device=device),
         torch.empty(geo.K, dtype=torch.float32, device=device),
         torch.empty(geo.K, dtype=bias.dtype, device=device) if need_b else None, grad_y_scale,
-        recompute_y_allowed(geo, bias, tiles))
+        recompute_y_allowed(geo, bias, tiles),
+        torch.empty((3, geo.K), dtype=torch.float32, device=device))
     need_dgrad = need_x or need_isc or need_ish
     wplan, dmeta, w_first, n_sem = plan.gemms
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.

@@ -61,7 +61,8 @@ from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, affine_pair, 
                       channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
                       check_vector, chunk_counters, dot_precision, dummy, empty_channels_last, gpu_tile_k,
                       gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile,
-                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, tensor_key, upcast_bf16)
+                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps, tensor_key,
+                      upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -178,6 +179,7 @@ def _conv_fwd_kernel(
     FINALIZE: tl.constexpr,      # STATS and, in the merging programs, BN's finalize of their columns (conv_bn_train)
     UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
+    TAP_STEPS: tl.constexpr,     # every reduction step lies in one filter tap (tap_steps: C_g % BLOCK_K == 0, or 1x1)
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
@@ -207,23 +209,49 @@ def _conv_fwd_kernel(
     w_cols = w_ptr + k.to(tl.int64) * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # TAP_STEPS: the step's (r, s) and first channel c0, carried from step to step as scalars (no division)
+    c0 = 0
+    r_t = 0
+    s_t = 0
     for j0 in range(0, RSC, BLOCK_K):
-        # Reduction index j = (r, s, c_local), c fastest.
-        offs_j = j0 + tl.arange(0, BLOCK_K)
-        mask_j = offs_j < RSC
-        c_l = offs_j % C_g
-        rs = offs_j // C_g
-        r = rs // S
-        s = rs % S
-        c = g * C_g + c_l
-        h = h0[:, None] + (r * DIL_H)[None, :]
-        w = w0[:, None] + (s * DIL_W)[None, :]
-        in_bounds = (mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
-        a_ptrs = x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        if TAP_STEPS:
+            # The step lies in one filter tap (r_t, s_t), channels c0 .. c0 + BLOCK_K - 1: bounds and offsets per
+            # row, one add per element.
+            c_l = c0 + tl.arange(0, BLOCK_K)
+            mask_j = c_l < C_g
+            c = g * C_g + c_l
+            h_t = h0 + r_t * DIL_H
+            w_t = w0 + s_t * DIL_W
+            row_ok = mask_m & (h_t >= 0) & (h_t < H) & (w_t >= 0) & (w_t < W)
+            in_bounds = row_ok[:, None] & mask_j[None, :]
+            a_ptrs = ((x_rows + h_t.to(tl.int64) * sxh + w_t.to(tl.int64) * sxw)[:, None]
+                      + (c.to(tl.int64) * sxc)[None, :])
+            b_ptrs = w_cols[None, :] + (c_l * swc + r_t * swr + s_t * sws)[:, None]
+            c0 += BLOCK_K
+            next_tap = c0 >= C_g
+            c0 = tl.where(next_tap, 0, c0)
+            s_t = tl.where(next_tap, s_t + 1, s_t)
+            next_row = s_t >= S
+            s_t = tl.where(next_row, 0, s_t)
+            r_t = tl.where(next_row, r_t + 1, r_t)
+        else:
+            # Reduction index j = (r, s, c_local), c fastest: a step may span taps (narrow groups).
+            offs_j = j0 + tl.arange(0, BLOCK_K)
+            mask_j = offs_j < RSC
+            c_l = offs_j % C_g
+            rs = offs_j // C_g
+            r = rs // S
+            s = rs % S
+            c = g * C_g + c_l
+            h = h0[:, None] + (r * DIL_H)[None, :]
+            w = w0[:, None] + (s * DIL_W)[None, :]
+            in_bounds = (mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
+            a_ptrs = (x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :] + h.to(tl.int64) * sxh
+                      + w.to(tl.int64) * sxw)
+            b_ptrs = w_cols[None, :] + (c_l * swc + r * swr + s * sws)[:, None]
         a = tl.load(a_ptrs, mask=in_bounds, other=0.0)
         if PROLOGUE:
             a = apply_prologue(a, in_scale_ptr, in_shift_ptr, c, mask_j, in_bounds, IN_RELU)
-        b_ptrs = w_cols[None, :] + (c_l * swc + r * swr + s * sws)[:, None]
         b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -461,7 +489,8 @@ def fwd_tiles(geo: ConvGeometry) -> dict:
     group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
-    return dict(BLOCK_N=gpu_tile_n(geo.K_g), BLOCK_K=gpu_tile_k(geo.dtype, geo.R * geo.S * geo.C_g))
+    block_k = gpu_tile_k(geo.dtype, geo.R * geo.S * geo.C_g)
+    return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, geo.R * geo.S, block_k)), BLOCK_K=block_k)
 
 
 class BNTrain(NamedTuple):
@@ -591,7 +620,8 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
                 FINALIZE=finalize is not None,
-                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype), PART_M=part_m,
+                UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
+                TAP_STEPS=tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]), PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
     slots = cdiv(M, part_m)
     return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),

@@ -1,0 +1,142 @@
+"""The conv GEMMs' tap steps (TAP_STEPS): a reduction step of the forward or the dgrad that lies in one filter tap
+carries the tap as scalars from step to step and forms bounds and offsets per row, instead of splitting
+j = (tap, channel) per element with integer divisions (~20 SASS instructions each). Taken when the channel count is a
+multiple of the tile (or the filter is 1x1: _common.tap_steps); the same tiles in the same order as the per-element
+split, so the same bits.
+
+Checks: the selection; forward and every gradient (the generic backward and the conv -> BN training backward, which
+forms g_acc on load) against the float64 reference with several steps per tap, stride, padding, dilation and dgrad
+stride phases without live taps; and equality, bit for bit, with the per-element path forced on the same tiles.
+Every launch's TAP_STEPS is recorded, so a test cannot pass on the path it did not mean to run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+
+from pe_kernels.triton import conv_bwd as conv_bwd_mod
+from pe_kernels.triton import conv_fwd as conv_fwd_mod
+from pe_kernels.triton._common import gpu_tile_n, tap_steps
+from pe_kernels.triton.conv_bwd import conv_bn_bwd, conv_bwd
+from pe_kernels.triton.conv_fwd import conv_fwd
+
+import test_triton_conv as tc
+import test_triton_conv_bn_train_bwd as tb
+
+GEMMS = ("_conv_fwd_kernel", "_conv_dgrad_kernel")   # (the wgrad's j tiles are per program: no per-step split)
+TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
+FWD_TILES = {k: v for k, v in TILES.items() if k != "SPLIT"}
+
+# C_g and K_g multiples of 16: the forward and the dgrad take tap steps with 16-deep tiles (32: two steps per tap)
+CASES = {
+    "3x3_s2_g2": tc.Case(2, 32, 64, 9, 7, 3, 3, stride=(2, 2), padding=(1, 1), groups=2),
+    "3x3_c32_dil2": tc.Case(1, 32, 32, 8, 8, 3, 3, padding=(2, 2), dilation=(2, 2)),
+    # dgrad stride phases: along w every tap live on odd phases, none on even ones (tc.CASES' 3x3_s32_dil2_pad21)
+    "3x3_s32_dil2_g2": tc.Case(1, 32, 32, 11, 10, 3, 3, stride=(3, 2), padding=(2, 1), dilation=(2, 2), groups=2),
+}
+
+
+@contextlib.contextmanager
+def recorded_tap_steps():
+    """{kernel name: set of TAP_STEPS values} of the GEMM launches in the block (interpreter and GPU launches)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen = collections.defaultdict(set)
+    saved = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
+
+    def recording(original):
+        def run(self, *args, **kwargs):
+            if self.fn.__name__ in GEMMS:
+                seen[self.fn.__name__].add(kwargs.get("TAP_STEPS"))
+            return original(self, *args, **kwargs)
+        return run
+
+    for cls, original in saved:
+        cls.run = recording(original)
+    try:
+        yield seen
+    finally:
+        for cls, original in saved:
+            cls.run = original
+
+
+@contextlib.contextmanager
+def per_element_split(monkeypatch):
+    """Force TAP_STEPS off in every launcher (the per-element split of j)."""
+    with monkeypatch.context() as m:
+        m.setattr(conv_fwd_mod, "tap_steps", lambda *a: False)
+        m.setattr(conv_bwd_mod, "tap_steps", lambda *a: False)
+        yield
+
+
+def test_selection():
+    assert tap_steps(64, 9, 64) and tap_steps(128, 9, 64) and tap_steps(16, 9, 16)
+    assert not tap_steps(32, 9, 64) and not tap_steps(3, 9, 32) and not tap_steps(24, 9, 16)
+    assert tap_steps(3, 1, 32) and tap_steps(100, 1, 64)   # 1x1: one tap, a ragged last step is masked
+    # GPU column tiles: 128 for wide groups whose steps lie in one tap, else 64
+    assert gpu_tile_n(128, True) == 128 and gpu_tile_n(512, True) == 128
+    assert gpu_tile_n(128, False) == 64 and gpu_tile_n(64, True) == 64 and gpu_tile_n(32, True) == 64
+
+
+@pytest.mark.parametrize("dtype", tc.DTYPES[:2])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_conv_against_reference(case, dtype, kernel_device):
+    args = tc.make_inputs(case, dtype, "sliced", "full", kernel_device)
+    with recorded_tap_steps() as seen:
+        tc.check_forward(args, dtype, tiles=FWD_TILES)
+        tc.check_backward(args, dtype, tiles=TILES)
+    assert {k: seen[k] for k in GEMMS} == {k: {True} for k in GEMMS}, dict(seen)
+
+
+@pytest.mark.parametrize("dtype", tb.DTYPES)
+@pytest.mark.parametrize("prologue", [True, False], ids=["prologue", "no_prologue"])
+@pytest.mark.parametrize("case", ["3x3_s2_g2", "3x3_s32_dil2_g2"])
+def test_conv_bn_train_backward_against_reference(case, prologue, dtype, kernel_device):
+    c = CASES[case]
+    args = tb.make_inputs(tb.Case(c.N, c.C, c.K, c.H, c.W, c.R, c.stride[0], c.padding[0], c.groups), dtype,
+                          kernel_device, prologue=prologue, bias=True)
+    with recorded_tap_steps() as seen:
+        tb.check(args, dtype, needs_grad=tb.ALL, tiles=TILES)
+    assert seen["_conv_dgrad_kernel"] == {True}, dict(seen)
+
+
+def _conv_runs(args, dtype, device):
+    y, stats = tc.run_fwd(conv_fwd, args, True, tiles=FWD_TILES)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    gs = (torch.randn(2, y.shape[1], generator=torch.Generator().manual_seed(2)) * 0.1).to(device)
+    grads = tc.run_bwd(conv_bwd, grad_y, gs, args, y, [True] * 8, stats, tiles=TILES)
+    return [y, stats, *grads]
+
+
+def _conv_bn_runs(args, dtype, device):
+    a = args
+    y, stats = conv_fwd(a["x"], a["weight"], a["bias"], a["in_scale"], a["in_shift"], a["in_relu"], None, None, None,
+                        False, a["stride"], a["padding"], a["dilation"], a["groups"], True, tiles=FWD_TILES)
+    grads = tb.make_grads(y.shape, y.shape[1], dtype, device)
+    return [y, stats, *tb.backward(conv_bn_bwd, grads, args, y, stats, tb.ALL, tiles=TILES)]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("case", ["3x3_s2_g2", "3x3_s32_dil2_g2"])
+def test_same_bits_as_the_per_element_split(case, dtype, kernel_device, monkeypatch):
+    c = CASES[case]
+    torch.manual_seed(0)
+    conv_args = tc.make_inputs(c, dtype, "channels_last", "full", kernel_device)
+    bn_args = tb.make_inputs(tb.Case(c.N, c.C, c.K, c.H, c.W, c.R, c.stride[0], c.padding[0], c.groups), dtype,
+                             kernel_device, bias=True)
+    runs = {}
+    for mode in ("tap", "element"):
+        torch.manual_seed(3)
+        with recorded_tap_steps() as seen, (per_element_split(monkeypatch) if mode == "element"
+                                            else contextlib.nullcontext()):
+            runs[mode] = _conv_runs(conv_args, dtype, kernel_device) + _conv_bn_runs(bn_args, dtype, kernel_device)
+        assert {k: seen[k] for k in GEMMS} == {k: {mode == "tap"} for k in GEMMS}, (mode, dict(seen))
+    for i, (a, b) in enumerate(zip(runs["tap"], runs["element"])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert torch.equal(a, b), f"result {i} differs between the tap steps and the per-element split"
