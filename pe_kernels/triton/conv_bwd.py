@@ -274,6 +274,8 @@ def _conv_dgrad_kernel(
     TAIL_BITS: tl.constexpr,     # (TAIL_RELU) the mask read from bits_ptr instead of x (1 bit an element, not 16)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     TAP_STEPS: tl.constexpr,     # every reduction step lies in one live tap (tap_steps: K_g % BLOCK_K == 0, or 1x1)
+    EVEN_K: tl.constexpr,        # TAP_STEPS and K_g % BLOCK_K == 0: no reduction-column mask
+    EVEN_N: tl.constexpr,        # C_g % BLOCK_N == 0: no output-column mask
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the sums' reduction
@@ -314,7 +316,10 @@ def _conv_dgrad_kernel(
 
     # Columns: input channels of group grp.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C_g
+    if EVEN_N:   # every column block full: no column mask
+        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        mask_n = offs_n < C_g
     c = grp * C_g + offs_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -327,7 +332,10 @@ def _conv_dgrad_kernel(
             # The step lies in one live tap (r0 + STEP_H t_t, s0 + STEP_W u_t), channels k0 .. k0 + BLOCK_K - 1:
             # bounds and offsets per row, one add per element.
             k_l = k0 + tl.arange(0, BLOCK_K)
-            mask_j = k_l < K_g
+            if EVEN_K:   # every step full (K_g a multiple of BLOCK_K): the rows' bounds are the whole mask
+                mask_j = tl.full((BLOCK_K,), 1, tl.int1)
+            else:
+                mask_j = k_l < K_g
             k = grp * K_g + k_l
             r = r0 + STEP_H * t_t
             s = s0 + STEP_W * u_t
@@ -934,7 +942,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
                 TAIL_RES_SUM=res is not None, TAIL_BITS=tail is not None and tail.relu and tail.bits is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                TAP_STEPS=tap_steps(geo.K_g, geo.R * geo.S, meta["BLOCK_K"]), PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
+                TAP_STEPS=tap_steps(geo.K_g, geo.R * geo.S, meta["BLOCK_K"]), EVEN_K=geo.K_g % meta["BLOCK_K"] == 0,
+                EVEN_N=geo.C_g % meta["BLOCK_N"] == 0, PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
                 BLOCK_C=block_c if recompute else 16, CHUNK=CHUNK_SLOTS)
     n_sums = (3 if res is not None else 2) if tail is not None else 2
     part = ((phases * slots_ph + slot_chunks(slots_ph, phases), n_sums, geo.C) if need_stats or tail is not None

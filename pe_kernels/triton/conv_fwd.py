@@ -180,6 +180,8 @@ def _conv_fwd_kernel(
     UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
     TAP_STEPS: tl.constexpr,     # every reduction step lies in one filter tap (tap_steps: C_g % BLOCK_K == 0, or 1x1)
+    EVEN_K: tl.constexpr,        # TAP_STEPS and C_g % BLOCK_K == 0: no reduction-column mask
+    EVEN_N: tl.constexpr,        # K_g % BLOCK_N == 0: no output-column mask
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
@@ -204,7 +206,10 @@ def _conv_fwd_kernel(
 
     # Columns: output channels k of group g.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < K_g
+    if EVEN_N:   # every column block full: no column mask (fewer selects per async copy)
+        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        mask_n = offs_n < K_g
     k = g * K_g + offs_n
     w_cols = w_ptr + k.to(tl.int64) * swk
 
@@ -218,7 +223,10 @@ def _conv_fwd_kernel(
             # The step lies in one filter tap (r_t, s_t), channels c0 .. c0 + BLOCK_K - 1: bounds and offsets per
             # row, one add per element.
             c_l = c0 + tl.arange(0, BLOCK_K)
-            mask_j = c_l < C_g
+            if EVEN_K:   # every step full (C_g a multiple of BLOCK_K): the rows' bounds are the whole mask
+                mask_j = tl.full((BLOCK_K,), 1, tl.int1)
+            else:
+                mask_j = c_l < C_g
             c = g * C_g + c_l
             h_t = h0 + r_t * DIL_H
             w_t = w0 + s_t * DIL_W
@@ -621,7 +629,8 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
                 FINALIZE=finalize is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                TAP_STEPS=tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]), PART_M=part_m,
+                TAP_STEPS=tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]),
+                EVEN_K=geo.C_g % meta["BLOCK_K"] == 0, EVEN_N=geo.K_g % meta["BLOCK_N"] == 0, PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
     slots = cdiv(M, part_m)
     return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),
