@@ -42,7 +42,8 @@ CASES = {
 
 @contextlib.contextmanager
 def recorded_tap_steps():
-    """{kernel name: set of TAP_STEPS values} of the GEMM launches in the block (interpreter and GPU launches)."""
+    """{kernel name: set of TAP_STEPS values} of the GEMM launches in the block (interpreter and GPU launches); and
+    of (EVEN_K, EVEN_N) under the key (name, "even")."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -53,6 +54,7 @@ def recorded_tap_steps():
         def run(self, *args, **kwargs):
             if self.fn.__name__ in GEMMS:
                 seen[self.fn.__name__].add(kwargs.get("TAP_STEPS"))
+                seen[(self.fn.__name__, "even")].add((kwargs.get("EVEN_K"), kwargs.get("EVEN_N")))
             return original(self, *args, **kwargs)
         return run
 
@@ -91,6 +93,8 @@ def test_conv_against_reference(case, dtype, kernel_device):
         tc.check_forward(args, dtype, tiles=FWD_TILES)
         tc.check_backward(args, dtype, tiles=TILES)
     assert {k: seen[k] for k in GEMMS} == {k: {True} for k in GEMMS}, dict(seen)
+    # 16-wide tiles divide C_g and K_g: no column masks (EVEN_K, EVEN_N) -- the masked forms run in test_triton_conv
+    assert {k: seen[(k, "even")] for k in GEMMS} == {k: {(True, True)} for k in GEMMS}, dict(seen)
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)
