@@ -630,7 +630,10 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 FINALIZE=finalize is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
                 TAP_STEPS=tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]),
-                EVEN_K=geo.C_g % meta["BLOCK_K"] == 0, EVEN_N=geo.K_g % meta["BLOCK_N"] == 0, PART_M=part_m,
+                EVEN_K=geo.C_g % meta["BLOCK_K"] == 0,
+                # (the per-element split keeps its column mask: without it the stem's 4-warp config spilled 4 bytes)
+                EVEN_N=geo.K_g % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]),
+                PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
     slots = cdiv(M, part_m)
     return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),
