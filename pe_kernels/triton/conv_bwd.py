@@ -1039,6 +1039,8 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
         # one tile shape for every layer (per dtype), spill-free (bench/kernel_audit.py, Triton 3.6 and 3.9); the
         # stem (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
+        if rsc >= 2 * block_k and block_m == 64:
+            block_k *= 2
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))
@@ -1075,7 +1077,7 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
                 BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), EVEN_M=M % block_m == 0, EVEN_N=geo.K_g % plan.block_n == 0,
                 EVEN_K=rsc % plan.block_k == 0, BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-                num_warps=4)
+                num_warps=8 if plan.block_k >= 128 or (plan.block_k >= 64 and x.dtype == torch.float32) else 4)
     rows = plan.split + plan.chunks   # the splits' partials, then the chunks' (two levels)
     return _GemmLaunch(plan.grid, scalars, meta, None, (rows, geo.K, rsc) if plan.split > 1 else None,
                        (rows, geo.K) if bias_grad and plan.split > 1 else None, tail)
