@@ -87,6 +87,28 @@ def gpu_tile_k(dtype: torch.dtype, length: int) -> int:
     return full if length >= 32 else pow2_tile(length, 16, full)
 
 
+def divisor_magic(d: int) -> tuple[int, int]:
+    """(m, s) for fast_div by d >= 1: x // d == umulhi(x, m) >> s for every 0 <= x < 2**31 (the round-up method:
+    l = ceil(log2 d), m = ceil(2**(31 + l) / d) < 2**32, s = l - 1; exact because x (m d - 2**(31 + l)) < 2**31 d
+    <= 2**(31 + l)); (2**31, 0) for d = 1 (fast_div returns x). m >= 2**31 always: one argument type (int64) for
+    every divisor, so one compiled kernel."""
+    d = int(d)
+    if d < 1:
+        raise ValueError(f"divisor_magic: the divisor must be >= 1, got {d}")
+    if d == 1:
+        return 1 << 31, 0
+    lg = (d - 1).bit_length()
+    return -(-(1 << (31 + lg)) // d), lg - 1
+
+
+@triton.jit
+def fast_div(x, d, m, s):
+    """x // d for int32 0 <= x < 2**31 and the host's divisor_magic(d) = (m, s): a high multiply and a shift instead
+    of a 32-bit division (~20 instructions with a runtime divisor)."""
+    q = (tl.umulhi(x.to(tl.uint32), m.to(tl.uint32)) >> s.to(tl.uint32)).to(tl.int32)
+    return tl.where(d == 1, x, q)
+
+
 def tap_steps(channels: int, taps: int, block: int) -> bool:
     """Whether every `block`-deep step of a conv GEMM's reduction (or column tile) over j = (tap, channel), channel
     fastest, lies in one filter tap: `channels` a multiple of `block`, or a single tap (1x1). The kernels then carry

@@ -86,10 +86,10 @@ import triton.language as tl
 from ..ops.contract import composed_conv_bn_train_backward
 from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv,
                       channels_last_strides, check_4d, check_same_device, check_shape, check_vector, chunk_counters,
-                      dot_precision, dummy, empty_channels_last, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
-                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots,
-                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tap_steps,
-                      tensor_key, tile_offsets, upcast_bf16)
+                      divisor_magic, dot_precision, dummy, empty_channels_last, fast_div, gpu_tile_k, gpu_tile_n,
+                      identity_vector, krsc, krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows,
+                      pow2_tile, reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4,
+                      sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -513,7 +513,8 @@ def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, sem_ptr, c
 # --------------------------------------------------------------------------------------------------------------
 # 3. wgrad: grouped implicit GEMM over M = N*P*Q, prologue recomputed on load, split-M fp32 partials
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT", "SPLIT_CHUNK", "sdk", "sdc", "sdr", "sds"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["M_PER_SPLIT", "SPLIT_CHUNK", "PQ_MAGIC", "PQ_SHIFT", "Q_MAGIC",
+                                                  "Q_SHIFT", "sdk", "sdc", "sdr", "sds"])
 def _conv_wgrad_kernel(
     g_ptr,          # g_acc (N, K, P, Q), any strides; grad_y with GACC_ON_LOAD
     x_ptr,          # forward input (N, C, H, W), any strides
@@ -543,6 +544,7 @@ def _conv_wgrad_kernel(
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_PER_SPLIT,                 # rows of M per split (a multiple of BLOCK_M)
     SPLIT_CHUNK,                 # splits per chunk of the two-level sum of the split partials (split_chunk)
+    PQ_MAGIC, PQ_SHIFT, Q_MAGIC, Q_SHIFT,   # divisor_magic(P * Q), divisor_magic(Q) (fast_div)
     count, inv_n, eps,           # GACC_ON_LOAD: n = M (float), 1 / n, BN epsilon
     sgn, sgc, sgh, sgw,          # g_acc (grad_y) strides
     syn, syc, syh, syw,          # y strides (GACC_ON_LOAD)
@@ -603,10 +605,11 @@ def _conv_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = tl.full((BLOCK_M,), 1, tl.int1) if EVEN_M else offs_m < m_end
-        n = offs_m // (P * Q)
-        pq = offs_m % (P * Q)
-        p = pq // Q
-        q = pq % Q
+        # (n, p, q) of the rows without a division: fast_div by P*Q and Q (the divisions were ~1/3 of the loop)
+        n = fast_div(offs_m, P * Q, PQ_MAGIC, PQ_SHIFT)
+        pq = offs_m - n * (P * Q)
+        p = fast_div(pq, Q, Q_MAGIC, Q_SHIFT)
+        q = pq - p * Q
         n64 = n.to(tl.int64)
         # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
         hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
@@ -1065,7 +1068,7 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     rsc = geo.R * geo.S * geo.C_g
     load_scalars, y_strides = _on_load_scalars(on_load)
     scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split,
-               plan.split_chunk, *load_scalars,
+               plan.split_chunk, *divisor_magic(geo.P * geo.Q), *divisor_magic(geo.Q), *load_scalars,
                *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
     recompute = _recomputes(on_load, geo)
     tail = (*(weight.stride()[:2] if recompute else (0, 0)), *geo.stride, *geo.padding, *geo.dilation)
