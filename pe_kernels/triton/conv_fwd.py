@@ -59,10 +59,10 @@ import triton.language as tl
 
 from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, capturing, cdiv,
                       channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, chunk_counters, dot_precision, dummy, empty_channels_last, gpu_tile_k,
-                      gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows, pow2_tile,
-                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps, tensor_key,
-                      upcast_bf16)
+                      check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last,
+                      fast_div, gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair,
+                      part_rows, pow2_tile, slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps,
+                      tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -134,9 +134,10 @@ def conv_geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
 # and RSC stay specialised: a unit channel stride and 16-divisible row strides give vectorised NHWC loads.
 _NOT_SPECIALIZED = ["H", "W", "P", "Q", "M", "S", "M_KEY", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H",
                     "DIL_W", "srm", "srv", "running", "has_nbt", "cumulative"]
+_NOT_SPECIALIZED_FWD = _NOT_SPECIALIZED + ["CG_MAGIC", "CG_SHIFT", "S_MAGIC", "S_SHIFT"]
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED_FWD)
 def _conv_fwd_kernel(
     x_ptr,          # input (N, C, H, W), any strides
     w_ptr,          # weight (K, C_g, R, S), any strides
@@ -162,6 +163,7 @@ def _conv_fwd_kernel(
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_KEY,                       # M rounded up to a power of two: the autotune key (unused in the body)
+    CG_MAGIC, CG_SHIFT, S_MAGIC, S_SHIFT,   # divisor_magic(C_g), divisor_magic(S) (fast_div)
     sxn, sxc, sxh, sxw,          # x strides (elements)
     swk, swc, swr, sws,          # weight strides
     srn, src, srh, srw,          # residual strides
@@ -182,6 +184,7 @@ def _conv_fwd_kernel(
     TAP_STEPS: tl.constexpr,     # every reduction step lies in one filter tap (tap_steps: C_g % BLOCK_K == 0, or 1x1)
     EVEN_K: tl.constexpr,        # TAP_STEPS and C_g % BLOCK_K == 0: no reduction-column mask
     EVEN_N: tl.constexpr,        # K_g % BLOCK_N == 0: no output-column mask
+    FAST_DIV_J: tl.constexpr,    # (not TAP_STEPS) C_g % 16 != 0: split j with fast_div (CG_MAGIC, S_MAGIC)
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
@@ -246,10 +249,16 @@ def _conv_fwd_kernel(
             # Reduction index j = (r, s, c_local), c fastest: a step may span taps (narrow groups).
             offs_j = j0 + tl.arange(0, BLOCK_K)
             mask_j = offs_j < RSC
-            c_l = offs_j % C_g
-            rs = offs_j // C_g
-            r = rs // S
-            s = rs % S
+            if FAST_DIV_J:   # (a high multiply, not a 32-bit division: the stem's 3 channels, odd groups)
+                rs = fast_div(offs_j, C_g, CG_MAGIC, CG_SHIFT)
+                c_l = offs_j - rs * C_g
+                r = fast_div(rs, S, S_MAGIC, S_SHIFT)
+                s = rs - r * S
+            else:   # C_g a multiple of 16: % and // let the compiler see c contiguous (16-byte loads); fast_div hid it
+                c_l = offs_j % C_g
+                rs = offs_j // C_g
+                r = rs // S
+                s = rs % S
             c = g * C_g + c_l
             h = h0[:, None] + (r * DIL_H)[None, :]
             w = w0[:, None] + (s * DIL_W)[None, :]
@@ -623,7 +632,8 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     y_strides = channels_last_strides(y_shape)
     w_strides = krsc_strides(weight)
     scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
-               next_pow2(max(M, 1)), *strides4(x), *w_strides, *strides4(residual), *y_strides,
+               next_pow2(max(M, 1)), *divisor_magic(geo.C_g), *divisor_magic(geo.S),
+               *strides4(x), *w_strides, *strides4(residual), *y_strides,
                *geo.stride, *geo.padding, *geo.dilation, *bn_scalars)
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
@@ -633,6 +643,7 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 EVEN_K=geo.C_g % meta["BLOCK_K"] == 0,
                 # (the per-element split keeps its column mask: without it the stem's 4-warp config spilled 4 bytes)
                 EVEN_N=geo.K_g % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]),
+                FAST_DIV_J=geo.C_g % 16 != 0,
                 PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
     slots = cdiv(M, part_m)
