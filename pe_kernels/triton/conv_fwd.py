@@ -502,11 +502,13 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
 
 
 def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tile_k); under the interpreter, tiles that cover a tiny test's
-    group in one step."""
+    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tile_k; a 3x3 layer of 32-channel groups: 32-deep tap steps);
+    under the interpreter, tiles that cover a tiny test's group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
     block_k = gpu_tile_k(geo.dtype, geo.R * geo.S * geo.C_g)
+    if geo.R * geo.S > 1 and geo.C_g % block_k != 0 and geo.C_g % 32 == 0:
+        block_k = 32   # narrow groups (C_g = 32, 3x3): tap steps, and no half-empty last step (288 = 9 x 32)
     return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, geo.R * geo.S, block_k)), BLOCK_K=block_k)
 
 
