@@ -1,8 +1,8 @@
 """The conv GEMMs' tap steps (TAP_STEPS): a reduction step of the forward or the dgrad that lies in one filter tap
 carries the tap as scalars from step to step and forms bounds and offsets per row, instead of splitting
 j = (tap, channel) per element with integer divisions (~20 SASS instructions each). Taken when the channel count is a
-multiple of the tile (or the filter is 1x1: _common.tap_steps); the same tiles in the same order as the per-element
-split, so the same bits.
+multiple of the tile (_common.tap_steps: every step full, no reduction-column mask); the same tiles in the same order
+as the per-element split, so the same bits.
 
 Checks: the selection; forward and every gradient (the generic backward and the conv -> BN training backward, which
 forms g_acc on load) against the float64 reference with several steps per tap, stride, padding, dilation and dgrad
@@ -43,7 +43,7 @@ CASES = {
 @contextlib.contextmanager
 def recorded_tap_steps():
     """{kernel name: set of TAP_STEPS values} of the GEMM launches in the block (interpreter and GPU launches); and
-    of (EVEN_K, EVEN_N) under the key (name, "even")."""
+    of EVEN_N under the key (name, "even")."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -54,7 +54,7 @@ def recorded_tap_steps():
         def run(self, *args, **kwargs):
             if self.fn.__name__ in GEMMS:
                 seen[self.fn.__name__].add(kwargs.get("TAP_STEPS"))
-                seen[(self.fn.__name__, "even")].add((kwargs.get("EVEN_K"), kwargs.get("EVEN_N")))
+                seen[(self.fn.__name__, "even")].add(kwargs.get("EVEN_N"))
             return original(self, *args, **kwargs)
         return run
 
@@ -77,9 +77,8 @@ def per_element_split(monkeypatch):
 
 
 def test_selection():
-    assert tap_steps(64, 9, 64) and tap_steps(128, 9, 64) and tap_steps(16, 9, 16)
-    assert not tap_steps(32, 9, 64) and not tap_steps(3, 9, 32) and not tap_steps(24, 9, 16)
-    assert tap_steps(3, 1, 32) and tap_steps(100, 1, 64)   # 1x1: one tap, a ragged last step is masked
+    assert tap_steps(64, 64) and tap_steps(128, 64) and tap_steps(16, 16)
+    assert not tap_steps(32, 64) and not tap_steps(3, 32) and not tap_steps(24, 16) and not tap_steps(100, 64)
     # GPU column tiles: 128 for wide groups whose steps lie in one tap, else 64
     assert gpu_tile_n(128, True) == 128 and gpu_tile_n(512, True) == 128
     assert gpu_tile_n(128, False) == 64 and gpu_tile_n(64, True) == 64 and gpu_tile_n(32, True) == 64
@@ -93,8 +92,8 @@ def test_conv_against_reference(case, dtype, kernel_device):
         tc.check_forward(args, dtype, tiles=FWD_TILES)
         tc.check_backward(args, dtype, tiles=TILES)
     assert {k: seen[k] for k in GEMMS} == {k: {True} for k in GEMMS}, dict(seen)
-    # 16-wide tiles divide C_g and K_g: no column masks (EVEN_K, EVEN_N) -- the masked forms run in test_triton_conv
-    assert {k: seen[(k, "even")] for k in GEMMS} == {k: {(True, True)} for k in GEMMS}, dict(seen)
+    # 16-wide tiles divide K_g and C_g: no output-column mask (EVEN_N) -- the masked form runs in test_triton_conv
+    assert {k: seen[(k, "even")] for k in GEMMS} == {k: {True} for k in GEMMS}, dict(seen)
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)

@@ -109,12 +109,12 @@ def fast_div(x, d, m, s):
     return tl.where(d == 1, x, q)
 
 
-def tap_steps(channels: int, taps: int, block: int) -> bool:
-    """Whether every `block`-deep step of a conv GEMM's reduction (or column tile) over j = (tap, channel), channel
-    fastest, lies in one filter tap: `channels` a multiple of `block`, or a single tap (1x1). The kernels then carry
-    the step's tap as scalars and form bounds and offsets per row (TAP_STEPS); otherwise a step may span taps and they
-    split j per element (integer division by the channel count per column)."""
-    return taps == 1 or channels % block == 0
+def tap_steps(channels: int, block: int) -> bool:
+    """Whether every `block`-deep step of a conv GEMM's reduction over j = (tap, channel), channel fastest, is full and
+    lies in one filter tap: `channels` a multiple of `block`. The kernels then carry the step's tap as scalars and
+    form bounds and offsets per row, without a reduction-column mask (TAP_STEPS); otherwise a step may span taps and
+    they split j per element (a division by the channel count per column)."""
+    return channels % block == 0
 
 
 def gpu_tile_n(n: int, steps_in_one_tap: bool) -> int:

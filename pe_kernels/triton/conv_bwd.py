@@ -273,8 +273,7 @@ def _conv_dgrad_kernel(
     TAIL_RELU: tl.constexpr, TAIL_SIDE: tl.constexpr, TAIL_RES_SUM: tl.constexpr,
     TAIL_BITS: tl.constexpr,     # (TAIL_RELU) the mask read from bits_ptr instead of x (1 bit an element, not 16)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    TAP_STEPS: tl.constexpr,     # every reduction step lies in one live tap (tap_steps: K_g % BLOCK_K == 0, or 1x1)
-    EVEN_K: tl.constexpr,        # TAP_STEPS and K_g % BLOCK_K == 0: no reduction-column mask
+    TAP_STEPS: tl.constexpr,     # every reduction step is full and lies in one live tap (tap_steps: K_g % BLOCK_K == 0)
     EVEN_N: tl.constexpr,        # C_g % BLOCK_N == 0: no output-column mask
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -332,10 +331,7 @@ def _conv_dgrad_kernel(
             # The step lies in one live tap (r0 + STEP_H t_t, s0 + STEP_W u_t), channels k0 .. k0 + BLOCK_K - 1:
             # bounds and offsets per row, one add per element.
             k_l = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:   # every step full (K_g a multiple of BLOCK_K): the rows' bounds are the whole mask
-                mask_j = tl.full((BLOCK_K,), 1, tl.int1)
-            else:
-                mask_j = k_l < K_g
+            mask_j = tl.full((BLOCK_K,), 1, tl.int1)   # every step full: the rows' bounds are the whole mask
             k = grp * K_g + k_l
             r = r0 + STEP_H * t_t
             s = s0 + STEP_W * u_t
@@ -887,7 +883,7 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
         meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
     else:
         block_k = gpu_tile_k(geo.dtype, rsk)
-        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g, tap_steps(geo.K_g, geo.R * geo.S, block_k)), BLOCK_K=block_k)
+        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g, tap_steps(geo.K_g, block_k)), BLOCK_K=block_k)
     meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
     return meta
 
@@ -950,8 +946,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
                 TAIL_RES_SUM=res is not None, TAIL_BITS=tail is not None and tail.relu and tail.bits is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                TAP_STEPS=tap_steps(geo.K_g, geo.R * geo.S, meta["BLOCK_K"]), EVEN_K=geo.K_g % meta["BLOCK_K"] == 0,
-                EVEN_N=geo.C_g % meta["BLOCK_N"] == 0, PART_M=part_m, BLOCK_S=REDUCE_SLOTS,
+                TAP_STEPS=tap_steps(geo.K_g, meta["BLOCK_K"]), EVEN_N=geo.C_g % meta["BLOCK_N"] == 0, PART_M=part_m,
+                BLOCK_S=REDUCE_SLOTS,
                 BLOCK_C=block_c if recompute else 16, CHUNK=CHUNK_SLOTS)
     n_sums = (3 if res is not None else 2) if tail is not None else 2
     part = ((phases * slots_ph + slot_chunks(slots_ph, phases), n_sums, geo.C) if need_stats or tail is not None
@@ -1042,7 +1038,7 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
         # one tile shape for every layer (per dtype), spill-free (bench/kernel_audit.py, Triton 3.6 and 3.9); the
         # stem (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
-        if rsc >= 2 * block_k and block_m == 64:
+        if rsc % (2 * block_k) == 0 and block_m == 64:   # (a divisor of R*S*C_g: no column mask, EVEN_K)
             block_k *= 2
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)

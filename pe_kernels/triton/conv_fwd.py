@@ -181,8 +181,7 @@ def _conv_fwd_kernel(
     FINALIZE: tl.constexpr,      # STATS and, in the merging programs, BN's finalize of their columns (conv_bn_train)
     UPCAST: tl.constexpr,        # cast dot operands to fp32 (bf16 under the interpreter)
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
-    TAP_STEPS: tl.constexpr,     # every reduction step lies in one filter tap (tap_steps: C_g % BLOCK_K == 0, or 1x1)
-    EVEN_K: tl.constexpr,        # TAP_STEPS and C_g % BLOCK_K == 0: no reduction-column mask
+    TAP_STEPS: tl.constexpr,     # every reduction step is full and in one filter tap (tap_steps: C_g % BLOCK_K == 0)
     EVEN_N: tl.constexpr,        # K_g % BLOCK_N == 0: no output-column mask
     FAST_DIV_J: tl.constexpr,    # (not TAP_STEPS) C_g % 16 != 0: split j with fast_div (CG_MAGIC, S_MAGIC)
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
@@ -226,10 +225,7 @@ def _conv_fwd_kernel(
             # The step lies in one filter tap (r_t, s_t), channels c0 .. c0 + BLOCK_K - 1: bounds and offsets per
             # row, one add per element.
             c_l = c0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:   # every step full (C_g a multiple of BLOCK_K): the rows' bounds are the whole mask
-                mask_j = tl.full((BLOCK_K,), 1, tl.int1)
-            else:
-                mask_j = c_l < C_g
+            mask_j = tl.full((BLOCK_K,), 1, tl.int1)   # every step full: the rows' bounds are the whole mask
             c = g * C_g + c_l
             h_t = h0 + r_t * DIL_H
             w_t = w0 + s_t * DIL_W
@@ -502,14 +498,12 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
 
 
 def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tile_k; a 3x3 layer of 32-channel groups: 32-deep tap steps);
+    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tile_k);
     under the interpreter, tiles that cover a tiny test's group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
     block_k = gpu_tile_k(geo.dtype, geo.R * geo.S * geo.C_g)
-    if geo.R * geo.S > 1 and geo.C_g % block_k != 0 and geo.C_g % 32 == 0:
-        block_k = 32   # narrow groups (C_g = 32, 3x3): tap steps, and no half-empty last step (288 = 9 x 32)
-    return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, geo.R * geo.S, block_k)), BLOCK_K=block_k)
+    return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, block_k)), BLOCK_K=block_k)
 
 
 class BNTrain(NamedTuple):
@@ -641,10 +635,9 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
                 FINALIZE=finalize is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                TAP_STEPS=tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]),
-                EVEN_K=geo.C_g % meta["BLOCK_K"] == 0,
+                TAP_STEPS=tap_steps(geo.C_g, meta["BLOCK_K"]),
                 # (the per-element split keeps its column mask: without it the stem's 4-warp config spilled 4 bytes)
-                EVEN_N=geo.K_g % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, geo.R * geo.S, meta["BLOCK_K"]),
+                EVEN_N=geo.K_g % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, meta["BLOCK_K"]),
                 FAST_DIV_J=geo.C_g % 16 != 0,
                 PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
