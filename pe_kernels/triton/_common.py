@@ -109,6 +109,20 @@ def fast_div(x, d, m, s):
     return tl.where(d == 1, x, q)
 
 
+@triton.jit
+def advance_tap(c0, s, r, BLOCK: tl.constexpr, C, S):
+    """The next full step of a tap-major reduction (tap (r, s), channels c0 .. c0 + BLOCK - 1 of C, S taps a row;
+    TAP_STEPS): c0 + BLOCK, or the next tap's first channels, or the next row's first tap. Scalars, no division."""
+    c0 += BLOCK
+    next_tap = c0 >= C
+    c0 = tl.where(next_tap, 0, c0)
+    s = tl.where(next_tap, s + 1, s)
+    next_row = s >= S
+    s = tl.where(next_row, 0, s)
+    r = tl.where(next_row, r + 1, r)
+    return c0, s, r
+
+
 def tap_steps(channels: int, block: int) -> bool:
     """Whether every `block`-deep step of a conv GEMM's reduction over j = (tap, channel), channel fastest, is full and
     lies in one filter tap: `channels` a multiple of `block`. The kernels then carry the step's tap as scalars and

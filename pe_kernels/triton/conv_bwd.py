@@ -84,12 +84,12 @@ import triton
 import triton.language as tl
 
 from ..ops.contract import composed_conv_bn_train_backward
-from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, apply_prologue, cdiv,
-                      channels_last_strides, check_4d, check_same_device, check_shape, check_vector, chunk_counters,
-                      divisor_magic, dot_precision, dummy, empty_channels_last, fast_div, gpu_tile_k, gpu_tile_n,
-                      identity_vector, krsc, krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows,
-                      pow2_tile, reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4,
-                      sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16)
+from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, advance_tap, affine_pair,
+                      apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
+                      check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
+                      gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides, last_arrival, launch, next_pow2,
+                      nhwc_tile, part_rows, pow2_tile, reduce_slots, slot_chunk, slot_chunks, store_part,
+                      stream_counters, strides4, sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -344,13 +344,7 @@ def _conv_dgrad_kernel(
             y_ptrs = ((y_rows + p_t.to(tl.int64) * syh + q_t.to(tl.int64) * syw)[:, None]
                       + (k.to(tl.int64) * syc)[None, :])
             b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
-            k0 += BLOCK_K
-            next_tap = k0 >= K_g
-            k0 = tl.where(next_tap, 0, k0)
-            u_t = tl.where(next_tap, u_t + 1, u_t)
-            next_row = u_t >= T_W
-            u_t = tl.where(next_row, 0, u_t)
-            t_t = tl.where(next_row, t_t + 1, t_t)
+            k0, u_t, t_t = advance_tap(k0, u_t, t_t, BLOCK_K, K_g, T_W)
         else:
             # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t,
             # s0 + STEP_W u): a step may span taps (narrow groups).

@@ -57,12 +57,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, affine_pair, apply_prologue, capturing, cdiv,
-                      channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last,
-                      fast_div, gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair,
-                      part_rows, pow2_tile, slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps,
-                      tensor_key, upcast_bf16)
+from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, advance_tap, affine_pair, apply_prologue, capturing,
+                      cdiv, channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
+                      check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
+                      gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows,
+                      pow2_tile, slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps, tensor_key,
+                      upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -234,13 +234,7 @@ def _conv_fwd_kernel(
             a_ptrs = ((x_rows + h_t.to(tl.int64) * sxh + w_t.to(tl.int64) * sxw)[:, None]
                       + (c.to(tl.int64) * sxc)[None, :])
             b_ptrs = w_cols[None, :] + (c_l * swc + r_t * swr + s_t * sws)[:, None]
-            c0 += BLOCK_K
-            next_tap = c0 >= C_g
-            c0 = tl.where(next_tap, 0, c0)
-            s_t = tl.where(next_tap, s_t + 1, s_t)
-            next_row = s_t >= S
-            s_t = tl.where(next_row, 0, s_t)
-            r_t = tl.where(next_row, r_t + 1, r_t)
+            c0, s_t, r_t = advance_tap(c0, s_t, r_t, BLOCK_K, C_g, S)
         else:
             # Reduction index j = (r, s, c_local), c fastest: a step may span taps (narrow groups).
             offs_j = j0 + tl.arange(0, BLOCK_K)
