@@ -1029,10 +1029,12 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
-        # one tile shape for every layer (per dtype), spill-free (bench/kernel_audit.py, Triton 3.6 and 3.9); the
-        # stem (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled
+        # spill-free tiles on sm_90 for fp16 / bf16 / TF32 (bench/kernel_audit.py, Triton 3.6 and 3.9); the stem
+        # (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled. Twice
+        # the dtype's j tile (on 8 warps, _wgrad_launch) where it divides R*S*C_g (no column mask, EVEN_K): the
+        # g_acc tile formed on load then feeds twice the MMA work
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
-        if rsc % (2 * block_k) == 0 and block_m == 64:   # (a divisor of R*S*C_g: no column mask, EVEN_K)
+        if rsc % (2 * block_k) == 0 and block_m == 64:
             block_k *= 2
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
