@@ -175,16 +175,18 @@ _MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
 _FMA = re.compile(r"\bfma\.rn\.f32\b")
 
 
-def mma_loop(lines: list[str], pattern: re.Pattern = _MMA, innermost: bool = True) -> Optional[tuple[int, int]]:
+def mma_loop(lines: list[str], pattern: re.Pattern = _MMA, innermost: bool = True, label: re.Pattern = _LABEL,
+             branch: re.Pattern = _BRANCH) -> Optional[tuple[int, int]]:
     """(first, last) line of the innermost (or, innermost=False, the outermost) loop (a label and a later branch
-    back to it) that holds an MMA instruction (or what `pattern` matches); None when no loop holds one."""
+    back to it) that holds an MMA instruction (or what `pattern` matches); None when no loop holds one. PTX by
+    default; SASS with its label and branch patterns."""
     labels = {}
     loops = []
     for i, line in enumerate(lines):
-        m = _LABEL.match(line.strip())
+        m = label.match(line.strip())
         if m:
             labels[m.group(1)] = i
-        b = _BRANCH.search(line)
+        b = branch.search(line)
         if b and b.group(1) in labels:
             loops.append((labels[b.group(1)], i))
     with_mma = [(a, b) for a, b in loops if any(pattern.search(lines[k]) for k in range(a, b + 1))]
@@ -290,7 +292,7 @@ def analyse(kernel, arch: int) -> Compiled:
                     loop_sass, outer_sass if outer and outer != span else 0)
 
 
-_SASS_LABEL = re.compile(r"^\s*([A-Za-z_.$][\w.$]*):\s*$")
+_SASS_LABEL = re.compile(r"^([A-Za-z_.$][\w.$]*):$")
 _SASS_BRANCH = re.compile(r"\bBRA\s+`?\(?([A-Za-z_.$][\w.$]*)")
 _SASS_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 _SASS_FMA = re.compile(r"\bFFMA\b")
@@ -314,21 +316,12 @@ def sass_loops(kernel, mma: bool) -> tuple[int, int]:
     if text is None:
         return 0, 0
     lines = text.splitlines()
-    labels, loops = {}, []
-    for i, line in enumerate(lines):
-        m = _SASS_LABEL.match(line)
-        if m:
-            labels[m.group(1)] = i
-            continue
-        b = _SASS_BRANCH.search(line)
-        if b and b.group(1) in labels:
-            loops.append((labels[b.group(1)], i))
-    pattern = _SASS_MMA if mma else _SASS_FMA
-    held = [(a, b) for a, b in loops if any(pattern.search(lines[k]) for k in range(a, b + 1))]
-    if not held:
+    spans = [mma_loop(lines, _SASS_MMA if mma else _SASS_FMA, innermost, _SASS_LABEL, _SASS_BRANCH)
+             for innermost in (True, False)]
+    if spans[0] is None:
         return 0, 0
     count = lambda ab: sum(1 for k in range(ab[0] + 1, ab[1] + 1) if "\t" in lines[k])  # noqa: E731
-    return (count(min(held, key=lambda ab: ab[1] - ab[0])), count(max(held, key=lambda ab: ab[1] - ab[0])))
+    return count(spans[0]), count(spans[1])
 
 
 def instruction_count(lines: list[str]) -> int:

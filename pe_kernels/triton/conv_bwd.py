@@ -870,14 +870,16 @@ def _on_load_scalars(on_load) -> tuple[tuple, tuple]:
     return (float(on_load.count), 1.0 / on_load.count, float(on_load.eps)), tuple(on_load.y.stride())
 
 
-def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict]) -> dict:
-    """The dgrad's BLOCK_N (column tile over C_g) and BLOCK_K (reduction tile over R*S*K_g)."""
+def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict], epilogue_sums: bool = False) -> dict:
+    """The dgrad's BLOCK_N (column tile over C_g) and BLOCK_K (reduction tile over R*S*K_g); `epilogue_sums` (the
+    prologue's or a tail's sums in its epilogue): 64 columns on a GPU, 128 spilled beside them."""
     rsk = geo.R * geo.S * geo.K_g
     if INTERPRET:
         meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
     else:
         block_k = gpu_tile_k(geo.dtype, rsk)
-        meta = dict(BLOCK_N=gpu_tile_n(geo.C_g, tap_steps(geo.K_g, block_k)), BLOCK_K=block_k)
+        meta = dict(BLOCK_N=64 if epilogue_sums else gpu_tile_n(geo.C_g, tap_steps(geo.K_g, block_k)),
+                    BLOCK_K=block_k)
     meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
     return meta
 
@@ -925,8 +927,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     # is no larger than y: else reading x to save reading y moves more bytes (a block head's 1x1 conv: C = 4 K)
     x_read = (prologue and (bool(in_relu) or need_stats)) or (tail is not None and tail.relu and tail.bits is None)
     recompute = _recomputes(on_load, geo) and (x_read or geo.C * geo.H * geo.W <= geo.K * geo.P * geo.Q)
-    if (recompute or need_stats or tail is not None) and not INTERPRET and "BLOCK_N" not in (tiles or {}):
-        # 128 columns spilled beside the recomputed y tile, and with the prologue's or the tail's epilogue sums
+    if recompute and not INTERPRET and "BLOCK_N" not in (tiles or {}):
+        # 128 columns spilled beside the recomputed y tile (epilogue sums: 64 already, _dgrad_meta)
         meta = dict(meta, BLOCK_N=min(meta["BLOCK_N"], 64))
     block_c = meta["BLOCK_N"]
     if recompute and not INTERPRET and "BLOCK_K" not in (tiles or {}):
@@ -1003,6 +1005,7 @@ class _WgradPlan:
     grid: tuple[int, int, int]
 
     split_chunk: int = 1
+    num_warps: int = 4   # 8 with twice the dtype's j tile
 
     @property
     def counters(self) -> int:
@@ -1026,16 +1029,17 @@ def split_chunk(split: int) -> int:
 def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
+    num_warps = 4
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
         # spill-free tiles on sm_90 for fp16 / bf16 / TF32 (bench/kernel_audit.py, Triton 3.6 and 3.9); the stem
         # (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled. Twice
-        # the dtype's j tile (on 8 warps, _wgrad_launch) where it divides R*S*C_g (no column mask, EVEN_K): the
+        # the dtype's j tile (on 8 warps) where it divides R*S*C_g (no column mask, EVEN_K): the
         # g_acc tile formed on load then feeds twice the MMA work
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
         if rsc % (2 * block_k) == 0 and block_m == 64:
-            block_k *= 2
+            block_k, num_warps = 2 * block_k, 8
         # Enough programs to fill the GPU, each still reducing a long stretch of M.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
                                       * cdiv(rsc, block_k), 1024))
@@ -1049,7 +1053,7 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     split = max(1, cdiv(M, m_per_split))
     grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
     chunk = max(1, min(tiles.get("SPLIT_CHUNK") or split_chunk(split), split))
-    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid, chunk)
+    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid, chunk, num_warps)
 
 
 def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan,
@@ -1072,7 +1076,7 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
                 BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), EVEN_M=M % block_m == 0, EVEN_N=geo.K_g % plan.block_n == 0,
                 EVEN_K=rsc % plan.block_k == 0, BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-                num_warps=8 if plan.block_k >= 128 or (plan.block_k >= 64 and x.dtype == torch.float32) else 4)
+                num_warps=plan.num_warps)
     rows = plan.split + plan.chunks   # the splits' partials, then the chunks' (two levels)
     return _GemmLaunch(plan.grid, scalars, meta, None, (rows, geo.K, rsc) if plan.split > 1 else None,
                        (rows, geo.K) if bias_grad and plan.split > 1 else None, tail)
@@ -1120,10 +1124,8 @@ def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int
     """Counters of the dgrad's two-level sums: chunk_counters over its column blocks and its stride phases'
     chunks."""
     slots_ph = _dgrad_slots(geo, tiles)[2]
-    # (_dgrad_launch may narrow BLOCK_N to 64 (recomputed y, epilogue sums): sized for the narrower tile, an upper
-    # bound)
-    block_n = min(meta["BLOCK_N"], 64) if not INTERPRET else meta["BLOCK_N"]
-    return chunk_counters(geo.groups * cdiv(geo.C_g, block_n), slot_chunks(slots_ph, geo.stride[0] * geo.stride[1]))
+    return chunk_counters(geo.groups * cdiv(geo.C_g, meta["BLOCK_N"]), slot_chunks(slots_ph, geo.stride[0]
+                                                                                   * geo.stride[1]))
 
 
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
@@ -1132,8 +1134,8 @@ def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums:
     reductions (the dgrad's prologue or tail sums, the wgrad's split) share one int32 buffer, the dgrad's first; the
     wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes)."""
     wplan = _wgrad_plan(geo, tiles) if need_w else None
-    dmeta = _dgrad_meta(geo, tiles) if need_dgrad else None
     dgrad_sums = need_dgrad and (tail or (need_in_sums and has_prologue(in_scale, in_shift, in_relu)))
+    dmeta = _dgrad_meta(geo, tiles, dgrad_sums) if need_dgrad else None
     n_dsem = _dgrad_counters(geo, dmeta, tiles) if dgrad_sums else 0
     w_first = cdiv(n_dsem, 4) * 4
     return wplan, dmeta, w_first, w_first + (wplan.counters if wplan is not None else 0)
