@@ -727,3 +727,21 @@ def test_dgrad_phase_taps_are_exactly_the_live_taps(kernel_device):
         for t, r in enumerate(taps):
             for h in range(a, a + 4 * stride, stride):   # rows of the phase: p from the phase formula
                 assert (h + pad - r * dil) // stride == h // stride + c - (dil // math.gcd(dil, stride)) * t
+
+
+@pytest.mark.parametrize("c_g, rs, hw", [(64, 3, 32), (64, 1, 32), (128, 3, 16), (16, 3, 32), (256, 1, 8)])
+def test_wgrad_split_targets_warps_not_programs(monkeypatch, c_g, rs, hw):
+    """On a GPU the wgrad splits its reduction over M until about 4096 warps run (1024 programs of 4 warps, 512 of
+    8): counting programs would double the splits, and their fp32 partials' HBM traffic, of the 8-warp tiles."""
+    from pe_kernels.triton import conv_bwd as conv_bwd_mod
+    from pe_kernels.triton.conv_fwd import ConvGeometry
+
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
+    pad = rs // 2
+    geo = ConvGeometry(N=128, C=2 * c_g, H=hw, W=hw, K=2 * c_g, R=rs, S=rs, P=hw, Q=hw, groups=2, C_g=c_g, K_g=c_g,
+                       stride=(1, 1), padding=(pad, pad), dilation=(1, 1), dtype=torch.float16)
+    plan = conv_bwd_mod._wgrad_plan(geo, None)
+    assert plan.split > 1
+    warps = plan.grid[0] * plan.grid[1] * plan.grid[2] * plan.num_warps
+    # the last split may round the programs up by one tile's worth, the floor of 8 tiles per split down
+    assert 4096 * 0.5 <= warps <= 4096 * 1.25, (plan, warps)

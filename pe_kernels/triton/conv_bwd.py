@@ -1040,9 +1040,10 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
         if rsc % (2 * block_k) == 0 and block_m == 64:
             block_k, num_warps = 2 * block_k, 8
-        # Enough programs to fill the GPU, each still reducing a long stretch of M.
+        # Enough warps to fill the GPU (4096: 1024 programs of 4 warps, 512 of 8), each program still reducing a
+        # long stretch of M; counted in warps so the 8-warp tiles do not double the splits and their partials.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
-                                      * cdiv(rsc, block_k), 1024))
+                                      * cdiv(rsc, block_k), 4096 // num_warps))
         split = max(1, cdiv(cdiv(M, block_m), tiles_per_split))
     tiles = tiles or {}
     block_m = tiles.get("BLOCK_M") or block_m
