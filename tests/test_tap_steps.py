@@ -20,7 +20,7 @@ import torch
 
 from pe_kernels.triton import conv_bwd as conv_bwd_mod
 from pe_kernels.triton import conv_fwd as conv_fwd_mod
-from pe_kernels.triton._common import gpu_tile_n, tap_steps
+from pe_kernels.triton._common import gpu_tap_tile_k, gpu_tile_n, tap_steps, wide_tiles
 from pe_kernels.triton.conv_bwd import conv_bn_bwd, conv_bwd
 from pe_kernels.triton.conv_fwd import conv_fwd
 
@@ -80,8 +80,28 @@ def test_selection():
     assert tap_steps(64, 64) and tap_steps(128, 64) and tap_steps(16, 16)
     assert not tap_steps(32, 64) and not tap_steps(3, 32) and not tap_steps(24, 16) and not tap_steps(100, 64)
     # GPU column tiles: 128 for wide groups whose steps lie in one tap, else 64
-    assert gpu_tile_n(128, True) == 128 and gpu_tile_n(512, True) == 128
-    assert gpu_tile_n(128, False) == 64 and gpu_tile_n(64, True) == 64 and gpu_tile_n(32, True) == 64
+    h = torch.float16
+    assert gpu_tile_n(128, True, h) == 128 and gpu_tile_n(512, True, torch.bfloat16) == 128
+    assert gpu_tile_n(128, False, h) == 64 and gpu_tile_n(64, True, h) == 64 and gpu_tile_n(32, True, h) == 64
+    # reduction tiles: 32-deep steps where they keep a multi-tap reduction's steps in one tap and 64 would not
+    assert gpu_tap_tile_k(h, 9, 32) == 32 and gpu_tap_tile_k(h, 9, 96) == 32 and tap_steps(32, 32)
+    assert gpu_tap_tile_k(h, 9, 64) == 64 and gpu_tap_tile_k(h, 9, 128) == 64 and gpu_tap_tile_k(h, 1, 32) == 64
+    assert gpu_tap_tile_k(h, 9, 48) == 64 and gpu_tap_tile_k(torch.float32, 9, 32) == 32
+    assert gpu_tap_tile_k(h, 9, 3) == 32   # the stem: 27 in one step (gpu_tile_k)
+
+
+def test_wide_tiles_only_on_tensor_cores(monkeypatch):
+    """IEEE fp32 (TF32 off) keeps the 64-column tiles and the wgrad's 4-warp plan: its tl.dot runs on FMAs with the
+    tiles in registers, where the wider ones spilled."""
+    geo = conv_fwd_mod.ConvGeometry(N=8, C=256, H=8, W=8, K=256, R=3, S=3, P=8, Q=8, groups=2, C_g=128, K_g=128,
+                                    stride=(1, 1), padding=(1, 1), dilation=(1, 1), dtype=torch.float32)
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
+    for tf32, wide in ((True, True), (False, False)):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        assert wide_tiles(torch.float32) is wide and wide_tiles(torch.float16)
+        assert gpu_tile_n(128, True, torch.float32) == (128 if wide else 64)
+        plan = conv_bwd_mod._wgrad_plan(geo, None)
+        assert (plan.num_warps, plan.block_k) == ((8, 64) if wide else (4, 32)), plan
 
 
 @pytest.mark.parametrize("dtype", tc.DTYPES[:2])

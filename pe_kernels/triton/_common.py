@@ -87,6 +87,19 @@ def gpu_tile_k(dtype: torch.dtype, length: int) -> int:
     return full if length >= 32 else pow2_tile(length, 16, full)
 
 
+def gpu_tap_tile_k(dtype: torch.dtype, taps: int, channels: int) -> int:
+    """gpu_tile_k for a reduction over `taps` filter taps of `channels` channels each (tap-major): 32 instead of 64
+    where 32 divides the channels and 64 does not, with more than one tap (a 3x3 layer's 32- or 96-channel groups),
+    so that every step lies in one tap (tap_steps: the tap as scalars) instead of spanning two (a division per
+    element). More steps, each cheaper: a 32-channel 3x3 layer's loop SASS per program (9 steps of 32, not 5 of
+    64) forward 1245 -> 981, dgrad with g_acc on load 3615 -> 2889 (bench/kernel_audit.py, fp16 sm_90). A
+    single tap keeps the dtype's tile (the narrow 1x1 layers share the others' compiled kernels)."""
+    block = gpu_tile_k(dtype, taps * channels)
+    if taps > 1 and block == 64 and channels % 64 != 0 and channels % 32 == 0:
+        return 32
+    return block
+
+
 def divisor_magic(d: int) -> tuple[int, int]:
     """(m, s) for fast_div by d >= 1: x // d == umulhi(x, m) >> s for every 0 <= x < 2**31 (the round-up method:
     l = ceil(log2 d), m = ceil(2**(31 + l) / d) < 2**32, s = l - 1; exact because x (m d - 2**(31 + l)) < 2**31 d
@@ -131,14 +144,21 @@ def tap_steps(channels: int, block: int) -> bool:
     return channels % block == 0
 
 
-def gpu_tile_n(n: int, steps_in_one_tap: bool) -> int:
+def wide_tiles(dtype: torch.dtype) -> bool:
+    """Whether a GEMM may take the wider tiles (128 columns, the wgrad's 128-deep j tile on 8 warps): tensor-core
+    operands only (fp16, bf16, TF32). IEEE fp32 (TF32 off) runs tl.dot on FMAs with the tile in registers: the wider
+    tiles spilled there (wgrad up to 784 B on sm_90, bench/kernel_audit.py)."""
+    return dtype != torch.float32 or dot_precision(dtype) == "tf32"
+
+
+def gpu_tile_n(n: int, steps_in_one_tap: bool, dtype: torch.dtype) -> int:
     """A conv GEMM's column tile on a GPU for `n` columns per group (the forward's K_g, the dgrad's C_g): 128 for groups
     of 128 and more whose reduction steps each lie in one filter tap (tap_steps), else 64 (narrower groups are masked;
     wider ones take several column blocks). The per-step work of the A operand (addresses, masks, async copies: the
     loops are issue-bound, bench/kernel_audit.py) is shared by twice the MMA work with 128 columns. The per-element
     split of j (the stem, narrow groups) spilled registers with 128 columns, as did 4-warp configs with the prologue
-    / finalize epilogues before the tap steps (bench/kernel_audit.py)."""
-    return 128 if n >= 128 and steps_in_one_tap else 64
+    / finalize epilogues before the tap steps (bench/kernel_audit.py); so did IEEE fp32 (wide_tiles)."""
+    return 128 if n >= 128 and steps_in_one_tap and wide_tiles(dtype) else 64
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:

@@ -87,9 +87,10 @@ from ..ops.contract import composed_conv_bn_train_backward
 from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, advance_tap, affine_pair,
                       apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
                       check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
-                      gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides, last_arrival, launch, next_pow2,
-                      nhwc_tile, part_rows, pow2_tile, reduce_slots, slot_chunk, slot_chunks, store_part,
-                      stream_counters, strides4, sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16)
+                      gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides, last_arrival, launch,
+                      next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, slot_chunk, slot_chunks, store_part,
+                      stream_counters, strides4, sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16,
+                      wide_tiles)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -312,6 +313,14 @@ def _conv_dgrad_kernel(
     # p = i_h + c_h - DQ_H t (_phase_taps); likewise s, q. Every other tap is dead for the whole phase: skipped.
     r0, T_H, c_h = _phase_taps(a_h, RSK // (S * K_g), PAD_H, STRIDE_H, DIL_H, STEP_H)
     s0, T_W, c_w = _phase_taps(a_w, S, PAD_W, STRIDE_W, DIL_W, STEP_W)
+    if TAP_STEPS:   # the rows' (p, q) and pointers at the first live tap (out of the tensors where masked); P, Q
+        # as unsigned bounds
+        p_tap0 = i_h + c_h
+        q_tap0 = i_w + c_w
+        g_tap0 = g_rows + p_tap0.to(tl.int64) * sgh + q_tap0.to(tl.int64) * sgw
+        y_tap0 = y_rows + p_tap0.to(tl.int64) * syh + q_tap0.to(tl.int64) * syw
+        P_U = tl.cast(P, tl.uint32)
+        Q_U = tl.cast(Q, tl.uint32)
 
     # Columns: input channels of group grp.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,13 +344,15 @@ def _conv_dgrad_kernel(
             k = grp * K_g + k_l
             r = r0 + STEP_H * t_t
             s = s0 + STEP_W * u_t
-            p_t = i_h + (c_h - DQ_H * t_t)
-            q_t = i_w + (c_w - DQ_W * u_t)
-            row_ok = mask_m & (p_t >= 0) & (q_t >= 0) & (p_t < P) & (q_t < Q)
+            # the tap moves every row by the same (dp, dq): a scalar offset to the rows' loop-invariant pointers;
+            # one unsigned compare per dimension bounds p and q (a negative index wraps to >= 2^31 > P)
+            dp = -DQ_H * t_t
+            dq = -DQ_W * u_t
+            row_ok = mask_m & ((p_tap0 + dp).to(tl.uint32) < P_U) & ((q_tap0 + dq).to(tl.uint32) < Q_U)
             valid = row_ok[:, None] & mask_j[None, :]
-            a_ptrs = ((g_rows + p_t.to(tl.int64) * sgh + q_t.to(tl.int64) * sgw)[:, None]
+            a_ptrs = ((g_tap0 + (dp.to(tl.int64) * sgh + dq.to(tl.int64) * sgw))[:, None]
                       + (k.to(tl.int64) * sgc)[None, :])
-            y_ptrs = ((y_rows + p_t.to(tl.int64) * syh + q_t.to(tl.int64) * syw)[:, None]
+            y_ptrs = ((y_tap0 + (dp.to(tl.int64) * syh + dq.to(tl.int64) * syw))[:, None]
                       + (k.to(tl.int64) * syc)[None, :])
             b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
             k0, u_t, t_t = advance_tap(k0, u_t, t_t, BLOCK_K, K_g, T_W)
@@ -877,8 +888,8 @@ def _dgrad_meta(geo: ConvGeometry, tiles: Optional[dict], epilogue_sums: bool = 
     if INTERPRET:
         meta = dict(BLOCK_N=pow2_tile(geo.C_g, 16, 128), BLOCK_K=pow2_tile(rsk, 16, 256))
     else:
-        block_k = gpu_tile_k(geo.dtype, rsk)
-        meta = dict(BLOCK_N=64 if epilogue_sums else gpu_tile_n(geo.C_g, tap_steps(geo.K_g, block_k)),
+        block_k = gpu_tap_tile_k(geo.dtype, geo.R * geo.S, geo.K_g)
+        meta = dict(BLOCK_N=64 if epilogue_sums else gpu_tile_n(geo.C_g, tap_steps(geo.K_g, block_k), geo.dtype),
                     BLOCK_K=block_k)
     meta.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_K")})
     return meta
@@ -1038,7 +1049,7 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
         # the dtype's j tile (on 8 warps) where it divides R*S*C_g (no column mask, EVEN_K): the
         # g_acc tile formed on load then feeds twice the MMA work
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
-        if rsc % (2 * block_k) == 0 and block_m == 64:
+        if rsc % (2 * block_k) == 0 and block_m == 64 and wide_tiles(geo.dtype):
             block_k, num_warps = 2 * block_k, 8
         # Enough warps to fill the GPU (4096: 1024 programs of 4 warps, 512 of 8), each program still reducing a
         # long stretch of M; counted in warps so the 8-warp tiles do not double the splits and their partials.

@@ -60,7 +60,7 @@ import triton.language as tl
 from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, advance_tap, affine_pair, apply_prologue, capturing,
                       cdiv, channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
                       check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
-                      gpu_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows,
+                      gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows,
                       pow2_tile, slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps, tensor_key,
                       upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
@@ -205,6 +205,10 @@ def _conv_fwd_kernel(
     h0 = p * STRIDE_H - PAD_H
     w0 = q * STRIDE_W - PAD_W
     x_rows = x_ptr + n.to(tl.int64) * sxn
+    if TAP_STEPS:   # the rows' pointers at tap (0, 0) (out of the tensor for padded rows: masked), and H, W unsigned
+        x_tap0 = x_rows + h0.to(tl.int64) * sxh + w0.to(tl.int64) * sxw
+        H_U = tl.cast(H, tl.uint32)
+        W_U = tl.cast(W, tl.uint32)
 
     # Columns: output channels k of group g.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,11 +231,13 @@ def _conv_fwd_kernel(
             c_l = c0 + tl.arange(0, BLOCK_K)
             mask_j = tl.full((BLOCK_K,), 1, tl.int1)   # every step full: the rows' bounds are the whole mask
             c = g * C_g + c_l
-            h_t = h0 + r_t * DIL_H
-            w_t = w0 + s_t * DIL_W
-            row_ok = mask_m & (h_t >= 0) & (h_t < H) & (w_t >= 0) & (w_t < W)
+            # the tap moves every row by the same offset: a scalar added to the rows' loop-invariant pointers; one
+            # unsigned compare per dimension bounds h and w (a negative index wraps to >= 2^31 > H)
+            dh = r_t * DIL_H
+            dw = s_t * DIL_W
+            row_ok = (mask_m & ((h0 + dh).to(tl.uint32) < H_U) & ((w0 + dw).to(tl.uint32) < W_U))
             in_bounds = row_ok[:, None] & mask_j[None, :]
-            a_ptrs = ((x_rows + h_t.to(tl.int64) * sxh + w_t.to(tl.int64) * sxw)[:, None]
+            a_ptrs = ((x_tap0 + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw))[:, None]
                       + (c.to(tl.int64) * sxc)[None, :])
             b_ptrs = w_cols[None, :] + (c_l * swc + r_t * swr + s_t * sws)[:, None]
             c0, s_t, r_t = advance_tap(c0, s_t, r_t, BLOCK_K, C_g, S)
@@ -492,12 +498,12 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
 
 
 def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tile_k);
+    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tap_tile_k);
     under the interpreter, tiles that cover a tiny test's group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
-    block_k = gpu_tile_k(geo.dtype, geo.R * geo.S * geo.C_g)
-    return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, block_k)), BLOCK_K=block_k)
+    block_k = gpu_tap_tile_k(geo.dtype, geo.R * geo.S, geo.C_g)
+    return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, block_k), geo.dtype), BLOCK_K=block_k)
 
 
 class BNTrain(NamedTuple):
