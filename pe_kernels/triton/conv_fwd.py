@@ -235,7 +235,7 @@ def _conv_fwd_kernel(
             # unsigned compare per dimension bounds h and w (a negative index wraps to >= 2^31 > H)
             dh = r_t * DIL_H
             dw = s_t * DIL_W
-            row_ok = (mask_m & ((h0 + dh).to(tl.uint32) < H_U) & ((w0 + dw).to(tl.uint32) < W_U))
+            row_ok = mask_m & ((h0 + dh).to(tl.uint32) < H_U) & ((w0 + dw).to(tl.uint32) < W_U)
             in_bounds = row_ok[:, None] & mask_j[None, :]
             a_ptrs = ((x_tap0 + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw))[:, None]
                       + (c.to(tl.int64) * sxc)[None, :])
@@ -498,8 +498,8 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
 
 
 def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tap_tile_k);
-    under the interpreter, tiles that cover a tiny test's group in one step."""
+    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tap_tile_k); under the interpreter, tiles that cover a tiny
+    test's group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
     block_k = gpu_tap_tile_k(geo.dtype, geo.R * geo.S, geo.C_g)
