@@ -134,7 +134,7 @@ def check_forward(args, dtype, compute_stats=True, **kw):
     return y64
 
 
-def check_backward(args, dtype, grad_stats=True, needs_grad=(True,) * 8, **kw):
+def check_backward(args, dtype, grad_stats=True, needs_grad=(True,) * 8, grad_layout="nchw", **kw):
     device = args["x"].device
     y64, stats64 = run_fwd(ref.conv_fused, to64(args), True)
     # Each backward gets its own forward's statistics, as the contract says (the forward's are tested above):
@@ -147,7 +147,7 @@ def check_backward(args, dtype, grad_stats=True, needs_grad=(True,) * 8, **kw):
     # The ReLU mask comes from y; give the kernel the float64 forward rounded to the dtype, so that a sign flip
     # of a value within rounding of zero cannot make the kernel and the oracle disagree about the mask.
     y = y64.to(dtype).to(device)
-    grad_y = make_layout(torch.randn(y.shape).to(device, dtype), "nchw")
+    grad_y = make_layout(torch.randn(y.shape).to(device, dtype), grad_layout)
     gs = torch.randn(2, args["weight"].shape[0]) * 0.1 if grad_stats else None
     out = run_bwd(conv_bwd, grad_y, to_device(gs, device), args, y, list(needs_grad), stats_own, **kw)
     same = run_bwd(ref.conv_fused_backward, grad_y, to_device(gs, device), args, y, list(needs_grad), stats_same)

@@ -98,14 +98,15 @@ def backward(fn, grads: tuple, args: dict, y, stats, needs_grad, **kw):
               a["padding"], a["dilation"], a["groups"], y, stats, a["bn_weight"], a["eps"], list(needs_grad), **kw)
 
 
-def make_grads(y_shape, K, dtype, device, absent=()):
-    """(grad_y, grad_scale, grad_shift), the names in `absent` None."""
-    grads = dict(grad_y=torch.randn(y_shape).to(device, dtype), grad_scale=torch.randn(K).to(device),
+def make_grads(y_shape, K, dtype, device, absent=(), grad_layout=torch.contiguous_format):
+    """(grad_y, grad_scale, grad_shift), the names in `absent` None; grad_y in `grad_layout` (a memory format)."""
+    grads = dict(grad_y=torch.randn(y_shape).to(device, dtype).contiguous(memory_format=grad_layout),
+                 grad_scale=torch.randn(K).to(device),
                  grad_shift=torch.randn(K).to(device))
     return tuple(None if name in absent else grads[name] for name in ("grad_y", "grad_scale", "grad_shift"))
 
 
-def check(args: dict, dtype, needs_grad=ALL_BUT_BIAS, absent=(), **kw):
+def check(args: dict, dtype, needs_grad=ALL_BUT_BIAS, absent=(), grad_layout=torch.contiguous_format, **kw):
     """The kernel's seven gradients against the reference's, in budget; None exactly where the reference has None;
     dtypes and layouts as the contract says (dw in the weight's strides). Returns the kernel's gradients."""
     device = args["x"].device
@@ -113,7 +114,7 @@ def check(args: dict, dtype, needs_grad=ALL_BUT_BIAS, absent=(), **kw):
     y_same, stats_same = forward(ref, args)
     args64 = to64(args)
     y64, stats64 = forward(ref, args64)
-    grads = make_grads(y.shape, y.shape[1], dtype, device, absent)
+    grads = make_grads(y.shape, y.shape[1], dtype, device, absent, grad_layout)
     out = backward(conv_bn_bwd, grads, args, y, stats, needs_grad, **kw)
     same = backward(ref.conv_bn_train_backward, grads, args, y_same, stats_same, needs_grad)
     grads64 = tuple(None if g is None else g.cpu().double() for g in grads)
@@ -361,7 +362,10 @@ def launch(kernel, tuned, grid, args, meta, tiles):
 conv_bwd.launch = launch
 for dtype in (torch.float16, torch.bfloat16, torch.float32):
     all_configs["on"] = dtype == torch.float16
-    for C, K, g, R, stride, pad, prologue in ((64, 64, 8, 3, 1, 1, True), (256, 128, 4, 1, 2, 0, False)):
+    # a 3x3 and a 1x1 / stride 2 with a bias (the dgrad reads the g_acc the wgrad stored), a 1x1 recomputing y
+    # (the dgrad forms g_acc on load)
+    for C, K, g, R, stride, pad, prologue in ((64, 64, 8, 3, 1, 1, True), (256, 128, 4, 1, 2, 0, False),
+                                              (64, 128, 2, 1, 1, 0, True)):
         x = torch.randn(2, C, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(K, C // g, R, R).to(dtype).contiguous(memory_format=torch.channels_last)
         P = (9 + 2 * pad - R) // stride + 1
@@ -378,8 +382,9 @@ print("compiled:", names, "max shared bytes:", max(s for _, _, s in compiled))
 
 @pytest.mark.slow
 def test_fast_path_kernels_compile_for_sm90():
-    """The GACC_ON_LOAD wgrad and dgrad through the real Triton -> PTX -> cubin pipeline for sm_90 (the interpreter
-    never sees what the compiler rejects), within the H100's shared memory; only these two kernels compiled."""
+    """The GACC_ON_LOAD wgrad and the dgrad (reading the g_acc the wgrad stored, or forming it on load where it
+    recomputes y) through the real Triton -> PTX -> cubin pipeline for sm_90 (the interpreter never sees what the
+    compiler rejects), within the H100's shared memory; only these two kernels compiled."""
     import os
     import subprocess
     import sys
@@ -392,7 +397,8 @@ def test_fast_path_kernels_compile_for_sm90():
                           timeout=900, cwd=repo)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     line = next(s for s in proc.stdout.splitlines() if s.startswith("compiled:"))
-    assert "('_conv_dgrad_kernel', True), ('_conv_wgrad_kernel', True)]" in line, line
+    assert ("[('_conv_dgrad_kernel', False), ('_conv_dgrad_kernel', True), ('_conv_wgrad_kernel', True)]"
+            in line), line
     assert int(line.rsplit(" ", 1)[1]) <= 227 * 1024, line
 
 

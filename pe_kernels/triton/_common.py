@@ -144,6 +144,14 @@ def tap_steps(channels: int, block: int) -> bool:
     return channels % block == 0
 
 
+def dense_rows(strides: Sequence[int], n: int, h: int, w: int) -> bool:
+    """Whether an (n, c, h, w) tensor of these element strides (logical NCHW order) puts row m = (i h + y) w + x at
+    m * stride_w for every (i, y, x): channels_last and its likes. A GEMM reducing over rows then addresses them as m
+    times one stride, without (i, y, x) (two divisions and three 64-bit products per row and operand layout)."""
+    sn, _, sh, sw = strides
+    return (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
+
+
 def wide_tiles(dtype: torch.dtype) -> bool:
     """Whether a GEMM may take the wider tiles (128 columns, the wgrad's 128-deep j tile on 8 warps): tensor-core
     operands only (fp16, bf16, TF32). IEEE fp32 (TF32 off) runs tl.dot on FMAs with the tile in registers: the wider

@@ -86,11 +86,11 @@ import triton.language as tl
 from ..ops.contract import composed_conv_bn_train_backward
 from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, advance_tap, affine_pair,
                       apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
-                      check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
-                      gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc, krsc_strides, last_arrival, launch,
-                      next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots, slot_chunk, slot_chunks, store_part,
-                      stream_counters, strides4, sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16,
-                      wide_tiles)
+                      check_vector, chunk_counters, dense_rows, divisor_magic, dot_precision, dummy,
+                      empty_channels_last, fast_div, gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
+                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots,
+                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tap_steps,
+                      tensor_key, tile_offsets, upcast_bf16, wide_tiles)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -392,10 +392,11 @@ def _conv_dgrad_kernel(
                 # the forward stored it. x' is loaded again at every step (L1 / L2 hits): kept across the loop,
                 # its registers made the GEMM spill.
                 yacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                x_rows = n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
                 for cr0 in range(0, C_g, BLOCK_C):
                     cr = cr0 + tl.arange(0, BLOCK_C)
-                    xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, h, w, grp * C_g + cr, mask_m, cr < C_g,
-                                       sxn, sxc, sxh, sxw, PROLOGUE, IN_RELU, UPCAST)
+                    xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, x_rows, grp * C_g + cr, mask_m, cr < C_g,
+                                       sxc, PROLOGUE, IN_RELU, UPCAST)
                     wt = tl.load(w_ptr + (k.to(tl.int64) * swk)[None, :] + (cr * swc)[:, None],
                                  mask=(cr < C_g)[:, None] & mask_j[None, :], other=0.0)
                     if UPCAST:
@@ -472,13 +473,12 @@ def _conv_dgrad_kernel(
 
 
 @triton.jit
-def _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, h, w, c, mask_m, mask_c, sxn, sxc, sxh, sxw,
+def _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, rows, c, mask_m, mask_c, sxc,
                   PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, UPCAST: tl.constexpr):
-    """x' = act(x * in_scale + in_shift) (or x) at rows (n, h, w) and channels c, in x's dtype as the forward's dot
-    read it (fp32 with UPCAST); 0 where masked."""
+    """x' = act(x * in_scale + in_shift) (or x) at row offsets `rows` (int64: n sxn + h sxh + w sxw) and channels c,
+    in x's dtype as the forward's dot read it (fp32 with UPCAST); 0 where masked."""
     xm = mask_m[:, None] & mask_c[None, :]
-    xt = tl.load(x_ptr + (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
-                 + (c.to(tl.int64) * sxc)[None, :], mask=xm, other=0.0)
+    xt = tl.load(x_ptr + rows[:, None] + (c.to(tl.int64) * sxc)[None, :], mask=xm, other=0.0)
     if PROLOGUE:
         xt = apply_prologue(xt, in_scale_ptr, in_shift_ptr, c, mask_c, xm, IN_RELU)
     if UPCAST:
@@ -531,6 +531,8 @@ def _conv_wgrad_kernel(
                     # absent: one flag fewer, one compile fewer per layer kind); else unused
     terms_ptr,      # out (GACC_ON_LOAD): (3, K) fp32 contiguous [mean, d_mean/n, 2 d_m2] per channel (the programs of
                     # j tile 0, split 0), for the dgrad launched after this kernel; else unused
+    gacc_ptr,       # out (STORE_GACC): g_acc (N, K, P, Q) channels_last in x's dtype, as formed on load (the programs
+                    # of j tile 0), for the dgrad launched after this kernel; else unused
     dw_ptr,         # out: dw (K, C_g, R, S) in weight's dtype, strides (sdk, sdc, sdr, sds)
     part_ptr,       # out: (SPLIT + chunks, K, RSC) fp32 contiguous, column j = (r, s, c_local) with c fastest: the
                     # splits' partials, then the chunks' level-2 partials; unused if SPLIT = 1
@@ -560,6 +562,9 @@ def _conv_wgrad_kernel(
     RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, no bias) y = W x' recomputed from the rows'
                                  # x' instead of read
     BIAS_GRAD: tl.constexpr,     # (with GACC_ON_LOAD) the programs of j tile 0 sum g_acc over m into d_bias
+    STORE_GACC: tl.constexpr,    # (with GACC_ON_LOAD) the programs of j tile 0 store the g_acc they form at gacc_ptr
+    FLAT_G: tl.constexpr,        # g_acc's (and y's) rows dense over (n, p, q): row m at m * sgw (m * syw)
+    FLAT_X: tl.constexpr,        # a 1x1 conv, stride 1, no padding, x's rows dense over (n, h, w): row m at m * sxw
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,   # M % BLOCK_M, K_g % BLOCK_N, RSC % BLOCK_K
                                                                          # == 0: no mask along that dimension
@@ -606,18 +611,27 @@ def _conv_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = tl.full((BLOCK_M,), 1, tl.int1) if EVEN_M else offs_m < m_end
-        # (n, p, q) of the rows without a division: fast_div by P*Q and Q (the divisions were ~1/3 of the loop)
-        n = fast_div(offs_m, P * Q, PQ_MAGIC, PQ_SHIFT)
-        pq = offs_m - n * (P * Q)
-        p = fast_div(pq, Q, Q_MAGIC, Q_SHIFT)
-        q = pq - p * Q
-        n64 = n.to(tl.int64)
+        m64 = offs_m.to(tl.int64)
+        if not (FLAT_G and FLAT_X):
+            # (n, p, q) of the rows without a division: fast_div by P*Q and Q (the divisions were ~1/3 of the loop);
+            # rows dense over (n, p, q) need none (FLAT_G, FLAT_X: their address and its bounds per row and layout
+            # were ~1/3 of the loop's SASS)
+            n = fast_div(offs_m, P * Q, PQ_MAGIC, PQ_SHIFT)
+            pq = offs_m - n * (P * Q)
+            p = fast_div(pq, Q, Q_MAGIC, Q_SHIFT)
+            q = pq - p * Q
+            n64 = n.to(tl.int64)
         # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
-        hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
-        ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
-        in_bounds = mask_m[:, None] & mask_j[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        b_ptrs = (x_ptr + (n64 * sxn)[:, None] + (c.to(tl.int64) * sxc)[None, :]
-                  + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)
+        if FLAT_X:
+            x_rows = m64 * sxw
+            in_bounds = mask_m[:, None] & mask_j[None, :]
+            b_ptrs = x_ptr + x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :]
+        else:
+            hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
+            ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
+            in_bounds = mask_m[:, None] & mask_j[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            b_ptrs = (x_ptr + (n64 * sxn)[:, None] + (c.to(tl.int64) * sxc)[None, :]
+                      + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)
         b = tl.load(b_ptrs, mask=in_bounds, other=0.0)
         if PROLOGUE:
             bf = b.to(tl.float32) * scale[None, :] + shift[None, :]
@@ -628,8 +642,11 @@ def _conv_wgrad_kernel(
             b = b.to(tl.float32)
         # A = g_acc^T tile (BLOCK_N x BLOCK_M)
         mask_a = mask_k[:, None] & mask_m[None, :]
-        a_ptrs = (g_ptr + (k.to(tl.int64) * sgc)[:, None]
-                  + (n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw)[None, :])
+        if FLAT_G:
+            g_rows = m64 * sgw
+        else:
+            g_rows = n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
+        a_ptrs = g_ptr + (k.to(tl.int64) * sgc)[:, None] + g_rows[None, :]
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         if GACC_ON_LOAD:
             if RECOMPUTE_Y:
@@ -637,11 +654,12 @@ def _conv_wgrad_kernel(
                 # input positions (1x1, no padding: (p*sh, q*sw)); rounded as stored. Loaded again at every step
                 # (L1 / L2 hits): kept across the loop, w's tile made TF32 spill.
                 yacc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                if not FLAT_X:   # x at the rows' input positions (p sh, q sw)
+                    x_rows = (n64 * sxn + (p * STRIDE_H).to(tl.int64) * sxh + (q * STRIDE_W).to(tl.int64) * sxw)
                 for cr0 in range(0, C_g, BLOCK_K):
                     cr = cr0 + tl.arange(0, BLOCK_K)
-                    xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, n, p * STRIDE_H, q * STRIDE_W,
-                                       grp * C_g + cr, mask_m, cr < C_g, sxn, sxc, sxh, sxw, PROLOGUE, IN_RELU,
-                                       UPCAST)
+                    xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, x_rows, grp * C_g + cr, mask_m,
+                                       cr < C_g, sxc, PROLOGUE, IN_RELU, UPCAST)
                     wk = tl.load(w_ptr + (k.to(tl.int64) * swk)[:, None] + (cr * swc)[None, :],
                                  mask=mask_k[:, None] & (cr < C_g)[None, :], other=0.0)
                     if UPCAST:
@@ -649,8 +667,11 @@ def _conv_wgrad_kernel(
                     yacc = tl.dot(wk, tl.trans(xt), yacc, input_precision=PRECISION)
                 yv = yacc.to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
-                y_ptrs = (y_ptr + (k.to(tl.int64) * syc)[:, None]
-                          + (n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[None, :])
+                if FLAT_G:
+                    y_rows = m64 * syw
+                else:
+                    y_rows = n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw
+                y_ptrs = y_ptr + (k.to(tl.int64) * syc)[:, None] + y_rows[None, :]
                 yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
             af = a.to(tl.float32) * gys[:, None]
             a = stats_grad_on_load(af, yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
@@ -658,6 +679,9 @@ def _conv_wgrad_kernel(
             if BIAS_GRAD:
                 if pid_j == 0:   # the values the dot consumes (A is k x m: a row sum per k)
                     d_bias += tl.sum(a.to(tl.float32), axis=1)
+            if STORE_GACC:
+                if pid_j == 0:   # channels_last: row m at m * K
+                    tl.store(gacc_ptr + (m64 * K)[None, :] + k.to(tl.int64)[:, None], a, mask=mask_a)
         if UPCAST:
             a = a.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -1070,14 +1094,19 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
 
 def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan,
                   on_load: Optional[GaccOnLoad] = None, bias_grad: bool = False,
-                  g_strides: Optional[tuple] = None) -> _GemmLaunch:
+                  g_strides: Optional[tuple] = None, store_gacc: bool = False) -> _GemmLaunch:
     """_wgrad's launch configuration (metadata only); `g_strides`: g_acc's strides when g_acc is not yet made."""
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
     load_scalars, y_strides = _on_load_scalars(on_load)
+    g_strides = g_strides or strides4(g_acc)
     scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, rsc, plan.m_per_split,
                plan.split_chunk, *divisor_magic(geo.P * geo.Q), *divisor_magic(geo.Q), *load_scalars,
-               *(g_strides or strides4(g_acc)), *y_strides, *strides4(x))  # then dw's strides (the run's dw)
+               *g_strides, *y_strides, *strides4(x))  # then dw's strides (the run's dw)
+    flat_g = dense_rows(g_strides, geo.N, geo.P, geo.Q) and (on_load is None
+                                                              or dense_rows(y_strides, geo.N, geo.P, geo.Q))
+    flat_x = ((geo.R, geo.S) == (1, 1) and tuple(geo.stride) == (1, 1) and tuple(geo.padding) == (0, 0)
+              and dense_rows(strides4(x), geo.N, geo.H, geo.W))
     recompute = _recomputes(on_load, geo)
     tail = (*(weight.stride()[:2] if recompute else (0, 0)), *geo.stride, *geo.padding, *geo.dilation)
     # the recomputed y tile (BLOCK_N x BLOCK_M, fp32) spilled with 64-row steps (fp32 / TF32, and fp16 / bf16 with a
@@ -1085,7 +1114,7 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     block_m = 32 if recompute and not INTERPRET else plan.block_m
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
                 GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
-                BIAS_GRAD=bias_grad, UPCAST=upcast_bf16(x.dtype),
+                BIAS_GRAD=bias_grad, STORE_GACC=store_gacc, FLAT_G=flat_g, FLAT_X=flat_x, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), EVEN_M=M % block_m == 0, EVEN_N=geo.K_g % plan.block_n == 0,
                 EVEN_K=rsc % plan.block_k == 0, BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=plan.num_warps)
@@ -1095,7 +1124,8 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
 
 
 def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan, sems: Tensor,
-           on_load: Optional[GaccOnLoad] = None, launch_config: Optional[_GemmLaunch] = None):
+           on_load: Optional[GaccOnLoad] = None, launch_config: Optional[_GemmLaunch] = None,
+           gacc_out: Optional[Tensor] = None):
     """Weight gradient (K, C_g, R, S) in weight.dtype and in the weight's strides (torch.empty_like: a channels_last
     weight gets a channels_last dw, which autograd's AccumulateGrad takes without a copy), written by the kernel; a
     split-M launch sums its fp32 partials in two levels (chunks of plan.split_chunk splits, then the chunks:
@@ -1116,7 +1146,10 @@ def _wgrad(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, pla
     bpart = unused if cfg.extra_shape is None else torch.empty(*cfg.extra_shape, dtype=torch.float32, device=x.device)
     _, scale, shift = _prologue_vectors(in_scale, in_shift, in_relu, geo, x)
     outs = (on_load.d_bn_weight, on_load.d_bn_bias) if on_load is not None else (unused, unused)
-    _conv_wgrad_kernel[cfg.grid](g_acc, x, weight, scale, shift, *_on_load_ptrs(on_load, x.device), dw, part, sems,
+    if cfg.meta["STORE_GACC"] != (gacc_out is not None):
+        raise ValueError("triton wgrad: gacc_out must be given exactly when the launch stores g_acc (STORE_GACC)")
+    _conv_wgrad_kernel[cfg.grid](g_acc, x, weight, scale, shift, *_on_load_ptrs(on_load, x.device),
+                                 unused if gacc_out is None else gacc_out, dw, part, sems,
                                  *outs, on_load.d_bias if bias_grad else unused, bpart, *cfg.scalars, *dw.stride(),
                                  *cfg.tail, **cfg.meta)
     return dw
@@ -1275,6 +1308,14 @@ def fast_backward(y: Tensor, need_weight: bool) -> bool:
     return need_weight and y.shape[0] * y.shape[2] * y.shape[3] > 0
 
 
+def stores_gacc(dgrad: _GemmLaunch) -> bool:
+    """Whether the wgrad stores the g_acc it forms (STORE_GACC) for the dgrad launched after it to read
+    (channels_last), given the dgrad's launch as it would form g_acc on load: unless that dgrad recomputes y (reading
+    grad_y and not y). The same bytes: g_acc written and read once, for grad_y and y read by the dgrad; and the
+    dgrad's loop forms nothing (fp16 sm_90, 128 x 128 x 64 tiles on 8 warps: 520 -> 196 SASS a step)."""
+    return not dgrad.meta["RECOMPUTE_Y"]
+
+
 def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                       dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles, grad_y_scale=None,
                       tail: Optional[TailBwd] = None) -> _ConvBnBwdPlan:
@@ -1327,10 +1368,14 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, recompute_y_allowed(geo, bias, tiles))
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
     g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
-    wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
-                          g_strides)
     dgrad = (_dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
                            tiles, on_load, g_strides, tail) if need_dgrad else None)
+    store_gacc = dgrad is not None and stores_gacc(dgrad)
+    if store_gacc:
+        dgrad = _dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
+                              tiles, None, channels_last_strides(out_shape), tail)
+    wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
+                          g_strides, store_gacc)
     cast = not (all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
                     for t in (grad_scale, grad_shift, stats, grad_y_scale))
                 and (bn_weight is None or bn_weight.is_contiguous()))
@@ -1356,9 +1401,11 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
     """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
     SPLIT, SPLIT_CHUNK; the fallback ignores them).
 
-    Fast path, two launches (one without dgrad): when the weight's gradient is needed and N*P*Q > 0. The wgrad and
-    the dgrad read grad_y and y and form g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from
-    the BN finalize's backward computed per channel in the kernels; the wgrad's programs of j tile 0 and split 0
+    Fast path, two launches (one without dgrad): when the weight's gradient is needed and N*P*Q > 0. The wgrad
+    reads grad_y and y and forms g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load, d_mean and d_m2 from
+    the BN finalize's backward computed per channel in the kernel; its programs of j tile 0 store that g_acc for the
+    dgrad launched after it (stores_gacc), or, where the dgrad recomputes y, the dgrad forms g_acc on load too, from
+    the per-channel terms the wgrad wrote; the wgrad's programs of j tile 0 and split 0
     write d_bn_weight and d_bn_bias, and, when the conv bias's gradient is needed, those of j tile 0 sum the g_acc
     they load (rounded to x.dtype, as the dot consumes it) into d_bias (BIAS_GRAD; a split's partials summed with
     dw's, in two levels); no epilogue kernel, no finalize-backward kernel, no reduce launch; the
@@ -1415,13 +1462,16 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
     # Persistent zeroed counters (their last programs reset them); the wgrad, then the dgrad, on this stream.
     sems = stream_counters(max(n_sem, 4), device)
     grads: list[Optional[Tensor]] = [None] * 7
+    # g_acc stored by the wgrad for the dgrad (channels_last), or formed on load by both (_plan_conv_bn_bwd)
+    gacc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), x.dtype, device) if plan.wgrad.meta["STORE_GACC"] else None
     grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:] if w_first else sems,
-                      on_load, plan.wgrad)
+                      on_load, plan.wgrad, gacc)
     grads[2] = on_load.d_bias
     tail_sums = None
     if need_dgrad:
-        dx, in_sums = _dgrad(grad_y, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish,
-                             dmeta, sems, tiles, on_load, plan.dgrad, tail)
+        dx, in_sums = _dgrad(grad_y if gacc is None else gacc, weight, x, in_scale, in_shift, in_relu, geo, need_x,
+                             need_isc or need_ish, dmeta, sems, tiles, on_load if gacc is None else None, plan.dgrad,
+                             tail)
         grads[0] = dx
         if tail is not None:
             tail_sums = in_sums

@@ -1,0 +1,161 @@
+"""The wgrad's flat rows (FLAT_G, FLAT_X): the wgrad reduces over the rows m = (n P + p) Q + q of g_acc (of grad_y and
+y where it forms g_acc on load) and of x'. Where a tensor's strides put row m at m * stride_w for every (n, p, q)
+(_common.dense_rows: channels_last and its likes), the kernel addresses the row as m times one stride, without
+(n, p, q): no divisions and no three 64-bit products per row and operand layout; x too for a 1x1 conv with stride 1
+and no padding, whose input rows are its output rows. fp16 sm_90, the 64 x 64 x 128 8-warp loop with g_acc on load:
+470 -> 252 SASS (bench/kernel_audit.py). The same tiles in the same order, so the same bits.
+
+Checks: dense_rows against the offsets themselves; the selection per layout and conv; the wgrad (the generic conv
+backward and the conv -> BN training backward, which forms g_acc on load) against the float64 reference with flat and
+strided g, y and x; and equality, bit for bit, with the flat path turned off. Every wgrad launch's flags are recorded,
+so a test cannot pass on the path it did not mean to run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+from pe_kernels.triton import conv_bwd as conv_bwd_mod
+from pe_kernels.triton._common import dense_rows
+from pe_kernels.triton.conv_bwd import conv_bn_bwd, conv_bwd
+from pe_kernels.triton.conv_fwd import conv_fwd
+
+import test_triton_conv as tc
+import test_triton_conv_bn_train_bwd as tb
+
+WGRAD = "_conv_wgrad_kernel"
+TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)   # several row steps per split, three splits
+CL = torch.channels_last
+
+# (conv case, whether x's rows are the output rows: FLAT_X with a dense x)
+CASES = {
+    "1x1_s1_g2": (tc.Case(2, 32, 32, 5, 7, 1, 1, groups=2), True),
+    "1x1_s2": (tc.Case(2, 16, 32, 9, 7, 1, 1, stride=(2, 2)), False),
+    "3x3_p1_g2": (tc.Case(2, 32, 32, 6, 5, 3, 3, padding=(1, 1), groups=2), False),
+}
+
+
+@contextlib.contextmanager
+def recorded_flags():
+    """The set of (FLAT_G, FLAT_X) of the wgrad launches in the block (interpreter and GPU launches)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen = set()
+    saved = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
+
+    def recording(original):
+        def run(self, *args, **kwargs):
+            if self.fn.__name__ == WGRAD:
+                seen.add((kwargs.get("FLAT_G"), kwargs.get("FLAT_X")))
+            return original(self, *args, **kwargs)
+        return run
+
+    for cls, original in saved:
+        cls.run = recording(original)
+    try:
+        yield seen
+    finally:
+        for cls, original in saved:
+            cls.run = original
+
+
+def _offsets_are_rows(t: torch.Tensor) -> bool:
+    """Whether t's element (i, 0, y, x) sits at m * stride_w, m = (i h + y) w + x, for every (i, y, x)."""
+    n, _, h, w = t.shape
+    sn, _, sh, sw = t.stride()
+    return all(i * sn + y * sh + x * sw == ((i * h + y) * w + x) * sw
+               for i, y, x in itertools.product(range(n), range(h), range(w)))
+
+
+def test_dense_rows_matches_the_offsets():
+    shapes = [(2, 3, 4, 5), (1, 3, 4, 5), (2, 3, 1, 5), (2, 3, 4, 1), (3, 1, 1, 1), (1, 1, 1, 1), (2, 5, 3, 3)]
+    checked = collections.Counter()
+    for shape in shapes:
+        base = torch.zeros(shape)
+        big = torch.zeros(shape[:3] + (2 * shape[3],))
+        views = {
+            "nchw": base, "channels_last": base.contiguous(memory_format=CL),
+            "sliced_w": big[..., ::2], "sliced_cl_c": torch.zeros(shape[0], 2 * shape[1], *shape[2:])
+            .contiguous(memory_format=CL)[:, : shape[1]],
+            "expanded": torch.zeros(1, 1, 1, 1).expand(shape),
+            "nhcw": torch.zeros(shape[0], shape[2], shape[1], shape[3]).permute(0, 2, 1, 3),
+            "hwnc": torch.zeros(shape[2], shape[3], shape[0], shape[1]).permute(2, 3, 0, 1),
+        }
+        for name, t in views.items():
+            assert t.shape == shape
+            n, _, h, w = shape
+            expect = _offsets_are_rows(t)
+            assert dense_rows(t.stride(), n, h, w) == expect, (name, shape, t.stride())
+            checked[expect] += 1
+    assert checked[True] > 5 and checked[False] > 5, checked   # both answers exercised
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv_backward_against_reference(name, layout, kernel_device):
+    """The generic conv backward (its g_acc made by the epilogue kernel, channels_last) with x and grad_y in
+    `layout`."""
+    case, flat_x = CASES[name]
+    dtype = torch.float32
+    args = tc.make_inputs(case, dtype, layout, "full", kernel_device)
+    with recorded_flags() as seen:
+        tc.check_backward(args, dtype, grad_layout=layout, tiles=TILES)
+    x_dense = dense_rows(args["x"].stride(), *(args["x"].shape[i] for i in (0, 2, 3)))
+    assert x_dense == (layout == "channels_last")
+    assert seen == {(True, flat_x and x_dense)}, seen
+
+
+@pytest.mark.parametrize("dtype", tb.DTYPES)
+@pytest.mark.parametrize("grad_layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv_bn_train_backward_against_reference(name, grad_layout, dtype, kernel_device):
+    """g_acc formed on load from grad_y (in `grad_layout`) and y (channels_last), x channels_last."""
+    case, flat_x = CASES[name]
+    bn_case = tb.Case(case.N, case.C, case.K, case.H, case.W, case.R, case.stride[0], case.padding[0], case.groups)
+    args = tb.make_inputs(bn_case, dtype, kernel_device, prologue=True, bias=True)
+    layout = CL if grad_layout == "channels_last" else torch.contiguous_format
+    with recorded_flags() as seen:
+        tb.check(args, dtype, needs_grad=tb.ALL, grad_layout=layout, tiles=TILES)
+    assert seen == {(grad_layout == "channels_last", flat_x)}, seen
+
+
+def _runs(name, dtype, device):
+    """Every output of a generic conv forward + backward and of a conv -> BN training backward, all channels_last."""
+    case, _ = CASES[name]
+    torch.manual_seed(0)
+    conv_args = tc.make_inputs(case, dtype, "channels_last", "full", device)
+    y, stats = tc.run_fwd(conv_fwd, conv_args, True, tiles={k: v for k, v in TILES.items() if k != "SPLIT"})
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    gs = (torch.randn(2, y.shape[1], generator=torch.Generator().manual_seed(2)) * 0.1).to(device)
+    out = list(tc.run_bwd(conv_bwd, grad_y.contiguous(memory_format=CL), gs, conv_args, y, [True] * 8, stats,
+                          tiles=TILES))
+    bn_case = tb.Case(case.N, case.C, case.K, case.H, case.W, case.R, case.stride[0], case.padding[0], case.groups)
+    torch.manual_seed(3)
+    a = tb.make_inputs(bn_case, dtype, device, bias=True)
+    y, stats = conv_fwd(a["x"], a["weight"], a["bias"], a["in_scale"], a["in_shift"], a["in_relu"], None, None, None,
+                        False, a["stride"], a["padding"], a["dilation"], a["groups"], True)
+    grads = tb.make_grads(y.shape, y.shape[1], dtype, device, grad_layout=CL)
+    return out + list(tb.backward(conv_bn_bwd, grads, a, y, stats, tb.ALL, tiles=TILES))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("name", ["1x1_s1_g2", "3x3_p1_g2"])
+def test_same_bits_as_the_strided_rows(name, dtype, kernel_device, monkeypatch):
+    results = {}
+    for mode in ("flat", "strided"):
+        with monkeypatch.context() as m, recorded_flags() as seen:
+            if mode == "strided":
+                m.setattr(conv_bwd_mod, "dense_rows", lambda *a: False)
+            results[mode] = _runs(name, dtype, kernel_device)
+        expect = {(True, CASES[name][1])} if mode == "flat" else {(False, False)}
+        assert seen == expect, (mode, seen)
+    for i, (a, b) in enumerate(zip(results["flat"], results["strided"])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert torch.equal(a, b), f"output {i} differs between the flat and the strided rows"
