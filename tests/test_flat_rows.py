@@ -1,14 +1,20 @@
-"""The wgrad's flat rows (FLAT_G, FLAT_X): the wgrad reduces over the rows m = (n P + p) Q + q of g_acc (of grad_y and
-y where it forms g_acc on load) and of x'. Where a tensor's strides put row m at m * stride_w for every (n, p, q)
-(_common.dense_rows: channels_last and its likes), the kernel addresses the row as m times one stride, without
-(n, p, q): no divisions and no three 64-bit products per row and operand layout; x too for a 1x1 conv with stride 1
-and no padding, whose input rows are its output rows. fp16 sm_90, the 64 x 64 x 128 8-warp loop with g_acc on load:
-470 -> 252 SASS (bench/kernel_audit.py). The same tiles in the same order, so the same bits.
+"""How the wgrad addresses the rows it reduces over, m = (n P + p) Q + q (of g_acc, of grad_y and y where it forms
+g_acc on load, and of x'):
 
-Checks: dense_rows against the offsets themselves; the selection per layout and conv; the wgrad (the generic conv
-backward and the conv -> BN training backward, which forms g_acc on load) against the float64 reference with flat and
-strided g, y and x; and equality, bit for bit, with the flat path turned off. Every wgrad launch's flags are recorded,
-so a test cannot pass on the path it did not mean to run.
+- FLAT_G, FLAT_X: where a tensor's strides put row m at m * stride_w for every (n, p, q) (_common.dense_rows:
+  channels_last and its likes), the row is m times one stride, no (n, p, q); x too in a 1x1 conv with stride 1 and no
+  padding, whose input rows are its output rows (fp16 sm_90, 64 x 64 x 128 on 8 warps: loop 470 -> 252 SASS).
+- ALIGNED_ROWS: where the steps' rows lie in one image at (p0 + i // Q, q0 + i % Q) (conv_bwd.aligned_rows), only
+  each step's first row is split, as scalars, the rows' offsets being loop-invariant; TAP_ROWS then, where a j tile
+  lies in one filter tap (C_g a multiple of it): x's offsets are the step's scalar plus loop-invariant row and column
+  ones, bounded per row (a 3x3 loop 428 -> 335 SASS).
+- Otherwise each row is split with two fast_div per step.
+
+The same tiles in the same order, so the same bits. Checks: dense_rows and aligned_rows against the offsets and rows
+themselves; the selection per layout and conv; the wgrad (the generic conv backward and the conv -> BN training
+backward, which forms g_acc on load) against the float64 reference on every path; and equality, bit for bit, with
+each row split per step instead. Every wgrad launch's flags are recorded, so a test cannot pass on the path it did
+not mean to run.
 """
 
 from __future__ import annotations
@@ -32,17 +38,32 @@ WGRAD = "_conv_wgrad_kernel"
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)   # several row steps per split, three splits
 CL = torch.channels_last
 
-# (conv case, whether x's rows are the output rows: FLAT_X with a dense x)
+# (conv case, whether x's rows are the output rows: FLAT_X with a dense x, whether 16-row steps are aligned to the
+# output's rows: ALIGNED_ROWS where the rows are split into (n, p, q), and TAP_ROWS then: C_g a multiple of the
+# 16-wide j tile)
 CASES = {
-    "1x1_s1_g2": (tc.Case(2, 32, 32, 5, 7, 1, 1, groups=2), True),
-    "1x1_s2": (tc.Case(2, 16, 32, 9, 7, 1, 1, stride=(2, 2)), False),
-    "3x3_p1_g2": (tc.Case(2, 32, 32, 6, 5, 3, 3, padding=(1, 1), groups=2), False),
+    "1x1_s1_g2": (tc.Case(2, 32, 32, 5, 7, 1, 1, groups=2), True, False),
+    "1x1_s2": (tc.Case(2, 16, 32, 9, 7, 1, 1, stride=(2, 2)), False, False),
+    "3x3_p1_g2": (tc.Case(2, 32, 32, 6, 5, 3, 3, padding=(1, 1), groups=2), False, False),
+    "1x1_s2_aligned": (tc.Case(2, 16, 32, 8, 8, 1, 1, stride=(2, 2)), False, True),   # P = Q = 4: 4 rows a step
+    "3x3_p1_g2_aligned": (tc.Case(2, 32, 32, 8, 8, 3, 3, padding=(1, 1), groups=2), False, True),   # Q = 8
+    "3x3_p1_wide_aligned": (tc.Case(2, 16, 16, 2, 32, 3, 3, padding=(1, 1)), False, True),   # Q = 32: half a row
+    "3x3_s2_c8_aligned": (tc.Case(2, 16, 16, 8, 8, 3, 3, stride=(2, 2), padding=(1, 1), groups=2), False, True),
 }
+
+
+def expected_flags(name: str, flat_g: bool, x_dense: bool = True) -> tuple:
+    """(FLAT_G, FLAT_X, ALIGNED_ROWS, TAP_ROWS) of the case's wgrad."""
+    case, flat_x, aligned = CASES[name]
+    flat_x = flat_x and x_dense
+    aligned = aligned and not (flat_g and flat_x)
+    return flat_g, flat_x, aligned, aligned and not flat_x and (case.C // case.groups) % TILES["BLOCK_K"] == 0
 
 
 @contextlib.contextmanager
 def recorded_flags():
-    """The set of (FLAT_G, FLAT_X) of the wgrad launches in the block (interpreter and GPU launches)."""
+    """The set of (FLAT_G, FLAT_X, ALIGNED_ROWS, TAP_ROWS) of the wgrad launches in the block (interpreter and
+    GPU launches)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -52,7 +73,7 @@ def recorded_flags():
     def recording(original):
         def run(self, *args, **kwargs):
             if self.fn.__name__ == WGRAD:
-                seen.add((kwargs.get("FLAT_G"), kwargs.get("FLAT_X")))
+                seen.add(tuple(kwargs.get(f) for f in ("FLAT_G", "FLAT_X", "ALIGNED_ROWS", "TAP_ROWS")))
             return original(self, *args, **kwargs)
         return run
 
@@ -101,14 +122,14 @@ def test_dense_rows_matches_the_offsets():
 def test_conv_backward_against_reference(name, layout, kernel_device):
     """The generic conv backward (its g_acc made by the epilogue kernel, channels_last) with x and grad_y in
     `layout`."""
-    case, flat_x = CASES[name]
+    case = CASES[name][0]
     dtype = torch.float32
     args = tc.make_inputs(case, dtype, layout, "full", kernel_device)
     with recorded_flags() as seen:
         tc.check_backward(args, dtype, grad_layout=layout, tiles=TILES)
     x_dense = dense_rows(args["x"].stride(), *(args["x"].shape[i] for i in (0, 2, 3)))
     assert x_dense == (layout == "channels_last")
-    assert seen == {(True, flat_x and x_dense)}, seen
+    assert seen == {expected_flags(name, True, x_dense)}, seen
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)
@@ -116,18 +137,31 @@ def test_conv_backward_against_reference(name, layout, kernel_device):
 @pytest.mark.parametrize("name", list(CASES))
 def test_conv_bn_train_backward_against_reference(name, grad_layout, dtype, kernel_device):
     """g_acc formed on load from grad_y (in `grad_layout`) and y (channels_last), x channels_last."""
-    case, flat_x = CASES[name]
+    case = CASES[name][0]
     bn_case = tb.Case(case.N, case.C, case.K, case.H, case.W, case.R, case.stride[0], case.padding[0], case.groups)
     args = tb.make_inputs(bn_case, dtype, kernel_device, prologue=True, bias=True)
     layout = CL if grad_layout == "channels_last" else torch.contiguous_format
     with recorded_flags() as seen:
         tb.check(args, dtype, needs_grad=tb.ALL, grad_layout=layout, tiles=TILES)
-    assert seen == {(grad_layout == "channels_last", flat_x)}, seen
+    assert seen == {expected_flags(name, grad_layout == "channels_last")}, seen
+
+
+def test_aligned_rows_matches_the_rows():
+    """aligned_rows(P, Q, block) exactly when every block of rows starting at a multiple of the block (in an image of
+    P x Q and the next) is (p0 + i // Q, q0 + i % Q) from its first row (p0, q0), in one image."""
+    checked = collections.Counter()
+    for P, Q, block in itertools.product((1, 2, 3, 4, 8), (1, 2, 3, 4, 5, 8, 16, 32), (4, 16)):
+        rows = [((m // (P * Q)), (m % (P * Q)) // Q, m % Q) for m in range(2 * P * Q)]
+        expect = all(rows[m0 + i] == (rows[m0][0], rows[m0][1] + i // Q, rows[m0][2] + i % Q)
+                     for m0 in range(0, 2 * P * Q - block + 1, block) for i in range(block)) and (P * Q) % block == 0
+        assert conv_bwd_mod.aligned_rows(P, Q, block) == expect, (P, Q, block)
+        checked[expect] += 1
+    assert checked[True] > 5 and checked[False] > 5, checked
 
 
 def _runs(name, dtype, device):
     """Every output of a generic conv forward + backward and of a conv -> BN training backward, all channels_last."""
-    case, _ = CASES[name]
+    case = CASES[name][0]
     torch.manual_seed(0)
     conv_args = tc.make_inputs(case, dtype, "channels_last", "full", device)
     y, stats = tc.run_fwd(conv_fwd, conv_args, True, tiles={k: v for k, v in TILES.items() if k != "SPLIT"})
@@ -145,15 +179,17 @@ def _runs(name, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
-@pytest.mark.parametrize("name", ["1x1_s1_g2", "3x3_p1_g2"])
+@pytest.mark.parametrize("name", ["1x1_s1_g2", "3x3_p1_g2", "3x3_p1_g2_aligned", "1x1_s2_aligned",
+                                  "3x3_s2_c8_aligned"])
 def test_same_bits_as_the_strided_rows(name, dtype, kernel_device, monkeypatch):
     results = {}
     for mode in ("flat", "strided"):
         with monkeypatch.context() as m, recorded_flags() as seen:
             if mode == "strided":
                 m.setattr(conv_bwd_mod, "dense_rows", lambda *a: False)
+                m.setattr(conv_bwd_mod, "aligned_rows", lambda *a: False)
             results[mode] = _runs(name, dtype, kernel_device)
-        expect = {(True, CASES[name][1])} if mode == "flat" else {(False, False)}
+        expect = {expected_flags(name, True)} if mode == "flat" else {(False, False, False, False)}
         assert seen == expect, (mode, seen)
     for i, (a, b) in enumerate(zip(results["flat"], results["strided"])):
         assert (a is None) == (b is None), i

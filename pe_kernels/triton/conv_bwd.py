@@ -565,6 +565,12 @@ def _conv_wgrad_kernel(
     STORE_GACC: tl.constexpr,    # (with GACC_ON_LOAD) the programs of j tile 0 store the g_acc they form at gacc_ptr
     FLAT_G: tl.constexpr,        # g_acc's (and y's) rows dense over (n, p, q): row m at m * sgw (m * syw)
     FLAT_X: tl.constexpr,        # a 1x1 conv, stride 1, no padding, x's rows dense over (n, h, w): row m at m * sxw
+    ALIGNED_ROWS: tl.constexpr,  # (rows split into (n, p, q)) P*Q % BLOCK_M == 0 and Q divides BLOCK_M or BLOCK_M
+                                 # divides Q: a step's rows lie in one image, at (p0 + i // Q, q0 + i % Q) from its
+                                 # first row (p0, q0): the rows' split is loop-invariant, the step's a scalar one
+    TAP_ROWS: tl.constexpr,      # (ALIGNED_ROWS, not FLAT_X) BLOCK_K divides C_g: a j tile lies in one filter tap, so
+                                 # x's offsets are the step's scalar plus loop-invariant row and column ones, and its
+                                 # bounds per row
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,   # M % BLOCK_M, K_g % BLOCK_N, RSC % BLOCK_K
                                                                          # == 0: no mask along that dimension
@@ -608,14 +614,35 @@ def _conv_wgrad_kernel(
         d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    if ALIGNED_ROWS:
+        i_m = tl.arange(0, BLOCK_M)
+        p_off = fast_div(i_m, Q, Q_MAGIC, Q_SHIFT)
+        q_off = i_m - p_off * Q
+    if TAP_ROWS:   # the tile's tap (r, s): the rows' input positions and offsets from the step's first row's
+        tap = (pid_j * BLOCK_K) // C_g
+        h_inv = p_off * STRIDE_H + ((tap // S) * DIL_H - PAD_H)
+        w_inv = q_off * STRIDE_W + ((tap % S) * DIL_W - PAD_W)
+        x_row_inv = h_inv.to(tl.int64) * sxh + w_inv.to(tl.int64) * sxw
+        x_col = c.to(tl.int64) * sxc
+        H_U = tl.cast(H, tl.uint32)
+        W_U = tl.cast(W, tl.uint32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = tl.full((BLOCK_M,), 1, tl.int1) if EVEN_M else offs_m < m_end
         m64 = offs_m.to(tl.int64)
-        if not (FLAT_G and FLAT_X):
+        if ALIGNED_ROWS:
+            # the step's first row split once (scalars), then the rows' loop-invariant offsets (fp16 sm_90, a 3x3
+            # layer's 64 x 64 x 128 loop on 8 warps: 428 -> 388 SASS; 335 with TAP_ROWS)
+            n_s = fast_div(tl.cast(m0, tl.int32), P * Q, PQ_MAGIC, PQ_SHIFT)
+            pq_s = m0 - n_s * (P * Q)
+            p_s = fast_div(pq_s, Q, Q_MAGIC, Q_SHIFT)
+            n = tl.zeros((BLOCK_M,), tl.int32) + n_s
+            p = p_off + p_s
+            q = q_off + (pq_s - p_s * Q)
+            n64 = n.to(tl.int64)
+        elif not (FLAT_G and FLAT_X):
             # (n, p, q) of the rows without a division: fast_div by P*Q and Q (the divisions were ~1/3 of the loop);
-            # rows dense over (n, p, q) need none (FLAT_G, FLAT_X: their address and its bounds per row and layout
-            # were ~1/3 of the loop's SASS)
+            # rows dense over (n, p, q) need none (FLAT_G, FLAT_X: 1x1 loop 470 -> 252 SASS, fp16 sm_90)
             n = fast_div(offs_m, P * Q, PQ_MAGIC, PQ_SHIFT)
             pq = offs_m - n * (P * Q)
             p = fast_div(pq, Q, Q_MAGIC, Q_SHIFT)
@@ -626,6 +653,14 @@ def _conv_wgrad_kernel(
             x_rows = m64 * sxw
             in_bounds = mask_m[:, None] & mask_j[None, :]
             b_ptrs = x_ptr + x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :]
+        elif TAP_ROWS:
+            # one unsigned compare per dimension and row (a negative index wraps to >= 2^31 > H)
+            ph_s = p_s * STRIDE_H
+            pw_s = (pq_s - p_s * Q) * STRIDE_W
+            row_ok = mask_m & ((h_inv + ph_s).to(tl.uint32) < H_U) & ((w_inv + pw_s).to(tl.uint32) < W_U)
+            in_bounds = row_ok[:, None] & mask_j[None, :]
+            step = n_s.to(tl.int64) * sxn + ph_s.to(tl.int64) * sxh + pw_s.to(tl.int64) * sxw
+            b_ptrs = x_ptr + step + x_row_inv[:, None] + x_col[None, :]
         else:
             hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
             ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
@@ -1070,10 +1105,11 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     else:
         # spill-free tiles on sm_90 for fp16 / bf16 / TF32 (bench/kernel_audit.py, Triton 3.6 and 3.9); the stem
         # (R*S*C_g = 27: 3-channel pixels gathered element by element) reduces 32 rows a step: 64 spilled. Twice
-        # the dtype's j tile (on 8 warps) where it divides R*S*C_g (no column mask, EVEN_K): the
-        # g_acc tile formed on load then feeds twice the MMA work
+        # the dtype's j tile (on 8 warps) wherever R*S*C_g holds two: the g_acc tile formed on load then feeds
+        # twice the MMA work, which pays for a masked last j tile too (a 64-channel 3x3 layer's 576 columns in 5
+        # tiles of 128, not 9 of 64: -5 to -10 % of its modelled training time, bench/kernel_audit.py)
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
-        if rsc % (2 * block_k) == 0 and block_m == 64 and wide_tiles(geo.dtype):
+        if rsc >= 2 * block_k and block_m == 64 and wide_tiles(geo.dtype):
             block_k, num_warps = 2 * block_k, 8
         # Enough warps to fill the GPU (4096: 1024 programs of 4 warps, 512 of 8), each program still reducing a
         # long stretch of M; counted in warps so the 8-warp tiles do not double the splits and their partials.
@@ -1090,6 +1126,13 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
     chunk = max(1, min(tiles.get("SPLIT_CHUNK") or split_chunk(split), split))
     return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid, chunk, num_warps)
+
+
+def aligned_rows(P: int, Q: int, block: int) -> bool:
+    """Whether every `block` consecutive rows m = (n P + p) Q + q starting at a multiple of `block` lie in one image
+    n at (p0 + i // Q, q0 + i % Q), i < block, from the first (p0, q0): P*Q a multiple of the block, and Q a divisor
+    or a multiple of it (ALIGNED_ROWS: the wgrad splits each step's first row only, as scalars)."""
+    return P * Q > 0 and (P * Q) % block == 0 and (block % Q == 0 or Q % block == 0)
 
 
 def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan,
@@ -1112,9 +1155,12 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     # the recomputed y tile (BLOCK_N x BLOCK_M, fp32) spilled with 64-row steps (fp32 / TF32, and fp16 / bf16 with a
     # prologue on Triton 3.6): 32 (M_PER_SPLIT stays a multiple of it)
     block_m = 32 if recompute and not INTERPRET else plan.block_m
+    aligned = not (flat_g and flat_x) and aligned_rows(geo.P, geo.Q, block_m)
+    tap_rows = aligned and not flat_x and tap_steps(geo.C_g, plan.block_k)
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
-                GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
-                BIAS_GRAD=bias_grad, STORE_GACC=store_gacc, FLAT_G=flat_g, FLAT_X=flat_x, UPCAST=upcast_bf16(x.dtype),
+                GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute, BIAS_GRAD=bias_grad,
+                STORE_GACC=store_gacc, FLAT_G=flat_g, FLAT_X=flat_x, ALIGNED_ROWS=aligned, TAP_ROWS=tap_rows,
+                UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), EVEN_M=M % block_m == 0, EVEN_N=geo.K_g % plan.block_n == 0,
                 EVEN_K=rsc % plan.block_k == 0, BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=plan.num_warps)
