@@ -35,16 +35,17 @@ and strides: a channels_last weight gets a channels_last dw).
 conv -> BN training backward (conv_bn_bwd; reference.conv_bn_train_backward): BN's batch statistics are those of
 the saved y = acc (no epilogue), and its finalize's backward (bn_finalize_grads, per channel, from grad_scale,
 grad_shift, stats, bn_weight, eps, n) gives grad_stats = [d_mean, d_m2] and d_bn_weight, d_bn_bias. With
-GACC_ON_LOAD the wgrad computes those per-channel terms itself (and stores them, (3, K) fp32, for the dgrad launched
-after it: the dgrad's reduction runs over k, so it would recompute them at every step) and both form
-g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean) on load (stats_grad_on_load, the epilogue kernel's expression, g_acc
-rounded to x.dtype as the epilogue stores it: fp32 results equal the composed path's where y is read); the wgrad's
-programs of j tile
-0 and split 0 write d_bn_weight, d_bn_bias, and those of j tile 0 sum the rounded g_acc they load into
-d_bias = sum g_acc (BIAS_GRAD; with a split, (SPLIT, K) fp32 partials summed alongside dw's partials, in j tile
-0). Two launches, no epilogue kernel, no finalize-backward kernel and no reduce launch, when the weight's
-gradient is needed (with or without the conv bias's); the counters are then _common.stream_counters. Other cases:
-the composition (ops/contract.composed_conv_bn_train_backward).
+GACC_ON_LOAD the wgrad computes those per-channel terms itself and forms g_acc = grad_y + d_mean/n + 2 d_m2 (y - mean)
+on load (stats_grad_on_load, the epilogue kernel's expression, g_acc rounded to x.dtype as the epilogue stores it:
+fp32 results equal the composed path's where y is read); its programs of j tile 0 store that g_acc (STORE_GACC,
+channels_last) for the dgrad launched after it, which reads it as a plain operand (stores_gacc: the same bytes as
+reading grad_y and y) -- except where the dgrad recomputes y: it then forms g_acc on load too, from the terms the
+wgrad stored ((3, K) fp32: the dgrad's reduction runs over k, so it would recompute them at every step). The
+wgrad's programs of j tile 0 and split 0 write d_bn_weight, d_bn_bias, and those of j tile 0 sum the rounded g_acc
+they load into d_bias = sum g_acc (BIAS_GRAD; with a split, (SPLIT, K) fp32 partials summed alongside dw's
+partials, in j tile 0). Two launches, no epilogue kernel, no finalize-backward kernel and no reduce launch, when the
+weight's gradient is needed (with or without the conv bias's); the counters are then _common.stream_counters.
+Other cases: the composition (ops/contract.composed_conv_bn_train_backward).
 On that path, for ops.conv_bn_junction (conv_bn_bwd_ext): grad_y may come scaled on load (grad_y * grad_y_scale[k],
 always applied: ones when absent); RECOMPUTE_Y (a 1x1 conv without padding or bias, C_g <= 128: recompute_y_allowed)
 forms y = W x' from the x' a GEMM reads instead of reading the saved y (the forward's product in another summation
@@ -69,7 +70,9 @@ Kernels:
                              SPLIT_CHUNK splits (split_chunk: ~sqrt(SPLIT)) sums the chunk, the tile's last chunk
                              the chunks' sums (one chunk up to 8 splits); SPLIT = 1 writes dw directly. BIAS_GRAD:
                              the programs of j tile 0 also sum g_acc over their m range into d_bias (SPLIT = 1) or
-                             (SPLIT, K) fp32 partials (summed alongside dw's).
+                             (SPLIT, K) fp32 partials (summed alongside dw's). Rows addressed as m times one
+                             stride where dense (FLAT_G, FLAT_X), else split into (n, p, q): per step from its first
+                             row where the steps align with the image rows (ALIGNED_ROWS, TAP_ROWS), else per row.
 """
 
 from __future__ import annotations
