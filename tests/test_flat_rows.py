@@ -20,7 +20,6 @@ not mean to run.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 
 import pytest
@@ -33,6 +32,8 @@ from pe_kernels.triton.conv_fwd import conv_fwd
 
 import test_triton_conv as tc
 import test_triton_conv_bn_train_bwd as tb
+
+from _launch_flags import recorded_flags
 
 WGRAD = "_conv_wgrad_kernel"
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)   # several row steps per split, three splits
@@ -60,30 +61,10 @@ def expected_flags(name: str, flat_g: bool, x_dense: bool = True) -> tuple:
     return flat_g, flat_x, aligned, aligned and not flat_x and (case.C // case.groups) % TILES["BLOCK_K"] == 0
 
 
-@contextlib.contextmanager
-def recorded_flags():
-    """The set of (FLAT_G, FLAT_X, ALIGNED_ROWS, TAP_ROWS) of the wgrad launches in the block (interpreter and
-    GPU launches)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    seen = set()
-    saved = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
-
-    def recording(original):
-        def run(self, *args, **kwargs):
-            if self.fn.__name__ == WGRAD:
-                seen.add(tuple(kwargs.get(f) for f in ("FLAT_G", "FLAT_X", "ALIGNED_ROWS", "TAP_ROWS")))
-            return original(self, *args, **kwargs)
-        return run
-
-    for cls, original in saved:
-        cls.run = recording(original)
-    try:
-        yield seen
-    finally:
-        for cls, original in saved:
-            cls.run = original
+def recorded_wgrad_flags():
+    """{"wgrad": the set of (FLAT_G, FLAT_X, ALIGNED_ROWS, TAP_ROWS) of the wgrad launches in the block}."""
+    return recorded_flags(lambda name, kw: [("wgrad", tuple(kw.get(f) for f in (
+        "FLAT_G", "FLAT_X", "ALIGNED_ROWS", "TAP_ROWS")))] if name == WGRAD else [])
 
 
 def _offsets_are_rows(t: torch.Tensor) -> bool:
@@ -125,11 +106,11 @@ def test_conv_backward_against_reference(name, layout, kernel_device):
     case = CASES[name][0]
     dtype = torch.float32
     args = tc.make_inputs(case, dtype, layout, "full", kernel_device)
-    with recorded_flags() as seen:
+    with recorded_wgrad_flags() as seen:
         tc.check_backward(args, dtype, grad_layout=layout, tiles=TILES)
     x_dense = dense_rows(args["x"].stride(), *(args["x"].shape[i] for i in (0, 2, 3)))
     assert x_dense == (layout == "channels_last")
-    assert seen == {expected_flags(name, True, x_dense)}, seen
+    assert seen["wgrad"] == {expected_flags(name, True, x_dense)}, seen
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)
@@ -141,9 +122,9 @@ def test_conv_bn_train_backward_against_reference(name, grad_layout, dtype, kern
     bn_case = tb.Case(case.N, case.C, case.K, case.H, case.W, case.R, case.stride[0], case.padding[0], case.groups)
     args = tb.make_inputs(bn_case, dtype, kernel_device, prologue=True, bias=True)
     layout = CL if grad_layout == "channels_last" else torch.contiguous_format
-    with recorded_flags() as seen:
+    with recorded_wgrad_flags() as seen:
         tb.check(args, dtype, needs_grad=tb.ALL, grad_layout=layout, tiles=TILES)
-    assert seen == {expected_flags(name, grad_layout == "channels_last")}, seen
+    assert seen["wgrad"] == {expected_flags(name, grad_layout == "channels_last")}, seen
 
 
 def test_aligned_rows_matches_the_rows():
@@ -184,13 +165,13 @@ def _runs(name, dtype, device):
 def test_same_bits_as_the_strided_rows(name, dtype, kernel_device, monkeypatch):
     results = {}
     for mode in ("flat", "strided"):
-        with monkeypatch.context() as m, recorded_flags() as seen:
+        with monkeypatch.context() as m, recorded_wgrad_flags() as seen:
             if mode == "strided":
                 m.setattr(conv_bwd_mod, "dense_rows", lambda *a: False)
                 m.setattr(conv_bwd_mod, "aligned_rows", lambda *a: False)
             results[mode] = _runs(name, dtype, kernel_device)
         expect = {expected_flags(name, True)} if mode == "flat" else {(False, False, False, False)}
-        assert seen == expect, (mode, seen)
+        assert seen["wgrad"] == expect, (mode, seen)
     for i, (a, b) in enumerate(zip(results["flat"], results["strided"])):
         assert (a is None) == (b is None), i
         if a is not None:

@@ -13,9 +13,6 @@ compiler may contract the two kernels' multiply-adds differently).
 
 from __future__ import annotations
 
-import collections
-import contextlib
-
 import pytest
 import torch
 
@@ -24,6 +21,8 @@ from pe_kernels.triton.conv_bwd import conv_bn_bwd
 from pe_kernels.triton.conv_fwd import conv_fwd
 
 import test_triton_conv_bn_train_bwd as tb
+
+from _launch_flags import recorded_flags
 
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
 # (case, prologue, bias, whether the dgrad recomputes y: a 1x1 conv, no padding, no bias, its x read for the
@@ -35,31 +34,16 @@ CASES = {
 }
 
 
-@contextlib.contextmanager
+def _gacc_flags(name, kwargs):
+    if name == "_conv_wgrad_kernel":
+        yield "wgrad", kwargs.get("STORE_GACC")
+    elif name == "_conv_dgrad_kernel":
+        yield "dgrad", kwargs.get("GACC_ON_LOAD")
+
+
 def recorded_gacc():
     """{"wgrad": set of STORE_GACC, "dgrad": set of GACC_ON_LOAD} of the launches in the block."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    seen = collections.defaultdict(set)
-    saved = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
-
-    def recording(original):
-        def run(self, *args, **kwargs):
-            if self.fn.__name__ == "_conv_wgrad_kernel":
-                seen["wgrad"].add(kwargs.get("STORE_GACC"))
-            elif self.fn.__name__ == "_conv_dgrad_kernel":
-                seen["dgrad"].add(kwargs.get("GACC_ON_LOAD"))
-            return original(self, *args, **kwargs)
-        return run
-
-    for cls, original in saved:
-        cls.run = recording(original)
-    try:
-        yield seen
-    finally:
-        for cls, original in saved:
-            cls.run = original
+    return recorded_flags(_gacc_flags)
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)

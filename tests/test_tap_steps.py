@@ -12,7 +12,6 @@ Every launch's TAP_STEPS is recorded, so a test cannot pass on the path it did n
 
 from __future__ import annotations
 
-import collections
 import contextlib
 
 import pytest
@@ -26,6 +25,7 @@ from pe_kernels.triton.conv_fwd import conv_fwd
 
 import test_triton_conv as tc
 import test_triton_conv_bn_train_bwd as tb
+from _launch_flags import recorded_flags
 
 GEMMS = ("_conv_fwd_kernel", "_conv_dgrad_kernel")   # (the wgrad's j tiles are per program: no per-step split)
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
@@ -40,31 +40,16 @@ CASES = {
 }
 
 
-@contextlib.contextmanager
+def _tap_flags(name, kwargs):
+    if name in GEMMS:
+        yield name, kwargs.get("TAP_STEPS")
+        yield (name, "even"), kwargs.get("EVEN_N")
+
+
 def recorded_tap_steps():
     """{kernel name: set of TAP_STEPS values} of the GEMM launches in the block (interpreter and GPU launches); and
     of EVEN_N under the key (name, "even")."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    seen = collections.defaultdict(set)
-    saved = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
-
-    def recording(original):
-        def run(self, *args, **kwargs):
-            if self.fn.__name__ in GEMMS:
-                seen[self.fn.__name__].add(kwargs.get("TAP_STEPS"))
-                seen[(self.fn.__name__, "even")].add(kwargs.get("EVEN_N"))
-            return original(self, *args, **kwargs)
-        return run
-
-    for cls, original in saved:
-        cls.run = recording(original)
-    try:
-        yield seen
-    finally:
-        for cls, original in saved:
-            cls.run = original
+    return recorded_flags(_tap_flags)
 
 
 @contextlib.contextmanager
