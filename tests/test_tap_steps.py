@@ -89,6 +89,19 @@ def test_wide_tiles_only_on_tensor_cores(monkeypatch):
         assert (plan.num_warps, plan.block_k) == ((8, 64) if wide else (4, 32)), plan
 
 
+def test_wgrad_takes_128_deep_j_tiles_wherever_two_fit(monkeypatch):
+    """fp16 on a GPU: 128-deep j tiles on 8 warps wherever R*S*C_g holds two 64-deep ones, a masked last tile
+    included (a 64-channel 3x3 layer: 576 columns in 5 tiles); 64 on 4 warps below that."""
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
+    for c_g, r, expect in ((64, 3, (8, 128)), (32, 3, (8, 128)), (128, 1, (8, 128)), (64, 1, (4, 64)),
+                           (96, 1, (4, 64))):
+        geo = conv_fwd_mod.ConvGeometry(N=8, C=2 * c_g, H=8, W=8, K=128, R=r, S=r, P=8, Q=8, groups=2, C_g=c_g,
+                                        K_g=64, stride=(1, 1), padding=(r // 2,) * 2, dilation=(1, 1),
+                                        dtype=torch.float16)
+        plan = conv_bwd_mod._wgrad_plan(geo, None)
+        assert (plan.num_warps, plan.block_k) == expect, (c_g, r, plan)
+
+
 @pytest.mark.parametrize("dtype", tc.DTYPES[:2])
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_conv_against_reference(case, dtype, kernel_device):
