@@ -621,7 +621,7 @@ def _conv_wgrad_kernel(
         i_m = tl.arange(0, BLOCK_M)
         p_off = fast_div(i_m, Q, Q_MAGIC, Q_SHIFT)
         q_off = i_m - p_off * Q
-    if TAP_ROWS:   # the tile's tap (r, s): the rows' input positions and offsets from the step's first row's
+    if TAP_ROWS:   # the tile's tap (r, s): the rows' input positions and offsets relative to the step's first row
         tap = (pid_j * BLOCK_K) // C_g
         h_inv = p_off * STRIDE_H + ((tap // S) * DIL_H - PAD_H)
         w_inv = q_off * STRIDE_W + ((tap % S) * DIL_W - PAD_W)
