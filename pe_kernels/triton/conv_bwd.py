@@ -574,6 +574,8 @@ def _conv_wgrad_kernel(
     TAP_ROWS: tl.constexpr,      # (ALIGNED_ROWS, not FLAT_X) BLOCK_K divides C_g: a j tile lies in one filter tap, so
                                  # x's offsets are the step's scalar plus loop-invariant row and column ones, and its
                                  # bounds per row
+    TRANS_ACC: tl.constexpr,     # dw^T = x'^T g_acc: the j tile is the MMA's M, the k tile its N (a 32-row k tile of
+                                 # a narrow group's 32 channels on wgmma instead of a half-masked 64-row one)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,   # M % BLOCK_M, K_g % BLOCK_N, RSC % BLOCK_K
                                                                          # == 0: no mask along that dimension
@@ -612,7 +614,10 @@ def _conv_wgrad_kernel(
             tl.store(terms_ptr + 2 * K + k, c1, mask=mask_k)
         gys = tl.load(gys_ptr + k, mask=mask_k, other=0.0)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if TRANS_ACC:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if BIAS_GRAD:
         d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
@@ -722,7 +727,12 @@ def _conv_wgrad_kernel(
                     tl.store(gacc_ptr + (m64 * K)[None, :] + k.to(tl.int64)[:, None], a, mask=mask_a)
         if UPCAST:
             a = a.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if TRANS_ACC:
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if TRANS_ACC:
+        acc = tl.trans(acc)
 
     # dw[k, c_l, r, s] through dw's strides (the weight's memory format); j = (r*S + s)*C_g + c_l
     mask = mask_k[:, None] & mask_j[None, :]
@@ -1079,6 +1089,7 @@ class _WgradPlan:
 
     split_chunk: int = 1
     num_warps: int = 4   # 8 with twice the dtype's j tile
+    trans_acc: bool = False   # dw^T = x'^T g_acc (TRANS_ACC): the k tile is the MMA's N
 
     @property
     def counters(self) -> int:
@@ -1099,10 +1110,13 @@ def split_chunk(split: int) -> int:
     return split if split <= 8 else math.isqrt(split - 1) + 1
 
 
-def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
+def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict], prologue: bool = False,
+                recompute: bool = False) -> _WgradPlan:
+    """The wgrad's tiles and split for `geo` (`prologue`: x is transformed on load; `recompute`: g_acc is formed on
+    load with y recomputed, RECOMPUTE_Y); `tiles` overrides BLOCK_M / N / K, SPLIT, SPLIT_CHUNK, TRANS_ACC."""
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
-    num_warps = 4
+    num_warps, trans_acc = 4, False
     if INTERPRET:
         block_m, block_n, block_k, split = 128, pow2_tile(geo.K_g, 16, 128), pow2_tile(rsc, 16, 256), 1
     else:
@@ -1112,8 +1126,29 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
         # twice the MMA work, which pays for a masked last j tile too (a 64-channel 3x3 layer's 576 columns in 5
         # tiles of 128, not 9 of 64: -5 to -10 % of its modelled training time, bench/kernel_audit.py)
         block_m, block_n, block_k = (64 if rsc >= 32 else 32), 64, gpu_tile_k(geo.dtype, rsc)
+        # R*S*C_g <= 32 (a narrow group's 1x1 layer): one j tile of that width, not a half-masked 64-wide one
+        # (the x' tile's and the recompute's per-element work halves), and with K_g >= 128 a 128-row k tile on the
+        # same 4 warps (the x' tile then feeds twice the MMA work): the 32-channel 1x1 expansion's wgrad (K_g = 128,
+        # y recomputed, fp16 sm_90) 292 -> 178 us modelled a launch (bench/kernel_audit.py)
+        block_k = min(block_k, pow2_tile(rsc, 16, block_k))
+        two_byte = geo.dtype in (torch.float16, torch.bfloat16)
+        one_by_one = (geo.R, geo.S) == (1, 1)
+        plain = (one_by_one and tuple(geo.stride) == (1, 1) and tuple(geo.padding) == (0, 0) and not prologue
+                 and not recompute)
+        if geo.K_g >= 128 and ((one_by_one and rsc <= 32 and two_byte) or (plain and geo.dtype == torch.float16)):
+            # also fp16 1x1 stride-1 layers whose x is read as is (no prologue, y read rather than recomputed):
+            # 128 x 128 x 64 steps without spills there; with a prologue, y recomputed, rows split into (n, p, q)
+            # or the stem's 3-channel taps, 128-row k tiles spilled 68-230 B, bf16's plain ones 16 B
+            # (bench/kernel_audit.py, sm_90)
+            block_n = 128
         if rsc >= 2 * block_k and block_m == 64 and wide_tiles(geo.dtype):
             block_k, num_warps = 2 * block_k, 8
+            # Narrow groups (K_g <= 32: the layer1 convs of the PE models): a k tile of K_g rows as the MMA's N
+            # (wgmma takes N = 16, 32; its M is the 128-deep j tile) instead of a 64-row tile half or three quarters
+            # masked, whose g_acc formed on load was the loop's largest part: a 32-channel 3x3 layer's loop (64 x
+            # 128 x 32, fp16 sm_90) 411 -> 291 SASS a step (bench/kernel_audit.py)
+            if geo.K_g <= 32:
+                block_n, trans_acc = pow2_tile(geo.K_g, 16, 32), True
         # Enough warps to fill the GPU (4096: 1024 programs of 4 warps, 512 of 8), each program still reducing a
         # long stretch of M; counted in warps so the 8-warp tiles do not double the splits and their partials.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
@@ -1128,7 +1163,8 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
     split = max(1, cdiv(M, m_per_split))
     grid = (cdiv(geo.K_g, block_n) * cdiv(rsc, block_k), geo.groups, split)
     chunk = max(1, min(tiles.get("SPLIT_CHUNK") or split_chunk(split), split))
-    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid, chunk, num_warps)
+    trans_acc = bool(tiles.get("TRANS_ACC", trans_acc))
+    return _WgradPlan(block_m, block_n, block_k, split, m_per_split, grid, chunk, num_warps, trans_acc)
 
 
 def aligned_rows(P: int, Q: int, block: int) -> bool:
@@ -1163,7 +1199,7 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
                 GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute, BIAS_GRAD=bias_grad,
                 STORE_GACC=store_gacc, FLAT_G=flat_g, FLAT_X=flat_x, ALIGNED_ROWS=aligned, TAP_ROWS=tap_rows,
-                UPCAST=upcast_bf16(x.dtype),
+                TRANS_ACC=plan.trans_acc, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), EVEN_M=M % block_m == 0, EVEN_N=geo.K_g % plan.block_n == 0,
                 EVEN_K=rsc % plan.block_k == 0, BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
                 num_warps=plan.num_warps)
@@ -1223,12 +1259,14 @@ def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int
 
 
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
-                tiles: Optional[dict], tail: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
+                tiles: Optional[dict], tail: bool = False,
+                recompute: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
     """(wgrad plan or None, dgrad meta or None, first wgrad counter, counters in all). The counters of the in-kernel
     reductions (the dgrad's prologue or tail sums, the wgrad's split) share one int32 buffer, the dgrad's first; the
     wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes)."""
-    wplan = _wgrad_plan(geo, tiles) if need_w else None
-    dgrad_sums = need_dgrad and (tail or (need_in_sums and has_prologue(in_scale, in_shift, in_relu)))
+    prologue = has_prologue(in_scale, in_shift, in_relu)
+    wplan = _wgrad_plan(geo, tiles, prologue, recompute) if need_w else None
+    dgrad_sums = need_dgrad and (tail or (need_in_sums and prologue))
     dmeta = _dgrad_meta(geo, tiles, dgrad_sums) if need_dgrad else None
     n_dsem = _dgrad_counters(geo, dmeta, tiles) if dgrad_sums else 0
     w_first = cdiv(n_dsem, 4) * 4
@@ -1411,10 +1449,10 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     if tail is not None and (not need_x or has_prologue(in_scale, in_shift, in_relu)):
         raise ValueError("triton conv_bn_bwd: a tail epilogue needs x's gradient and an input without a prologue")
     need_dgrad = need_x or need_isc or need_ish
-    gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
-                        tail is not None)
-    wplan, dmeta = gemms[:2]
     on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, recompute_y_allowed(geo, bias, tiles))
+    gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
+                        tail is not None, _recomputes(on_load, geo))
+    wplan, dmeta = gemms[:2]
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
     g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
     dgrad = (_dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
