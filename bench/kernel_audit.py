@@ -662,7 +662,8 @@ def compiling_launches(audit: Audit, arch: int):
         _record(audit, arch, self, args, kwargs, original_run, True, grid)
 
     def tuned_run(self, *args, grid=None, warmup=False, **kwargs):
-        for i, config in enumerate(self.configs):
+        from pe_kernels.triton._common import tried_configs
+        for i, config in enumerate(tried_configs(self, args, kwargs)):   # the configs the autotuner may pick
             _record(audit, arch, self.fn, args, {**kwargs, **config.all_kwargs()}, original_run, i == 0, grid)
 
     saved = jit.JITFunction.run, autotuner.Autotuner.run

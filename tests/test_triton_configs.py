@@ -90,6 +90,30 @@ def test_launch_follows_the_config_policy(monkeypatch):
         common.config_policy_from_env("fastest")
 
 
+def test_forward_offers_256_rows_only_where_they_do_not_spill():
+    """The forward's autotuner tries 128 and 256 rows (TALL_CONFIG) on launches of <= 64 columns with full tap steps
+    and tensor-core operands, else 128 and 64 (256 rows spilled there, bench/kernel_audit.py); the prune's inputs
+    are in the autotune key, so a cached choice is always one it offered. The dgrad has no prune."""
+    tuned = conv_fwd_mod._conv_fwd_kernel_tuned
+
+    def rows(dtype, **kwargs):
+        args = [None] * len(tuned.arg_names)
+        args[tuned.arg_names.index("x_ptr")] = torch.empty(1, dtype=dtype)
+        meta = dict(dict(BLOCK_N=64, TAP_STEPS=True, PRECISION="ieee"), **kwargs)
+        return sorted(c.kwargs["BLOCK_M"] for c in common.tried_configs(tuned, tuple(args), meta))
+
+    assert rows(torch.float16) == rows(torch.bfloat16) == [128, 256]
+    assert rows(torch.float16, BLOCK_N=32) == [128, 256]
+    assert rows(torch.float32, PRECISION="tf32") == [128, 256]
+    assert rows(torch.float32) == [64, 128]   # IEEE fp32: tl.dot on FMAs, the tile in registers
+    assert rows(torch.float16, BLOCK_N=128) == [64, 128]
+    assert rows(torch.float16, TAP_STEPS=False) == [64, 128]
+    assert {"BLOCK_N", "TAP_STEPS", "PRECISION"} <= set(tuned.keys)
+    assert [c.kwargs["BLOCK_M"] for c in tuned.configs] == [128, 64, 256]   # config 0: the "first" policy's
+    dgrad = conv_bwd_mod._conv_dgrad_kernel_tuned
+    assert common.tried_configs(dgrad, (), {}) == dgrad.configs
+
+
 @pytest.fixture
 def force_config(monkeypatch):
     """force_config(i): the launchers run config i of each autotuned kernel (the last where its list is

@@ -173,7 +173,7 @@ class CompileCounter:
                 if explicit:
                     return original(kernel, tuned, grid, args, meta, tiles)
                 name = _function(kernel).__name__
-                configs = tuned.configs
+                configs = common.tried_configs(tuned, args, meta)
                 for variant in counter.variants():
                     gpu = variant == "gpu"
                     counter.tuned_all[variant, name].update(

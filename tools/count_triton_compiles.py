@@ -137,7 +137,9 @@ def dry_launches(log: CompileLog):
         log.launches[name] += 1
         if len(self.configs) > 1:  # each autotuner (a kernel may have several wrappers) has its own cache
             log.autotune[name].add((id(self),) + autotune_key(self, args, kwargs))
-        for config in self.configs:  # a new autotune key compiles (and benchmarks) every config
+        from pe_kernels.triton._common import tried_configs
+        # a new autotune key compiles (and benchmarks) every config its prune keeps
+        for config in tried_configs(self, args, kwargs):
             record(self.fn, args, {**kwargs, **config.all_kwargs()})
 
     saved = jit.JITFunction.run, autotuner.Autotuner.run

@@ -678,6 +678,16 @@ def clear_launch_plans() -> None:
         memo.hits = memo.misses = 0
 
 
+def tried_configs(tuner, args: tuple, kwargs: dict) -> list:
+    """The configs Triton's autotuner `tuner` tries for a launch with `args` and `kwargs` (its autotune key new): its
+    configs less those its early_config_prune drops (the tools that audit or count compiles follow it)."""
+    configs = list(tuner.configs)
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune is None or len(configs) < 2:
+        return configs
+    return list(prune(configs, dict(zip(tuner.arg_names, args)), **kwargs))
+
+
 def launch(kernel, tuned_kernel, grid, args: tuple, meta: dict, tiles: Optional[dict]) -> None:
     """Run `tuned_kernel` (autotuned on a GPU), or `kernel` with explicit `tiles` (the interpreter's single
     config, or a caller's override such as a small-tile test), or, with CONFIG_POLICY "first", `kernel` with the

@@ -478,9 +478,35 @@ def merge_stats(part: Tensor, block_s: Optional[int] = None, block_k: Optional[i
 # prologue and the finalize, ~4 KB in fp32), and 128 x 128 fp32 tiles also overflowed the dgrad's shared memory.
 GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
                triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)]
+# The forward's list adds 256 rows on 8 warps (two warpgroups of two wgmma m64 each): the loops are issue-bound, and
+# a step's fixed work (barriers, the pipeline's waits, the tap's scalars) then serves twice the rows -- 1.3-1.5x the
+# loop SASS for 2x the MMA work (fp16 sm_90: a 32-channel 3x3 layer's eval forward 130 -> 85 us modelled, a
+# 32-channel 1x1 one's 65 -> 52, bench/kernel_audit.py). It spilled with 128-column tiles, with steps spanning two
+# taps (the stem, narrow 1x1 layers with a prologue) and in IEEE fp32, so _fwd_configs offers it only to launches
+# with at most 64 columns, full tap steps and tensor-core operands, in place of the 64-row config (which won by ~1 %
+# at most there): two trials, two compiles per launch kind as before.
+TALL_CONFIG = triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3)
+FWD_CONFIGS = GPU_CONFIGS + [TALL_CONFIG]
+
+
+def tall_rows(block_n: int, tap_steps: bool, dtype: torch.dtype, precision: str) -> bool:
+    """Whether the forward may run 256-row tiles (TALL_CONFIG): <= 64 columns, every reduction step in one tap,
+    fp16 / bf16 / TF32 operands."""
+    return block_n <= 64 and bool(tap_steps) and (dtype != torch.float32 or precision == "tf32")
+
+
+def _fwd_configs(configs, named_args, **kwargs):
+    """early_config_prune of the forward's autotuner: TALL_CONFIG in place of the 64-row config where tall_rows
+    allows it, else the two GPU_CONFIGS (its inputs, BLOCK_N, TAP_STEPS, PRECISION and x's dtype, are in the
+    autotune key: a cached choice is one this function offered)."""
+    tall = tall_rows(kwargs["BLOCK_N"], kwargs["TAP_STEPS"], named_args["x_ptr"].dtype, kwargs["PRECISION"])
+    dropped = GPU_CONFIGS[1] if tall else TALL_CONFIG
+    return [c for c in configs if c is not dropped]
+
 
 # On a GPU: autotuned over warps (BLOCK_N, BLOCK_K follow the group widths), keyed on the GEMM's shape with M
-# rounded up to a power of two. Under the interpreter the launcher calls the plain kernel with one config.
+# rounded up to a power of two, its column tile and whether its steps lie in one tap (_fwd_configs' inputs). Under
+# the interpreter the launcher calls the plain kernel with one config.
 # A FINALIZE launch (conv_bn_train) updates running_mean, running_var and num_batches_tracked in place, and the
 # autotuner runs its trials (each config, several times) on the launch's own arguments before the winner's run:
 # restore_value makes it copy those three before every trial and put them back after it, so that only the winner's
@@ -489,7 +515,9 @@ GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
 # adds a per-column tail to the same GEMM); the price: without FINALIZE the three are 16-byte dummies, still cloned
 # and copied back around each trial (6 tiny launches, the same for every config). (restore_value: Triton >= 3.0.)
 RESTORED_ON_TRIALS = ["rmean_ptr", "rvar_ptr", "nbt_ptr"]
-_conv_fwd_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M_KEY", "K_g", "RSC", "PRECISION"],
+_conv_fwd_kernel_tuned = triton.autotune(configs=FWD_CONFIGS,
+                                         key=["M_KEY", "K_g", "RSC", "PRECISION", "BLOCK_N", "TAP_STEPS"],
+                                         prune_configs_by={"early_config_prune": _fwd_configs},
                                          restore_value=RESTORED_ON_TRIALS)(_conv_fwd_kernel)
 
 
@@ -620,7 +648,7 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     if tile_m is None and INTERPRET:
         tile_m = _INTERPRET_BLOCK_M
     tiles_m = {"BLOCK_M": tile_m} if tile_m is not None else None
-    part_m = part_rows(GPU_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
+    part_m = part_rows(FWD_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
     prologue = has_prologue(in_scale, in_shift, in_relu)
     epilogue = out_scale is not None or out_shift is not None
     n_cols = geo.groups * cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
