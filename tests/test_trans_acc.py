@@ -5,7 +5,7 @@ channels or fewer (the PE models' layer1), a 64-row k tile is half or three quar
 smaller M, so the wgrad computes dw^T = x'^T g_acc instead: the 128-deep j tile is the MMA's M, a k tile of K_g rows
 its N (16 or 32), then transposes its accumulator before the store (a 32-channel 3x3 layer's loop 411 -> 291 SASS a
 step, fp16 sm_90). A 1x1 layer with R*S*C_g <= 32 takes one j tile of that width, and with K_g >= 128 a 128-row k
-tile; fp16 1x1 stride-1 layers whose x is read as is take 128-row k tiles too (bench/kernel_audit.py).
+tile (elsewhere 128-row k tiles spilled, bench/kernel_audit.py).
 
 Checks: the GPU plans (monkeypatched off the interpreter: what a Hopper would launch), and every wgrad path with the
 transposed product forced (the generic backward, the conv -> BN training backward forming g_acc on load with the
@@ -43,10 +43,10 @@ def _wgrad_flags(name, kwargs):
         yield "recompute", kwargs.get("RECOMPUTE_Y")
 
 
-def _geo(c_g, k_g, r, dtype, stride=1, groups=4):
-    return conv_fwd_mod.ConvGeometry(N=8, C=groups * c_g, H=8, W=8, K=groups * k_g, R=r, S=r, P=8 // stride,
-                                     Q=8 // stride, groups=groups, C_g=c_g, K_g=k_g, stride=(stride, stride),
-                                     padding=(r // 2,) * 2, dilation=(1, 1), dtype=dtype)
+def _geo(c_g, k_g, r, dtype, groups=4):
+    return conv_fwd_mod.ConvGeometry(N=8, C=groups * c_g, H=8, W=8, K=groups * k_g, R=r, S=r, P=8, Q=8, groups=groups,
+                                     C_g=c_g, K_g=k_g, stride=(1, 1), padding=(r // 2,) * 2, dilation=(1, 1),
+                                     dtype=dtype)
 
 
 def test_gpu_plans(monkeypatch):
@@ -54,26 +54,21 @@ def test_gpu_plans(monkeypatch):
     monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     h, b, f = torch.float16, torch.bfloat16, torch.float32
-    for (c_g, k_g, r, dtype, kw), expect in [
-        ((32, 32, 3, h, {}), (32, 128, 8, True)),          # layer1's 3x3: a 32-row k tile as the MMA's N
-        ((16, 16, 3, b, {}), (16, 128, 8, True)),          # 16-channel groups: N = 16
-        ((32, 32, 3, f, {}), (32, 64, 8, True)),           # TF32: the 64-deep j tile on 8 warps
-        ((64, 64, 3, h, {}), (64, 128, 8, False)),         # wider groups: the plain product
-        ((128, 32, 1, h, {}), (32, 128, 8, True)),         # 1x1 reduction to 32 channels
-        ((32, 128, 1, h, dict(prologue=True, recompute=True)), (128, 32, 4, False)),   # 32-wide j, 128-row k
-        ((32, 128, 1, b, {}), (128, 32, 4, False)),
-        ((32, 64, 1, h, {}), (64, 32, 4, False)),          # one 32-wide j tile
-        ((128, 128, 1, h, {}), (128, 128, 8, False)),      # plain fp16 1x1 stride 1: 128-row k tiles
-        ((128, 128, 1, b, {}), (64, 128, 8, False)),       # bf16 spilled there
-        ((128, 128, 1, h, dict(prologue=True)), (64, 128, 8, False)),
-        ((128, 128, 1, h, dict(recompute=True)), (64, 128, 8, False)),
-        ((3, 128, 3, h, {}), (64, 32, 4, False)),          # the stem: 27 columns
+    for (c_g, k_g, r, dtype), expect in [
+        ((32, 32, 3, h), (32, 128, 8, True)),              # layer1's 3x3: a 32-row k tile as the MMA's N
+        ((16, 16, 3, b), (16, 128, 8, True)),              # 16-channel groups: N = 16
+        ((32, 32, 3, f), (32, 64, 8, True)),               # TF32: the 64-deep j tile on 8 warps
+        ((64, 64, 3, h), (64, 128, 8, False)),             # wider groups: the plain product
+        ((128, 32, 1, h), (32, 128, 8, True)),             # 1x1 reduction to 32 channels
+        ((32, 128, 1, h), (128, 32, 4, False)),            # one 32-wide j tile, 128-row k tiles
+        ((32, 128, 1, b), (128, 32, 4, False)),
+        ((32, 128, 1, f), (64, 32, 4, False)),
+        ((32, 64, 1, h), (64, 32, 4, False)),              # one 32-wide j tile
+        ((128, 128, 1, h), (64, 128, 8, False)),           # 128-row k tiles spilled beside 128-deep j tiles
+        ((3, 128, 3, h), (64, 32, 4, False)),              # the stem: 27 columns
     ]:
-        geo = _geo(c_g, k_g, r, dtype)
-        plan = conv_bwd_mod._wgrad_plan(geo, None, **kw)
-        assert (plan.block_n, plan.block_k, plan.num_warps, plan.trans_acc) == expect, (c_g, k_g, r, dtype, kw, plan)
-    strided = conv_bwd_mod._wgrad_plan(_geo(128, 128, 1, h, stride=2), None)
-    assert strided.block_n == 64, strided   # rows split into (n, p, q) spilled with 128-row k tiles
+        plan = conv_bwd_mod._wgrad_plan(_geo(c_g, k_g, r, dtype), None)
+        assert (plan.block_n, plan.block_k, plan.num_warps, plan.trans_acc) == expect, (c_g, k_g, r, dtype, plan)
 
 
 def test_interpreter_takes_the_plain_product_unless_told():

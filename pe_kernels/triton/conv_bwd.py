@@ -1110,10 +1110,8 @@ def split_chunk(split: int) -> int:
     return split if split <= 8 else math.isqrt(split - 1) + 1
 
 
-def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict], prologue: bool = False,
-                recompute: bool = False) -> _WgradPlan:
-    """The wgrad's tiles and split for `geo` (`prologue`: x is transformed on load; `recompute`: g_acc is formed on
-    load with y recomputed, RECOMPUTE_Y); `tiles` overrides BLOCK_M / N / K, SPLIT, SPLIT_CHUNK, TRANS_ACC."""
+def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
+    """The wgrad's tiles and split for `geo`; `tiles` overrides BLOCK_M / N / K, SPLIT, SPLIT_CHUNK, TRANS_ACC."""
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
     num_warps, trans_acc = 4, False
@@ -1131,15 +1129,10 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict], prologue: bool = False
         # same 4 warps (the x' tile then feeds twice the MMA work): the 32-channel 1x1 expansion's wgrad (K_g = 128,
         # y recomputed, fp16 sm_90) 292 -> 178 us modelled a launch (bench/kernel_audit.py)
         block_k = min(block_k, pow2_tile(rsc, 16, block_k))
-        two_byte = geo.dtype in (torch.float16, torch.bfloat16)
-        one_by_one = (geo.R, geo.S) == (1, 1)
-        plain = (one_by_one and tuple(geo.stride) == (1, 1) and tuple(geo.padding) == (0, 0) and not prologue
-                 and not recompute)
-        if geo.K_g >= 128 and ((one_by_one and rsc <= 32 and two_byte) or (plain and geo.dtype == torch.float16)):
-            # also fp16 1x1 stride-1 layers whose x is read as is (no prologue, y read rather than recomputed):
-            # 128 x 128 x 64 steps without spills there; with a prologue, y recomputed, rows split into (n, p, q)
-            # or the stem's 3-channel taps, 128-row k tiles spilled 68-230 B, bf16's plain ones 16 B
-            # (bench/kernel_audit.py, sm_90)
+        if geo.K_g >= 128 and (geo.R, geo.S) == (1, 1) and rsc <= 32 and geo.dtype != torch.float32:
+            # Elsewhere 128-row k tiles spilled (sm_90): with 128-deep j tiles 150-230 B with a prologue or y
+            # recomputed, and even on plain 1x1 stride-1 layers (x read as is, y read) 184 B with Triton 3.6 (none
+            # with 3.9, 16 in bf16); the stem's 3-channel taps 68 (bench/kernel_audit.py)
             block_n = 128
         if rsc >= 2 * block_k and block_m == 64 and wide_tiles(geo.dtype):
             block_k, num_warps = 2 * block_k, 8
@@ -1259,14 +1252,12 @@ def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int
 
 
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
-                tiles: Optional[dict], tail: bool = False,
-                recompute: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
+                tiles: Optional[dict], tail: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
     """(wgrad plan or None, dgrad meta or None, first wgrad counter, counters in all). The counters of the in-kernel
     reductions (the dgrad's prologue or tail sums, the wgrad's split) share one int32 buffer, the dgrad's first; the
     wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes)."""
-    prologue = has_prologue(in_scale, in_shift, in_relu)
-    wplan = _wgrad_plan(geo, tiles, prologue, recompute) if need_w else None
-    dgrad_sums = need_dgrad and (tail or (need_in_sums and prologue))
+    wplan = _wgrad_plan(geo, tiles) if need_w else None
+    dgrad_sums = need_dgrad and (tail or (need_in_sums and has_prologue(in_scale, in_shift, in_relu)))
     dmeta = _dgrad_meta(geo, tiles, dgrad_sums) if need_dgrad else None
     n_dsem = _dgrad_counters(geo, dmeta, tiles) if dgrad_sums else 0
     w_first = cdiv(n_dsem, 4) * 4
@@ -1449,10 +1440,10 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     if tail is not None and (not need_x or has_prologue(in_scale, in_shift, in_relu)):
         raise ValueError("triton conv_bn_bwd: a tail epilogue needs x's gradient and an input without a prologue")
     need_dgrad = need_x or need_isc or need_ish
-    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, recompute_y_allowed(geo, bias, tiles))
     gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
-                        tail is not None, _recomputes(on_load, geo))
+                        tail is not None)
     wplan, dmeta = gemms[:2]
+    on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, recompute_y_allowed(geo, bias, tiles))
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
     g_strides = tuple(1 if n == 1 else 0 for n in out_shape) if grad_y is None else strides4(grad_y)
     dgrad = (_dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
