@@ -483,7 +483,7 @@ GPU_CONFIGS = [triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
 # loop SASS for 2x the MMA work (fp16 sm_90: a 32-channel 3x3 layer's eval forward 130 -> 85 us modelled, a
 # 32-channel 1x1 one's 65 -> 52, bench/kernel_audit.py). It spilled with 128-column tiles, with steps spanning two
 # taps (the stem, narrow 1x1 layers with a prologue) and in IEEE fp32, so _fwd_configs offers it only to launches
-# with at most 64 columns, full tap steps and tensor-core operands, in place of the 64-row config (which won by ~1 %
+# with at most 64 columns, full tap steps and tensor-core operands, in place of the 64-row config (which won by < 2 %
 # at most there): two trials, two compiles per launch kind as before.
 TALL_CONFIG = triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3)
 FWD_CONFIGS = GPU_CONFIGS + [TALL_CONFIG]
