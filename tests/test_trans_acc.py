@@ -41,6 +41,7 @@ def _wgrad_flags(name, kwargs):
         yield "trans", kwargs.get("TRANS_ACC")
         yield "on_load", kwargs.get("GACC_ON_LOAD")
         yield "recompute", kwargs.get("RECOMPUTE_Y")
+        yield "store", kwargs.get("STORE_GACC")
 
 
 def _geo(c_g, k_g, r, dtype, groups=4):
@@ -85,7 +86,7 @@ def test_conv_backward_against_reference(name, layout, kernel_device):
     args = tc.make_inputs(CASES[name], dtype, layout, "full", kernel_device)
     with recorded_flags(_wgrad_flags) as seen:
         tc.check_backward(args, dtype, grad_layout=layout, tiles=TILES)
-    assert seen["trans"] == {True} and seen["on_load"] == {False}, dict(seen)
+    assert seen["trans"] == {True} and seen["on_load"] == {False} and seen["store"] == {False}, dict(seen)
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)
@@ -100,7 +101,8 @@ def test_conv_bn_train_backward_against_reference(name, bias, dtype, kernel_devi
     with recorded_flags(_wgrad_flags) as seen:
         tb.check(args, dtype, needs_grad=tb.ALL, tiles=TILES)
     recomputes = case.R == 1 and not bias
-    assert dict(seen) == {"trans": {True}, "on_load": {True}, "recompute": {recomputes}}, dict(seen)
+    assert dict(seen) == {"trans": {True}, "on_load": {True}, "recompute": {recomputes},
+                          "store": {not recomputes}}, dict(seen)
 
 
 def test_weight_gradient_only(kernel_device):
@@ -110,4 +112,4 @@ def test_weight_gradient_only(kernel_device):
     args = tb.make_inputs(bn_case, torch.float32, kernel_device, prologue=False, bias=False)
     with recorded_flags(_wgrad_flags) as seen:
         tb.check(args, torch.float32, needs_grad=(False, True, False, False, False, True, True), tiles=TILES)
-    assert seen["trans"] == {True}, dict(seen)
+    assert seen["trans"] == {True} and seen["store"] == {False}, dict(seen)
