@@ -8,6 +8,9 @@ g_acc on load, and of x'):
   each step's first row is split, as scalars, the rows' offsets being loop-invariant; TAP_ROWS then, where a j tile
   lies in one filter tap (C_g a multiple of it): x's offsets are the step's scalar plus loop-invariant row and column
   ones, bounded per row (a 3x3 loop 428 -> 335 SASS).
+- WHOLE_IMAGES: where a step's rows are whole images (the step a multiple of P*Q: conv_bwd.whole_images), row i of
+  the step at (n0 + i // PQ, i % PQ // Q, i % Q): each row's (p, q), offsets and bounds are loop-invariant, the step's
+  first image n0 a scalar; TAP_ROWS with it likewise (a 3x3 loop on 8 x 8 or 4 x 4 images 335 / 428 -> 243 SASS).
 - Otherwise each row is split with two fast_div per step.
 
 The same tiles in the same order, so the same bits. Checks: dense_rows and aligned_rows against the offsets and rows
@@ -39,32 +42,42 @@ WGRAD = "_conv_wgrad_kernel"
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)   # several row steps per split, three splits
 CL = torch.channels_last
 
-# (conv case, whether x's rows are the output rows: FLAT_X with a dense x, whether 16-row steps are aligned to the
-# output's rows: ALIGNED_ROWS where the rows are split into (n, p, q), and TAP_ROWS then: C_g a multiple of the
-# 16-wide j tile)
+# (conv case, whether x's rows are the output rows: FLAT_X with a dense x, how 16-row steps sit in the output's
+# rows where they are split into (n, p, q): "aligned" in one image (ALIGNED_ROWS), "whole" images (WHOLE_IMAGES), or
+# None; TAP_ROWS with either: C_g a multiple of the 16-wide j tile)
 CASES = {
-    "1x1_s1_g2": (tc.Case(2, 32, 32, 5, 7, 1, 1, groups=2), True, False),
-    "1x1_s2": (tc.Case(2, 16, 32, 9, 7, 1, 1, stride=(2, 2)), False, False),
-    "3x3_p1_g2": (tc.Case(2, 32, 32, 6, 5, 3, 3, padding=(1, 1), groups=2), False, False),
-    "1x1_s2_aligned": (tc.Case(2, 16, 32, 8, 8, 1, 1, stride=(2, 2)), False, True),   # P = Q = 4: 4 rows a step
-    "3x3_p1_g2_aligned": (tc.Case(2, 32, 32, 8, 8, 3, 3, padding=(1, 1), groups=2), False, True),   # Q = 8
-    "3x3_p1_wide_aligned": (tc.Case(2, 16, 16, 2, 32, 3, 3, padding=(1, 1)), False, True),   # Q = 32: half a row
-    "3x3_s2_c8_aligned": (tc.Case(2, 16, 16, 8, 8, 3, 3, stride=(2, 2), padding=(1, 1), groups=2), False, True),
+    "1x1_s1_g2": (tc.Case(2, 32, 32, 5, 7, 1, 1, groups=2), True, None),
+    "1x1_s2": (tc.Case(2, 16, 32, 9, 7, 1, 1, stride=(2, 2)), False, None),
+    "3x3_p1_g2": (tc.Case(2, 32, 32, 6, 5, 3, 3, padding=(1, 1), groups=2), False, None),
+    "1x1_s2_whole": (tc.Case(2, 16, 32, 8, 8, 1, 1, stride=(2, 2)), False, "whole"),   # P = Q = 4: an image a step
+    "3x3_p1_g2_aligned": (tc.Case(2, 32, 32, 8, 8, 3, 3, padding=(1, 1), groups=2), False, "aligned"),   # Q = 8
+    "3x3_p1_wide_aligned": (tc.Case(2, 16, 16, 2, 32, 3, 3, padding=(1, 1)), False, "aligned"),   # Q = 32: half a row
+    "3x3_s2_c8_whole": (tc.Case(2, 16, 16, 8, 8, 3, 3, stride=(2, 2), padding=(1, 1), groups=2), False, "whole"),
+    # 2 x 2 images: four a step, the last split's step three quarters masked (9 images, 36 rows); C_g = 16: TAP_ROWS
+    "3x3_p1_g2_whole_4": (tc.Case(9, 32, 32, 2, 2, 3, 3, padding=(1, 1), groups=2), False, "whole"),
+    # C_g = 24: no TAP_ROWS (the j tiles span taps), the tile's positions relative to the step's first row
+    "3x3_s2_c24_aligned": (tc.Case(2, 48, 16, 16, 16, 3, 3, stride=(2, 2), padding=(1, 1), groups=2), False,
+                           "aligned"),   # P = Q = 8
+    "3x3_p1_wide_c24_aligned": (tc.Case(2, 24, 16, 2, 32, 3, 3, padding=(1, 1)), False, "aligned"),   # half a row
+    # 4 x 2 images: two a step; C_g = 24 (no TAP_ROWS: the j tiles span taps)
+    "3x3_p1_c24_whole_2": (tc.Case(4, 48, 16, 4, 2, 3, 3, padding=(1, 1), groups=2), False, "whole"),
 }
 
 
 def expected_flags(name: str, flat_g: bool, x_dense: bool = True) -> tuple:
-    """(FLAT_G, FLAT_X, ALIGNED_ROWS, TAP_ROWS) of the case's wgrad."""
-    case, flat_x, aligned = CASES[name]
+    """(FLAT_G, FLAT_X, ALIGNED_ROWS, WHOLE_IMAGES, TAP_ROWS) of the case's wgrad."""
+    case, flat_x, rows = CASES[name]
     flat_x = flat_x and x_dense
-    aligned = aligned and not (flat_g and flat_x)
-    return flat_g, flat_x, aligned, aligned and not flat_x and (case.C // case.groups) % TILES["BLOCK_K"] == 0
+    rows = rows if not (flat_g and flat_x) else None
+    return (flat_g, flat_x, rows == "aligned", rows == "whole",
+            rows is not None and not flat_x and (case.C // case.groups) % TILES["BLOCK_K"] == 0)
 
 
 def recorded_wgrad_flags():
-    """{"wgrad": the set of (FLAT_G, FLAT_X, ALIGNED_ROWS, TAP_ROWS) of the wgrad launches in the block}."""
+    """{"wgrad": the set of (FLAT_G, FLAT_X, ALIGNED_ROWS, WHOLE_IMAGES, TAP_ROWS) of the wgrad launches in the
+    block}."""
     return recorded_flags(lambda name, kw: [("wgrad", tuple(kw.get(f) for f in (
-        "FLAT_G", "FLAT_X", "ALIGNED_ROWS", "TAP_ROWS")))] if name == WGRAD else [])
+        "FLAT_G", "FLAT_X", "ALIGNED_ROWS", "WHOLE_IMAGES", "TAP_ROWS")))] if name == WGRAD else [])
 
 
 def _offsets_are_rows(t: torch.Tensor) -> bool:
@@ -140,6 +153,19 @@ def test_aligned_rows_matches_the_rows():
     assert checked[True] > 5 and checked[False] > 5, checked
 
 
+def test_whole_images_matches_the_rows():
+    """whole_images(P, Q, block) exactly when every block of rows starting at a multiple of the block is whole images:
+    row i at (n0 + i // (P Q), i % (P Q) // Q, i % Q) from the block's first image n0, its first row at (n0, 0, 0)."""
+    checked = collections.Counter()
+    for P, Q, block in itertools.product((1, 2, 3, 4, 8), (1, 2, 3, 4, 5, 8, 16), (4, 16, 64)):
+        rows = [((m // (P * Q)), (m % (P * Q)) // Q, m % Q) for m in range(3 * block)]
+        expect = all(rows[m0][1:] == (0, 0) and rows[m0 + i] == (rows[m0][0] + i // (P * Q), i % (P * Q) // Q, i % Q)
+                     for m0 in range(0, 2 * block + 1, block) for i in range(block))
+        assert conv_bwd_mod.whole_images(P, Q, block) == expect, (P, Q, block)
+        checked[expect] += 1
+    assert checked[True] > 5 and checked[False] > 5, checked
+
+
 def _runs(name, dtype, device):
     """Every output of a generic conv forward + backward and of a conv -> BN training backward, all channels_last."""
     case = CASES[name][0]
@@ -160,8 +186,9 @@ def _runs(name, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
-@pytest.mark.parametrize("name", ["1x1_s1_g2", "3x3_p1_g2", "3x3_p1_g2_aligned", "1x1_s2_aligned",
-                                  "3x3_s2_c8_aligned"])
+@pytest.mark.parametrize("name", ["1x1_s1_g2", "3x3_p1_g2", "3x3_p1_g2_aligned", "1x1_s2_whole",
+                                  "3x3_s2_c8_whole", "3x3_p1_g2_whole_4", "3x3_p1_c24_whole_2",
+                                  "3x3_s2_c24_aligned"])
 def test_same_bits_as_the_strided_rows(name, dtype, kernel_device, monkeypatch):
     results = {}
     for mode in ("flat", "strided"):
@@ -169,8 +196,9 @@ def test_same_bits_as_the_strided_rows(name, dtype, kernel_device, monkeypatch):
             if mode == "strided":
                 m.setattr(conv_bwd_mod, "dense_rows", lambda *a: False)
                 m.setattr(conv_bwd_mod, "aligned_rows", lambda *a: False)
+                m.setattr(conv_bwd_mod, "whole_images", lambda *a: False)
             results[mode] = _runs(name, dtype, kernel_device)
-        expect = {expected_flags(name, True)} if mode == "flat" else {(False, False, False, False)}
+        expect = {expected_flags(name, True)} if mode == "flat" else {(False, False, False, False, False)}
         assert seen["wgrad"] == expect, (mode, seen)
     for i, (a, b) in enumerate(zip(results["flat"], results["strided"])):
         assert (a is None) == (b is None), i

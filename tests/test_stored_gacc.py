@@ -26,23 +26,28 @@ from _launch_flags import recorded_flags
 
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
 # (case, prologue, bias, whether the dgrad recomputes y: a 1x1 conv, no padding, no bias, its x read for the
-# prologue's ReLU mask)
+# prologue's ReLU mask; and then whether C_g fits one 16-channel tile: the dgrad forms its x' tile once (X_ONCE), the
+# wgrad recomputes y from its x' tile B (Y_FROM_B), or both load 16 channels a step)
 CASES = {
     "3x3_s2_g2": (tb.Case(2, 32, 32, 7, 6, 3, stride=2, padding=1, groups=2), True, True, False),
     "1x1_bias": (tb.Case(2, 16, 32, 5, 6, 1), True, True, False),
-    "1x1_recompute": (tb.Case(2, 16, 32, 5, 6, 1, groups=2), True, False, True),
+    "1x1_recompute": (tb.Case(2, 16, 32, 5, 6, 1, groups=2), True, False, (True, True)),
+    "1x1_recompute_c40": (tb.Case(2, 80, 32, 5, 6, 1, groups=2), True, False, (True, False)),   # 16, 16, 8 a step
 }
 
 
 def _gacc_flags(name, kwargs):
     if name == "_conv_wgrad_kernel":
-        yield "wgrad", kwargs.get("STORE_GACC")
+        yield "wgrad", (kwargs.get("STORE_GACC"), kwargs.get("Y_FROM_B")) if kwargs.get("RECOMPUTE_Y") else (
+            kwargs.get("STORE_GACC"))
     elif name == "_conv_dgrad_kernel":
-        yield "dgrad", kwargs.get("GACC_ON_LOAD")
+        yield "dgrad", (kwargs.get("GACC_ON_LOAD"), kwargs.get("X_ONCE")) if kwargs.get("RECOMPUTE_Y") else (
+            kwargs.get("GACC_ON_LOAD"))
 
 
 def recorded_gacc():
-    """{"wgrad": set of STORE_GACC, "dgrad": set of GACC_ON_LOAD} of the launches in the block."""
+    """{"wgrad": set of STORE_GACC (with Y_FROM_B), "dgrad": set of GACC_ON_LOAD (with X_ONCE) (where y is
+    recomputed)} of the launches in the block."""
     return recorded_flags(_gacc_flags)
 
 
@@ -53,7 +58,8 @@ def test_against_reference(name, dtype, kernel_device):
     args = tb.make_inputs(case, dtype, kernel_device, prologue=prologue, bias=bias)
     with recorded_gacc() as seen:
         tb.check(args, dtype, needs_grad=tb.ALL, tiles=TILES)
-    assert dict(seen) == {"wgrad": {not recomputes}, "dgrad": {recomputes}}, dict(seen)
+    wgrad = (False, recomputes[1]) if recomputes else True
+    assert dict(seen) == {"wgrad": {wgrad}, "dgrad": {recomputes}}, dict(seen)
 
 
 def test_no_dgrad_no_store(kernel_device):
@@ -94,3 +100,39 @@ def test_same_results_as_formed_on_load(name, dtype, kernel_device, monkeypatch)
             assert torch.equal(a, b), f"gradient {i} differs between the stored and the on-load g_acc"
         else:
             torch.testing.assert_close(a, b, rtol=2 ** -8, atol=2 ** -8 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("c_g, k_g, dtype, expect", [
+    (32, 128, torch.float16, (32, 64, 32, True)),      # a narrow group's expansion: 32 columns, 64-deep tap steps
+    (64, 256, torch.bfloat16, (64, 64, 64, True)),
+    (32, 128, "prologue", (32, 64, 32, True)),         # x' formed by a prologue: once, before the loop
+    (32, 32, torch.float16, (32, 32, 32, True)),       # K_g = 32: a 64-deep step would span it twice (no tap steps)
+    (128, 512, torch.float16, (64, 32, 128, True)),    # 128-channel x' tiles: half-depth steps (spilled otherwise)
+    (128, 512, torch.float32, (64, 16, 32, False)),    # TF32: half-depth steps, 32 channels a step of the recompute
+])
+def test_recomputing_dgrad_gpu_tiles(c_g, k_g, dtype, expect, monkeypatch):
+    """(BLOCK_N, BLOCK_K, BLOCK_C, X_ONCE) of a dgrad recomputing y on a GPU: a narrow group's 32 channels in one
+    32-wide column tile (not a half-masked 64-wide one); fp16 / bf16 form the rows' x' tile of all C_g channels once,
+    before the loop (not with the prologue at every step), and reduce 64 channels a step where K_g holds whole steps
+    and C_g <= 64 (the per-step work halves; fp16 sm_90, the model's 1x1 expansions' dgrads 290 / 196 / 282 ->
+    141 / 78 / 106 us modelled a launch)."""
+    from pe_kernels.triton.conv_fwd import ConvGeometry
+
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    cl = torch.channels_last
+    prologue = dtype == "prologue"
+    dtype = torch.float16 if prologue else dtype
+    geo = ConvGeometry(N=2, C=2 * c_g, H=4, W=4, K=2 * k_g, R=1, S=1, P=4, Q=4, groups=2, C_g=c_g, K_g=k_g,
+                       stride=(1, 1), padding=(0, 0), dilation=(1, 1), dtype=dtype)
+    x = torch.zeros(2, 2 * c_g, 4, 4, dtype=dtype).contiguous(memory_format=cl)
+    y = torch.zeros(2, 2 * k_g, 4, 4, dtype=dtype).contiguous(memory_format=cl)
+    w = torch.zeros(2 * k_g, c_g, 1, 1, dtype=dtype)
+    vec = torch.zeros(2 * k_g)
+    on_load = conv_bwd_mod.GaccOnLoad(y, vec, vec, torch.zeros(2, 2 * k_g), vec + 1, 32, 1e-5, vec.clone(),
+                                      vec.clone(), recompute=True, terms=torch.zeros(3, 2 * k_g))
+    scale = torch.ones(2 * c_g) if prologue else None
+    launch = conv_bwd_mod._dgrad_launch(y, w, x, scale, scale, prologue, geo, True, False,
+                                        conv_bwd_mod._dgrad_meta(geo, None), None, on_load)
+    assert launch.meta["RECOMPUTE_Y"] and launch.meta["TAP_STEPS"]
+    assert tuple(launch.meta[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_C", "X_ONCE")) == expect

@@ -70,9 +70,12 @@ def test_selection():
     assert gpu_tile_n(128, False, h) == 64 and gpu_tile_n(64, True, h) == 64 and gpu_tile_n(32, True, h) == 64
     # reduction tiles: 32-deep steps where they keep a multi-tap reduction's steps in one tap and 64 would not
     assert gpu_tap_tile_k(h, 9, 32) == 32 and gpu_tap_tile_k(h, 9, 96) == 32 and tap_steps(32, 32)
-    assert gpu_tap_tile_k(h, 9, 64) == 64 and gpu_tap_tile_k(h, 9, 128) == 64 and gpu_tap_tile_k(h, 1, 32) == 64
+    assert gpu_tap_tile_k(h, 9, 64) == 64 and gpu_tap_tile_k(h, 9, 128) == 64 and gpu_tap_tile_k(h, 1, 64) == 64
     assert gpu_tap_tile_k(h, 9, 48) == 64 and gpu_tap_tile_k(torch.float32, 9, 32) == 32
     assert gpu_tap_tile_k(h, 9, 3) == 32   # the stem: 27 in one step (gpu_tile_k)
+    # a narrow group's 1x1 reduction (32 channels): one full 32-deep tap step, not a half-masked 64-deep one
+    assert gpu_tap_tile_k(h, 1, 32) == 32 and gpu_tap_tile_k(torch.bfloat16, 1, 16) == 16
+    assert gpu_tap_tile_k(h, 1, 33) == 64
 
 
 def test_wide_tiles_only_on_tensor_cores(monkeypatch):

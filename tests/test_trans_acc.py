@@ -4,8 +4,11 @@ dw[k, j] = sum_m g_acc[m, k] x'[m, j] is a GEMM whose M is the k tile and N the 
 channels or fewer (the PE models' layer1), a 64-row k tile is half or three quarters masked and wgmma takes no
 smaller M, so the wgrad computes dw^T = x'^T g_acc instead: the 128-deep j tile is the MMA's M, a k tile of K_g rows
 its N (16 or 32), then transposes its accumulator before the store (a 32-channel 3x3 layer's loop 411 -> 291 SASS a
-step, fp16 sm_90). A 1x1 layer with R*S*C_g <= 32 takes one j tile of that width, and with K_g >= 128 a 128-row k
-tile (elsewhere 128-row k tiles spilled, bench/kernel_audit.py).
+step, fp16 sm_90). Every other 8-warp plan takes the transposed product too: both operands then come from shared
+memory, the g_acc formed on load stored there as is instead of read back transposed into the MMA's registers (a
+128-channel 3x3 layer's loop 335 -> 311 SASS a step, 208 -> 192 registers). A 1x1 layer with R*S*C_g <= 32 takes
+one j tile of that width, and with K_g >= 128 a 128-row k tile (elsewhere 128-row k tiles spilled,
+bench/kernel_audit.py).
 
 Checks: the GPU plans (monkeypatched off the interpreter: what a Hopper would launch), and every wgrad path with the
 transposed product forced (the generic backward, the conv -> BN training backward forming g_acc on load with the
@@ -59,13 +62,13 @@ def test_gpu_plans(monkeypatch):
         ((32, 32, 3, h), (32, 128, 8, True)),              # layer1's 3x3: a 32-row k tile as the MMA's N
         ((16, 16, 3, b), (16, 128, 8, True)),              # 16-channel groups: N = 16
         ((32, 32, 3, f), (32, 64, 8, True)),               # TF32: the 64-deep j tile on 8 warps
-        ((64, 64, 3, h), (64, 128, 8, False)),             # wider groups: the plain product
+        ((64, 64, 3, h), (64, 128, 8, True)),              # wider groups: 64-row k tiles, transposed on 8 warps
         ((128, 32, 1, h), (32, 128, 8, True)),             # 1x1 reduction to 32 channels
         ((32, 128, 1, h), (128, 32, 4, False)),            # one 32-wide j tile, 128-row k tiles
         ((32, 128, 1, b), (128, 32, 4, False)),
         ((32, 128, 1, f), (64, 32, 4, False)),
         ((32, 64, 1, h), (64, 32, 4, False)),              # one 32-wide j tile
-        ((128, 128, 1, h), (64, 128, 8, False)),           # 128-row k tiles spilled beside 128-deep j tiles
+        ((128, 128, 1, h), (64, 128, 8, True)),            # 128-row k tiles spilled beside 128-deep j tiles
         ((3, 128, 3, h), (64, 32, 4, False)),              # the stem: 27 columns
     ]:
         plan = conv_bwd_mod._wgrad_plan(_geo(c_g, k_g, r, dtype), None)

@@ -80,11 +80,13 @@ def pow2_tile(n: int, lo: int, hi: int) -> int:
 def gpu_tile_k(dtype: torch.dtype, length: int) -> int:
     """A conv GEMM's tile along R*S*C_g (the forward's reduction, the wgrad's columns; the dgrad's R*S*K_g) on a GPU,
     for `length` of it: 64 for 2-byte operands, 32 for fp32 (TF32 or IEEE) ones, whose 64-deep tiles spilled
-    registers; a length under 32, the power of two >= it (>= 16): the stem's 27 (3 channels) in one 32-deep step, its
-    64-deep tiles spilled too (bench/kernel_audit.py). Lengths of 32 and more keep the dtype's tile, so that the
-    narrow groups' layers (R*S*C_g = 32) share the other layers' compiled kernels. A shorter last step is masked."""
+    registers; a length up to 32, the power of two >= it (>= 16): the stem's 27 (3 channels) in one 32-deep step, its
+    64-deep tiles spilled too, and the narrow groups' 1x1 layers (R*S*C_g or R*S*K_g = 32) in one full 32-deep step
+    (tap steps) instead of a half-masked 64-deep one spanning no tap: fp16 sm_90, their dgrad 109 -> 51 us and
+    forwards 65 -> 52, 33 -> 21 us modelled, at their roofline floors (bench/kernel_audit.py). A shorter last step
+    is masked."""
     full = 32 if dtype == torch.float32 else 64
-    return full if length >= 32 else pow2_tile(length, 16, full)
+    return full if length > 32 else pow2_tile(length, 16, full)
 
 
 def gpu_tap_tile_k(dtype: torch.dtype, taps: int, channels: int) -> int:

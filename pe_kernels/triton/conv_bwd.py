@@ -49,7 +49,9 @@ Other cases: the composition (ops/contract.composed_conv_bn_train_backward).
 On that path, for ops.conv_bn_junction (conv_bn_bwd_ext): grad_y may come scaled on load (grad_y * grad_y_scale[k],
 always applied: ones when absent); RECOMPUTE_Y (a 1x1 conv without padding or bias, C_g <= 128: recompute_y_allowed)
 forms y = W x' from the x' a GEMM reads instead of reading the saved y (the forward's product in another summation
-order, rounded as stored: it may differ from the saved y in the last place); TAIL (TailBwd) makes the dgrad's
+order, rounded as stored: it may differ from the saved y in the last place; the dgrad from its rows' x' tile of all
+C_g channels formed once before its loop, X_ONCE, the wgrad from its step's B tile where the j tile holds every
+channel, Y_FROM_B); TAIL (TailBwd) makes the dgrad's
 epilogue the backward of the block tail whose output is x: g = where(x <= 0, 0, dx' + side) (the mask from the
 forward's bits where given), stored at dx, and (slots, 2 or 3, C) partials [sum g*y_t, sum g, sum g*residual] summed
 by the last M tile of each column block into the tail's d_scale, d_shift, d_residual_scale.
@@ -72,7 +74,8 @@ Kernels:
                              the programs of j tile 0 also sum g_acc over their m range into d_bias (SPLIT = 1) or
                              (SPLIT, K) fp32 partials (summed alongside dw's). Rows addressed as m times one
                              stride where dense (FLAT_G, FLAT_X), else split into (n, p, q): per step from its first
-                             row where the steps align with the image rows (ALIGNED_ROWS, TAP_ROWS), else per row.
+                             row where the steps align with the image rows (ALIGNED_ROWS, TAP_ROWS) or are whole
+                             images (WHOLE_IMAGES: every row's position and bounds loop-invariant), else per row.
 """
 
 from __future__ import annotations
@@ -280,6 +283,8 @@ def _conv_dgrad_kernel(
     TAP_STEPS: tl.constexpr,     # every reduction step is full and lies in one live tap (tap_steps: K_g % BLOCK_K == 0)
     EVEN_N: tl.constexpr,        # C_g % BLOCK_N == 0: no output-column mask
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
+    X_ONCE: tl.constexpr,        # (RECOMPUTE_Y) BLOCK_C >= C_g: the rows' x' tile (all C_g channels, the prologue
+                                 # applied) formed once before the loop, each step's y one product with it
     PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the sums' reduction
     CHUNK: tl.constexpr,         # slots per chunk of the sums' two-level reduction (CHUNK_SLOTS)
@@ -332,6 +337,25 @@ def _conv_dgrad_kernel(
     else:
         mask_n = offs_n < C_g
     c = grp * C_g + offs_n
+    INV_PTRS: tl.constexpr = TAP_STEPS and not RECOMPUTE_Y
+    if INV_PTRS:
+        # the operands' loop-invariant pointers (the group's first BLOCK_K channels at the rows' first live tap);
+        # a step adds one scalar offset (its tap and channels): one 64-bit add per vector, not a product per row
+        # (fp16 sm_90, a 128-channel 3x3 layer's 128 x 128 x 64 loop: 196 -> 168 SASS a step on 8 warps, 248 -> 178
+        # on 4; not with y recomputed: its loop holds the x' and w tiles, and grew)
+        k_inv = (grp * K_g + tl.arange(0, BLOCK_K)).to(tl.int64)
+        a_inv = g_tap0[:, None] + (k_inv * sgc)[None, :]
+        y_inv = y_tap0[:, None] + (k_inv * syc)[None, :]
+        b_inv = w_ptr + (k_inv * swk)[:, None] + (offs_n * swc)[None, :]
+
+    if X_ONCE:
+        # the x' tile every step's y is recomputed from (a 1x1 conv without padding reads x at its output's own
+        # input position): loaded and formed once, not at every step (the prologue's per-element work was most of
+        # the loop)
+        cr_once = tl.arange(0, BLOCK_C)
+        x_once = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr,
+                               n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw,
+                               grp * C_g + cr_once, mask_m, cr_once < C_g, sxc, PROLOGUE, IN_RELU, UPCAST)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # TAP_STEPS: the step's live tap (t_t, u_t) and first channel k0, carried from step to step as scalars
@@ -353,11 +377,17 @@ def _conv_dgrad_kernel(
             dq = -DQ_W * u_t
             row_ok = mask_m & ((p_tap0 + dp).to(tl.uint32) < P_U) & ((q_tap0 + dq).to(tl.uint32) < Q_U)
             valid = row_ok[:, None] & mask_j[None, :]
-            a_ptrs = ((g_tap0 + (dp.to(tl.int64) * sgh + dq.to(tl.int64) * sgw))[:, None]
-                      + (k.to(tl.int64) * sgc)[None, :])
-            y_ptrs = ((y_tap0 + (dp.to(tl.int64) * syh + dq.to(tl.int64) * syw))[:, None]
-                      + (k.to(tl.int64) * syc)[None, :])
-            b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
+            if INV_PTRS:
+                k0_64 = tl.cast(k0, tl.int64)
+                a_ptrs = a_inv + (dp.to(tl.int64) * sgh + dq.to(tl.int64) * sgw + k0_64 * sgc)
+                y_ptrs = y_inv + (dp.to(tl.int64) * syh + dq.to(tl.int64) * syw + k0_64 * syc)
+                b_ptrs = b_inv + (k0_64 * swk + r.to(tl.int64) * swr + s.to(tl.int64) * sws)
+            else:
+                a_ptrs = ((g_tap0 + (dp.to(tl.int64) * sgh + dq.to(tl.int64) * sgw))[:, None]
+                          + (k.to(tl.int64) * sgc)[None, :])
+                y_ptrs = ((y_tap0 + (dp.to(tl.int64) * syh + dq.to(tl.int64) * syw))[:, None]
+                          + (k.to(tl.int64) * syc)[None, :])
+                b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
             k0, u_t, t_t = advance_tap(k0, u_t, t_t, BLOCK_K, K_g, T_W)
         else:
             # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t,
@@ -391,12 +421,18 @@ def _conv_dgrad_kernel(
             c1 = tl.load(terms_ptr + 2 * stats_row + k, mask=mask_j, other=0.0)
             if RECOMPUTE_Y:
                 # y[m, k] = sum_c x'[m, c] w[k, c] over the group's C_g channels, x' of this tile's rows (a 1x1 conv
-                # without padding reads x at its output's own input position), BLOCK_N channels a step; rounded as
-                # the forward stored it. x' is loaded again at every step (L1 / L2 hits): kept across the loop,
-                # its registers made the GEMM spill.
+                # without padding reads x at its output's own input position), BLOCK_C channels a step; rounded as
+                # the forward stored it. X_ONCE: one product with the x' tile formed before the loop; else x' is
+                # loaded again at every step (L1 / L2 hits; fp32 tiles of all C_g channels spilled).
                 yacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
                 x_rows = n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-                for cr0 in range(0, C_g, BLOCK_C):
+                if X_ONCE:
+                    wt = tl.load(w_ptr + (k.to(tl.int64) * swk)[None, :] + (cr_once * swc)[:, None],
+                                 mask=(cr_once < C_g)[:, None] & mask_j[None, :], other=0.0)
+                    if UPCAST:
+                        wt = wt.to(tl.float32)
+                    yacc = tl.dot(x_once, wt, yacc, input_precision=PRECISION)
+                for cr0 in range(0, C_g if not X_ONCE else 0, BLOCK_C):
                     cr = cr0 + tl.arange(0, BLOCK_C)
                     xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, x_rows, grp * C_g + cr, mask_m, cr < C_g,
                                        sxc, PROLOGUE, IN_RELU, UPCAST)
@@ -564,6 +600,8 @@ def _conv_wgrad_kernel(
                                  # the programs of j tile 0, split 0 write d_bn_weight, d_bn_bias of their k rows
     RECOMPUTE_Y: tl.constexpr,   # (with GACC_ON_LOAD; 1x1, no padding, no bias) y = W x' recomputed from the rows'
                                  # x' instead of read
+    Y_FROM_B: tl.constexpr,      # (RECOMPUTE_Y) BLOCK_K >= C_g: the step's x' tile (B, every channel) is the one y
+                                 # is recomputed from: one product with it, not a second load of x'
     BIAS_GRAD: tl.constexpr,     # (with GACC_ON_LOAD) the programs of j tile 0 sum g_acc over m into d_bias
     STORE_GACC: tl.constexpr,    # (with GACC_ON_LOAD) the programs of j tile 0 store the g_acc they form at gacc_ptr
     FLAT_G: tl.constexpr,        # g_acc's (and y's) rows dense over (n, p, q): row m at m * sgw (m * syw)
@@ -571,7 +609,11 @@ def _conv_wgrad_kernel(
     ALIGNED_ROWS: tl.constexpr,  # (rows split into (n, p, q)) P*Q % BLOCK_M == 0 and Q divides BLOCK_M or BLOCK_M
                                  # divides Q: a step's rows lie in one image, at (p0 + i // Q, q0 + i % Q) from its
                                  # first row (p0, q0): the rows' split is loop-invariant, the step's a scalar one
-    TAP_ROWS: tl.constexpr,      # (ALIGNED_ROWS, not FLAT_X) BLOCK_K divides C_g: a j tile lies in one filter tap, so
+    WHOLE_IMAGES: tl.constexpr,  # (instead of ALIGNED_ROWS) BLOCK_M a multiple of P*Q: a step's rows are whole images,
+                                 # row i at (n_s + i // PQ, i % PQ // Q, i % Q), n_s = m0 / PQ: every row's (p, q)
+                                 # and its bounds loop-invariant, the step's image a scalar
+    TAP_ROWS: tl.constexpr,      # (ALIGNED_ROWS or WHOLE_IMAGES, not FLAT_X) BLOCK_K divides C_g: a j tile lies in one
+                                 # filter tap, so
                                  # x's offsets are the step's scalar plus loop-invariant row and column ones, and its
                                  # bounds per row
     TRANS_ACC: tl.constexpr,     # dw^T = x'^T g_acc: the j tile is the MMA's M, the k tile its N (a 32-row k tile of
@@ -622,23 +664,58 @@ def _conv_wgrad_kernel(
         d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    # Dense operands are addressed as the step's scalar offset (m0 times the row stride) plus loop-invariant
+    # offsets of the tile's rows and columns: one 64-bit add per vector a step, not a product per row (not with y
+    # recomputed: its loop holds the x' and w tiles' registers, the invariant offsets made it longer)
+    i_m = tl.arange(0, BLOCK_M)
+    i_m64 = i_m.to(tl.int64)
+    INV_ROWS: tl.constexpr = not RECOMPUTE_Y
+    if FLAT_G and INV_ROWS:
+        g_inv = (k.to(tl.int64) * sgc)[:, None] + (i_m64 * sgw)[None, :]
+        y_inv = (k.to(tl.int64) * syc)[:, None] + (i_m64 * syw)[None, :]
+        gacc_inv = (i_m64 * K)[None, :] + k.to(tl.int64)[:, None]   # STORE_GACC: channels_last, row m at m * K
+    if FLAT_X and INV_ROWS:
+        x_inv = (i_m64 * sxw)[:, None] + (c.to(tl.int64) * sxc)[None, :]
     if ALIGNED_ROWS:
-        i_m = tl.arange(0, BLOCK_M)
         p_off = fast_div(i_m, Q, Q_MAGIC, Q_SHIFT)
         q_off = i_m - p_off * Q
+    if WHOLE_IMAGES:
+        n_off = fast_div(i_m, P * Q, PQ_MAGIC, PQ_SHIFT)
+        p_off = fast_div(i_m - n_off * (P * Q), Q, Q_MAGIC, Q_SHIFT)
+        q_off = i_m - n_off * (P * Q) - p_off * Q
+    H_U = tl.cast(H, tl.uint32)
+    W_U = tl.cast(W, tl.uint32)
+    if (ALIGNED_ROWS or WHOLE_IMAGES) and not TAP_ROWS and not FLAT_X:
+        # j tiles spanning taps: the tile's input positions relative to the step's first row, (row, column)
+        # loop-invariant (a 64-channel 3x3 layer's 128-deep j tiles, fp16 sm_90: 359 -> 304 SASS a step; the
+        # 32-channel one's 293 -> 248; the stem's 446 -> 314)
+        hh_inv = (p_off * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
+        ww_inv = (q_off * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
+        xj_inv = hh_inv.to(tl.int64) * sxh + ww_inv.to(tl.int64) * sxw + (c.to(tl.int64) * sxc)[None, :]
+        if WHOLE_IMAGES:   # bounds and offsets the same at every step
+            xj_inv += (n_off.to(tl.int64) * sxn)[:, None]
+            cols_in = mask_j[None, :] & (hh_inv.to(tl.uint32) < H_U) & (ww_inv.to(tl.uint32) < W_U)
     if TAP_ROWS:   # the tile's tap (r, s): the rows' input positions and offsets relative to the step's first row
         tap = (pid_j * BLOCK_K) // C_g
         h_inv = p_off * STRIDE_H + ((tap // S) * DIL_H - PAD_H)
         w_inv = q_off * STRIDE_W + ((tap % S) * DIL_W - PAD_W)
         x_row_inv = h_inv.to(tl.int64) * sxh + w_inv.to(tl.int64) * sxw
         x_col = c.to(tl.int64) * sxc
-        H_U = tl.cast(H, tl.uint32)
-        W_U = tl.cast(W, tl.uint32)
+        if WHOLE_IMAGES:   # the rows' image offsets and bounds, the same at every step
+            x_inv = (x_row_inv + n_off.to(tl.int64) * sxn)[:, None] + x_col[None, :]
+            rows_in = (h_inv.to(tl.uint32) < H_U) & (w_inv.to(tl.uint32) < W_U)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + i_m
         mask_m = tl.full((BLOCK_M,), 1, tl.int1) if EVEN_M else offs_m < m_end
         m64 = offs_m.to(tl.int64)
-        if ALIGNED_ROWS:
+        m0_64 = tl.cast(m0, tl.int64)
+        if WHOLE_IMAGES:
+            # the step's first image (a scalar); its rows' (p, q) are loop-invariant
+            n_s = fast_div(tl.cast(m0, tl.int32), P * Q, PQ_MAGIC, PQ_SHIFT)
+            n64 = (n_off + n_s).to(tl.int64)
+            p = p_off
+            q = q_off
+        elif ALIGNED_ROWS:
             # the step's first row split once (scalars), then the rows' loop-invariant offsets (fp16 sm_90, a 3x3
             # layer's 64 x 64 x 128 loop on 8 warps: 428 -> 388 SASS; 335 with TAP_ROWS)
             n_s = fast_div(tl.cast(m0, tl.int32), P * Q, PQ_MAGIC, PQ_SHIFT)
@@ -658,9 +735,14 @@ def _conv_wgrad_kernel(
             n64 = n.to(tl.int64)
         # B = x' tile (BLOCK_M x BLOCK_K), gathered with the prologue, zero padding
         if FLAT_X:
-            x_rows = m64 * sxw
             in_bounds = mask_m[:, None] & mask_j[None, :]
-            b_ptrs = x_ptr + x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :]
+            if INV_ROWS:
+                b_ptrs = x_ptr + m0_64 * sxw + x_inv
+            else:
+                b_ptrs = x_ptr + (m64 * sxw)[:, None] + (c.to(tl.int64) * sxc)[None, :]
+        elif TAP_ROWS and WHOLE_IMAGES:
+            in_bounds = (mask_m & rows_in)[:, None] & mask_j[None, :]
+            b_ptrs = x_ptr + n_s.to(tl.int64) * sxn + x_inv
         elif TAP_ROWS:
             # one unsigned compare per dimension and row (a negative index wraps to >= 2^31 > H)
             ph_s = p_s * STRIDE_H
@@ -669,6 +751,16 @@ def _conv_wgrad_kernel(
             in_bounds = row_ok[:, None] & mask_j[None, :]
             step = n_s.to(tl.int64) * sxn + ph_s.to(tl.int64) * sxh + pw_s.to(tl.int64) * sxw
             b_ptrs = x_ptr + step + x_row_inv[:, None] + x_col[None, :]
+        elif WHOLE_IMAGES:
+            in_bounds = mask_m[:, None] & cols_in
+            b_ptrs = x_ptr + n_s.to(tl.int64) * sxn + xj_inv
+        elif ALIGNED_ROWS:
+            ph_s = p_s * STRIDE_H
+            pw_s = (pq_s - p_s * Q) * STRIDE_W
+            in_bounds = ((mask_m[:, None] & mask_j[None, :]) & ((hh_inv + ph_s).to(tl.uint32) < H_U)
+                         & ((ww_inv + pw_s).to(tl.uint32) < W_U))
+            step = n_s.to(tl.int64) * sxn + ph_s.to(tl.int64) * sxh + pw_s.to(tl.int64) * sxw
+            b_ptrs = x_ptr + step + xj_inv
         else:
             hh = (p * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
             ww = (q * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
@@ -685,21 +777,33 @@ def _conv_wgrad_kernel(
             b = b.to(tl.float32)
         # A = g_acc^T tile (BLOCK_N x BLOCK_M)
         mask_a = mask_k[:, None] & mask_m[None, :]
-        if FLAT_G:
-            g_rows = m64 * sgw
+        if FLAT_G and INV_ROWS:
+            a_ptrs = g_ptr + m0_64 * sgw + g_inv
+        elif FLAT_G:
+            a_ptrs = g_ptr + (k.to(tl.int64) * sgc)[:, None] + (m64 * sgw)[None, :]
         else:
-            g_rows = n64 * sgn + p.to(tl.int64) * sgh + q.to(tl.int64) * sgw
-        a_ptrs = g_ptr + (k.to(tl.int64) * sgc)[:, None] + g_rows[None, :]
+            a_ptrs = g_ptr + (k.to(tl.int64) * sgc)[:, None] + (n64 * sgn + p.to(tl.int64) * sgh
+                                                               + q.to(tl.int64) * sgw)[None, :]
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         if GACC_ON_LOAD:
             if RECOMPUTE_Y:
                 # y[k, m] = sum_c w[k, c] x'[m, c] over the group's C_g channels, BLOCK_K a step, x' at the rows'
-                # input positions (1x1, no padding: (p*sh, q*sw)); rounded as stored. Loaded again at every step
-                # (L1 / L2 hits): kept across the loop, w's tile made TF32 spill.
+                # input positions (1x1, no padding: (p*sh, q*sw)); rounded as stored. Y_FROM_B: one product with the
+                # step's B tile (every channel: 178 -> 152, 144 -> 94 us modelled, the model's narrow expansions with a
+                # prologue, fp16 sm_90); else loaded again, BLOCK_K channels a step (L1 / L2 hits: kept across the
+                # loop, w's tile made TF32 spill).
                 yacc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                if not FLAT_X:   # x at the rows' input positions (p sh, q sw)
+                if FLAT_X:
+                    x_rows = m64 * sxw
+                else:   # x at the rows' input positions (p sh, q sw)
                     x_rows = (n64 * sxn + (p * STRIDE_H).to(tl.int64) * sxh + (q * STRIDE_W).to(tl.int64) * sxw)
-                for cr0 in range(0, C_g, BLOCK_K):
+                if Y_FROM_B:   # (j = c: a 1x1 conv)
+                    wk = tl.load(w_ptr + (k.to(tl.int64) * swk)[:, None] + (offs_j * swc)[None, :],
+                                 mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+                    if UPCAST:
+                        wk = wk.to(tl.float32)
+                    yacc = tl.dot(wk, tl.trans(b), yacc, input_precision=PRECISION)
+                for cr0 in range(0, C_g if not Y_FROM_B else 0, BLOCK_K):
                     cr = cr0 + tl.arange(0, BLOCK_K)
                     xt = _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, x_rows, grp * C_g + cr, mask_m,
                                        cr < C_g, sxc, PROLOGUE, IN_RELU, UPCAST)
@@ -711,10 +815,10 @@ def _conv_wgrad_kernel(
                 yv = yacc.to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
                 if FLAT_G:
-                    y_rows = m64 * syw
+                    y_ptrs = y_ptr + m0_64 * syw + y_inv
                 else:
                     y_rows = n64 * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw
-                y_ptrs = y_ptr + (k.to(tl.int64) * syc)[:, None] + y_rows[None, :]
+                    y_ptrs = y_ptr + (k.to(tl.int64) * syc)[:, None] + y_rows[None, :]
                 yv = tl.load(y_ptrs, mask=mask_a, other=0.0).to(tl.float32)
             af = a.to(tl.float32) * gys[:, None]
             a = stats_grad_on_load(af, yv, c0[:, None], c1[:, None], mean[:, None], mask_a)
@@ -724,7 +828,10 @@ def _conv_wgrad_kernel(
                     d_bias += tl.sum(a.to(tl.float32), axis=1)
             if STORE_GACC:
                 if pid_j == 0:   # channels_last: row m at m * K
-                    tl.store(gacc_ptr + (m64 * K)[None, :] + k.to(tl.int64)[:, None], a, mask=mask_a)
+                    if FLAT_G and INV_ROWS:
+                        tl.store(gacc_ptr + m0_64 * K + gacc_inv, a, mask=mask_a)
+                    else:
+                        tl.store(gacc_ptr + (m64 * K)[None, :] + k.to(tl.int64)[:, None], a, mask=mask_a)
         if UPCAST:
             a = a.to(tl.float32)
         if TRANS_ACC:
@@ -1011,14 +1118,25 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     x_read = (prologue and (bool(in_relu) or need_stats)) or (tail is not None and tail.relu and tail.bits is None)
     recompute = _recomputes(on_load, geo) and (x_read or geo.C * geo.H * geo.W <= geo.K * geo.P * geo.Q)
     if recompute and not INTERPRET and "BLOCK_N" not in (tiles or {}):
-        # 128 columns spilled beside the recomputed y tile (epilogue sums: 64 already, _dgrad_meta)
-        meta = dict(meta, BLOCK_N=min(meta["BLOCK_N"], 64))
+        # 128 columns spilled beside the recomputed y tile (epilogue sums: 64 already, _dgrad_meta); a narrow
+        # group's 32 channels in one 32-wide tile, not a half-masked 64-wide one (the recompute's x' tile, BLOCK_C
+        # wide, halves too): the 32-channel expansion's dgrad 232 -> 217 us modelled (fp16 sm_90)
+        meta = dict(meta, BLOCK_N=min(meta["BLOCK_N"], 64 if geo.C_g > 32 else 32))
     block_c = meta["BLOCK_N"]
-    if recompute and not INTERPRET and "BLOCK_K" not in (tiles or {}):
-        # the recomputed y tile (BLOCK_M x BLOCK_K, fp32) beside the accumulator spilled with a full-depth step, and
-        # fp32 x' tiles of 64 channels beside it
-        meta = dict(meta, BLOCK_K=max(16, meta["BLOCK_K"] // 2))
-        block_c = 32 if x.dtype == torch.float32 else block_c
+    if recompute and not INTERPRET:
+        # fp16 / bf16: the rows' x' tile of all C_g channels (<= 128) formed once, before the loop (X_ONCE: the
+        # prologue's per-element work at every step, the model's 1x1 expansions' dgrads 282 -> 106, 196 -> 97 us
+        # modelled, fp16 sm_90); fp32 x' tiles of 64 channels spilled beside the accumulator: 32 a step (once where
+        # C_g <= 32)
+        block_c = 32 if x.dtype == torch.float32 else pow2_tile(geo.C_g, 16, RECOMPUTE_MAX_CHANNELS)
+        if "BLOCK_K" not in (tiles or {}) and not (x.dtype != torch.float32 and geo.C_g <= 64
+                                                   and tap_steps(geo.K_g, meta["BLOCK_K"])):
+            # the recomputed y tile (BLOCK_M x BLOCK_K, fp32) beside the accumulator spilled with a full-depth step
+            # in fp32, and beside a 128-channel x' tile (16-32 B with a prologue, Triton 3.9); fp16 / bf16 keep the
+            # 64-deep step where C_g <= 64 and the step lies in K_g (tap steps): the per-step work (the terms'
+            # gathers, the loop's overhead) halves (the model's 32- and 64-channel expansions' dgrads 179 -> 141,
+            # 97 -> 78 us), and a 64-deep step spanning K_g = 32 twice would lose the tap steps
+            meta = dict(meta, BLOCK_K=max(16, meta["BLOCK_K"] // 2))
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
                 GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
                 TAIL=tail is not None,
@@ -1027,7 +1145,8 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
                 TAP_STEPS=tap_steps(geo.K_g, meta["BLOCK_K"]), EVEN_N=geo.C_g % meta["BLOCK_N"] == 0, PART_M=part_m,
                 BLOCK_S=REDUCE_SLOTS,
-                BLOCK_C=block_c if recompute else 16, CHUNK=CHUNK_SLOTS)
+                BLOCK_C=block_c if recompute else 16, X_ONCE=recompute and block_c >= geo.C_g,
+                CHUNK=CHUNK_SLOTS)
     n_sums = (3 if res is not None else 2) if tail is not None else 2
     part = ((phases * slots_ph + slot_chunks(slots_ph, phases), n_sums, geo.C) if need_stats or tail is not None
             else None)
@@ -1135,7 +1254,11 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
             # with 3.9, 16 in bf16); the stem's 3-channel taps 68 (bench/kernel_audit.py)
             block_n = 128
         if rsc >= 2 * block_k and block_m == 64 and wide_tiles(geo.dtype):
-            block_k, num_warps = 2 * block_k, 8
+            # ... and on 8 warps dw^T = x'^T g_acc (TRANS_ACC): both operands from shared memory, the g_acc formed
+            # on load stored there as is (not read back transposed into the MMA's register layout: 335 -> 311 SASS
+            # a step, 208 -> 192 registers, a 128-channel 3x3 layer, fp16 sm_90; -1 % of the models' modelled
+            # training time, bench/kernel_audit.py)
+            block_k, num_warps, trans_acc = 2 * block_k, 8, True
             # Narrow groups (K_g <= 32: the layer1 convs of the PE models): a k tile of K_g rows as the MMA's N
             # (wgmma takes N = 16, 32; its M is the 128-deep j tile) instead of a 64-row tile half or three quarters
             # masked, whose g_acc formed on load was the loop's largest part: a 32-channel 3x3 layer's loop (64 x
@@ -1167,6 +1290,13 @@ def aligned_rows(P: int, Q: int, block: int) -> bool:
     return P * Q > 0 and (P * Q) % block == 0 and (block % Q == 0 or Q % block == 0)
 
 
+def whole_images(P: int, Q: int, block: int) -> bool:
+    """Whether every `block` consecutive rows m = (n P + p) Q + q starting at a multiple of `block` are whole images
+    (WHOLE_IMAGES: the block a multiple of P*Q; row i of a step at (n0 + i // (P Q), i % (P Q) // Q, i % Q): every
+    row's position and bounds the same at every step, the step's first image n0 a scalar)."""
+    return P * Q > 0 and block % (P * Q) == 0
+
+
 def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeometry, plan: _WgradPlan,
                   on_load: Optional[GaccOnLoad] = None, bias_grad: bool = False,
                   g_strides: Optional[tuple] = None, store_gacc: bool = False) -> _GemmLaunch:
@@ -1187,11 +1317,14 @@ def _wgrad_launch(g_acc, x, weight, in_scale, in_shift, in_relu, geo: ConvGeomet
     # the recomputed y tile (BLOCK_N x BLOCK_M, fp32) spilled with 64-row steps (fp32 / TF32, and fp16 / bf16 with a
     # prologue on Triton 3.6): 32 (M_PER_SPLIT stays a multiple of it)
     block_m = 32 if recompute and not INTERPRET else plan.block_m
-    aligned = not (flat_g and flat_x) and aligned_rows(geo.P, geo.Q, block_m)
-    tap_rows = aligned and not flat_x and tap_steps(geo.C_g, plan.block_k)
+    split_rows = not (flat_g and flat_x)
+    whole = split_rows and whole_images(geo.P, geo.Q, block_m)
+    aligned = split_rows and not whole and aligned_rows(geo.P, geo.Q, block_m)
+    tap_rows = (aligned or whole) and not flat_x and tap_steps(geo.C_g, plan.block_k)
     meta = dict(PROLOGUE=has_prologue(in_scale, in_shift, in_relu), IN_RELU=bool(in_relu),
-                GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute, BIAS_GRAD=bias_grad,
-                STORE_GACC=store_gacc, FLAT_G=flat_g, FLAT_X=flat_x, ALIGNED_ROWS=aligned, TAP_ROWS=tap_rows,
+                GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
+                Y_FROM_B=recompute and plan.block_k >= geo.C_g, BIAS_GRAD=bias_grad, STORE_GACC=store_gacc,
+                FLAT_G=flat_g, FLAT_X=flat_x, ALIGNED_ROWS=aligned, WHOLE_IMAGES=whole, TAP_ROWS=tap_rows,
                 TRANS_ACC=plan.trans_acc, UPCAST=upcast_bf16(x.dtype),
                 PRECISION=dot_precision(x.dtype), EVEN_M=M % block_m == 0, EVEN_N=geo.K_g % plan.block_n == 0,
                 EVEN_K=rsc % plan.block_k == 0, BLOCK_M=block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,

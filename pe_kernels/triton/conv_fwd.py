@@ -218,6 +218,12 @@ def _conv_fwd_kernel(
         mask_n = offs_n < K_g
     k = g * K_g + offs_n
     w_cols = w_ptr + k.to(tl.int64) * swk
+    if TAP_STEPS:
+        # the operands' loop-invariant pointers (the group's first BLOCK_K channels at tap (0, 0)); a step adds one
+        # scalar offset (its tap and channels): one 64-bit add per vector
+        c_inv = (g * C_g + tl.arange(0, BLOCK_K)).to(tl.int64)
+        a_inv = x_tap0[:, None] + (c_inv * sxc)[None, :]
+        b_inv = w_cols[None, :] + (tl.arange(0, BLOCK_K) * swc)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # TAP_STEPS: the step's (r, s) and first channel c0, carried from step to step as scalars (no division)
@@ -237,9 +243,8 @@ def _conv_fwd_kernel(
             dw = s_t * DIL_W
             row_ok = mask_m & ((h0 + dh).to(tl.uint32) < H_U) & ((w0 + dw).to(tl.uint32) < W_U)
             in_bounds = row_ok[:, None] & mask_j[None, :]
-            a_ptrs = ((x_tap0 + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw))[:, None]
-                      + (c.to(tl.int64) * sxc)[None, :])
-            b_ptrs = w_cols[None, :] + (c_l * swc + r_t * swr + s_t * sws)[:, None]
+            a_ptrs = a_inv + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw + tl.cast(c0, tl.int64) * sxc)
+            b_ptrs = b_inv + (c0 * swc + r_t * swr + s_t * sws)
             c0, s_t, r_t = advance_tap(c0, s_t, r_t, BLOCK_K, C_g, S)
         else:
             # Reduction index j = (r, s, c_local), c fastest: a step may span taps (narrow groups).
