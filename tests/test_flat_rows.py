@@ -11,6 +11,9 @@ g_acc on load, and of x'):
 - WHOLE_IMAGES: where a step's rows are whole images (the step a multiple of P*Q: conv_bwd.whole_images), row i of
   the step at (n0 + i // PQ, i % PQ // Q, i % Q): each row's (p, q), offsets and bounds are loop-invariant, the step's
   first image n0 a scalar; TAP_ROWS with it likewise (a 3x3 loop on 8 x 8 or 4 x 4 images 335 / 428 -> 243 SASS).
+  Without TAP_ROWS (j tiles spanning taps) the tile's positions relative to the step's first row are loop-invariant
+  per (row, column), for whole images and for aligned steps without a prologue (with one, aligned steps split the
+  rows per element: the invariant positions beside the prologue's x' tile spilled).
 - Otherwise each row is split with two fast_div per step.
 
 The same tiles in the same order, so the same bits. Checks: dense_rows and aligned_rows against the offsets and rows
@@ -138,6 +141,23 @@ def test_conv_bn_train_backward_against_reference(name, grad_layout, dtype, kern
     with recorded_wgrad_flags() as seen:
         tb.check(args, dtype, needs_grad=tb.ALL, grad_layout=layout, tiles=TILES)
     assert seen["wgrad"] == {expected_flags(name, grad_layout == "channels_last")}, seen
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("name", ["3x3_s2_c24_aligned", "3x3_p1_wide_c24_aligned", "3x3_p1_c24_whole_2",
+                                  "3x3_p1_g2_aligned"])
+def test_without_prologue(name, dtype, kernel_device):
+    """x read as is: aligned steps whose j tiles span taps take the tile's loop-invariant positions relative to the
+    step's first row (with a prologue they split the rows per element, as the prologue's x' tile beside those
+    positions spilled; every other test here has a prologue). The conv -> BN training backward, forming g_acc on
+    load."""
+    case = CASES[name][0]
+    bn_case = tb.Case(case.N, case.C, case.K, case.H, case.W, case.R, case.stride[0], case.padding[0], case.groups)
+    args = tb.make_inputs(bn_case, dtype, kernel_device, prologue=False, bias=True)
+    with recorded_flags(lambda kernel, kw: [("wgrad", (kw.get("PROLOGUE"),) + tuple(kw.get(f) for f in (
+            "FLAT_G", "FLAT_X", "ALIGNED_ROWS", "WHOLE_IMAGES", "TAP_ROWS")))] if kernel == WGRAD else []) as seen:
+        tb.check(args, dtype, needs_grad=(True, True, True, False, False, True, True), grad_layout=CL, tiles=TILES)
+    assert seen["wgrad"] == {(False,) + expected_flags(name, True)}, seen
 
 
 def test_aligned_rows_matches_the_rows():

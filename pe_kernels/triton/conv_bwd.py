@@ -685,10 +685,12 @@ def _conv_wgrad_kernel(
         q_off = i_m - n_off * (P * Q) - p_off * Q
     H_U = tl.cast(H, tl.uint32)
     W_U = tl.cast(W, tl.uint32)
-    if (ALIGNED_ROWS or WHOLE_IMAGES) and not TAP_ROWS and not FLAT_X:
-        # j tiles spanning taps: the tile's input positions relative to the step's first row, (row, column)
-        # loop-invariant (a 64-channel 3x3 layer's 128-deep j tiles, fp16 sm_90: 359 -> 304 SASS a step; the
-        # 32-channel one's 293 -> 248; the stem's 446 -> 314)
+    # j tiles spanning taps: the tile's input positions relative to the step's first row, (row, column)
+    # loop-invariant (a 64-channel 3x3 layer's 128-deep j tiles, fp16 sm_90: 359 -> 304 SASS a step; the 32-channel
+    # one's 293 -> 248; the stem's 446 -> 314); not for aligned rows with a prologue (its x' tile beside them spilled
+    # 20 B with Triton 3.9): they split the rows per element as before
+    ALIGNED_J: tl.constexpr = ALIGNED_ROWS and not PROLOGUE
+    if (ALIGNED_J or WHOLE_IMAGES) and not TAP_ROWS and not FLAT_X:
         hh_inv = (p_off * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
         ww_inv = (q_off * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
         xj_inv = hh_inv.to(tl.int64) * sxh + ww_inv.to(tl.int64) * sxw + (c.to(tl.int64) * sxc)[None, :]
@@ -754,7 +756,7 @@ def _conv_wgrad_kernel(
         elif WHOLE_IMAGES:
             in_bounds = mask_m[:, None] & cols_in
             b_ptrs = x_ptr + n_s.to(tl.int64) * sxn + xj_inv
-        elif ALIGNED_ROWS:
+        elif ALIGNED_J:
             ph_s = p_s * STRIDE_H
             pw_s = (pq_s - p_s * Q) * STRIDE_W
             in_bounds = ((mask_m[:, None] & mask_j[None, :]) & ((hh_inv + ph_s).to(tl.uint32) < H_U)
