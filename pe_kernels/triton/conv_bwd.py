@@ -51,10 +51,10 @@ always applied: ones when absent); RECOMPUTE_Y (a 1x1 conv without padding or bi
 forms y = W x' from the x' a GEMM reads instead of reading the saved y (the forward's product in another summation
 order, rounded as stored: it may differ from the saved y in the last place; the dgrad from its rows' x' tile of all
 C_g channels formed once before its loop, X_ONCE, the wgrad from its step's B tile where the j tile holds every
-channel, Y_FROM_B); TAIL (TailBwd) makes the dgrad's
-epilogue the backward of the block tail whose output is x: g = where(x <= 0, 0, dx' + side) (the mask from the
-forward's bits where given), stored at dx, and (slots, 2 or 3, C) partials [sum g*y_t, sum g, sum g*residual] summed
-by the last M tile of each column block into the tail's d_scale, d_shift, d_residual_scale.
+channel, Y_FROM_B); TAIL (TailBwd) makes the dgrad's epilogue the backward of the block tail whose output is x:
+g = where(x <= 0, 0, dx' + side) (the mask from the forward's bits where given), stored at dx, and (slots, 2 or 3, C)
+partials [sum g*y_t, sum g, sum g*residual] summed by the last M tile of each column block into the tail's d_scale,
+d_shift, d_residual_scale.
 
 Kernels:
   _conv_bwd_epilogue_kernel  elementwise over (M = N*P*Q) x K tiles; writes g_acc (x.dtype), d_residual and
@@ -612,10 +612,9 @@ def _conv_wgrad_kernel(
     WHOLE_IMAGES: tl.constexpr,  # (instead of ALIGNED_ROWS) BLOCK_M a multiple of P*Q: a step's rows are whole images,
                                  # row i at (n_s + i // PQ, i % PQ // Q, i % Q), n_s = m0 / PQ: every row's (p, q)
                                  # and its bounds loop-invariant, the step's image a scalar
-    TAP_ROWS: tl.constexpr,      # (ALIGNED_ROWS or WHOLE_IMAGES, not FLAT_X) BLOCK_K divides C_g: a j tile lies in one
-                                 # filter tap, so
-                                 # x's offsets are the step's scalar plus loop-invariant row and column ones, and its
-                                 # bounds per row
+    TAP_ROWS: tl.constexpr,      # (ALIGNED_ROWS or WHOLE_IMAGES, not FLAT_X) BLOCK_K divides C_g: a j tile lies in
+                                 # one filter tap, so x's offsets are the step's scalar plus loop-invariant row and
+                                 # column ones, and its bounds per row
     TRANS_ACC: tl.constexpr,     # dw^T = x'^T g_acc: the j tile is the MMA's M, the k tile its N (a 32-row k tile of
                                  # a narrow group's 32 channels on wgmma instead of a half-masked 64-row one)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
