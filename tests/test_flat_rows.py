@@ -12,8 +12,7 @@ g_acc on load, and of x'):
   the step at (n0 + i // PQ, i % PQ // Q, i % Q): each row's (p, q), offsets and bounds are loop-invariant, the step's
   first image n0 a scalar; TAP_ROWS with it likewise (a 3x3 loop on 8 x 8 or 4 x 4 images 335 / 428 -> 243 SASS).
   Without TAP_ROWS (j tiles spanning taps) the tile's positions relative to the step's first row are loop-invariant
-  per (row, column), for whole images and for aligned steps without a prologue (with one, aligned steps split the
-  rows per element: the invariant positions beside the prologue's x' tile spilled).
+  per (row, column), for whole images and for aligned steps, with a prologue or without.
 - Otherwise each row is split with two fast_div per step.
 
 The same tiles in the same order, so the same bits. Checks: dense_rows and aligned_rows against the offsets and rows
@@ -147,9 +146,8 @@ def test_conv_bn_train_backward_against_reference(name, grad_layout, dtype, kern
 @pytest.mark.parametrize("name", ["3x3_s2_c24_aligned", "3x3_p1_wide_c24_aligned", "3x3_p1_c24_whole_2",
                                   "3x3_p1_g2_aligned"])
 def test_without_prologue(name, dtype, kernel_device):
-    """x read as is: aligned steps whose j tiles span taps take the tile's loop-invariant positions relative to the
-    step's first row (with a prologue they split the rows per element, as the prologue's x' tile beside those
-    positions spilled; every other test here has a prologue). The conv -> BN training backward, forming g_acc on
+    """x read as is (every other test here has a prologue): the same paths, the loop-invariant positions relative to
+    the step's first row without the prologue's x' beside them. The conv -> BN training backward, forming g_acc on
     load."""
     case = CASES[name][0]
     bn_case = tb.Case(case.N, case.C, case.K, case.H, case.W, case.R, case.stride[0], case.padding[0], case.groups)

@@ -164,3 +164,27 @@ def test_same_bits_as_the_per_element_split(case, dtype, kernel_device, monkeypa
         assert (a is None) == (b is None), i
         if a is not None:
             assert torch.equal(a, b), f"result {i} differs between the tap steps and the per-element split"
+
+
+def test_dgrad_takes_128_deep_steps_on_a_stored_g_acc(monkeypatch):
+    """fp16 on a GPU: the conv -> BN training backward's dgrad reads the g_acc the wgrad stored and steps 128 deep
+    where K_g is a multiple of 128 (as the forward's deep_steps), else as before: 64, 32 for 32-channel 3x3 groups,
+    and where it forms g_acc on load (y recomputed: the 1x1 expansions) its own tiles."""
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
+    monkeypatch.setattr(conv_fwd_mod, "INTERPRET", False)
+    h, groups = torch.float16, 4
+    for c_g, k_g, r, prologue, expect in ((128, 128, 3, True, (128, 64, False)),   # the prologue's sums: 64 columns
+                                          (128, 256, 3, True, (128, 64, False)),
+                                          (64, 64, 3, True, (64, 64, False)),
+                                          (32, 32, 3, True, (32, 64, False)),
+                                          (512, 128, 1, False, (128, 128, False)),
+                                          (128, 128, 1, False, (32, 64, True))):      # y recomputed, g_acc on load
+        x = torch.empty(2, groups * c_g, 8, 8, dtype=h).to(memory_format=torch.channels_last)
+        w = torch.empty(groups * k_g, c_g, r, r, dtype=h)
+        y = torch.empty(2, groups * k_g, 8, 8, dtype=h).to(memory_format=torch.channels_last)
+        vec = torch.ones(groups * c_g) if prologue else None
+        plan = conv_bwd_mod._plan_conv_bn_bwd(y, None, None, x, w, None, vec, vec, prologue, (1, 1), (r // 2,) * 2,
+                                              (1, 1), groups, y, torch.zeros(2, groups * k_g), None, 1e-5,
+                                              [True, True, False, prologue, prologue, False, False], None)
+        meta = plan.dgrad.meta
+        assert (meta["BLOCK_K"], meta["BLOCK_N"], meta["GACC_ON_LOAD"]) == expect, (c_g, k_g, r, prologue, meta)

@@ -94,9 +94,9 @@ from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor,
                       apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
                       check_vector, chunk_counters, dense_rows, divisor_magic, dot_precision, dummy,
                       empty_channels_last, fast_div, gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
-                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, reduce_slots,
-                      slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tap_steps,
-                      tensor_key, tile_offsets, upcast_bf16, wide_tiles)
+                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, prologue_values,
+                      reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last,
+                      tap_steps, tensor_key, tile_offsets, upcast_bf16, wide_tiles)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
@@ -686,9 +686,9 @@ def _conv_wgrad_kernel(
     W_U = tl.cast(W, tl.uint32)
     # j tiles spanning taps: the tile's input positions relative to the step's first row, (row, column)
     # loop-invariant (a 64-channel 3x3 layer's 128-deep j tiles, fp16 sm_90: 359 -> 304 SASS a step; the 32-channel
-    # one's 293 -> 248; the stem's 446 -> 314); not for aligned rows with a prologue (its x' tile beside them spilled
-    # 20 B with Triton 3.9): they split the rows per element as before
-    ALIGNED_J: tl.constexpr = ALIGNED_ROWS and not PROLOGUE
+    # one's 293 -> 248, with a prologue 414 -> 360; the stem's 446 -> 314). (With a prologue they once spilled 20 B
+    # beside its x' tile, Triton 3.9; not since the prologue masks by an add: prologue_values)
+    ALIGNED_J: tl.constexpr = ALIGNED_ROWS
     if (ALIGNED_J or WHOLE_IMAGES) and not TAP_ROWS and not FLAT_X:
         hh_inv = (p_off * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
         ww_inv = (q_off * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
@@ -770,10 +770,7 @@ def _conv_wgrad_kernel(
                       + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)
         b = tl.load(b_ptrs, mask=in_bounds, other=0.0)
         if PROLOGUE:
-            bf = b.to(tl.float32) * scale[None, :] + shift[None, :]
-            if IN_RELU:
-                bf = tl.maximum(bf, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            b = tl.where(in_bounds, bf, 0.0).to(x_ptr.dtype.element_ty)
+            b = prologue_values(b, scale, shift, in_bounds, IN_RELU)
         if UPCAST:
             b = b.to(tl.float32)
         # A = g_acc^T tile (BLOCK_N x BLOCK_M)
@@ -1138,6 +1135,12 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
             # gathers, the loop's overhead) halves (the model's 32- and 64-channel expansions' dgrads 179 -> 141,
             # 97 -> 78 us), and a 64-deep step spanning K_g = 32 twice would lose the tap steps
             meta = dict(meta, BLOCK_K=max(16, meta["BLOCK_K"] // 2))
+    if (not INTERPRET and on_load is None and not recompute and "BLOCK_K" not in (tiles or {})
+            and meta["BLOCK_K"] == 64 and tap_steps(geo.K_g, 128)):
+        # 128-deep tap steps where the dgrad reads a stored g_acc (nothing formed on load) over K_g a multiple of 128
+        # (the forward's deep_steps): a step's fixed work serves twice the MMA work (fp16 sm_90, 128-channel 3x3
+        # layers with the prologue's sums: 160 -> 238 SASS a step, 52.8 -> 40.5 us modelled, bench/kernel_audit.py)
+        meta = dict(meta, BLOCK_K=128)
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
                 GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
                 TAIL=tail is not None,

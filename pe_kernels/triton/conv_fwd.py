@@ -61,8 +61,8 @@ from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, advance_tap, 
                       cdiv, channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
                       check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
                       gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows,
-                      pow2_tile, slot_chunk, slot_chunks, store_part, stream_counters, strides4, tap_steps, tensor_key,
-                      upcast_bf16)
+                      pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part, stream_counters, strides4,
+                      tap_steps, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -183,6 +183,10 @@ def _conv_fwd_kernel(
     PRECISION: tl.constexpr,     # tl.dot input_precision: "tf32" or "ieee"
     TAP_STEPS: tl.constexpr,     # every reduction step is full and in one filter tap (tap_steps: C_g % BLOCK_K == 0)
     EVEN_N: tl.constexpr,        # K_g % BLOCK_N == 0: no output-column mask
+    TRANS_ACC: tl.constexpr,     # acc^T = w^T x'^T: x' (formed in registers: PROLOGUE) is the MMA's B operand, read
+                                 # from shared memory (asynchronous wgmma; as A it was a register operand waited for
+                                 # at every step): fp16 sm_90, a 32-channel 3x3 training forward 332 -> 300 SASS a step
+    PRO_ONCE: tl.constexpr,      # (PROLOGUE, TAP_STEPS) C_g == BLOCK_K: every step reads the same channels
     FAST_DIV_J: tl.constexpr,    # (not TAP_STEPS) C_g % 16 != 0: split j with fast_div (CG_MAGIC, S_MAGIC)
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -204,11 +208,10 @@ def _conv_fwd_kernel(
     q = pq % Q
     h0 = p * STRIDE_H - PAD_H
     w0 = q * STRIDE_W - PAD_W
-    x_rows = x_ptr + n.to(tl.int64) * sxn
-    if TAP_STEPS:   # the rows' pointers at tap (0, 0) (out of the tensor for padded rows: masked), and H, W unsigned
-        x_tap0 = x_rows + h0.to(tl.int64) * sxh + w0.to(tl.int64) * sxw
-        H_U = tl.cast(H, tl.uint32)
-        W_U = tl.cast(W, tl.uint32)
+    # the rows' pointers at tap (0, 0) (out of the tensor for padded rows: masked), and H, W unsigned
+    x_tap0 = x_ptr + n.to(tl.int64) * sxn + h0.to(tl.int64) * sxh + w0.to(tl.int64) * sxw
+    H_U = tl.cast(H, tl.uint32)
+    W_U = tl.cast(W, tl.uint32)
 
     # Columns: output channels k of group g.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,7 +228,17 @@ def _conv_fwd_kernel(
         a_inv = x_tap0[:, None] + (c_inv * sxc)[None, :]
         b_inv = w_cols[None, :] + (tl.arange(0, BLOCK_K) * swc)[:, None]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # every step reads the same channels: the prologue's scale and shift loaded once (not beside 256 x 64 A tiles:
+    # they spilled 4 B in bf16 with Triton 3.9)
+    HOIST: tl.constexpr = PRO_ONCE and (BLOCK_M <= 128 or BLOCK_K <= 32)
+    if HOIST:
+        pro_c = g * C_g + tl.arange(0, BLOCK_K)
+        pro_scale = tl.load(in_scale_ptr + pro_c).to(tl.float32)
+        pro_shift = tl.load(in_shift_ptr + pro_c).to(tl.float32)
+    if TRANS_ACC:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # TAP_STEPS: the step's (r, s) and first channel c0, carried from step to step as scalars (no division)
     c0 = 0
     r_t = 0
@@ -261,20 +274,30 @@ def _conv_fwd_kernel(
                 r = rs // S
                 s = rs % S
             c = g * C_g + c_l
-            h = h0[:, None] + (r * DIL_H)[None, :]
-            w = w0[:, None] + (s * DIL_W)[None, :]
-            in_bounds = (mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
-            a_ptrs = (x_rows[:, None] + (c.to(tl.int64) * sxc)[None, :] + h.to(tl.int64) * sxh
-                      + w.to(tl.int64) * sxw)
+            # the element at the rows' tap-(0, 0) pointers plus its column's offset (one 64-bit add per element, not
+            # two 64-bit products: the stem's one step 627 -> 470 SASS, fp16 sm_90); one unsigned compare bounds h, w
+            dh = r * DIL_H
+            dw = s * DIL_W
+            in_bounds = (mask_m[:, None] & mask_j[None, :] & ((h0[:, None] + dh[None, :]).to(tl.uint32) < H_U)
+                         & ((w0[:, None] + dw[None, :]).to(tl.uint32) < W_U))
+            a_ptrs = x_tap0[:, None] + (c.to(tl.int64) * sxc + dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw)[None, :]
             b_ptrs = w_cols[None, :] + (c_l * swc + r * swr + s * sws)[:, None]
         a = tl.load(a_ptrs, mask=in_bounds, other=0.0)
         if PROLOGUE:
-            a = apply_prologue(a, in_scale_ptr, in_shift_ptr, c, mask_j, in_bounds, IN_RELU)
+            if HOIST:   # (a tap step: the padding is per row)
+                a = prologue_values(a, pro_scale, pro_shift, row_ok[:, None], IN_RELU)
+            else:
+                a = apply_prologue(a, in_scale_ptr, in_shift_ptr, c, mask_j, in_bounds, IN_RELU)
         b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if TRANS_ACC:
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if TRANS_ACC:
+        acc = tl.trans(acc)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -530,13 +553,30 @@ def has_prologue(in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu
     return in_scale is not None or in_shift is not None or bool(in_relu)
 
 
-def fwd_tiles(geo: ConvGeometry) -> dict:
-    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tap_tile_k); under the interpreter, tiles that cover a tiny
-    test's group in one step."""
+def fwd_tiles(geo: ConvGeometry, prologue: bool = False, stats: bool = False) -> dict:
+    """BLOCK_N and BLOCK_K on a GPU (gpu_tile_n, gpu_tap_tile_k, deep_steps); under the interpreter, tiles that cover
+    a tiny test's group in one step."""
     if INTERPRET:  # cost is per program and per loop step: few, large tiles
         return dict(BLOCK_N=pow2_tile(geo.K_g, 16, 128), BLOCK_K=pow2_tile(geo.R * geo.S * geo.C_g, 16, 256))
     block_k = gpu_tap_tile_k(geo.dtype, geo.R * geo.S, geo.C_g)
-    return dict(BLOCK_N=gpu_tile_n(geo.K_g, tap_steps(geo.C_g, block_k), geo.dtype), BLOCK_K=block_k)
+    block_n = gpu_tile_n(geo.K_g, tap_steps(geo.C_g, block_k), geo.dtype)
+    if deep_steps(geo, block_k, block_n, prologue, stats):
+        block_k = 2 * block_k
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def deep_steps(geo: ConvGeometry, block_k: int, block_n: int, prologue: bool, stats: bool) -> bool:
+    """Whether the forward's tap steps go 128 deep instead of 64 (2-byte operands): where 128 divides C_g and the
+    column tile is 128 wide, either with a prologue over 128-channel groups (one channel chunk a tap: its vectors
+    loaded once, PRO_ONCE) or with neither a prologue nor statistics (the eval forward). A step's fixed work
+    (barriers, the pipeline's waits and indices, the tap's scalars) then serves twice the MMA work: fp16 sm_90, 144
+    -> 223 SASS a step for 2x the work (eval 3x3 layers of 128 and 256 channels 21.5 -> 16.6 us modelled, the 4 x 4
+    1x1 ones 9.6 -> 7.4), with the prologue 310 -> 517 (58 -> 50 us). Three stages of 128 x 128 x 128 tiles take
+    192 KB of shared memory. Elsewhere they spilled (bench/kernel_audit.py): wider groups with a prologue (52 B on 8
+    warps: two channel chunks' vectors a tap), the statistics without a prologue in bf16 (28-40 B, Triton 3.9); and
+    256-row tiles with 64 columns would not fit."""
+    return (block_k == 64 and block_n == 128 and tap_steps(geo.C_g, 128)
+            and ((prologue and geo.C_g == 128) or not (prologue or stats)))
 
 
 class BNTrain(NamedTuple):
@@ -645,7 +685,7 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
 
     M = geo.N * geo.P * geo.Q
     bn_scalars = _finalize_scalars(finalize, geo.K, M, x)
-    meta = fwd_tiles(geo)
+    meta = fwd_tiles(geo, has_prologue(in_scale, in_shift, in_relu), bool(compute_stats))
     tile_m = None
     if tiles is not None:
         meta.update({k: v for k, v in tiles.items() if k != "BLOCK_M"})
@@ -671,6 +711,9 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 TAP_STEPS=tap_steps(geo.C_g, meta["BLOCK_K"]),
                 # (the per-element split keeps its column mask: without it the stem's 4-warp config spilled 4 bytes)
                 EVEN_N=geo.K_g % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, meta["BLOCK_K"]),
+                # (fp32: TF32 operands took longer transposed: 811 -> 923 us modelled, a 3x3 training forward)
+                TRANS_ACC=prologue and x.dtype != torch.float32,
+                PRO_ONCE=prologue and tap_steps(geo.C_g, meta["BLOCK_K"]) and geo.C_g == meta["BLOCK_K"],
                 FAST_DIV_J=geo.C_g % 16 != 0,
                 PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
