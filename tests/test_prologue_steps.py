@@ -6,8 +6,8 @@
   training forward: 332 -> 300 SASS a step);
 - PRO_ONCE: where every tap step reads the same channels (C_g == BLOCK_K), in_scale and in_shift are loaded once
   before the loop (300 -> 276; not beside 256 x 64 tiles, where that spilled);
-- deep_steps: 128-deep tap steps for 2-byte operands over groups of a multiple of 128 channels and 128-wide column
-  tiles (with a prologue: 128-channel groups, loaded once);
+- deep_steps (not a prologue's, but beside it here): 128-deep tap steps for 2-byte operands over groups of a
+  multiple of 128 channels and 128-wide column tiles, in the eval forward;
 - _common.prologue_values: with the ReLU on 2-byte operands, the padding (rows out of the image on a tap step, loaded
   as 0) is made 0 by adding -inf before the ReLU rather than by a select after it (366 -> 332: the compiler had moved
   the select onto the packed 16-bit halves).
@@ -61,17 +61,17 @@ def _inputs(case, dtype, layout, device, in_relu=True):
 def test_gpu_flags(monkeypatch):
     """The tiles and flags of the forward a GPU launches (a prologue with statistics: training; neither: eval):
     TRANS_ACC with a prologue on 2-byte operands; PRO_ONCE where C_g is the step's depth; 128-deep steps (deep_steps)
-    for 2-byte operands over 128-wide column tiles of groups a multiple of 128 channels, with a prologue only for
-    128-channel groups, without one only without statistics."""
+    for 2-byte operands over 128-wide column tiles of groups a multiple of 128 channels, without a prologue or
+    statistics."""
     monkeypatch.setattr(conv_fwd_mod, "INTERPRET", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     h, b, f = torch.float16, torch.bfloat16, torch.float32
     for c_g, k_g, prologue, dtype, expect in (
             (32, 32, True, h, (32, 64, True, True, True)),        # layer1's 3x3: 32-deep steps, one chunk a tap
             (64, 64, True, h, (64, 64, True, True, True)),
-            (128, 128, True, h, (128, 128, True, True, True)),    # deep steps, one chunk a tap
-            (128, 128, True, b, (128, 128, True, True, True)),
-            (256, 256, True, h, (64, 128, True, False, True)),    # wider groups with a prologue: 64 deep, per step
+            (128, 128, True, h, (64, 128, True, False, True)),    # with a prologue: 64 deep, two chunks a tap
+            (128, 128, True, b, (64, 128, True, False, True)),
+            (256, 256, True, h, (64, 128, True, False, True)),
             (256, 256, False, h, (128, 128, True, False, False)),  # deep steps without a prologue (eval)
             (256, 256, None, b, (64, 128, True, False, False)),   # statistics without a prologue: 64 deep
             (128, 64, False, h, (64, 64, True, False, False)),    # 64 columns: 64 deep

@@ -566,17 +566,15 @@ def fwd_tiles(geo: ConvGeometry, prologue: bool = False, stats: bool = False) ->
 
 
 def deep_steps(geo: ConvGeometry, block_k: int, block_n: int, prologue: bool, stats: bool) -> bool:
-    """Whether the forward's tap steps go 128 deep instead of 64 (2-byte operands): where 128 divides C_g and the
-    column tile is 128 wide, either with a prologue over 128-channel groups (one channel chunk a tap: its vectors
-    loaded once, PRO_ONCE) or with neither a prologue nor statistics (the eval forward). A step's fixed work
+    """Whether the forward's tap steps go 128 deep instead of 64 (2-byte operands): where 128 divides C_g, the column
+    tile is 128 wide and the launch has neither a prologue nor statistics (the eval forward). A step's fixed work
     (barriers, the pipeline's waits and indices, the tap's scalars) then serves twice the MMA work: fp16 sm_90, 144
     -> 223 SASS a step for 2x the work (eval 3x3 layers of 128 and 256 channels 21.5 -> 16.6 us modelled, the 4 x 4
-    1x1 ones 9.6 -> 7.4), with the prologue 310 -> 517 (58 -> 50 us). Three stages of 128 x 128 x 128 tiles take
-    192 KB of shared memory. Elsewhere they spilled (bench/kernel_audit.py): wider groups with a prologue (52 B on 8
-    warps: two channel chunks' vectors a tap), the statistics without a prologue in bf16 (28-40 B, Triton 3.9); and
+    1x1 ones 9.6 -> 7.4). Three stages of 128 x 128 x 128 tiles take 192 KB of shared memory. Elsewhere they spilled
+    (bench/kernel_audit.py): with a prologue (sm_90: 52 B on 8 warps over two channel chunks a tap; over one, 128
+    channels, none, 58 -> 50 us, but 252-336 B on sm_80), with the statistics in bf16 (28-40 B, Triton 3.9); and
     256-row tiles with 64 columns would not fit."""
-    return (block_k == 64 and block_n == 128 and tap_steps(geo.C_g, 128)
-            and ((prologue and geo.C_g == 128) or not (prologue or stats)))
+    return block_k == 64 and block_n == 128 and tap_steps(geo.C_g, 128) and not (prologue or stats)
 
 
 class BNTrain(NamedTuple):
