@@ -575,6 +575,18 @@ def prologue_values(a, scale, shift, valid, IN_RELU: tl.constexpr):
 
 
 @triton.jit
+def dot_acc(a, b, acc, TRANS: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a b; with TRANS, acc holds (a b)^T and gets b^T a^T: the operand formed in registers (the forward's x',
+    the wgrad's g_acc) becomes the MMA's B operand, read from shared memory (TRANS_ACC; tl.trans(acc) after the
+    loop)."""
+    if TRANS:
+        acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def last_arrival(sem_ptr, arrivals):
     """True in the last of the `arrivals` programs that call it on the int32 counter at `sem_ptr` (which must be 0
     when the first arrives; the last program resets it with tl.store(sem_ptr, 0) once done). The barrier orders

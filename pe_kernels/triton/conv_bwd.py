@@ -92,7 +92,7 @@ import triton.language as tl
 from ..ops.contract import composed_conv_bn_train_backward
 from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, advance_tap, affine_pair,
                       apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
-                      check_vector, chunk_counters, dense_rows, divisor_magic, dot_precision, dummy,
+                      check_vector, chunk_counters, dense_rows, divisor_magic, dot_acc, dot_precision, dummy,
                       empty_channels_last, fast_div, gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
                       krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, prologue_values,
                       reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last,
@@ -832,10 +832,7 @@ def _conv_wgrad_kernel(
                         tl.store(gacc_ptr + (m64 * K)[None, :] + k.to(tl.int64)[:, None], a, mask=mask_a)
         if UPCAST:
             a = a.to(tl.float32)
-        if TRANS_ACC:
-            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot_acc(a, b, acc, TRANS_ACC, PRECISION)
     if TRANS_ACC:
         acc = tl.trans(acc)
 

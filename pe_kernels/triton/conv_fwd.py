@@ -59,10 +59,10 @@ import triton.language as tl
 
 from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, advance_tap, affine_pair, apply_prologue, capturing,
                       cdiv, channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, chunk_counters, divisor_magic, dot_precision, dummy, empty_channels_last, fast_div,
-                      gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair, part_rows,
-                      pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part, stream_counters, strides4,
-                      tap_steps, tensor_key, upcast_bf16)
+                      check_vector, chunk_counters, divisor_magic, dot_acc, dot_precision, dummy, empty_channels_last,
+                      fast_div, gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair,
+                      part_rows, pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part, stream_counters,
+                      strides4, tap_steps, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
@@ -292,10 +292,7 @@ def _conv_fwd_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if TRANS_ACC:
-            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot_acc(a, b, acc, TRANS_ACC, PRECISION)
     if TRANS_ACC:
         acc = tl.trans(acc)
 
