@@ -688,8 +688,7 @@ def _conv_wgrad_kernel(
     # loop-invariant (a 64-channel 3x3 layer's 128-deep j tiles, fp16 sm_90: 359 -> 304 SASS a step; the 32-channel
     # one's 293 -> 248, with a prologue 414 -> 360; the stem's 446 -> 314). (With a prologue they once spilled 20 B
     # beside its x' tile, Triton 3.9; not since the prologue masks by an add: prologue_values)
-    ALIGNED_J: tl.constexpr = ALIGNED_ROWS
-    if (ALIGNED_J or WHOLE_IMAGES) and not TAP_ROWS and not FLAT_X:
+    if (ALIGNED_ROWS or WHOLE_IMAGES) and not TAP_ROWS and not FLAT_X:
         hh_inv = (p_off * STRIDE_H - PAD_H)[:, None] + (r * DIL_H)[None, :]
         ww_inv = (q_off * STRIDE_W - PAD_W)[:, None] + (s * DIL_W)[None, :]
         xj_inv = hh_inv.to(tl.int64) * sxh + ww_inv.to(tl.int64) * sxw + (c.to(tl.int64) * sxc)[None, :]
@@ -755,7 +754,7 @@ def _conv_wgrad_kernel(
         elif WHOLE_IMAGES:
             in_bounds = mask_m[:, None] & cols_in
             b_ptrs = x_ptr + n_s.to(tl.int64) * sxn + xj_inv
-        elif ALIGNED_J:
+        elif ALIGNED_ROWS:
             ph_s = p_s * STRIDE_H
             pw_s = (pq_s - p_s * Q) * STRIDE_W
             in_bounds = ((mask_m[:, None] & mask_j[None, :]) & ((hh_inv + ph_s).to(tl.uint32) < H_U)
@@ -1132,7 +1131,7 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
             # gathers, the loop's overhead) halves (the model's 32- and 64-channel expansions' dgrads 179 -> 141,
             # 97 -> 78 us), and a 64-deep step spanning K_g = 32 twice would lose the tap steps
             meta = dict(meta, BLOCK_K=max(16, meta["BLOCK_K"] // 2))
-    if (not INTERPRET and on_load is None and not recompute and "BLOCK_K" not in (tiles or {})
+    if (not INTERPRET and on_load is None and "BLOCK_K" not in (tiles or {})
             and meta["BLOCK_K"] == 64 and tap_steps(geo.K_g, 128)):
         # 128-deep tap steps where the dgrad reads a stored g_acc (nothing formed on load) over K_g a multiple of 128
         # (the forward's deep_steps): a step's fixed work serves twice the MMA work (fp16 sm_90, 128-channel 3x3
