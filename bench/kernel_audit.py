@@ -403,7 +403,9 @@ def config_of(meta: dict) -> str:
 
 
 def flags_of(meta: dict) -> str:
-    return "|".join(k for k, v in sorted(meta.items()) if v is True) or "-"
+    """The launch's true constexpr flags, and PACK2 where a program runs two groups (pack_groups)."""
+    flags = [k for k, v in sorted(meta.items()) if v is True or (k == "PACK" and v != 1)]
+    return "|".join(f"PACK{meta[k]}" if k == "PACK" else k for k in flags) or "-"
 
 
 def min_bytes(bound: dict, names: list[str], used: set) -> int:

@@ -146,6 +146,16 @@ def tap_steps(channels: int, block: int) -> bool:
     return channels % block == 0
 
 
+def pack_groups(groups: int, columns: int, channels: int, block_n: int, block_k: int) -> int:
+    """Groups per program of a grouped conv GEMM whose column tile is `block_n` over `columns` a group (the forward's
+    K_g, the dgrad's C_g), reducing over taps of `channels` a group (C_g, K_g) `block_k` a step: 2 where the tile is
+    exactly two groups' columns, the groups even and every step in one tap (tap_steps), else 1. Two groups of 32
+    share a step's rows, bounds and offsets, its barriers and pipeline bookkeeping, where one left half of a
+    64-column tile masked (the loops are issue-bound, bench/kernel_audit.py). Two products, not one block-diagonal
+    one: a non-finite value of one group must not reach the other's columns (0 * inf = NaN)."""
+    return 2 if block_n == 2 * columns and groups % 2 == 0 and tap_steps(channels, block_k) else 1
+
+
 def dense_rows(strides: Sequence[int], n: int, h: int, w: int) -> bool:
     """Whether an (n, c, h, w) tensor of these element strides (logical NCHW order) puts row m = (i h + y) w + x at
     m * stride_w for every (i, y, x): channels_last and its likes. A GEMM reducing over rows then addresses them as m

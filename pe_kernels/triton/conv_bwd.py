@@ -94,7 +94,7 @@ from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor,
                       apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
                       check_vector, chunk_counters, dense_rows, divisor_magic, dot_acc, dot_precision, dummy,
                       empty_channels_last, fast_div, gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
-                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, part_rows, pow2_tile, prologue_values,
+                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, pack_groups, part_rows, pow2_tile, prologue_values,
                       reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last,
                       tap_steps, tensor_key, tile_offsets, upcast_bf16, wide_tiles)
 from .bn_apply import sum_centred
@@ -282,6 +282,9 @@ def _conv_dgrad_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     TAP_STEPS: tl.constexpr,     # every reduction step is full and lies in one live tap (tap_steps: K_g % BLOCK_K == 0)
     EVEN_N: tl.constexpr,        # C_g % BLOCK_N == 0: no output-column mask
+    PACK: tl.constexpr,          # groups per program, 1 or 2 (conv_fwd.pack_groups; TAP_STEPS, a stored g_acc, BLOCK_N
+                                 # = 2 C_g): a step's rows, bounds and offsets serve both groups' loads and products
+                                 # (two exact products into two accumulators, joined for the epilogue)
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
     X_ONCE: tl.constexpr,        # (RECOMPUTE_Y) BLOCK_C >= C_g: the rows' x' tile (all C_g channels, the prologue
                                  # applied) formed once before the loop, each step's y one product with it
@@ -291,9 +294,10 @@ def _conv_dgrad_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
-    num_n = tl.cdiv(C_g, BLOCK_N)
-    grp = pid_gn // num_n
+    num_n = tl.cdiv(C_g * PACK, BLOCK_N)
+    grp = pid_gn // num_n * PACK   # the program's (first) group
     pid_n = pid_gn % num_n
+    SUB_N: tl.constexpr = BLOCK_N // PACK   # one group's columns (PACK > 1: all C_g of them)
 
     # Rows: input positions (n, h, w) of one stride phase (a, b) = (h % sh, w % sw), i = h // sh, jj = w // sw:
     # the programs of a phase cover its M_a = N * cdiv(H - a, sh) * cdiv(W - b, sw) rows (tiles of the largest phase's
@@ -330,13 +334,19 @@ def _conv_dgrad_kernel(
         P_U = tl.cast(P, tl.uint32)
         Q_U = tl.cast(Q, tl.uint32)
 
-    # Columns: input channels of group grp.
+    # Columns: input channels of group grp (PACK groups: grp's and grp + 1's, contiguous).
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:   # every column block full: no column mask
         mask_n = tl.full((BLOCK_N,), 1, tl.int1)
     else:
         mask_n = offs_n < C_g
     c = grp * C_g + offs_n
+    if PACK == 1:
+        offs_b = offs_n
+        mask_b = mask_n
+    else:   # the B tile of group grp (grp + 1's: K_g rows of the weight further)
+        offs_b = tl.arange(0, SUB_N)
+        mask_b = tl.full((SUB_N,), 1, tl.int1)
     INV_PTRS: tl.constexpr = TAP_STEPS and not RECOMPUTE_Y
     if INV_PTRS:
         # the operands' loop-invariant pointers (the group's first BLOCK_K channels at the rows' first live tap);
@@ -346,7 +356,7 @@ def _conv_dgrad_kernel(
         k_inv = (grp * K_g + tl.arange(0, BLOCK_K)).to(tl.int64)
         a_inv = g_tap0[:, None] + (k_inv * sgc)[None, :]
         y_inv = y_tap0[:, None] + (k_inv * syc)[None, :]
-        b_inv = w_ptr + (k_inv * swk)[:, None] + (offs_n * swc)[None, :]
+        b_inv = w_ptr + (k_inv * swk)[:, None] + (offs_b * swc)[None, :]
 
     if X_ONCE:
         # the x' tile every step's y is recomputed from (a 1x1 conv without padding reads x at its output's own
@@ -357,7 +367,9 @@ def _conv_dgrad_kernel(
                                n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw,
                                grp * C_g + cr_once, mask_m, cr_once < C_g, sxc, PROLOGUE, IN_RELU, UPCAST)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
+    if PACK == 2:
+        acc1 = tl.zeros_like(acc)
     # TAP_STEPS: the step's live tap (t_t, u_t) and first channel k0, carried from step to step as scalars
     k0 = 0
     t_t = 0
@@ -387,7 +399,7 @@ def _conv_dgrad_kernel(
                           + (k.to(tl.int64) * sgc)[None, :])
                 y_ptrs = ((y_tap0 + (dp.to(tl.int64) * syh + dq.to(tl.int64) * syw))[:, None]
                           + (k.to(tl.int64) * syc)[None, :])
-                b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
+                b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_b * swc)[None, :])
             k0, u_t, t_t = advance_tap(k0, u_t, t_t, BLOCK_K, K_g, T_W)
         else:
             # Reduction index j = (t, u, k_local), k fastest, over the phase's live taps (r0 + STEP_H t,
@@ -410,9 +422,16 @@ def _conv_dgrad_kernel(
                       + q.to(tl.int64) * syw)
             b_ptrs = (w_ptr + (k.to(tl.int64) * swk + r * swr + s * sws)[:, None] + (offs_n * swc)[None, :])
         a = tl.load(a_ptrs, mask=valid, other=0.0)
-        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_b[None, :], other=0.0)
         if UPCAST:
             b = b.to(tl.float32)
+        if PACK == 2:   # group grp + 1: K_g channels of g_acc and K_g filters further, the same rows and masks
+            a1 = tl.load(a_ptrs + K_g * sgc, mask=valid, other=0.0)
+            b1 = tl.load(b_ptrs + K_g * swk, mask=mask_j[:, None] & mask_b[None, :], other=0.0)
+            if UPCAST:
+                a1 = a1.to(tl.float32)
+                b1 = b1.to(tl.float32)
+            acc1 = tl.dot(a1, b1, acc1, input_precision=PRECISION)
         if GACC_ON_LOAD:
             # k changes along j: the per-channel terms are gathered per step (BLOCK_K values, cached loads), as the
             # wgrad computed them (not recomputed here: BN's finalize backward per step was ~1/4 of the loop's SASS)
@@ -450,6 +469,8 @@ def _conv_dgrad_kernel(
         if UPCAST:
             a = a.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if PACK == 2:   # (BLOCK_M, 2 C_g): group grp's columns, then grp + 1's
+        acc = tl.reshape(tl.permute(tl.join(acc, acc1), (0, 2, 1)), (BLOCK_M, BLOCK_N))
 
     mask = mask_m[:, None] & mask_n[None, :]
     n64 = n.to(tl.int64)
@@ -506,7 +527,7 @@ def _conv_dgrad_kernel(
     if (PROLOGUE and STATS) or TAIL:
         # Two-level sums of the slots (after the dx store: the accumulator is dead, its registers free for them).
         _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, drs_ptr, sem_ptr, grp * C_g + pid_n * BLOCK_N,
-                             tl.minimum(C_g - pid_n * BLOCK_N, BLOCK_N), tile, tiles_ph, phase,
+                             tl.minimum(C_g * PACK - pid_n * BLOCK_N, BLOCK_N), tile, tiles_ph, phase,
                              tl.cdiv(M_PH, PART_M), STRIDE_H * STRIDE_W, C, TAIL_RES_SUM, PART_M, BLOCK_M, BLOCK_S,
                              BLOCK_N, CHUNK)
 
@@ -1096,7 +1117,6 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
     (sh, sw), (dh, dw) = geo.stride, geo.dilation
     phases = sh * sw  # rows by stride phase (h % sh, w % sw): each phase's programs run its live taps only
     m_ph = geo.N * cdiv(geo.H, sh) * cdiv(geo.W, sw)
-    grid = lambda m: (phases * cdiv(m_ph, m["BLOCK_M"]), geo.groups * cdiv(geo.C_g, m["BLOCK_N"]))  # noqa: E731
     load_scalars, y_strides = _on_load_scalars(on_load)
     dx_strides = channels_last_strides(x.shape) if need_dx else (0, 0, 0, 0)
     gh, gw = math.gcd(dh, sh), math.gcd(dw, sw)
@@ -1137,13 +1157,18 @@ def _dgrad_launch(g_acc, weight, x, in_scale, in_shift, in_relu, geo: ConvGeomet
         # (the forward's deep_steps): a step's fixed work serves twice the MMA work (fp16 sm_90, 128-channel 3x3
         # layers with the prologue's sums: 160 -> 238 SASS a step, 52.8 -> 40.5 us modelled, bench/kernel_audit.py)
         meta = dict(meta, BLOCK_K=128)
+    # two groups a program where the column tile is two groups' channels, on a stored g_acc (nothing formed on load)
+    pack = 1 if on_load is not None else dgrad_pack(geo, meta)
+    cols = geo.groups // pack * cdiv(geo.C_g * pack, meta["BLOCK_N"])
+    grid = lambda m: (phases * cdiv(m_ph, m["BLOCK_M"]), cols)  # noqa: E731
     meta = dict(meta, PROLOGUE=prologue, IN_RELU=bool(in_relu), STORE_DX=need_dx, STATS=need_stats,
                 GACC_ON_LOAD=on_load is not None, RECOMPUTE_Y=recompute,
                 TAIL=tail is not None,
                 TAIL_RELU=tail is not None and bool(tail.relu), TAIL_SIDE=side is not None,
                 TAIL_RES_SUM=res is not None, TAIL_BITS=tail is not None and tail.relu and tail.bits is not None,
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
-                TAP_STEPS=tap_steps(geo.K_g, meta["BLOCK_K"]), EVEN_N=geo.C_g % meta["BLOCK_N"] == 0, PART_M=part_m,
+                TAP_STEPS=tap_steps(geo.K_g, meta["BLOCK_K"]), EVEN_N=(geo.C_g * pack) % meta["BLOCK_N"] == 0,
+                PACK=pack, PART_M=part_m,
                 BLOCK_S=REDUCE_SLOTS,
                 BLOCK_C=block_c if recompute else 16, X_ONCE=recompute and block_c >= geo.C_g,
                 CHUNK=CHUNK_SLOTS)
@@ -1376,9 +1401,15 @@ def _dgrad_slots(geo: ConvGeometry, tiles: Optional[dict]) -> tuple[Optional[dic
     return tiles_m, part_m, cdiv(geo.N * cdiv(geo.H, sh) * cdiv(geo.W, sw), part_m)
 
 
+def dgrad_pack(geo: ConvGeometry, meta: dict) -> int:
+    """The dgrad's groups per program (PACK) with these tiles, reading a stored g_acc (pack_groups over C_g columns
+    and K_g channels a group)."""
+    return pack_groups(geo.groups, geo.C_g, geo.K_g, meta["BLOCK_N"], meta["BLOCK_K"])
+
+
 def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int:
-    """Counters of the dgrad's two-level sums: chunk_counters over its column blocks and its stride phases'
-    chunks."""
+    """Counters of the dgrad's two-level sums: chunk_counters over its column blocks (PACK groups each, at most:
+    counters for the unpacked blocks, one launch plan whatever the dgrad reads) and its stride phases' chunks."""
     slots_ph = _dgrad_slots(geo, tiles)[2]
     return chunk_counters(geo.groups * cdiv(geo.C_g, meta["BLOCK_N"]), slot_chunks(slots_ph, geo.stride[0]
                                                                                    * geo.stride[1]))

@@ -60,8 +60,8 @@ import triton.language as tl
 from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, advance_tap, affine_pair, apply_prologue, capturing,
                       cdiv, channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
                       check_vector, chunk_counters, divisor_magic, dot_acc, dot_precision, dummy, empty_channels_last,
-                      fast_div, gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2, pair,
-                      part_rows, pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part, stream_counters,
+                      fast_div, gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2,
+                      pack_groups, pair, part_rows, pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part, stream_counters,
                       strides4, tap_steps, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
@@ -187,6 +187,9 @@ def _conv_fwd_kernel(
                                  # from shared memory (asynchronous wgmma; as A it was a register operand waited for
                                  # at every step): fp16 sm_90, a 32-channel 3x3 training forward 332 -> 300 SASS a step
     PRO_ONCE: tl.constexpr,      # (PROLOGUE, TAP_STEPS) C_g == BLOCK_K: every step reads the same channels
+    PACK: tl.constexpr,          # groups per program, 1 or 2 (pack_groups: TAP_STEPS, BLOCK_N = 2 K_g): a step's rows,
+                                 # bounds and offsets serve both groups' loads and products (two exact products into
+                                 # two accumulators, joined for the epilogue: group g's columns, then g + 1's)
     FAST_DIV_J: tl.constexpr,    # (not TAP_STEPS) C_g % 16 != 0: split j with fast_div (CG_MAGIC, S_MAGIC)
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -195,9 +198,10 @@ def _conv_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
-    num_n = tl.cdiv(K_g, BLOCK_N)
-    g = pid_gn // num_n
+    num_n = tl.cdiv(K_g * PACK, BLOCK_N)
+    g = pid_gn // num_n * PACK   # the program's (first) group
     pid_n = pid_gn % num_n
+    SUB_N: tl.constexpr = BLOCK_N // PACK   # one group's columns (PACK > 1: all K_g of them)
 
     # Rows: output positions m = (n, p, q).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,14 +217,19 @@ def _conv_fwd_kernel(
     H_U = tl.cast(H, tl.uint32)
     W_U = tl.cast(W, tl.uint32)
 
-    # Columns: output channels k of group g.
+    # Columns: output channels k of group g (PACK groups: g's and g + 1's, contiguous).
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:   # every column block full: no column mask (fewer selects per async copy)
         mask_n = tl.full((BLOCK_N,), 1, tl.int1)
     else:
         mask_n = offs_n < K_g
     k = g * K_g + offs_n
-    w_cols = w_ptr + k.to(tl.int64) * swk
+    if PACK == 1:
+        mask_b = mask_n
+        w_cols = w_ptr + k.to(tl.int64) * swk
+    else:   # the B tile of group g (g + 1's: K_g rows of the weight further)
+        mask_b = tl.full((SUB_N,), 1, tl.int1)
+        w_cols = w_ptr + (g * K_g + tl.arange(0, SUB_N)).to(tl.int64) * swk
     if TAP_STEPS:
         # the operands' loop-invariant pointers (the group's first BLOCK_K channels at tap (0, 0)); a step adds one
         # scalar offset (its tap and channels): one 64-bit add per vector
@@ -235,10 +244,15 @@ def _conv_fwd_kernel(
         pro_c = g * C_g + tl.arange(0, BLOCK_K)
         pro_scale = tl.load(in_scale_ptr + pro_c).to(tl.float32)
         pro_shift = tl.load(in_shift_ptr + pro_c).to(tl.float32)
+        if PACK == 2:
+            pro_scale1 = tl.load(in_scale_ptr + pro_c + C_g).to(tl.float32)
+            pro_shift1 = tl.load(in_shift_ptr + pro_c + C_g).to(tl.float32)
     if TRANS_ACC:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((SUB_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
+    if PACK == 2:
+        acc1 = tl.zeros_like(acc)
     # TAP_STEPS: the step's (r, s) and first channel c0, carried from step to step as scalars (no division)
     c0 = 0
     r_t = 0
@@ -288,13 +302,29 @@ def _conv_fwd_kernel(
                 a = prologue_values(a, pro_scale, pro_shift, row_ok[:, None], IN_RELU)
             else:
                 a = apply_prologue(a, in_scale_ptr, in_shift_ptr, c, mask_j, in_bounds, IN_RELU)
-        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_j[:, None] & mask_b[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = dot_acc(a, b, acc, TRANS_ACC, PRECISION)
+        if PACK == 2:   # group g + 1: C_g channels and K_g filters further, the same rows and masks
+            a1 = tl.load(a_ptrs + C_g * sxc, mask=in_bounds, other=0.0)
+            if PROLOGUE:
+                if HOIST:
+                    a1 = prologue_values(a1, pro_scale1, pro_shift1, row_ok[:, None], IN_RELU)
+                else:
+                    a1 = apply_prologue(a1, in_scale_ptr, in_shift_ptr, c + C_g, mask_j, in_bounds, IN_RELU)
+            b1 = tl.load(b_ptrs + K_g * swk, mask=mask_j[:, None] & mask_b[None, :], other=0.0)
+            if UPCAST:
+                a1 = a1.to(tl.float32)
+                b1 = b1.to(tl.float32)
+            acc1 = dot_acc(a1, b1, acc1, TRANS_ACC, PRECISION)
     if TRANS_ACC:
         acc = tl.trans(acc)
+    if PACK == 2:   # (BLOCK_M, 2 K_g): group g's columns, then g + 1's
+        if TRANS_ACC:
+            acc1 = tl.trans(acc1)
+        acc = tl.reshape(tl.permute(tl.join(acc, acc1), (0, 2, 1)), (BLOCK_M, BLOCK_N))
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -333,8 +363,8 @@ def _conv_fwd_kernel(
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
     if STATS:  # after the y store: the accumulator is dead, its registers free for the merge
         _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
-                       nbt_ptr, K, K_g, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative, FINALIZE,
-                       PART_M, BLOCK_M, BLOCK_S, BLOCK_N, CHUNK)
+                       nbt_ptr, K, K_g * PACK, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative,
+                       FINALIZE, PART_M, BLOCK_M, BLOCK_S, BLOCK_N, CHUNK)
 
 
 @triton.jit
@@ -384,7 +414,8 @@ def _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, 
                    nbt_ptr, K, K_g, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative,
                    FINALIZE: tl.constexpr, PART_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """stats[:, columns of this program's column block] from the (cdiv(M, PART_M), 3, K) partials, merged in two
+    """stats[:, columns of this program's column block] (K_g: the columns of a program's groups, K_g * PACK) from the
+    (cdiv(M, PART_M), 3, K) partials, merged in two
     levels: the last M tile of each chunk of CHUNK slots to arrive at the chunk's counter merges the chunk's slots
     (_merge_slots, slot order) and, with more than one chunk, stores [count, mean, M2] in the chunk's level-2 slot
     (after the slots) and arrives at the column block's counter, whose last program merges the level-2 slots in chunk
@@ -691,7 +722,9 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     part_m = part_rows(FWD_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
     prologue = has_prologue(in_scale, in_shift, in_relu)
     epilogue = out_scale is not None or out_shift is not None
-    n_cols = geo.groups * cdiv(geo.K_g, meta["BLOCK_N"])  # grid axis 1 (the configs vary BLOCK_M, warps)
+    pack = pack_groups(geo.groups, geo.K_g, geo.C_g, meta["BLOCK_N"], meta["BLOCK_K"])
+    # grid axis 1 (the configs vary BLOCK_M, warps): column blocks of PACK groups each
+    n_cols = geo.groups // pack * cdiv(geo.K_g * pack, meta["BLOCK_N"])
     y_shape = (geo.N, geo.K, geo.P, geo.Q)
     y_strides = channels_last_strides(y_shape)
     w_strides = krsc_strides(weight)
@@ -705,10 +738,10 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 UPCAST=upcast_bf16(x.dtype), PRECISION=dot_precision(x.dtype),
                 TAP_STEPS=tap_steps(geo.C_g, meta["BLOCK_K"]),
                 # (the per-element split keeps its column mask: without it the stem's 4-warp config spilled 4 bytes)
-                EVEN_N=geo.K_g % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, meta["BLOCK_K"]),
+                EVEN_N=(geo.K_g * pack) % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, meta["BLOCK_K"]),
                 # (fp32: TF32 operands took longer transposed: 811 -> 923 us modelled, a 3x3 training forward)
                 TRANS_ACC=prologue and x.dtype != torch.float32,
-                PRO_ONCE=prologue and tap_steps(geo.C_g, meta["BLOCK_K"]) and geo.C_g == meta["BLOCK_K"],
+                PRO_ONCE=prologue and tap_steps(geo.C_g, meta["BLOCK_K"]) and geo.C_g == meta["BLOCK_K"], PACK=pack,
                 FAST_DIV_J=geo.C_g % 16 != 0,
                 PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
