@@ -94,9 +94,9 @@ from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor,
                       apply_prologue, cdiv, channels_last_strides, check_4d, check_same_device, check_shape,
                       check_vector, chunk_counters, dense_rows, divisor_magic, dot_acc, dot_precision, dummy,
                       empty_channels_last, fast_div, gpu_tap_tile_k, gpu_tile_k, gpu_tile_n, identity_vector, krsc,
-                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, pack_groups, part_rows, pow2_tile, prologue_values,
-                      reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last,
-                      tap_steps, tensor_key, tile_offsets, upcast_bf16, wide_tiles)
+                      krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, pack_groups, part_rows, pow2_tile,
+                      prologue_values, reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4,
+                      sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16, wide_tiles)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue

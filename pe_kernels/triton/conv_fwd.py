@@ -61,8 +61,8 @@ from ._common import (CHUNK_SLOTS, INTERPRET, LaunchPlans, Tensor, advance_tap, 
                       cdiv, channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
                       check_vector, chunk_counters, divisor_magic, dot_acc, dot_precision, dummy, empty_channels_last,
                       fast_div, gpu_tap_tile_k, gpu_tile_n, krsc, krsc_strides, last_arrival, launch, next_pow2,
-                      pack_groups, pair, part_rows, pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part, stream_counters,
-                      strides4, tap_steps, tensor_key, upcast_bf16)
+                      pack_groups, pair, part_rows, pow2_tile, prologue_values, slot_chunk, slot_chunks, store_part,
+                      stream_counters, strides4, tap_steps, tensor_key, upcast_bf16)
 from .bn_finalize import check_train_args, check_train_count, finalize_channels, running_factor
 
 _INTERPRET_BLOCK_M = 128  # the interpreter's single configuration
