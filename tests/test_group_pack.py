@@ -4,7 +4,8 @@ reduction step lies in one tap, one program runs groups g and g + 1: a step's ro
 and pipeline bookkeeping serve both groups' loads (the second group's operands C_g channels and K_g filters further)
 and two products into two accumulators, joined for the epilogue (group g's columns, then g + 1's, the channels'
 own order). Where one group had the 64-column tile, half of it was masked (fp16 sm_90, the 32-channel 3x3 layer: eval
-forward 82 -> 53 us modelled, training forward 176 -> 138, dgrad 152 -> 96; bench/kernel_audit.py).
+forward 82 -> 53 us modelled, dgrad 152 -> 96; bench/kernel_audit.py). Not the forward with a prologue on 2-byte
+operands: its x' is the MMA's B operand (TRANS_ACC), and a group's 32 columns as the product's M made it mma.sync.
 
 Two products, not one block-diagonal product: a non-finite input of one group must not reach the other group's
 outputs (0 * inf = NaN), and does not (checked).
@@ -68,15 +69,16 @@ def test_pack_groups_rule():
 
 
 def test_gpu_plans(monkeypatch):
-    """On a GPU: the 32-channel 3x3 layer's forward (training, with a prologue and the finalize; eval) and its dgrad on
-    the stored g_acc run two groups a program; an odd group count, 64-channel groups and the dgrad forming g_acc on
-    load (y recomputed: 32 columns) do not."""
+    """On a GPU: the 32-channel 3x3 layer's eval forward, its fp32 training forward and its dgrad on the stored g_acc
+    run two groups a program; the 2-byte training forward (TRANS_ACC), an odd group count, 64-channel groups and the
+    dgrad forming g_acc on load (y recomputed: 32 columns) do not."""
     monkeypatch.setattr(conv_fwd_mod, "INTERPRET", False)
     monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
     h = torch.float16
-    for c_g, groups, prologue, dtype, expect in ((32, 4, True, h, (64, 2)), (32, 4, False, h, (64, 2)),
-                                                 (32, 4, True, torch.bfloat16, (64, 2)),
-                                                 (32, 3, True, h, (64, 1)), (64, 4, True, h, (64, 1))):
+    for c_g, groups, prologue, dtype, expect in ((32, 4, True, h, (64, 1)), (32, 4, False, h, (64, 2)),
+                                                 (32, 4, True, torch.bfloat16, (64, 1)),
+                                                 (32, 4, True, torch.float32, (64, 2)),
+                                                 (32, 3, False, h, (64, 1)), (64, 4, False, h, (64, 1))):
         x = torch.empty(2, groups * c_g, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
         w = torch.empty(groups * c_g, c_g, 3, 3, dtype=dtype)
         vec = torch.ones(groups * c_g) if prologue else None
@@ -102,19 +104,23 @@ def test_gpu_plans(monkeypatch):
 @pytest.mark.parametrize("dtype", tc.DTYPES)
 @pytest.mark.parametrize("name", list(FWD_CASES))
 def test_forward_against_reference(name, dtype, features, kernel_device):
-    """Prologue (ReLU), bias, epilogue, residual and statistics ("full"), or none of them, against float64."""
+    """Prologue (ReLU), bias, epilogue, residual and statistics ("full"), or none of them, against float64 (a prologue
+    on 2-byte operands: one group a program, TRANS_ACC)."""
     case = FWD_CASES[name]
     args = tc.make_inputs(case, dtype, "channels_last", features, kernel_device)
     c_g, k_g = case.C // case.groups, case.K // case.groups
     with recorded_flags(_flags) as seen:
         tc.check_forward(args, dtype, tiles=_tiles(c_g, k_g, 2))
-    assert dict(seen) == {"fwd_k": {2}}, dict(seen)
+    pack = 1 if features == "full" and dtype != torch.float32 else 2
+    assert dict(seen) == {"fwd_k": {pack}}, dict(seen)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "sliced"])
 def test_forward_layouts(layout, kernel_device):
+    """x in any layout, fp16 (no prologue: one group a program beside one, TRANS_ACC)."""
     case = FWD_CASES["3x3_p1_g4"]
-    args = tc.make_inputs(case, torch.float16, layout, "full", kernel_device)
+    args = dict(tc.make_inputs(case, torch.float16, layout, "full", kernel_device), in_scale=None, in_shift=None,
+                in_relu=False)
     with recorded_flags(_flags) as seen:
         tc.check_forward(args, torch.float16, tiles=_tiles(16, 16, 2))
     assert dict(seen) == {"fwd_k": {2}}, dict(seen)
@@ -124,9 +130,12 @@ def test_forward_layouts(layout, kernel_device):
 def test_forward_equals_unpacked_and_keeps_groups_apart(dtype, kernel_device):
     """The packed launch gives the unpacked one's results: the eval forward (epilogue, residual, ReLU), and the
     training forward with BN's finalize (scale, shift, running statistics); an inf in group 0's input leaves groups 1
-    to 3 finite (and group 0 as unpacked: inf or NaN where the reference has them)."""
+    to 3 finite (and group 0 as unpacked: inf or NaN where the reference has them). A prologue in fp32 (fp16's is
+    one group a program, TRANS_ACC)."""
     case = FWD_CASES["3x3_p1_g4"]
     args = tc.make_inputs(case, dtype, "channels_last", "full", kernel_device)
+    if dtype != torch.float32:
+        args.update(in_scale=None, in_shift=None)
     x = args["x"].clone()
     x[0, 3, 2, 2] = float("inf")
     geo = (case.stride, case.padding, case.dilation, case.groups)
@@ -135,11 +144,13 @@ def test_forward_equals_unpacked_and_keeps_groups_apart(dtype, kernel_device):
         running = (torch.zeros(case.K, device=kernel_device), torch.ones(case.K, device=kernel_device),
                    torch.zeros((), dtype=torch.long, device=kernel_device))
         with recorded_flags(_flags) as seen:
-            y, stats = conv_fwd(x, args["weight"], args["bias"], args["in_scale"], args["in_shift"], True,
+            y, stats = conv_fwd(x, args["weight"], args["bias"], args["in_scale"], args["in_shift"],
+                                args["in_scale"] is not None,
                                 args["out_scale"], args["out_shift"], args["residual"], True, *geo, True,
                                 tiles=_tiles(16, 16, pack))
-            train = conv_bn_train(args["x"], args["weight"], None, args["in_scale"], args["in_shift"], True, *geo,
-                                  None, None, 1e-5, *running, 0.1, tiles=_tiles(16, 16, pack))
+            train = conv_bn_train(args["x"], args["weight"], None, args["in_scale"], args["in_shift"],
+                                  args["in_scale"] is not None, *geo, None, None, 1e-5, *running, 0.1,
+                                  tiles=_tiles(16, 16, pack))
         assert dict(seen) == {"fwd_k": {pack}}, dict(seen)
         results.append((y, stats, *train, *running))
     for a, b in zip(*results):

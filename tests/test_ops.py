@@ -312,7 +312,10 @@ def test_backend_modules_implement_the_contract(module_name):
         if hasattr(module, name):
             base = name[:-len("_keyed")]
             expected = ["op_key"] + list(inspect.signature(getattr(contract.Backend, base)).parameters)[1:]
-            assert list(inspect.signature(getattr(module, name)).parameters) == expected, f"{module_name}.{name}"
+            params = list(inspect.signature(getattr(module, name)).parameters.values())
+            assert [p.name for p in params[:len(expected)]] == expected, f"{module_name}.{name}"
+            assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+                       for p in params[len(expected):]), f"{module_name}.{name}: extras must be keywords with defaults"
 
 
 def test_conv_args_describe_the_contract_call():

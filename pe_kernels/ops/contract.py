@@ -149,6 +149,11 @@ OPTIONAL_FUSED_BACKWARDS = ("conv_bn_junction_backward",)
 # Optional: bn_apply_relu_bits(y, scale, shift, residual, residual_scale, residual_shift) -> (bn_apply(..., relu=True),
 # its ReLU mask as bits, a layout of the backend's own), for that backend's fused backward (the junction's forward).
 OPTIONAL_FORWARD_EXTRAS = ("bn_apply_relu_bits",)
+# Optional: a backend with X_PRIME = True takes x_prime=True in conv_bn_train (and conv_bn_train_keyed), which then
+# returns a fifth result, x' = act(x * in_scale + in_shift) in x's dtype as its launch formed it, or None where it
+# stores none, and x_prime=that tensor in conv_bn_train_backward (its wgrad then reads x' instead of forming it):
+# the autograd node saves it for its backward (ops/conv_bn_train.forward_impl).
+X_PRIME = "X_PRIME"
 
 
 def composed_conv_bn_train(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],

@@ -62,13 +62,13 @@ class _ConvBnActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
                 residual_shift, config, relu, apply_key):
-        y, stats, scale, shift, conv_on = _cbt.forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias,
-                                                            config)
+        y, stats, scale, shift, conv_on, xp = _cbt.forward_impl(x, weight, bias, in_scale, in_shift, bn_weight,
+                                                                bn_bias, config, x_prime=ctx.needs_input_grad[1])
         if apply_key is not None:
             apply_key = (apply_key, conv_on)
         out = _apply_impl((y, scale, shift, residual, residual_scale, residual_shift, relu), apply_key)
         ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale,
-                              residual_shift, y, stats, scale, shift, out)
+                              residual_shift, y, stats, scale, shift, out, xp)
         ctx.config = config[:6]
         ctx.relu = relu
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
@@ -78,7 +78,7 @@ class _ConvBnActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift, y, stats,
-         scale, shift, out) = ctx.saved_tensors
+         scale, shift, out, xp) = ctx.saved_tensors
         inputs = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, residual, residual_scale, residual_shift)
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
         grads: list[Optional[Tensor]] = [None] * _INPUTS
@@ -101,7 +101,7 @@ class _ConvBnActFunction(torch.autograd.Function):
         grads[7:] = d_res, d_rscale, d_rshift
         if inner:
             grads[:7] = _cbt.backward_grads(d_y, d_scale, d_shift, inputs[:7], y, stats, ctx.config, ctx.backend,
-                                            needs[:7])
+                                            needs[:7], xp)
         return (*grads, None, None, None)
 
 

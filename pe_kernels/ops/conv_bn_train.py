@@ -32,7 +32,7 @@ from .. import _backend
 from . import _transforms
 from ._common import CheckMemo, eager_dispatch, mark_written, no_autocast
 from .bn_finalize import bn_train_finalize, check_train_args
-from .contract import param_dtype
+from .contract import X_PRIME, param_dtype
 from .conv_fused import checked_args_keyed, conv_fused, conv_output_size
 
 Tensor = torch.Tensor
@@ -41,25 +41,33 @@ _CHECKS = CheckMemo()  # check_train_args, once per metadata
 _CONV_INPUTS = 5  # x, weight, bias, in_scale, in_shift: the conv's differentiable inputs, then bn_weight, bn_bias
 
 
-def forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config) -> tuple:
+def forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config,
+                 x_prime: Optional[bool] = None) -> tuple:
     """backend.conv_bn_train on the backend conv_fused would run (the op the dispatch table and autotune know);
     through its conv_bn_train_keyed where it has one and `prepare` made a plan key (config[10]). Returns
     (y, stats, scale, shift, the backend's name): a plan key downstream of these outputs names the backend that
-    made them (their metadata is that backend's)."""
+    made them (their metadata is that backend's). `x_prime` given (the autograd nodes, for their backward): a
+    sixth result, x' = act(x * in_scale + in_shift) as the backend's launch stored it where x_prime is true and the
+    backend stores one (contract.X_PRIME), else None."""
     in_relu, stride, padding, dilation, groups, eps, running_mean, running_var, nbt, momentum, plan_key = config
     conv_args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation,
                  groups, True)
     backend, choice = _backend.select("conv_fused", x.device, x.dtype, args=conv_args)
+    saving = bool(x_prime) and getattr(backend, X_PRIME, False)
+    extra = {"x_prime": True} if saving else {}
     with no_autocast(x.device):
         keyed = None if plan_key is None else getattr(backend, "conv_bn_train_keyed", None)
         if keyed is not None:
             out = keyed(plan_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-                        bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+                        bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum, **extra)
         else:
             out = backend.conv_bn_train(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
-                                        groups, bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum)
+                                        groups, bn_weight, bn_bias, eps, running_mean, running_var, nbt, momentum,
+                                        **extra)
     mark_written(running_mean, running_var, nbt)  # written by the kernel: versions as an in-place ATen op's
-    return (*out, choice.backend)
+    if x_prime is None:
+        return (*out, choice.backend)
+    return (*out[:4], choice.backend, out[4] if saving else None)
 
 
 class _ConvBnTrainFunction(torch.autograd.Function):
@@ -69,9 +77,10 @@ class _ConvBnTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config):
-        y, stats, scale, shift, _ = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config)
+        y, stats, scale, shift, _, xp = forward_impl(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, config,
+                                                     x_prime=ctx.needs_input_grad[1])
         in_relu, stride, padding, dilation, groups, eps = config[:6]
-        ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats)
+        ctx.save_for_backward(x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats, xp)
         ctx.config = (in_relu, stride, padding, dilation, groups, eps)
         ctx.backend = _backend.requested_backend()  # governs the backward, whatever thread autograd runs it on
         ctx.set_materialize_grads(False)
@@ -79,19 +88,20 @@ class _ConvBnTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_scale, grad_shift):
-        x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats = ctx.saved_tensors
+        x, weight, bias, in_scale, in_shift, bn_weight, bn_bias, y, stats, xp = ctx.saved_tensors
         inputs = (x, weight, bias, in_scale, in_shift, bn_weight, bn_bias)
         needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(inputs)]
-        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs),
-                None)
+        return (*backward_grads(grad_y, grad_scale, grad_shift, inputs, y, stats, ctx.config, ctx.backend, needs,
+                                xp), None)
 
 
 def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, stats: Tensor, config: tuple,
-                   backend: str, needs: list) -> list:
+                   backend: str, needs: list, x_prime: Optional[Tensor] = None) -> list:
     """conv_bn_train's gradients (CONV_BN_GRAD_NAMES) of `inputs` = (x, weight, bias, in_scale, in_shift,
     bn_weight, bn_bias), from the forward's y and stats; config = (in_relu, stride, padding, dilation, groups,
-    eps); `backend`: the request recorded by the forward. Double backward: the composition recomputed
-    differentiably. (No plan key: the inputs are saved tensors, whose layout a saved-tensor hook may change.)"""
+    eps); `backend`: the request recorded by the forward; `x_prime`: the x' forward_impl returned (or None), passed
+    to a backend that reads it (contract.X_PRIME). Double backward: the composition recomputed differentiably. (No
+    plan key: the inputs are saved tensors, whose layout a saved-tensor hook may change.)"""
     x, weight, bias, in_scale, in_shift, bn_weight, bn_bias = inputs
     in_relu, stride, padding, dilation, groups, eps = config
     if _transforms.create_graph_required("conv_fused_backward", backend):  # double backward
@@ -106,10 +116,11 @@ def backward_grads(grad_y, grad_scale, grad_shift, inputs: tuple, y: Tensor, sta
     args = (grad_y, stats, x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding,
             dilation, groups, y, needs[:_CONV_INPUTS] + [False] * 3, stats)
     module, _ = _backend.select("conv_fused_backward", x.device, x.dtype, requested=backend, args=args)
+    extra = {"x_prime": x_prime} if x_prime is not None and getattr(module, X_PRIME, False) else {}
     with no_autocast(x.device):
         return module.conv_bn_train_backward(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift,
                                              in_relu, stride, padding, dilation, groups, y, stats, bn_weight, eps,
-                                             needs)
+                                             needs, **extra)
 
 
 def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_scale: Optional[Tensor] = None,

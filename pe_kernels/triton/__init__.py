@@ -20,6 +20,10 @@ from .conv_bn_junction import conv_bn_junction_backward
 from .conv_bwd import conv_bn_train_backward, conv_fused_backward
 from .conv_fwd import conv_bn_train, conv_bn_train_keyed, conv_fused, conv_fused_keyed
 
+# conv_bn_train(x_prime=True) returns the x' its launch stored (conv_fwd.stores_x_prime), conv_bn_train_backward
+# reads it (ops/contract.X_PRIME)
+X_PRIME = True
+
 __all__ = [
     "conv_fused",
     "conv_fused_backward",

@@ -1534,6 +1534,7 @@ class _ConvBnBwdPlan:
     dgrad: Optional[_GemmLaunch] = None
     cast: bool = True  # whether a vector (grad_scale, grad_shift, stats, bn_weight) needs a cast / copy to the
     #                    contiguous fp32 (bn_weight: contiguous) the kernels read; else they are passed as they are
+    x_prime: bool = False  # the wgrad reads the stored x' (conv_bn_bwd_ext's x_prime)
 
 
 def _zero_grad_y(shape: tuple, device) -> Tensor:
@@ -1560,8 +1561,14 @@ def stores_gacc(dgrad: _GemmLaunch) -> bool:
 
 def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                       dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles, grad_y_scale=None,
-                      tail: Optional[TailBwd] = None) -> _ConvBnBwdPlan:
+                      tail: Optional[TailBwd] = None, x_prime: Optional[Tensor] = None) -> _ConvBnBwdPlan:
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
+    if x_prime is not None:
+        check_4d("x_prime", x_prime)
+        check_shape("x_prime", x_prime, tuple(x.shape))
+        if x_prime.dtype != x.dtype:
+            raise TypeError(f"triton conv_bn_bwd: x_prime has dtype {x_prime.dtype}, x {x.dtype}: they must match")
+        check_same_device(x.device, x_prime=x_prime)
     out_shape = (geo.N, geo.K, geo.P, geo.Q)
     check_4d("y", y)
     check_shape("y", y, out_shape)
@@ -1616,22 +1623,27 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     if store_gacc:
         dgrad = _dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
                               tiles, None, channels_last_strides(out_shape), tail)
-    wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
-                          g_strides, store_gacc)
+    if x_prime is not None:   # the wgrad reads x' as stored: no prologue
+        wgrad = _wgrad_launch(None, x_prime, weight, None, None, False, geo, wplan, on_load, need_inputs[2],
+                              g_strides, store_gacc)
+    else:
+        wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
+                              g_strides, store_gacc)
     cast = not (all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
                     for t in (grad_scale, grad_shift, stats, grad_y_scale))
                 and (bn_weight is None or bn_weight.is_contiguous()))
-    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad, cast)
+    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad, cast, x_prime is not None)
 
 
 def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
                 weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                 in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                 y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool],
-                tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
-    """Launcher of conv_bn_train_backward (conv_bn_bwd_ext without its extensions; see there)."""
+                tiles: Optional[dict] = None, x_prime: Optional[Tensor] = None) -> list[Optional[Tensor]]:
+    """Launcher of conv_bn_train_backward (conv_bn_bwd_ext without its extensions but x_prime; see there)."""
     return conv_bn_bwd_ext(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride,
-                           padding, dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles)[0]
+                           padding, dilation, groups, y, stats, bn_weight, eps, needs_grad, tiles,
+                           x_prime=x_prime)[0]
 
 
 def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
@@ -1639,7 +1651,8 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
                     in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                     groups: int, y: Tensor, stats: Tensor, bn_weight: Optional[Tensor], eps: float,
                     needs_grad: Sequence[bool], tiles: Optional[dict] = None, grad_y_scale: Optional[Tensor] = None,
-                    tail: Optional[TailBwd] = None) -> tuple[list[Optional[Tensor]], Optional[tuple]]:
+                    tail: Optional[TailBwd] = None,
+                    x_prime: Optional[Tensor] = None) -> tuple[list[Optional[Tensor]], Optional[tuple]]:
     """Launcher of conv_bn_train_backward; `tiles` overrides the wgrad / dgrad tiles (keys BLOCK_M, BLOCK_N, BLOCK_K,
     SPLIT, SPLIT_CHUNK; the fallback ignores them).
 
@@ -1657,16 +1670,19 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
     Extensions (conv_bn_junction_backward): `grad_y_scale` (K,): the gradient of y is grad_y * grad_y_scale[k]
     (formed on load on the fast path); `tail` (TailBwd, fast path only, x's gradient needed, no prologue): the dgrad's
     epilogue runs the backward of the block tail that made x; grads[0] is then the tail's g, and the second result
-    its (d_scale, d_shift, d_residual_scale or None) (None without a tail)."""
+    its (d_scale, d_shift, d_residual_scale or None) (None without a tail); `x_prime`: x' = act(x * in_scale +
+    in_shift) as the forward stored it (conv_bn_train(x_prime=True), x's shape and dtype): the wgrad reads it
+    instead of forming it (the dgrad still reads x for the prologue's backward)."""
     args = (grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation,
-            groups, y, stats, bn_weight, eps, needs_grad, tiles, grad_y_scale, tail)
+            groups, y, stats, bn_weight, eps, needs_grad, tiles, grad_y_scale, tail, x_prime)
     if tiles is not None or not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         plan = _plan_conv_bn_bwd(*args)
     else:
         key = (tensor_key(grad_y), tensor_key(grad_scale), tensor_key(grad_shift), tensor_key(x), tensor_key(weight),
                tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift), bool(in_relu), tuple(stride),
                tuple(padding), tuple(dilation), groups, tensor_key(y), tensor_key(stats), tensor_key(bn_weight), eps,
-               tuple(bool(v) for v in needs_grad), dot_precision(x.dtype), tensor_key(grad_y_scale), _tail_key(tail))
+               tuple(bool(v) for v in needs_grad), dot_precision(x.dtype), tensor_key(grad_y_scale), _tail_key(tail),
+               tensor_key(x_prime))
         plan = _CONV_BN_BWD_PLANS.get(key) or _CONV_BN_BWD_PLANS.put(key, _plan_conv_bn_bwd(*args))
     geo, needs = plan.geo, list(plan.needs)
     need_x, need_w, need_b, need_isc, need_ish = plan.need_inputs
@@ -1706,8 +1722,12 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
     grads: list[Optional[Tensor]] = [None] * 7
     # g_acc stored by the wgrad for the dgrad (channels_last), or formed on load by both (_plan_conv_bn_bwd)
     gacc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), x.dtype, device) if plan.wgrad.meta["STORE_GACC"] else None
-    grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan, sems[w_first:] if w_first else sems,
-                      on_load, plan.wgrad, gacc)
+    if x_prime is not None and plan.x_prime:   # x' read as the forward stored it: no prologue
+        grads[1] = _wgrad(grad_y, x_prime, weight, None, None, False, geo, wplan,
+                          sems[w_first:] if w_first else sems, on_load, plan.wgrad, gacc)
+    else:
+        grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan,
+                          sems[w_first:] if w_first else sems, on_load, plan.wgrad, gacc)
     grads[2] = on_load.d_bias
     tail_sums = None
     if need_dgrad:
@@ -1733,9 +1753,10 @@ def conv_bn_train_backward(grad_y: Optional[Tensor], grad_scale: Optional[Tensor
                            x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                            in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
                            dilation: Sequence[int], groups: int, y: Tensor, stats: Tensor,
-                           bn_weight: Optional[Tensor], eps: float,
-                           needs_grad: Sequence[bool]) -> list[Optional[Tensor]]:
+                           bn_weight: Optional[Tensor], eps: float, needs_grad: Sequence[bool], *,
+                           x_prime: Optional[Tensor] = None) -> list[Optional[Tensor]]:
     """Triton implementation of pe_kernels.reference.conv_bn_train_backward (same arguments, same results:
-    CONV_BN_GRAD_NAMES, None where not needed or absent); two launches on the fast path (conv_bn_bwd)."""
+    CONV_BN_GRAD_NAMES, None where not needed or absent); two launches on the fast path (conv_bn_bwd). `x_prime`:
+    the x' the forward stored (conv_bn_train(x_prime=True)), read by the wgrad."""
     return conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                       dilation, groups, y, stats, bn_weight, eps, needs_grad)
+                       dilation, groups, y, stats, bn_weight, eps, needs_grad, x_prime=x_prime)

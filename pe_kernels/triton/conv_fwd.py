@@ -160,6 +160,7 @@ def _conv_fwd_kernel(
     rmean_ptr,      # in/out: running_mean (K,), any stride and float dtype (FINALIZE and running), or unused
     rvar_ptr,       # in/out: running_var (K,), likewise
     nbt_ptr,        # in/out: num_batches_tracked, one integer (FINALIZE and has_nbt), or an int64 dummy
+    xp_ptr,         # out (STORE_XP): x' (N, C, H, W) channels_last in x's dtype, row m at m * xp_row; else unused
     H, W, K, P, Q, M,            # input height/width, output channels, output height/width, M = N*P*Q
     C_g, K_g, S, RSC,            # channels per group (in/out), filter width, R*S*C_g
     M_KEY,                       # M rounded up to a power of two: the autotune key (unused in the body)
@@ -172,6 +173,7 @@ def _conv_fwd_kernel(
     srm, srv,                    # running_mean / running_var strides (FINALIZE; 1 when unused)
     count, eps, momentum,        # BN: values per channel (float M), epsilon, running factor f unless cumulative
     running, has_nbt, cumulative,   # runtime flags (FINALIZE): update running stats; bump nbt; f = 1/nbt
+    xp_row,                      # STORE_XP: C, x''s row stride
     HAS_BIAS: tl.constexpr,
     PROLOGUE: tl.constexpr,      # x' = x * in_scale + in_shift (then ReLU if IN_RELU)
     IN_RELU: tl.constexpr,
@@ -191,6 +193,9 @@ def _conv_fwd_kernel(
                                  # bounds and offsets serve both groups' loads and products (two exact products into
                                  # two accumulators, joined for the epilogue: group g's columns, then g + 1's)
     FAST_DIV_J: tl.constexpr,    # (not TAP_STEPS) C_g % 16 != 0: split j with fast_div (CG_MAGIC, S_MAGIC)
+    STORE_XP: tl.constexpr,      # (PROLOGUE, TAP_STEPS, stride 1, P = H, Q = W) the programs of column block 0 store
+                                 # the x' tile they form at the tap reading their rows' own positions
+                                 # (stores_x_prime): the x' the backward's wgrad reads instead of forming it again
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
@@ -361,6 +366,21 @@ def _conv_fwd_kernel(
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     y_ptrs = y_ptr + (n64 * syn + p64 * syh + q64 * syw)[:, None] + (k64 * syc)[None, :]
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=mask_out)
+    if STORE_XP:
+        # x' at the rows' own input positions (stride 1, P = H, Q = W: the tap at (PAD_H, PAD_W)), every channel of the
+        # program's groups, formed as the loop formed it, by the programs of column block 0; after the loop and the
+        # y store (a store of the loop's own x' tile made its product a register-operand mma.sync; its registers are
+        # free here)
+        if pid_n == 0:
+            x_own = x_ptr + n64 * sxn + p64 * sxh + q64 * sxw   # (h, w) = (p, q)
+            xp_rows = xp_ptr + offs_m.to(tl.int64) * xp_row
+            XP_C: tl.constexpr = min(BLOCK_K, 32)   # channels a step (64 spilled 44 B beside 256-row tiles)
+            for cx in range(0, C_g * PACK, XP_C):
+                cc = g * C_g + cx + tl.arange(0, XP_C)
+                all_c = tl.full((XP_C,), 1, tl.int1)
+                xo = tl.load(x_own[:, None] + (cc.to(tl.int64) * sxc)[None, :], mask=mask_m[:, None], other=0.0)
+                xo = apply_prologue(xo, in_scale_ptr, in_shift_ptr, cc, all_c, mask_m[:, None], IN_RELU)
+                tl.store(xp_rows[:, None] + cc[None, :], xo, mask=mask_m[:, None])
     if STATS:  # after the y store: the accumulator is dead, its registers free for the merge
         _merge_if_last(part_ptr, stats_ptr, sem_ptr, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
                        nbt_ptr, K, K_g * PACK, M, srm, srv, count, eps, momentum, running, has_nbt, cumulative,
@@ -545,17 +565,21 @@ TALL_CONFIG = triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3)
 FWD_CONFIGS = GPU_CONFIGS + [TALL_CONFIG]
 
 
-def tall_rows(block_n: int, tap_steps: bool, dtype: torch.dtype, precision: str) -> bool:
+def tall_rows(block_n: int, tap_steps: bool, dtype: torch.dtype, precision: str, store_xp: bool = False,
+              block_k: int = 0) -> bool:
     """Whether the forward may run 256-row tiles (TALL_CONFIG): <= 64 columns, every reduction step in one tap,
-    fp16 / bf16 / TF32 operands."""
-    return block_n <= 64 and bool(tap_steps) and (dtype != torch.float32 or precision == "tf32")
+    fp16 / bf16 / TF32 operands; storing x' (STORE_XP) only with steps of <= 32 channels (64-channel steps spilled
+    44-48 B beside it, fp16 sm_90 Triton 3.9, bench/kernel_audit.py)."""
+    return (block_n <= 64 and bool(tap_steps) and (dtype != torch.float32 or precision == "tf32")
+            and not (store_xp and block_k > 32))
 
 
 def _fwd_configs(configs, named_args, **kwargs):
     """early_config_prune of the forward's autotuner: TALL_CONFIG in place of the 64-row config where tall_rows
-    allows it, else the two GPU_CONFIGS (its inputs, BLOCK_N, TAP_STEPS, PRECISION and x's dtype, are in the
-    autotune key: a cached choice is one this function offered)."""
-    tall = tall_rows(kwargs["BLOCK_N"], kwargs["TAP_STEPS"], named_args["x_ptr"].dtype, kwargs["PRECISION"])
+    allows it, else the two GPU_CONFIGS (its inputs, BLOCK_N, TAP_STEPS, PRECISION, STORE_XP and x's dtype, are in
+    the autotune key, BLOCK_K follows from them and the prologue: a cached choice is one this function offered)."""
+    tall = tall_rows(kwargs["BLOCK_N"], kwargs["TAP_STEPS"], named_args["x_ptr"].dtype, kwargs["PRECISION"],
+                     kwargs["STORE_XP"], kwargs["BLOCK_K"])
     dropped = GPU_CONFIGS[1] if tall else TALL_CONFIG
     return [c for c in configs if c is not dropped]
 
@@ -572,7 +596,8 @@ def _fwd_configs(configs, named_args, **kwargs):
 # and copied back around each trial (6 tiny launches, the same for every config). (restore_value: Triton >= 3.0.)
 RESTORED_ON_TRIALS = ["rmean_ptr", "rvar_ptr", "nbt_ptr"]
 _conv_fwd_kernel_tuned = triton.autotune(configs=FWD_CONFIGS,
-                                         key=["M_KEY", "K_g", "RSC", "PRECISION", "BLOCK_N", "TAP_STEPS"],
+                                         key=["M_KEY", "K_g", "RSC", "PRECISION", "BLOCK_N", "TAP_STEPS",
+                                              "STORE_XP"],
                                          prune_configs_by={"early_config_prune": _fwd_configs},
                                          restore_value=RESTORED_ON_TRIALS)(_conv_fwd_kernel)
 
@@ -603,6 +628,19 @@ def deep_steps(geo: ConvGeometry, block_k: int, block_n: int, prologue: bool, st
     channels, none, 58 -> 50 us, but 252-336 B on sm_80), with the statistics in bf16 (28-40 B, Triton 3.9); and
     256-row tiles with 64 columns would not fit."""
     return block_k == 64 and block_n == 128 and tap_steps(geo.C_g, 128) and not (prologue or stats)
+
+
+def stores_x_prime(geo: ConvGeometry, meta: dict, prologue: bool) -> bool:
+    """Whether a training forward stores the x' it forms (STORE_XP), for the backward's wgrad to read instead of
+    forming it again at every tap (its prologue was ~1/3 of its loop: fp16 sm_90, the 3x3 wgrads of 32-, 64- and
+    128-channel groups 305 -> 216, 158 -> 116, 124 -> 91 us modelled, bench/kernel_audit.py) for one write of x'
+    (the HBM bytes of the step: bench/kernel_audit.py --bytes-csv): a filter of several taps with a prologue, tap
+    steps, and a tap that reads every row's own input position (stride 1, output size = input size, the padding a
+    multiple of the dilation), whose step stores the tile."""
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    own_tap = (sh, sw) == (1, 1) and (geo.P, geo.Q) == (geo.H, geo.W) and ph % dh == 0 and pw % dw == 0
+    return (prologue and geo.R * geo.S > 1 and own_tap and ph // dh < geo.R and pw // dw < geo.S
+            and tap_steps(geo.C_g, meta["BLOCK_K"]))
 
 
 class BNTrain(NamedTuple):
@@ -684,6 +722,7 @@ class _FwdPlan:
     scalars: tuple  # every integer / float argument, in the kernel's order
     meta: dict  # constexprs
     tiles_m: Optional[dict]
+    store_xp: bool = False  # STORE_XP: the launch stores x' (stores_x_prime)
 
 
 _FWD_PLANS = LaunchPlans("conv_fwd")
@@ -693,8 +732,9 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
               in_shift: Optional[Tensor], in_relu: bool, out_scale: Optional[Tensor], out_shift: Optional[Tensor],
               residual: Optional[Tensor], out_relu: bool, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int], groups: int, compute_stats: bool, out_dtype: Optional[torch.dtype],
-              tiles: Optional[dict], finalize: Optional[BNTrain]) -> _FwdPlan:
-    """conv_fwd's checks (ValueError/TypeError naming the values) and launch configuration."""
+              tiles: Optional[dict], finalize: Optional[BNTrain], x_prime: bool = False) -> _FwdPlan:
+    """conv_fwd's checks (ValueError/TypeError naming the values) and launch configuration; `x_prime`: store x'
+    where stores_x_prime allows it."""
     if finalize is not None and not compute_stats:
         raise ValueError("conv_fwd: finalize needs compute_stats=True (the BatchNorm finalizes the statistics)")
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
@@ -721,8 +761,13 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     tiles_m = {"BLOCK_M": tile_m} if tile_m is not None else None
     part_m = part_rows(FWD_CONFIGS, tiles_m, _INTERPRET_BLOCK_M)
     prologue = has_prologue(in_scale, in_shift, in_relu)
+    store_xp = bool(x_prime) and stores_x_prime(geo, meta, prologue)
     epilogue = out_scale is not None or out_shift is not None
-    pack = pack_groups(geo.groups, geo.K_g, geo.C_g, meta["BLOCK_N"], meta["BLOCK_K"])
+    # a prologue on 2-byte operands: x' the MMA's B operand (TRANS_ACC), one group a program (two would make each
+    # product's M a group's 32 columns: mma.sync, not wgmma; without TRANS_ACC, two groups' register-operand wgmma
+    # took longer, 176 -> 185 us modelled for the 32-channel 3x3 training forward)
+    trans_acc = has_prologue(in_scale, in_shift, in_relu) and x.dtype != torch.float32
+    pack = 1 if trans_acc else pack_groups(geo.groups, geo.K_g, geo.C_g, meta["BLOCK_N"], meta["BLOCK_K"])
     # grid axis 1 (the configs vary BLOCK_M, warps): column blocks of PACK groups each
     n_cols = geo.groups // pack * cdiv(geo.K_g * pack, meta["BLOCK_N"])
     y_shape = (geo.N, geo.K, geo.P, geo.Q)
@@ -731,7 +776,7 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     scalars = (geo.H, geo.W, geo.K, geo.P, geo.Q, M, geo.C_g, geo.K_g, geo.S, geo.R * geo.S * geo.C_g,
                next_pow2(max(M, 1)), *divisor_magic(geo.C_g), *divisor_magic(geo.S),
                *strides4(x), *w_strides, *strides4(residual), *y_strides,
-               *geo.stride, *geo.padding, *geo.dilation, *bn_scalars)
+               *geo.stride, *geo.padding, *geo.dilation, *bn_scalars, geo.C)
     meta.update(HAS_BIAS=bias is not None, PROLOGUE=prologue, IN_RELU=bool(in_relu), EPILOGUE=epilogue,
                 HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
                 FINALIZE=finalize is not None,
@@ -740,15 +785,15 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                 # (the per-element split keeps its column mask: without it the stem's 4-warp config spilled 4 bytes)
                 EVEN_N=(geo.K_g * pack) % meta["BLOCK_N"] == 0 and tap_steps(geo.C_g, meta["BLOCK_K"]),
                 # (fp32: TF32 operands took longer transposed: 811 -> 923 us modelled, a 3x3 training forward)
-                TRANS_ACC=prologue and x.dtype != torch.float32,
+                TRANS_ACC=trans_acc,
                 PRO_ONCE=prologue and tap_steps(geo.C_g, meta["BLOCK_K"]) and geo.C_g == meta["BLOCK_K"], PACK=pack,
-                FAST_DIV_J=geo.C_g % 16 != 0,
+                FAST_DIV_J=geo.C_g % 16 != 0, STORE_XP=store_xp,
                 PART_M=part_m,
                 BLOCK_S=MERGE_SLOTS, CHUNK=CHUNK_SLOTS)
     slots = cdiv(M, part_m)
     return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),
                     (slots + slot_chunks(slots), 3, geo.K), chunk_counters(n_cols, slot_chunks(slots)),
-                    lambda m: (cdiv(M, m["BLOCK_M"]), n_cols), scalars, meta, tiles_m)
+                    lambda m: (cdiv(M, m["BLOCK_M"]), n_cols), scalars, meta, tiles_m, store_xp)
 
 
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -778,7 +823,7 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Option
                tuple(stride), tuple(padding), tuple(dilation), groups, bool(compute_stats), out_dtype,
                _bn_key(finalize), dot_precision(x.dtype))
         plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _plan_fwd(*args))
-    return _run_fwd(plan, x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, finalize, partials)
+    return _run_fwd(plan, x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, finalize, partials)[:2]
 
 
 def _run_fwd(plan: _FwdPlan, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -803,14 +848,15 @@ def _run_fwd(plan: _FwdPlan, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         stats = torch.empty(2, geo.K, dtype=torch.float32, device=device)  # every element written
         sems = stream_counters(plan.n_sems, device)  # chunk_counters: [n_cols] is FINALIZE's nbt counter
     weight, _ = krsc(weight)
+    x_prime = empty_channels_last(tuple(x.shape), x.dtype, device) if plan.store_xp else None
     args = (x, weight, unused if bias is None else bias, in_scale, in_shift, out_scale, out_shift,
             x if residual is None else residual, y, part, stats, sems, *_finalize_ptrs(finalize, geo.K, x),
-            *plan.scalars)
+            unused if x_prime is None else x_prime, *plan.scalars)
     if M > 0:  # an empty batch launches nothing
         launch(_conv_fwd_kernel, _conv_fwd_kernel_tuned, plan.grid, args, plan.meta, plan.tiles_m)
     if not plan.compute_stats:
         stats = torch.empty(0, dtype=torch.float32, device=device)
-    return y, stats
+    return y, stats, x_prime
 
 
 def conv_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -837,7 +883,7 @@ def conv_fused_keyed(op_key: tuple, x: Tensor, weight: Tensor, bias: Optional[Te
         plan = _FWD_PLANS.put(key, _plan_fwd(x, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
                                              residual, out_relu, stride, padding, dilation, groups, compute_stats,
                                              None, None, None))
-    return _run_fwd(plan, x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, None, None)
+    return _run_fwd(plan, x, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, None, None)[:2]
 
 
 def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
@@ -845,53 +891,58 @@ def conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
                   dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                   eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   num_batches_tracked: Optional[Tensor], momentum: Optional[float],
-                  tiles: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  tiles: Optional[dict] = None, *, x_prime: bool = False) -> tuple:
     """Triton implementation of pe_kernels.reference.conv_bn_train: (y, stats, scale, shift), the results of
     conv_fused(..., compute_stats=True) then bn_train_finalize(stats, N*P*Q, ...), in ONE launch (conv_fwd with
     `finalize`: the programs that merge a column block's statistics also finalize those channels; the last of
     them bumps num_batches_tracked). On a GPU the launch is autotuned like conv_fused's; the autotuner's trials
     leave the running statistics and num_batches_tracked as they found them (restore_value), so only the real run
     updates them. An empty batch raises ValueError (the caller never sends one); count N*P*Q < 2 with running
-    statistics raises it too, after the num_batches_tracked bump, as bn_train_finalize. `tiles`: conv_fwd's."""
+    statistics raises it too, after the num_batches_tracked bump, as bn_train_finalize. `tiles`: conv_fwd's.
+    `x_prime` (X_PRIME): a fifth result, x' = act(x * in_scale + in_shift) in x's dtype, channels_last, as the
+    launch formed it, where stores_x_prime allows (else None): conv_bn_train_backward(x_prime=...) reads it."""
     return _conv_bn_train(None, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-                          bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, tiles)
+                          bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, tiles,
+                          x_prime)
 
 
 def conv_bn_train_keyed(op_key: tuple, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                         in_shift: Optional[Tensor], in_relu: bool, stride: Sequence[int], padding: Sequence[int],
                         dilation: Sequence[int], groups: int, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                         eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                        num_batches_tracked: Optional[Tensor],
-                        momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        num_batches_tracked: Optional[Tensor], momentum: Optional[float], *,
+                        x_prime: bool = False) -> tuple:
     """conv_bn_train with its launch plan keyed on `op_key`, the op's key of these arguments (ops/conv_bn_train:
     what fixes every argument's metadata and scalar), instead of a key of its own (conv_fused_keyed)."""
     return _conv_bn_train(op_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-                          bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, None)
+                          bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, None,
+                          x_prime)
 
 
 def _conv_bn_train(op_key, x, weight, bias, in_scale, in_shift, in_relu, stride, padding, dilation, groups, bn_weight,
-                   bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, tiles):
+                   bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, tiles, x_prime=False):
     check_4d("x", x)
     check_4d("weight", weight)
     K = weight.shape[0]
     scale = torch.empty(K, dtype=torch.float32, device=x.device)  # every element written by the launch
     shift = torch.empty(K, dtype=torch.float32, device=x.device)
     bn = BNTrain(bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, scale, shift)
+    x_prime = bool(x_prime)
     args = (x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride, padding, dilation, groups,
-            True, None, tiles, bn)
+            True, None, tiles, bn, x_prime)
     if tiles is not None:
         plan = _plan_fwd(*args)
     else:  # the op's key, or conv_fwd's without what this launcher fixes (no epilogue; scale and shift made above)
         if op_key is not None:
-            key = ("op", op_key, dot_precision(x.dtype))
+            key = ("op", op_key, dot_precision(x.dtype), x_prime)
         else:
             key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(in_scale), tensor_key(in_shift),
                    bool(in_relu), tuple(stride), tuple(padding), tuple(dilation), groups, tensor_key(bn_weight),
                    tensor_key(bn_bias), eps, tensor_key(running_mean), tensor_key(running_var),
-                   tensor_key(num_batches_tracked), momentum, dot_precision(x.dtype))
+                   tensor_key(num_batches_tracked), momentum, dot_precision(x.dtype), x_prime)
         plan = _TRAIN_PLANS.get(key) or _TRAIN_PLANS.put(key, _plan_fwd(*args))
-    y, stats = _run_fwd(plan, x, weight, bias, in_scale, in_shift, None, None, None, bn, None)
-    return y, stats, scale, shift
+    y, stats, xp = _run_fwd(plan, x, weight, bias, in_scale, in_shift, None, None, None, bn, None)
+    return (y, stats, scale, shift, xp) if x_prime else (y, stats, scale, shift)
 
 
 _TRAIN_PLANS = LaunchPlans("conv_bn_train")
