@@ -217,3 +217,25 @@ def test_ops_save_x_prime_for_the_backward(op, kernel_device, monkeypatch, fresh
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=2 ** -10, atol=2 ** -10 * float(b.abs().max()))
+
+
+def test_gpu_wgrad_rows_on_the_stored_x_prime(monkeypatch):
+    """On a GPU: the narrow groups' wgrad (K_g <= 32, dw^T on 8 warps) steps 128 rows where it reads x as is (the
+    stored x'), 64 where it forms x' (a prologue: 128 spilled in bf16) or in fp32."""
+    from pe_kernels.triton import conv_bwd as conv_bwd_mod
+
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", False)
+    monkeypatch.setattr(conv_fwd_mod, "INTERPRET", False)
+    for dtype, c_g, x_prime, expect in ((torch.float16, 32, True, 128), (torch.bfloat16, 32, True, 128),
+                                        (torch.float16, 32, False, 64), (torch.float32, 32, True, 64),
+                                        (torch.float16, 64, True, 64)):
+        x = torch.empty(2, 4 * c_g, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
+        w = torch.empty(4 * c_g, c_g, 3, 3, dtype=dtype)
+        y = torch.empty(2, 4 * c_g, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
+        vec = torch.ones(4 * c_g)
+        plan = conv_bwd_mod._plan_conv_bn_bwd(y, None, None, x, w, None, vec, vec, True, (1, 1), (1, 1), (1, 1), 4, y,
+                                              torch.zeros(2, 4 * c_g), None, 1e-5,
+                                              [True, True, False, True, True, False, False], None, None, None,
+                                              x if x_prime else None)
+        meta = plan.wgrad.meta
+        assert (meta["BLOCK_M"], meta["PROLOGUE"]) == (expect, not x_prime), (dtype, c_g, x_prime, meta)

@@ -1254,8 +1254,9 @@ def split_chunk(split: int) -> int:
     return split if split <= 8 else math.isqrt(split - 1) + 1
 
 
-def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
-    """The wgrad's tiles and split for `geo`; `tiles` overrides BLOCK_M / N / K, SPLIT, SPLIT_CHUNK, TRANS_ACC."""
+def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict], prologue: bool = True) -> _WgradPlan:
+    """The wgrad's tiles and split for `geo`; `tiles` overrides BLOCK_M / N / K, SPLIT, SPLIT_CHUNK, TRANS_ACC.
+    `prologue`: whether the wgrad forms x' (False: it reads x as is, or the x' the forward stored)."""
     M = geo.N * geo.P * geo.Q
     rsc = geo.R * geo.S * geo.C_g
     num_warps, trans_acc = 4, False
@@ -1290,6 +1291,12 @@ def _wgrad_plan(geo: ConvGeometry, tiles: Optional[dict]) -> _WgradPlan:
             # 128 x 32, fp16 sm_90) 411 -> 291 SASS a step (bench/kernel_audit.py)
             if geo.K_g <= 32:
                 block_n, trans_acc = pow2_tile(geo.K_g, 16, 32), True
+                if not prologue and geo.dtype != torch.float32:
+                    # x read as is (no prologue: the stored x'), 2-byte operands: 128-row steps, the step's fixed
+                    # work (the rows' offsets and bounds, the pipeline's bookkeeping) for twice the rows (a
+                    # 32-channel 3x3 layer's wgrad on the stored x' 216 -> 167 us modelled, fp16 sm_90; beside a
+                    # prologue 32 B spilled in bf16, and 64-row k tiles spilled 100-168 B on sm_80)
+                    block_m = 128
         # Enough warps to fill the GPU (4096: 1024 programs of 4 warps, 512 of 8), each program still reducing a
         # long stretch of M; counted in warps so the 8-warp tiles do not double the splits and their partials.
         tiles_per_split = max(8, cdiv(cdiv(M, block_m) * geo.groups * cdiv(geo.K_g, block_n)
@@ -1416,11 +1423,13 @@ def _dgrad_counters(geo: ConvGeometry, meta: dict, tiles: Optional[dict]) -> int
 
 
 def _gemm_plans(geo: ConvGeometry, need_w: bool, need_dgrad: bool, need_in_sums: bool, in_scale, in_shift, in_relu,
-                tiles: Optional[dict], tail: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
+                tiles: Optional[dict], tail: bool = False,
+                x_prime: bool = False) -> tuple[Optional[_WgradPlan], Optional[dict], int, int]:
     """(wgrad plan or None, dgrad meta or None, first wgrad counter, counters in all). The counters of the in-kernel
     reductions (the dgrad's prologue or tail sums, the wgrad's split) share one int32 buffer, the dgrad's first; the
     wgrad's start 16-byte aligned (one pointer specialisation whatever the sizes)."""
-    wplan = _wgrad_plan(geo, tiles) if need_w else None
+    # (x_prime: the wgrad reads the stored x', no prologue)
+    wplan = _wgrad_plan(geo, tiles, has_prologue(in_scale, in_shift, in_relu) and not x_prime) if need_w else None
     dgrad_sums = need_dgrad and (tail or (need_in_sums and has_prologue(in_scale, in_shift, in_relu)))
     dmeta = _dgrad_meta(geo, tiles, dgrad_sums) if need_dgrad else None
     n_dsem = _dgrad_counters(geo, dmeta, tiles) if dgrad_sums else 0
@@ -1612,7 +1621,7 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
         raise ValueError("triton conv_bn_bwd: a tail epilogue needs x's gradient and an input without a prologue")
     need_dgrad = need_x or need_isc or need_ish
     gemms = _gemm_plans(geo, True, need_dgrad, need_isc or need_ish, in_scale, in_shift, in_relu, tiles,
-                        tail is not None)
+                        tail is not None, x_prime is not None)
     wplan, dmeta = gemms[:2]
     on_load = _OnLoadMeta(y, geo.N * geo.P * geo.Q, eps, recompute_y_allowed(geo, bias, tiles))
     # an absent grad_y: the expanded zero of _zero_grad_y (stride 0 where expanded, 1 on size-1 dims)
