@@ -2,8 +2,9 @@
 with a prologue, x' = act(x * in_scale + in_shift), forms x' at every filter tap of its forward and of its backward's
 wgrad (the wgrad's prologue was ~1/3 of its loop: fp16 sm_90, the 3x3 wgrads of 32-, 64- and 128-channel groups
 305 -> 216, 158 -> 116, 124 -> 91 us modelled). Where a tap reads every row's own input position (stride 1, the output
-as large as the input), the forward's programs of column block 0 store the x' tile they form at that tap, and the
-wgrad reads it instead of x (the dgrad still reads x: the prologue's backward needs x itself). The autograd nodes
+as large as the input; 2-byte operands), the forward's programs of column block 0 store x' at those positions after
+their loop, and the wgrad reads it instead of x (the dgrad still reads x: the prologue's backward needs x itself),
+in 128-row steps for narrow groups (no prologue beside them: no spill). The autograd nodes
 (ops.conv_bn_train, ops.conv_bn_act) ask a backend with contract.X_PRIME for it and hand it to its backward.
 
 Checks: the rule; the stored x' against act(x * in_scale + in_shift) (within one rounding of the dtype: the kernel's
@@ -13,6 +14,8 @@ the ops' autograd path (the forward's STORE_XP and the wgrad without a prologue 
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -27,8 +30,7 @@ from _devices import require_backend
 from _oracle import assert_budget
 from _launch_flags import recorded_flags
 
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.bfloat16, id="bf16")]
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]   # (fp32: none stored)
 # (N, C, H, W, K, R, padding, dilation, groups, tiles): column blocks of 16 (several per group where K_g = 32),
 # 16-deep steps (two a tap where C_g = 32), two groups a program (BLOCK_N = 2 K_g)
 CASES = {
@@ -63,6 +65,8 @@ def test_rule():
     assert not stores_x_prime(_geo(32, 1, padding=0), steps, True)            # one tap: the 1x1 wgrad's own path
     assert not stores_x_prime(_geo(32, 3, padding=3, dilation=2, h=9), steps, True)   # padding not on a tap
     assert not stores_x_prime(_geo(48, 3), steps, True)                       # steps spanning taps
+    fp32 = dataclasses.replace(_geo(32, 3), dtype=torch.float32)
+    assert not stores_x_prime(fp32, steps, True)                               # fp32: spilled beside it
 
 
 def _inputs(name, dtype, device, layout="channels_last"):
@@ -117,8 +121,12 @@ def test_forward_x_prime_layouts(layout, kernel_device):
 
 
 def test_no_x_prime_where_the_rule_says_no(kernel_device):
-    x, wt, sc, sh, _, tiles = _inputs("3x3_g4", torch.float32, kernel_device)
+    """Stride 2 (no tap at every row's own position), or fp32: None, and the wgrad forms x' as before."""
+    x, wt, sc, sh, geo, tiles = _inputs("3x3_g4", torch.float16, kernel_device)
     (_, _, _, _, xp), _ = _train(x, wt, sc, sh, ((2, 2), (1, 1), (1, 1), 4), tiles, True)
+    assert xp is None
+    x, wt, sc, sh, geo, tiles = _inputs("3x3_g4", torch.float32, kernel_device)
+    (_, _, _, _, xp), _ = _train(x, wt, sc, sh, geo, tiles, True)
     assert xp is None
 
 
@@ -159,13 +167,13 @@ def test_backward_reads_x_prime(name, dtype, kernel_device):
 
 
 def test_x_prime_errors(kernel_device):
-    x, wt, sc, sh, geo, tiles = _inputs("3x3_g4", torch.float32, kernel_device)
+    x, wt, sc, sh, geo, tiles = _inputs("3x3_g4", torch.float16, kernel_device)
     (y, stats, _, _, xp), _ = _train(x, wt, sc, sh, geo, tiles, True)
     needs = [True, True, False, True, True, False, False]
     with pytest.raises(ValueError, match="x_prime"):
         conv_bn_bwd(y, None, None, x, wt, None, sc, sh, True, *geo, y, stats, None, 1e-5, needs, x_prime=xp[:, :8])
     with pytest.raises(TypeError, match="x_prime"):
-        conv_bn_bwd(y, None, None, x, wt, None, sc, sh, True, *geo, y, stats, None, 1e-5, needs, x_prime=xp.half())
+        conv_bn_bwd(y, None, None, x, wt, None, sc, sh, True, *geo, y, stats, None, 1e-5, needs, x_prime=xp.float())
 
 
 def _tap_tiles(geo, prologue=False, stats=False):
@@ -196,9 +204,9 @@ def test_ops_save_x_prime_for_the_backward(op, kernel_device, monkeypatch, fresh
         if not store:   # a backend without contract.X_PRIME: the node asks for no x'
             monkeypatch.setattr(tri, "X_PRIME", False)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 32, 6, 5, generator=gen).to(kernel_device).contiguous(
+        x = torch.randn(2, 32, 6, 5, generator=gen).to(kernel_device, torch.float16).contiguous(
             memory_format=torch.channels_last).requires_grad_(True)
-        w = (torch.randn(32, 16, 3, 3, generator=gen) / 12).to(kernel_device).requires_grad_(True)
+        w = (torch.randn(32, 16, 3, 3, generator=gen) / 12).to(kernel_device, torch.float16).requires_grad_(True)
         sc = (torch.rand(32, generator=gen) + 0.5).to(kernel_device).requires_grad_(True)
         sh = torch.randn(32, generator=gen).to(kernel_device).requires_grad_(True)
         rm, rv = torch.zeros(32, device=kernel_device), torch.ones(32, device=kernel_device)
@@ -209,7 +217,8 @@ def test_ops_save_x_prime_for_the_backward(op, kernel_device, monkeypatch, fresh
             else:
                 y, scale, shift = ops.conv_bn_train(x, w, **kw)
                 out = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(kernel_device))
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(kernel_device,
+                                                                                                out.dtype))
         assert dict(seen) == {"fwd": {store}, "wgrad": {not store}}, (store, dict(seen))
         results.append((out, rm, rv, x.grad, w.grad, sc.grad, sh.grad))
     for a, b in zip(*results):
