@@ -92,14 +92,15 @@ def test_launch_follows_the_config_policy(monkeypatch):
 
 def test_forward_offers_256_rows_only_where_they_do_not_spill():
     """The forward's autotuner tries 128 and 256 rows (TALL_CONFIG) on launches of <= 64 columns with full tap steps
-    and tensor-core operands, else 128 and 64 (256 rows spilled there, bench/kernel_audit.py); the prune's inputs
-    are in the autotune key, so a cached choice is always one it offered. The dgrad has no prune."""
+    and tensor-core operands, else 128 and 64 (256 rows spilled there, bench/kernel_audit.py), and beside a stored
+    x' (STORE_XP) only with steps of <= 32 channels; the prune's inputs are in the autotune key (BLOCK_K follows from
+    them), so a cached choice is always one it offered. The dgrad has no prune."""
     tuned = conv_fwd_mod._conv_fwd_kernel_tuned
 
     def rows(dtype, **kwargs):
         args = [None] * len(tuned.arg_names)
         args[tuned.arg_names.index("x_ptr")] = torch.empty(1, dtype=dtype)
-        meta = dict(dict(BLOCK_N=64, TAP_STEPS=True, PRECISION="ieee"), **kwargs)
+        meta = dict(dict(BLOCK_N=64, BLOCK_K=64, TAP_STEPS=True, PRECISION="ieee", STORE_XP=False), **kwargs)
         return sorted(c.kwargs["BLOCK_M"] for c in common.tried_configs(tuned, tuple(args), meta))
 
     assert rows(torch.float16) == rows(torch.bfloat16) == [128, 256]
@@ -108,7 +109,9 @@ def test_forward_offers_256_rows_only_where_they_do_not_spill():
     assert rows(torch.float32) == [64, 128]   # IEEE fp32: tl.dot on FMAs, the tile in registers
     assert rows(torch.float16, BLOCK_N=128) == [64, 128]
     assert rows(torch.float16, TAP_STEPS=False) == [64, 128]
-    assert {"BLOCK_N", "TAP_STEPS", "PRECISION"} <= set(tuned.keys)
+    assert rows(torch.float16, STORE_XP=True, BLOCK_K=32) == [128, 256]
+    assert rows(torch.float16, STORE_XP=True, BLOCK_K=64) == [64, 128]
+    assert {"BLOCK_N", "TAP_STEPS", "PRECISION", "STORE_XP"} <= set(tuned.keys)
     assert [c.kwargs["BLOCK_M"] for c in tuned.configs] == [128, 64, 256]   # config 0: the "first" policy's
     dgrad = conv_bwd_mod._conv_dgrad_kernel_tuned
     assert common.tried_configs(dgrad, (), {}) == dgrad.configs
