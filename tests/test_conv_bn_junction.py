@@ -255,6 +255,25 @@ def test_bad_arguments_raise(kwargs, match):
         ops.conv_bn_junction(x, torch.randn(4, 4, 1, 1, requires_grad=True), **kwargs)
 
 
+def tail_inputs(device, c: int, k: int, stride: int = 1):
+    """A head conv (3x3, two groups, c -> k channels) over a block's output `out` = relu(...) and its tail's tensors
+    (y_t, side, residual), with the head's y, stats and BN gradients: (out, weight, y_t, side, res, geo, y_h,
+    stats_h, grad_y, grad_scale, grad_shift, bn_w) for conv_bn_bwd_ext(..., tail=TailBwd(y_t, side, res, True))."""
+    import pe_kernels.triton as tri
+
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    n, h, w = 2, 9, 8
+    out = torch.relu(rand(n, c, h, w)).contiguous(memory_format=torch.channels_last)
+    weight = rand(k, c // 2, 3, 3) / 8
+    y_t, side, res = rand(n, c, h, w), rand(n, c, h, w), rand(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    geo = dict(stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=2)
+    y_h, stats_h = tri.conv_fused(out, weight, None, None, None, False, None, None, None, False, *geo.values(), True)
+    grad_y = rand(*y_h.shape)
+    grad_scale, grad_shift, bn_w = rand(k), rand(k), rand(k).abs() + 0.5
+    return out, weight, y_t, side, res, geo, y_h, stats_h, grad_y, grad_scale, grad_shift, bn_w
+
+
 @pytest.mark.parametrize("stride,tiles", [(1, None), (2, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)),
                                           (1, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=2))],
                          ids=["one-tile", "3x3-s2-small-tiles", "small-tiles"])
@@ -264,17 +283,8 @@ def test_tail_epilogue_is_the_apply_backward_of_the_dgrad(kernel_device, stride,
     require_backend("triton")
     from pe_kernels.triton.conv_bwd import TailBwd, conv_bn_bwd_ext
 
-    gen = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(kernel_device)  # noqa: E731
-    n, c, h, w, k = 2, 40, 9, 8, 24
-    out = torch.relu(rand(n, c, h, w)).contiguous(memory_format=torch.channels_last)
-    weight = rand(k, c // 2, 3, 3) / 8
-    y_t, side, res = rand(n, c, h, w), rand(n, c, h, w), rand(n, c, h, w).contiguous(memory_format=torch.channels_last)
-    geo = dict(stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=2)
-    import pe_kernels.triton as tri
-    y_h, stats_h = tri.conv_fused(out, weight, None, None, None, False, None, None, None, False, *geo.values(), True)
-    grad_y = rand(*y_h.shape)
-    grad_scale, grad_shift, bn_w = rand(k), rand(k), rand(k).abs() + 0.5
+    out, weight, y_t, side, res, geo, y_h, stats_h, grad_y, grad_scale, grad_shift, bn_w = tail_inputs(
+        kernel_device, 40, 24, stride)
     needs = [True, True, False, False, False, True, True]
     with ieee_fp32():
         plain = conv_bn_bwd_ext(grad_y, grad_scale, grad_shift, out, weight, None, None, None, False, *geo.values(),

@@ -197,18 +197,10 @@ def test_dgrad_tail_epilogue_equals_unpacked(kernel_device):
     """The block tail's epilogue (conv_bn_bwd_ext's TailBwd: g = mask(dx' + side) stored, its sums) on a packed dgrad:
     the unpacked launch's results."""
     from pe_kernels.triton.conv_bwd import TailBwd, conv_bn_bwd_ext
-    import pe_kernels.triton as tri
+    from test_conv_bn_junction import tail_inputs
 
-    gen = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(kernel_device)  # noqa: E731
-    n, c, h, w, k = 2, 32, 9, 8, 32
-    out = torch.relu(rand(n, c, h, w)).contiguous(memory_format=torch.channels_last)
-    weight = rand(k, c // 2, 3, 3) / 8
-    y_t, side, res = rand(n, c, h, w), rand(n, c, h, w), rand(n, c, h, w).contiguous(memory_format=torch.channels_last)
-    geo = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
-    y_h, stats_h = tri.conv_fused(out, weight, None, None, None, False, None, None, None, False, *geo.values(), True)
-    grad_y = rand(*y_h.shape)
-    grad_scale, grad_shift, bn_w = rand(k), rand(k), rand(k).abs() + 0.5
+    out, weight, y_t, side, res, geo, y_h, stats_h, grad_y, grad_scale, grad_shift, bn_w = tail_inputs(
+        kernel_device, 32, 32)
     needs = [True, True, False, False, False, True, True]
     results = []
     for pack in (1, 2):
