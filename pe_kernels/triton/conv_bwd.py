@@ -282,7 +282,7 @@ def _conv_dgrad_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     TAP_STEPS: tl.constexpr,     # every reduction step is full and lies in one live tap (tap_steps: K_g % BLOCK_K == 0)
     EVEN_N: tl.constexpr,        # C_g % BLOCK_N == 0: no output-column mask
-    PACK: tl.constexpr,          # groups per program, 1 or 2 (conv_fwd.pack_groups; TAP_STEPS, a stored g_acc, BLOCK_N
+    PACK: tl.constexpr,          # groups per program, 1 or 2 (_common.pack_groups; TAP_STEPS, a stored g_acc, BLOCK_N
                                  # = 2 C_g): a step's rows, bounds and offsets serve both groups' loads and products
                                  # (two exact products into two accumulators, joined for the epilogue)
     BLOCK_C: tl.constexpr,       # channels a step of the recomputed y (RECOMPUTE_Y)
@@ -1543,7 +1543,12 @@ class _ConvBnBwdPlan:
     dgrad: Optional[_GemmLaunch] = None
     cast: bool = True  # whether a vector (grad_scale, grad_shift, stats, bn_weight) needs a cast / copy to the
     #                    contiguous fp32 (bn_weight: contiguous) the kernels read; else they are passed as they are
-    x_prime: bool = False  # the wgrad reads the stored x' (conv_bn_bwd_ext's x_prime)
+
+
+def _wgrad_input(x, in_scale, in_shift, in_relu, x_prime: Optional[Tensor]) -> tuple:
+    """(the wgrad's x, in_scale, in_shift, in_relu): the stored x' as it is (no prologue) where the forward stored
+    one, else x and its prologue."""
+    return (x, in_scale, in_shift, in_relu) if x_prime is None else (x_prime, None, None, False)
 
 
 def _zero_grad_y(shape: tuple, device) -> Tensor:
@@ -1632,16 +1637,12 @@ def _plan_conv_bn_bwd(grad_y, grad_scale, grad_shift, x, weight, bias, in_scale,
     if store_gacc:
         dgrad = _dgrad_launch(None, weight, x, in_scale, in_shift, in_relu, geo, need_x, need_isc or need_ish, dmeta,
                               tiles, None, channels_last_strides(out_shape), tail)
-    if x_prime is not None:   # the wgrad reads x' as stored: no prologue
-        wgrad = _wgrad_launch(None, x_prime, weight, None, None, False, geo, wplan, on_load, need_inputs[2],
-                              g_strides, store_gacc)
-    else:
-        wgrad = _wgrad_launch(None, x, weight, in_scale, in_shift, in_relu, geo, wplan, on_load, need_inputs[2],
-                              g_strides, store_gacc)
+    wx, *w_prologue = _wgrad_input(x, in_scale, in_shift, in_relu, x_prime)
+    wgrad = _wgrad_launch(None, wx, weight, *w_prologue, geo, wplan, on_load, need_inputs[2], g_strides, store_gacc)
     cast = not (all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
                     for t in (grad_scale, grad_shift, stats, grad_y_scale))
                 and (bn_weight is None or bn_weight.is_contiguous()))
-    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad, cast, x_prime is not None)
+    return _ConvBnBwdPlan(geo, needs, need_inputs, False, gemms, wgrad, dgrad, cast)
 
 
 def conv_bn_bwd(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], x: Tensor,
@@ -1731,12 +1732,9 @@ def conv_bn_bwd_ext(grad_y: Optional[Tensor], grad_scale: Optional[Tensor], grad
     grads: list[Optional[Tensor]] = [None] * 7
     # g_acc stored by the wgrad for the dgrad (channels_last), or formed on load by both (_plan_conv_bn_bwd)
     gacc = empty_channels_last((geo.N, geo.K, geo.P, geo.Q), x.dtype, device) if plan.wgrad.meta["STORE_GACC"] else None
-    if x_prime is not None and plan.x_prime:   # x' read as the forward stored it: no prologue
-        grads[1] = _wgrad(grad_y, x_prime, weight, None, None, False, geo, wplan,
-                          sems[w_first:] if w_first else sems, on_load, plan.wgrad, gacc)
-    else:
-        grads[1] = _wgrad(grad_y, x, weight, in_scale, in_shift, in_relu, geo, wplan,
-                          sems[w_first:] if w_first else sems, on_load, plan.wgrad, gacc)
+    wx, *w_prologue = _wgrad_input(x, in_scale, in_shift, in_relu, x_prime)
+    grads[1] = _wgrad(grad_y, wx, weight, *w_prologue, geo, wplan, sems[w_first:] if w_first else sems, on_load,
+                      plan.wgrad, gacc)
     grads[2] = on_load.d_bias
     tail_sums = None
     if need_dgrad:

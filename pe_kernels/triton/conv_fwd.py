@@ -194,8 +194,8 @@ def _conv_fwd_kernel(
                                  # two accumulators, joined for the epilogue: group g's columns, then g + 1's)
     FAST_DIV_J: tl.constexpr,    # (not TAP_STEPS) C_g % 16 != 0: split j with fast_div (CG_MAGIC, S_MAGIC)
     STORE_XP: tl.constexpr,      # (PROLOGUE, TAP_STEPS, stride 1, P = H, Q = W) the programs of column block 0 store
-                                 # the x' tile they form at the tap reading their rows' own positions
-                                 # (stores_x_prime): the x' the backward's wgrad reads instead of forming it again
+                                 # x' at their rows' own input positions after the loop (stores_x_prime): the x'
+                                 # the backward's wgrad reads instead of forming it again
     PART_M: tl.constexpr,        # rows per statistics slot (BLOCK_M is a multiple of it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the statistics merge (MERGE_SLOTS)
@@ -633,10 +633,10 @@ def deep_steps(geo: ConvGeometry, block_k: int, block_n: int, prologue: bool, st
 def stores_x_prime(geo: ConvGeometry, meta: dict, prologue: bool) -> bool:
     """Whether a training forward stores the x' it forms (STORE_XP), for the backward's wgrad to read instead of
     forming it again at every tap (its prologue was ~1/3 of its loop: fp16 sm_90, the 3x3 wgrads of 32-, 64- and
-    128-channel groups 305 -> 216, 158 -> 116, 124 -> 91 us modelled, bench/kernel_audit.py) for one write of x'
-    (the HBM bytes of the step: bench/kernel_audit.py --bytes-csv): a filter of several taps with a prologue, tap
-    steps, and a tap that reads every row's own input position (stride 1, output size = input size, the padding a
-    multiple of the dilation), and 2-byte operands (fp32's training forwards, at 250-255 registers, spilled 8-84 B
+    128-channel groups 305 -> 216, 158 -> 116, 124 -> 91 us modelled, bench/kernel_audit.py) for one more read of x
+    and one write of x' (the HBM bytes of the step: bench/kernel_audit.py --bytes-csv): a filter of several taps
+    with a prologue, tap steps, and a tap that reads every row's own input position (stride 1, output size = input
+    size, the padding a multiple of the dilation), and 2-byte operands (fp32's training forwards, at 250-255 registers, spilled 8-84 B
     beside it with Triton 3.6 and 3.9)."""
     (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
     own_tap = (sh, sw) == (1, 1) and (geo.P, geo.Q) == (geo.H, geo.W) and ph % dh == 0 and pw % dw == 0
@@ -767,7 +767,7 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     # a prologue on 2-byte operands: x' the MMA's B operand (TRANS_ACC), one group a program (two would make each
     # product's M a group's 32 columns: mma.sync, not wgmma; without TRANS_ACC, two groups' register-operand wgmma
     # took longer, 176 -> 185 us modelled for the 32-channel 3x3 training forward)
-    trans_acc = has_prologue(in_scale, in_shift, in_relu) and x.dtype != torch.float32
+    trans_acc = prologue and x.dtype != torch.float32
     pack = 1 if trans_acc else pack_groups(geo.groups, geo.K_g, geo.C_g, meta["BLOCK_N"], meta["BLOCK_K"])
     # grid axis 1 (the configs vary BLOCK_M, warps): column blocks of PACK groups each
     n_cols = geo.groups // pack * cdiv(geo.K_g * pack, meta["BLOCK_N"])
