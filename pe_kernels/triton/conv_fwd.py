@@ -636,8 +636,8 @@ def stores_x_prime(geo: ConvGeometry, meta: dict, prologue: bool) -> bool:
     128-channel groups 305 -> 216, 158 -> 116, 124 -> 91 us modelled, bench/kernel_audit.py) for one more read of x
     and one write of x' (the HBM bytes of the step: bench/kernel_audit.py --bytes-csv): a filter of several taps
     with a prologue, tap steps, and a tap that reads every row's own input position (stride 1, output size = input
-    size, the padding a multiple of the dilation), and 2-byte operands (fp32's training forwards, at 250-255 registers, spilled 8-84 B
-    beside it with Triton 3.6 and 3.9)."""
+    size, the padding a multiple of the dilation), and 2-byte operands (fp32's training forwards, at 250-255
+    registers, spilled 8-84 B beside it with Triton 3.6 and 3.9)."""
     (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
     own_tap = (sh, sw) == (1, 1) and (geo.P, geo.Q) == (geo.H, geo.W) and ph % dh == 0 and pw % dw == 0
     return (prologue and geo.R * geo.S > 1 and own_tap and ph // dh < geo.R and pw // dw < geo.S
