@@ -180,17 +180,17 @@ def _pe_nodes(out: torch.Tensor) -> list[str]:
     return sorted(names)
 
 
-def test_modules_take_it_in_training():
+def test_modules_take_it_in_training(kernel_device):
     """A PackedConvBNReLU2d layer is one node; a bottleneck block's last conv, its BN, the shortcut's BN tail and
     the ReLU are one node (the shortcut's conv -> BN and the deferred convs keep theirs: conv_bn_train)."""
     require_backend("triton")  # (the torch backend runs the stock modules)
-    layer = PackedConvBNReLU2d(8, 8, 3, alpha=2, num_estimators=2, padding=1).train()
+    layer = PackedConvBNReLU2d(8, 8, 3, alpha=2, num_estimators=2, padding=1).to(kernel_device).train()
     block = PackedBottleneck(16, 4, 2, alpha=2, num_estimators=2, gamma=1, conv_bias=False, dropout_rate=0,
-                             groups=1).train()
+                             groups=1).to(kernel_device).train()
     with pe_kernels.use_backend("triton"):
-        x = torch.randn(2, 16, 6, 6, requires_grad=True)
+        x = torch.randn(2, 16, 6, 6, device=kernel_device, requires_grad=True)
         assert _pe_nodes(layer(x)) == ["_ConvBnActFunctionBackward"]
-        out = block(torch.randn(2, 32, 6, 6, requires_grad=True))
+        out = block(torch.randn(2, 32, 6, 6, device=kernel_device, requires_grad=True))
     assert _pe_nodes(out) == ["_ConvBnActFunctionBackward"] + ["_ConvBnTrainFunctionBackward"] * 3
 
 
@@ -206,33 +206,35 @@ def _bottleneck(seed=0):
     return block
 
 
-def test_block_with_the_last_bn_in_eval_and_a_training_shortcut_bn():
+def test_block_with_the_last_bn_in_eval_and_a_training_shortcut_bn(kernel_device):
     """Mixed modes (bn3 eval, the shortcut's BN training): the tail is the last BN's folded affine and the shortcut's
     batch affine in one bn_apply, as the stock modules compute it."""
     from pe_kernels.models.registry import eager_twin
 
     require_backend("triton")
-    block = _bottleneck().train()
+    block = _bottleneck().to(kernel_device).train()
     block.bn3.eval()
     twin = eager_twin(block)
-    x = torch.randn(2, 32, 6, 6)
-    with pe_kernels.use_backend("triton"), ieee_fp32():
-        out = block(x)
-    torch.testing.assert_close(out, twin(x), atol=1e-4, rtol=1e-4)
+    x = torch.randn(2, 32, 6, 6, device=kernel_device)
+    with ieee_fp32():   # (the twin too: cuDNN's TF32 on a GPU)
+        with pe_kernels.use_backend("triton"):
+            out = block(x)
+        expected = twin(x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(block.shortcut[1].running_var, twin.shortcut[1].running_var)
 
 
-def test_block_one_value_error_bumps_the_last_bn_first():
+def test_block_one_value_error_bumps_the_last_bn_first(kernel_device):
     """BatchNorm2d's one-value error in the block's tail (the earlier BNs in eval, one output position): the last BN's
     num_batches_tracked is bumped and it raises before the shortcut runs, as in the stock modules."""
     from pe_kernels.models.registry import eager_twin
 
     require_backend("triton")
-    block = _bottleneck().train()
+    block = _bottleneck().to(kernel_device).train()
     block.bn1.eval()
     block.bn2.eval()
     twin = eager_twin(block)
-    x = torch.randn(1, 32, 2, 2)  # stride 2: one output position
+    x = torch.randn(1, 32, 2, 2, device=kernel_device)  # stride 2: one output position
     with pe_kernels.use_backend("triton"), pytest.raises(ValueError, match="more than 1 value per channel"):
         block(x)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -163,9 +163,10 @@ def test_gradgradcheck_float64(training):
     assert torch.autograd.gradgradcheck(lambda t: fused(t), (x,), fast_mode=True)
 
 
-def test_forced_kernel_backend_raises_on_double_backward():
+def test_forced_kernel_backend_raises_on_double_backward(kernel_device):
     fused, _ = _fused_and_stock()
-    x = torch.randn(4, 16, 5, 5, requires_grad=True)
+    fused.to(kernel_device)
+    x = torch.randn(4, 16, 5, 5, device=kernel_device, requires_grad=True)
     with pe_kernels.use_backend("triton"):
         out = fused(x).square().sum()
         with pytest.raises(pe_kernels.BackendUnavailableError, match="double backward"):

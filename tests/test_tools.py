@@ -47,8 +47,12 @@ def producer_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("layers")
     env = dict(os.environ, PE_BENCH_LAYERS_CSV=str(out / "layers.csv"))
     env.pop("TRITON_INTERPRET", None)
+    for name in [n for n in env if n.startswith("PYTEST_XDIST")]:   # (this suite run by pytest-xdist)
+        env.pop(name)
+    # no xdist in the producer's run: pytest-benchmark disables itself where that plugin is active (an empty JSON)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(REPO / "bench" / "bench_layers.py"), "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist",
          "-k", "single-conv1- and fp32 and (eager or pe-auto) and not channels", "--benchmark-min-rounds=1",
          "--benchmark-max-time=0.001", "--benchmark-warmup=off", "--benchmark-json", str(out / "layers.json")],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)

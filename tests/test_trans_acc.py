@@ -75,7 +75,8 @@ def test_gpu_plans(monkeypatch):
         assert (plan.block_n, plan.block_k, plan.num_warps, plan.trans_acc) == expect, (c_g, k_g, r, dtype, plan)
 
 
-def test_interpreter_takes_the_plain_product_unless_told():
+def test_interpreter_takes_the_plain_product_unless_told(monkeypatch):
+    monkeypatch.setattr(conv_bwd_mod, "INTERPRET", True)   # (the interpreter's rule, on any machine)
     geo = _geo(32, 32, 3, torch.float32)
     assert not conv_bwd_mod._wgrad_plan(geo, None).trans_acc
     assert conv_bwd_mod._wgrad_plan(geo, dict(TRANS_ACC=True)).trans_acc

@@ -161,7 +161,8 @@ def test_bn_train_finalize(name, kernel_device):
     scale, shift = tri.bn_train_finalize(stats, count, weight, bias, 1e-5, *mine, momentum)
     s_same, b_same = ref.bn_train_finalize(stats, count, weight, bias, 1e-5, *same, momentum)
     s64, b64 = ref.bn_train_finalize(to64(stats), count, to64(weight), to64(bias), 1e-5,
-                                     *[to64(t) if t is not None and t.is_floating_point() else t for t in r64],
+                                     *[to64(t) if t is not None and t.is_floating_point() else
+                                       None if t is None else t.cpu() for t in r64],   # (nbt: on the CPU too)
                                      momentum)
     for t in (scale, shift):
         assert t.dtype == torch.float32 and t.shape == (K,) and t.is_contiguous() and t.device == stats.device

@@ -22,7 +22,7 @@ import pe_kernels.reference as ref
 import pe_kernels.triton as tri
 from pe_kernels.triton._common import CHUNK_SLOTS, chunk_counters, krsc, slot_chunks
 from pe_kernels.triton.conv_bwd import _phase_taps, conv_bwd
-from pe_kernels.triton.conv_fwd import conv_fwd
+from pe_kernels.triton.conv_fwd import conv_fwd, forward_tiles
 
 from _devices import kernel_device, to_device
 from _oracle import assert_budget
@@ -128,7 +128,7 @@ def check_forward(args, dtype, compute_stats=True, **kw):
     if compute_stats:
         assert stats.dtype == torch.float32 and stats.shape == (2, args["weight"].shape[0])
         assert_budget("stats[0]", stats[0], stats_same[0], stats64[0], dtype, dot=True)
-        assert_budget("stats[1]", stats[1], stats_same[1], stats64[1], dtype, dot=True)
+        assert_budget("stats[1]", stats[1], stats_same[1], stats64[1], dtype, dot=True, square=True)
     else:
         assert stats.numel() == 0
     return y64
@@ -143,7 +143,8 @@ def check_backward(args, dtype, grad_stats=True, needs_grad=(True,) * 8, grad_la
     # again) round differently, so the reference's mean against the kernel's recomputed acc (full features: an
     # epilogue) left sum(acc_s - mean) = n * (their means' difference) in d_bias (bf16: 0.1).
     _, stats_same = run_fwd(ref.conv_fused, args, True)
-    _, stats_own = run_fwd(conv_fwd, args, True, **kw)
+    fwd_kw = dict(kw, tiles=forward_tiles(kw["tiles"])) if "tiles" in kw else kw   # (SPLIT etc.: the backward's)
+    _, stats_own = run_fwd(conv_fwd, args, True, **fwd_kw)
     # The ReLU mask comes from y; give the kernel the float64 forward rounded to the dtype, so that a sign flip
     # of a value within rounding of zero cannot make the kernel and the oracle disagree about the mask.
     y = y64.to(dtype).to(device)
@@ -213,6 +214,18 @@ def test_forward_deterministic_stats(kernel_device):
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     runs = [run_fwd(conv_fwd, args, True, tiles=small) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_forward_refuses_backward_tiles(kernel_device):
+    """A tile override the forward does not take (a backward's SPLIT) is a ValueError naming it on every device (a GPU
+    launch raised Triton's KeyError, the interpreter ignored it); forward_tiles keeps a backward's forward part."""
+    args = make_inputs(CASES["3x3_pad1_g2_odd"], torch.float32, device=kernel_device)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3, TRANS_ACC=True)
+    with pytest.raises(ValueError, match=r"\['SPLIT', 'TRANS_ACC'\] are not the forward's"):
+        run_fwd(conv_fwd, args, True, tiles=tiles)
+    assert forward_tiles(tiles) == dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) and forward_tiles(None) is None
+    y, _ = run_fwd(conv_fwd, args, True, tiles=forward_tiles(tiles))
+    assert torch.equal(y, run_fwd(conv_fwd, args, True, tiles=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2])

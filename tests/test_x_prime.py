@@ -204,11 +204,12 @@ def test_ops_save_x_prime_for_the_backward(op, kernel_device, monkeypatch, fresh
         if not store:   # a backend without contract.X_PRIME: the node asks for no x'
             monkeypatch.setattr(tri, "X_PRIME", False)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 32, 6, 5, generator=gen).to(kernel_device, torch.float16).contiguous(
+        # 32-channel groups: on a GPU their steps lie in one tap (16-channel ones span taps: no x' there)
+        x = torch.randn(2, 64, 6, 5, generator=gen).to(kernel_device, torch.float16).contiguous(
             memory_format=torch.channels_last).requires_grad_(True)
-        w = (torch.randn(32, 16, 3, 3, generator=gen) / 12).to(kernel_device, torch.float16).requires_grad_(True)
-        sc = (torch.rand(32, generator=gen) + 0.5).to(kernel_device).requires_grad_(True)
-        sh = torch.randn(32, generator=gen).to(kernel_device).requires_grad_(True)
+        w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).to(kernel_device, torch.float16).requires_grad_(True)
+        sc = (torch.rand(64, generator=gen) + 0.5).to(kernel_device).requires_grad_(True)
+        sh = torch.randn(64, generator=gen).to(kernel_device).requires_grad_(True)
         rm, rv = torch.zeros(32, device=kernel_device), torch.ones(32, device=kernel_device)
         kw = dict(in_scale=sc, in_shift=sh, in_relu=True, padding=1, groups=2, running_mean=rm, running_var=rv)
         with pe_kernels.use_backend("triton"), recorded_flags(_flags) as seen:

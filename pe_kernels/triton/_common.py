@@ -426,7 +426,8 @@ def stream_counters(n: int, device: torch.device) -> Tensor:
     if capturing(device):
         return torch.zeros(max(int(n), 1), dtype=torch.int32, device=device)
     if device.type == "cuda":
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
+        stream = torch.cuda.current_stream(device)
+        key = (stream.device, stream.cuda_stream)   # (the stream's device has its index: "cuda" is "cuda:0")
     else:
         key = (device, threading.get_ident())
     buf = _COUNTERS.get(key)

@@ -99,7 +99,8 @@ from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor,
                       sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16, wide_tiles)
 from .bn_apply import sum_centred
 from .bn_finalize import bn_finalize_grads
-from .conv_fwd import _NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, has_prologue
+from .conv_fwd import (_NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, forward_tiles,
+                       has_prologue)
 
 _INTERPRET_BLOCK_M = 128   # the interpreter's single configuration
 
@@ -1490,7 +1491,7 @@ def conv_bwd(grad_y: Tensor, grad_stats: Optional[Tensor], x: Tensor, weight: Te
             acc = y
         else:
             acc, _ = conv_fwd(x, weight, bias, in_scale, in_shift, in_relu, None, None, None, False, stride,
-                              padding, dilation, groups, False, out_dtype=torch.float32, tiles=tiles)
+                              padding, dilation, groups, False, out_dtype=torch.float32, tiles=forward_tiles(tiles))
     need_dgrad = need_x or need_isc or need_ish
     need_sums = need[2] or need_osc or need[6]
     wplan, dmeta, w_first, n_sem = _gemm_plans(geo, need_w, need_dgrad, need_isc or need_ish, in_scale, in_shift,

@@ -755,6 +755,10 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     meta = fwd_tiles(geo, has_prologue(in_scale, in_shift, in_relu), bool(compute_stats))
     tile_m = None
     if tiles is not None:
+        unknown = sorted(set(tiles) - set(FWD_TILE_KEYS))
+        if unknown:   # (on a GPU Triton rejects an unknown keyword, the interpreter ignores it)
+            raise ValueError(f"triton conv_fused: tiles {unknown} are not the forward's; it takes {FWD_TILE_KEYS} "
+                             "(forward_tiles() keeps those of a backward's tiles)")
         meta.update({k: v for k, v in tiles.items() if k != "BLOCK_M"})
         tile_m = tiles.get("BLOCK_M")
     if tile_m is None and INTERPRET:
@@ -795,6 +799,14 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     return _FwdPlan(geo, M, out_dtype or x.dtype, prologue, epilogue, bool(compute_stats),
                     (slots + slot_chunks(slots), 3, geo.K), chunk_counters(n_cols, slot_chunks(slots)),
                     lambda m: (cdiv(M, m["BLOCK_M"]), n_cols), scalars, meta, tiles_m, store_xp)
+
+
+FWD_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")   # a caller's tile overrides the forward takes
+
+
+def forward_tiles(tiles: Optional[dict]) -> Optional[dict]:
+    """The forward's part of a backward's tile overrides (a test's; SPLIT, TRANS_ACC, ... are the backward's own)."""
+    return None if tiles is None else {k: v for k, v in tiles.items() if k in FWD_TILE_KEYS}
 
 
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
