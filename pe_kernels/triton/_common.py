@@ -427,7 +427,8 @@ def stream_counters(n: int, device: torch.device) -> Tensor:
         return torch.zeros(max(int(n), 1), dtype=torch.int32, device=device)
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device)
-        key = (stream.device, stream.cuda_stream)   # (the stream's device has its index: "cuda" is "cuda:0")
+        # a tensor's device has its index; a caller's "cuda" gets the stream's ("cuda:0"): one buffer, not two
+        key = (device if device.index is not None else stream.device, stream.cuda_stream)
     else:
         key = (device, threading.get_ident())
     buf = _COUNTERS.get(key)
