@@ -33,7 +33,7 @@ import torch
 from pe_kernels.triton import conv_bwd as conv_bwd_mod
 from pe_kernels.triton._common import dense_rows
 from pe_kernels.triton.conv_bwd import conv_bn_bwd, conv_bwd
-from pe_kernels.triton.conv_fwd import conv_fwd
+from pe_kernels.triton.conv_fwd import conv_fwd, forward_tiles
 
 import test_triton_conv as tc
 import test_triton_conv_bn_train_bwd as tb
@@ -189,7 +189,7 @@ def _runs(name, dtype, device):
     case = CASES[name][0]
     torch.manual_seed(0)
     conv_args = tc.make_inputs(case, dtype, "channels_last", "full", device)
-    y, stats = tc.run_fwd(conv_fwd, conv_args, True, tiles={k: v for k, v in TILES.items() if k != "SPLIT"})
+    y, stats = tc.run_fwd(conv_fwd, conv_args, True, tiles=forward_tiles(TILES))
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     gs = (torch.randn(2, y.shape[1], generator=torch.Generator().manual_seed(2)) * 0.1).to(device)
     out = list(tc.run_bwd(conv_bwd, grad_y.contiguous(memory_format=CL), gs, conv_args, y, [True] * 8, stats,

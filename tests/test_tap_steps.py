@@ -21,7 +21,7 @@ from pe_kernels.triton import conv_bwd as conv_bwd_mod
 from pe_kernels.triton import conv_fwd as conv_fwd_mod
 from pe_kernels.triton._common import gpu_tap_tile_k, gpu_tile_n, tap_steps, wide_tiles
 from pe_kernels.triton.conv_bwd import conv_bn_bwd, conv_bwd
-from pe_kernels.triton.conv_fwd import conv_fwd
+from pe_kernels.triton.conv_fwd import conv_fwd, forward_tiles
 
 import test_triton_conv as tc
 import test_triton_conv_bn_train_bwd as tb
@@ -29,7 +29,7 @@ from _launch_flags import recorded_flags
 
 GEMMS = ("_conv_fwd_kernel", "_conv_dgrad_kernel")   # (the wgrad's j tiles are per program: no per-step split)
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=3)
-FWD_TILES = {k: v for k, v in TILES.items() if k != "SPLIT"}
+FWD_TILES = forward_tiles(TILES)
 
 # C_g and K_g multiples of 16: the forward and the dgrad take tap steps with 16-deep tiles (32: two steps per tap)
 CASES = {
