@@ -22,7 +22,8 @@ Per compiled kernel x layer shape (CSV, one row each):
   mma                 wgmma (wgmma.mma_async) | mma.sync | none
   loop                where the loads are counted: `mma` = the innermost PTX loop (a label and the branch back to
                       it) that holds the MMA instructions, `fma` = the innermost loop of fp32 FMAs (an IEEE fp32
-                      dot: no tensor cores), `kernel` = the whole kernel (no such loop: elementwise kernels)
+                      dot: no tensor cores; the BN apply backward's row loop, by its centred sum's FMA), `kernel` =
+                      the whole kernel (no such loop: elementwise kernels)
   scalar_loads        ld.global of one element (2 or 4 bytes) in that loop: not vectorised, not pipelined
   vector_loads        16-byte ld.global (v4.b32, v2.b64, v8.b16) in that loop
   narrow_vector_loads 4- and 8-byte vector ld.global (v2.b16, v2.b32, v4.b16) in that loop
@@ -47,12 +48,17 @@ not a prediction: a GPU's measured % of roofline replaces it, bench_layers.py):
                       instructions (calibrated on the H100's ncu run, where the GEMMs were issue-bound). The busiest
                       SM's share: waves x program_instrs for equal programs; the dgrad's stride phases, which run
                       different tap counts, by their total work in whole programs
+  entry_sass          an element-wise kernel's (not a GEMM's) SASS instructions in its own function, each once
+  latency_us          an element-wise kernel's issue at ELEMENTWISE_CPI cycles a warp instruction (calibrated on the
+                      H100's ncu run of the BN apply backward): the busiest SM's programs x (entry_sass + (steps - 1) x
+                      loop_sass) x warps x CPI over its resident warps (elementwise_latency_s)
   tail_steps, tail_us the serial tail of the launch's in-kernel reductions (the statistics merge, the backward's sums,
                       the wgrad's split partials): the steps its last program takes after the last wave while the other
                       SMs idle (two-level sums: the last chunk's steps, an arrival, the level-2 steps), at step times
                       measured by Nsight Compute on an H100 (SUM_STEP_US, MERGE_STEP_US: how they were derived is
                       written beside them)
-  struct_us           max(max(exec_flops / peak, min_bytes / bandwidth) * waves * 132 / programs, issue_us) + tail_us:
+  struct_us           max(max(exec_flops / peak, min_bytes / bandwidth) * waves * 132 / programs, issue_us, latency_us)
+                      + tail_us:
                       every SM at the peak and bandwidth share of one SM (perfect pipelining, no L2 misses beyond
                       min_bytes, no launch cost) or issuing its loops' instructions, the slowest SM deciding, then the
                       reductions' serial tail
@@ -115,8 +121,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 AUDIT_FIELDS = ("kernel", "config", "flags", "shape", "dtype", "arch", "regs", "spills", "smem_bytes", "mma", "loop",
                 "scalar_loads", "vector_loads", "narrow_vector_loads", "async_copies", "async_16", "tma_loads",
                 "flops", "min_bytes", "floor_us", "programs", "exec_flops", "occupancy", "waves", "loop_instrs",
-                "outer_instrs", "loop_sass", "outer_sass", "program_instrs", "issue_us", "tail_steps", "tail_us",
-                "struct_us", "struct_pct", "launches", "models", "git_commit", "triton_version")
+                "outer_instrs", "loop_sass", "outer_sass", "program_instrs", "issue_us", "entry_sass",
+                "latency_us", "tail_steps", "tail_us", "struct_us", "struct_pct", "launches", "models", "git_commit",
+                "triton_version")
 BYTES_FIELDS = ("model", "dtype", "batch", "side", "triton_launches", "triton_bytes", "aten_ops", "aten_bytes",
                 "total_bytes", "ratio_to_eager", "git_commit", "torch_version", "triton_version")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp32-ieee": torch.float32}
@@ -273,6 +280,7 @@ class Compiled:
     outer_instrs: int = 0  # those of the outermost loop holding it, once (inner body included), when it is nested
     loop_sass: int = 0     # the same loops' SASS instructions (what the SM issues); 0 when no SASS could be read
     outer_sass: int = 0
+    entry_sass: int = 0    # SASS instructions of the kernel's own function (its loops once; no noinline callee)
 
 
 def analyse(kernel, arch: int) -> Compiled:
@@ -285,11 +293,13 @@ def analyse(kernel, arch: int) -> Compiled:
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
     regs, spills = ptxas_usage(ptx, arch)
     outer = mma_loop(lines, _MMA if loop == "mma" else _FMA, innermost=False) if span else None
-    loop_sass, outer_sass = sass_loops(kernel, loop == "mma") if span else (0, 0)
+    gemm = kernel.metadata.name in GEMM_KERNELS
+    text = sass_text(kernel) if span or not gemm else None
+    loop_sass, outer_sass = sass_loops(text, loop == "mma") if span else (0, 0)
     return Compiled(regs, spills, int(kernel.metadata.shared), mma, loop if span else "kernel", load_counts(body),
                     used_params(ptx), instruction_count(body) if span else 0,
                     instruction_count(lines[outer[0]:outer[1] + 1]) if outer and outer != span else 0,
-                    loop_sass, outer_sass if outer and outer != span else 0)
+                    loop_sass, outer_sass if outer and outer != span else 0, 0 if gemm else entry_sass(text))
 
 
 _SASS_LABEL = re.compile(r"^([A-Za-z_.$][\w.$]*):$")
@@ -308,11 +318,20 @@ def sass_text(kernel) -> Optional[str]:
         return None
 
 
-def sass_loops(kernel, mma: bool) -> tuple[int, int]:
+def entry_sass(text: Optional[str]) -> int:
+    """SASS instructions of the kernel's own function, each once: those up to its last EXIT (noinline callees are
+    laid out after it, and end in RET); 0 without SASS."""
+    if text is None:
+        return 0
+    lines = text.splitlines()
+    ends = [i for i, line in enumerate(lines) if "\t" in line and re.search(r"\bEXIT\b", line)]
+    return sum(1 for line in lines[:ends[-1] + 1] if "\t" in line) if ends else 0
+
+
+def sass_loops(text: Optional[str], mma: bool) -> tuple[int, int]:
     """SASS instructions in the innermost and the outermost loop (a label and a later branch back to it) holding an
-    HGMMA / HMMA (mma) or FFMA; (0, 0) without SASS or without such a loop. The outer count is that of the
-    outermost loop (the same as the inner one unless the loop is nested)."""
-    text = sass_text(kernel)
+    HGMMA / HMMA (mma) or FFMA in the cubin's SASS `text`; (0, 0) without SASS or without such a loop. The outer
+    count is that of the outermost loop (the same as the inner one unless the loop is nested)."""
     if text is None:
         return 0, 0
     lines = text.splitlines()
@@ -515,8 +534,8 @@ def reduction_tail(name: str, bound: dict, kwargs: dict) -> tuple[int, float]:
     if name == "_conv_fwd_kernel" and kwargs.get("STATS"):
         steps = _two_level_steps(cdiv(bound["M"], kwargs["PART_M"]), 1, block_s, chunk)
         return steps, steps * MERGE_STEP_US
-    if name == "_bn_apply_bwd_kernel" and kwargs.get("SUMS"):
-        steps = _two_level_steps(cdiv(bound["M"], kwargs["PART_M"]), 1, block_s, chunk)
+    if name == "_bn_apply_bwd_kernel" and kwargs.get("SUMS"):   # one slot a program of ROWS rows
+        steps = _two_level_steps(cdiv(bound["M"], bound["ROWS"]), 1, block_s, chunk)
     elif name == "_conv_dgrad_kernel" and ((kwargs.get("PROLOGUE") and kwargs.get("STATS")) or kwargs.get("TAIL")):
         steps = _two_level_steps(cdiv(bound["M_PH"], kwargs["PART_M"]), bound["STRIDE_H"] * bound["STRIDE_W"],
                                     block_s, chunk)
@@ -545,6 +564,28 @@ def reduction_tail(name: str, bound: dict, kwargs: dict) -> tuple[int, float]:
 ISSUE_SASS_PER_SM_S = 1.93e9
 SASS_PER_PTX = 1.4
 
+# Latency of the element-wise kernels (every kernel but the GEMMs). Nsight Compute on the H100
+# (bench/results/ncu_cuda_20261124.log, pe-2-4-1 layer1.0.conv2, fp16, batch 128) found the BN apply backward -- one
+# 32-row tile a program, five cross-row sums through shared memory, 114 registers -- at 145 us against its 42 us of
+# traffic: DRAM 27 % busy, L1/TEX 90 %, 0.77 warp instructions issued per SM cycle, each warp issuing one every
+# 20.09 cycles (stalled on shared memory, barriers and loads), 4 blocks of 4 warps resident. The model: each resident
+# warp issues one instruction every ELEMENTWISE_CPI cycles at SM_CLOCK_HZ (ncu's SM frequency), the busiest SM running
+# its programs' SASS (the kernel's own function once, its row loop once a step) over its resident warps. On that
+# launch it gives 131 us with the serial tail (1239 SASS a warp x 32 programs x 20.09 / 16 warps / 1.59 GHz + 6 us):
+# 10 % under the measured. Assumed, not measured: that a kernel with fewer shared-memory round trips stalls no less
+# (pessimistic where the loads dominate), and that loads in flight are enough for the bandwidth (min_bytes).
+ELEMENTWISE_CPI = 20.09
+SM_CLOCK_HZ = 1.59e9
+
+
+def elementwise_latency_s(info, outer_iters: int, programs_on_sm: int, occupancy: int, num_warps: int) -> float:
+    """Seconds the busiest SM takes to issue an element-wise kernel's programs at ELEMENTWISE_CPI cycles a warp
+    instruction: programs x (the function's SASS + (steps - 1) x its loop's) x warps x CPI over the warps resident
+    (occupancy blocks, at most the programs it has); 0 without SASS."""
+    program = info.entry_sass + max(outer_iters - 1, 0) * info.loop_sass
+    resident = min(max(occupancy, 1), max(programs_on_sm, 1)) * num_warps
+    return programs_on_sm * num_warps * program * ELEMENTWISE_CPI / resident / SM_CLOCK_HZ
+
 
 def loop_iterations(name: str, bound: dict, kwargs: dict, phase: Optional[int] = None) -> tuple[int, int]:
     """(iterations of a GEMM program's outer MMA loop, iterations of its inner loop per outer one: 1 unless the loop
@@ -566,6 +607,8 @@ def loop_iterations(name: str, bound: dict, kwargs: dict, phase: Optional[int] =
             b, S, bound["PAD_W"], sw, bound["DIL_W"]) for a, b in phases)
         inner = cdiv(bound["C_g"], kwargs.get("BLOCK_C", 16)) if kwargs.get("RECOMPUTE_Y") else 1
         return cdiv(taps * K_g, bk), inner
+    if name == "_bn_apply_bwd_kernel":   # its row loop: ROWS / BLOCK_M steps a program
+        return cdiv(bound["ROWS"], kwargs["BLOCK_M"]), 1
     return 0, 0
 
 
@@ -628,11 +671,14 @@ def _record(audit: Audit, arch: int, fn, args: tuple, kwargs: dict, original_run
     tail_steps, tail_us = reduction_tail(name, bound, kwargs)
     per_program, per_sm = busiest_sm_instructions(name, bound, kwargs, info, programs)
     issue_s = per_sm * constexprs["num_warps"] / ISSUE_SASS_PER_SM_S   # the busiest SM's programs
+    latency_s = 0.0 if name in GEMM_KERNELS else elementwise_latency_s(
+        info, loop_iterations(name, bound, kwargs)[0], waves, occupancy, constexprs["num_warps"])
     struct_s = (max(executed / peak * waves * H100_SMS / max(programs, 1),
-                    nbytes / bandwidth * waves * H100_SMS / max(programs, 1), issue_s) + tail_us * 1e-6)
+                    nbytes / bandwidth * waves * H100_SMS / max(programs, 1), issue_s, latency_s) + tail_us * 1e-6)
     model = dict(exec_flops=executed, occupancy=occupancy, waves=waves, loop_instrs=info.loop_instrs,
                  outer_instrs=info.outer_instrs, loop_sass=info.loop_sass, outer_sass=info.outer_sass,
-                 program_instrs=per_program, issue_us=round(issue_s * 1e6, 3),
+                 program_instrs=per_program, issue_us=round(issue_s * 1e6, 3), entry_sass=info.entry_sass,
+                 latency_us=round(latency_s * 1e6, 3),
                  tail_steps=tail_steps, tail_us=round(tail_us, 3), struct_us=round(struct_s * 1e6, 3),
                  struct_pct=round(100 * floor / (struct_s * 1e6), 1) if struct_s > 0 else "")
     if first:

@@ -248,3 +248,29 @@ def test_issue_model_counts_each_programs_loop_instructions():
     # 3x3 / stride 2: phases of 1, 2, 2, 4 taps (K_g = 64: 1, 2, 2, 4 steps): 9 steps per 4 programs
     three = dict(one, S=3, RSK=9 * 64, PAD_H=1, PAD_W=1)
     assert ka.busiest_sm_instructions("_conv_dgrad_kernel", three, dict(BLOCK_K=64), flat, 4 * 132) == (400, 400 * 3)
+
+
+def test_elementwise_latency_model_reproduces_its_calibration():
+    """elementwise_latency_s: the busiest SM's programs x (the function's SASS + (steps - 1) x its loop's) x warps x
+    ELEMENTWISE_CPI over its resident warps. On the launch it was calibrated on (the one-tile BN apply backward on
+    the H100: 1239 SASS a warp, 32 programs on the busiest SM, 4 resident of 4 warps; ncu: 145 us, 6.25 us of it the
+    modelled serial tail) it gives 125 us; the row loop counts once a step; resident warps are at most the SM's
+    programs'. entry_sass reads the kernel's own function (up to its last EXIT), not a noinline callee after it."""
+    import kernel_audit as ka
+
+    one_tile = ka.Compiled(0, 0, 0, "none", "kernel", {}, set(), entry_sass=1239)
+    measured_us, tail_us = 145.0, 6.25
+    modelled_us = ka.elementwise_latency_s(one_tile, 0, 32, 4, 4) * 1e6
+    assert modelled_us == pytest.approx(32 * 4 * 1239 * ka.ELEMENTWISE_CPI / 16 / ka.SM_CLOCK_HZ * 1e6)
+    assert 0.85 * measured_us < modelled_us + tail_us <= measured_us
+    looped = ka.Compiled(0, 0, 0, "none", "fma", {}, set(), loop_sass=172, entry_sass=503)
+    assert ka.elementwise_latency_s(looped, 4, 16, 5, 4) == pytest.approx(
+        16 * 4 * (503 + 3 * 172) * ka.ELEMENTWISE_CPI / 20 / ka.SM_CLOCK_HZ)
+    assert ka.elementwise_latency_s(looped, 1, 2, 5, 4) == pytest.approx(
+        2 * 4 * 503 * ka.ELEMENTWISE_CPI / 8 / ka.SM_CLOCK_HZ)
+    assert ka.loop_iterations("_bn_apply_bwd_kernel", dict(ROWS=64), dict(BLOCK_M=16)) == (4, 1)
+    # one slot a program of ROWS rows: 2048 slots in 32 chunks of 64 -> 2 steps, an arrival, 1 level-2 step
+    assert ka.reduction_tail("_bn_apply_bwd_kernel", dict(M=131072, ROWS=64), dict(SUMS=True)) == (
+        4, 4 * ka.SUM_STEP_US)
+    sass = "Function:k\n--:-\tIMAD R1;\nLBB0:\n--:-\tLDG R2;\n--:-\t@P0 BRA LBB0;\n--:-\tEXIT;\nLBB1:\n--:-\tRET;\n"
+    assert ka.entry_sass(sass) == 4 and ka.entry_sass(None) == 0

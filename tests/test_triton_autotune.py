@@ -156,7 +156,7 @@ def test_conv_backward_sums_survive_autotune_trials(replay, block_ms, with_epilo
 
 @pytest.mark.parametrize("block_ms", SEQUENCES)
 def test_bn_apply_backward_sums_survive_autotune_trials(replay, block_ms):
-    replay(block_ms)  # BLOCK_M 32 then 64, or 64 then 32, on slots of 32 rows
+    replay(block_ms)  # BLOCK_M 32 then 64, or 64 then 32, in programs (and slots) of 128 rows
     device = _device()
     gen = torch.Generator().manual_seed(2)
     y, res, grad = (torch.randn(2, 24, 9, 9, generator=gen) for _ in range(3))
@@ -165,7 +165,7 @@ def test_bn_apply_backward_sums_survive_autotune_trials(replay, block_ms):
     out = ref.bn_apply(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
     got = bn_apply_mod.bn_apply_bwd(grad.to(device), *[a.to(device) if isinstance(a, torch.Tensor) else a
                                                        for a in args], out.float().to(device), [True] * 6,
-                                    tiles={"BLOCK_M": 32})
+                                    tiles={"BLOCK_M": 64, "ROWS": 128})
     want = ref.bn_apply_backward(grad.double(), *[a.double() if isinstance(a, torch.Tensor) else a for a in args],
                                  out, [True] * 6)
     for name, g, w in zip(["dy", "d_scale", "d_shift", "d_residual", "d_residual_scale", "d_residual_shift"],

@@ -59,10 +59,13 @@ def _common():
     return importlib.import_module("pe_kernels.triton._common")
 
 
-def _bn_apply_tiles(a: dict, part: bool) -> dict:
-    block_k = _common().pow2_tile(a["K"], 16, 128)   # bn_apply._tiles' GPU branch (its interpreter branch differs)
-    block_m = max(16, 4096 // block_k)
-    return dict(BLOCK_K=block_k, BLOCK_M=block_m, **({"PART_M": block_m} if part else {}))
+def _bn_apply_tiles(a: dict, backward: bool) -> dict:
+    """bn_apply._tiles' GPU branch (the forward) or bn_apply.bwd_tiles' (the backward: BWD_TILE_ELEMS a step; its ROWS
+    is a runtime argument); their interpreter branches differ."""
+    block_k = _common().pow2_tile(a["K"], 16, 128)
+    if backward:
+        return dict(BLOCK_K=block_k, BLOCK_M=max(1, 2048 // block_k))
+    return dict(BLOCK_K=block_k, BLOCK_M=max(16, 4096 // block_k))
 
 
 def _gemm_tiles(n: int, dtype, length: int) -> dict:

@@ -8,17 +8,23 @@ Math (pe_kernels.reference.bn_apply / bn_apply_backward)::
     dy = g * scale,  d_scale = sum g * y,  d_shift = sum g
     d_residual = g * residual_scale,  d_residual_scale = sum g * residual,  d_residual_shift = sum g
 
-The scale sums are formed centred on each tile's mean (sum_centred): sum g (y - m_t) + m_t sum g, so that the BN
-weight gradient, sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's sum g (y - mean).
+The scale sums are formed centred on the channel's first value (y0 of y, r0 of the residual: row 0; 0 where it is
+not finite), as reference.sum_centred: sum g (y - y0) + y0 sum g, so that the BN weight gradient,
+sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's sum g (y - mean). (sum_centred below, centred on a
+tile's mean, serves the conv backward's prologue sums.)
 
-Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy, d_residual and
-per-slot fp32 partials (slots, 3, K) [sum g*y, sum g, sum g*residual]; in the same launch they are summed in two
-levels (_common.sum_chunks_if_last): the last M tile of each chunk of CHUNK_SLOTS slots to arrive at its counter
+Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy and d_residual. Each of
+its programs loops over ROWS rows of one column block (bwd_tiles: ~1024 programs on a GPU), every load of a step
+before any store, the sums accumulated element-wise in registers and summed across rows once a program, into one
+fp32 slot of (programs, 3, K) [sum g (y - y0), sum g, sum g (r - r0)]; in the same launch the slots are summed in two
+levels (_common.sum_chunks_if_last): the last program of each chunk of CHUNK_SLOTS slots to arrive at its counter
 (_common.last_arrival, counters from _common.stream_counters, reset by their last programs) sums the chunk, the last
 chunk of each column block sums the chunks' totals, in fixed orders (deterministic, no atomics on values), into the
-needed sums, each a tensor of its own; every slot is written (store_part), so the buffer needs no zeroing. Launches:
+needed sums, each a tensor of its own; every slot read is written, so the buffer needs no zeroing. Where every tensor
+is channels_last (FLAT) a program addresses its rows as m * K + k from its first row: no (n, h, w) from m. Launches:
 the apply, one kernel; its backward, one; no other device work.
-Grid: (tiles of M = N*H*W, tiles of K). Any input strides; outputs channels_last.
+Grid: (tiles of M = N*H*W, tiles of K) for the apply, (programs of ROWS rows, tiles of K) for its backward. Any input
+strides; outputs channels_last.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import triton.language as tl
 
 from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor, affine_pair, cdiv,
                       channels_last_strides, check_4d, check_activation_dtype, check_same_device, check_shape,
-                      check_vector, chunk_counters, dummy, empty_channels_last, nhwc_tile, pow2_tile, slot_chunk,
-                      slot_chunks, store_part, stream_counters, strides4, sum_chunks_if_last, tensor_key,
+                      check_vector, chunk_counters, dense_rows, dummy, empty_channels_last, nhwc_tile, pow2_tile,
+                      slot_chunk, slot_chunks, stream_counters, strides4, sum_chunks_if_last, tensor_key,
                       tile_offsets)
 
 
@@ -107,7 +113,36 @@ def _bn_apply_kernel(
                  mask=mask_m[:, None] & (word < n_words)[None, :])
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit
+def channel_centre(ptr, offs_k, mask_k, s_c):
+    """Per column, the channel's first value (row 0) in fp32, or 0 where it is not finite: the centre v0 of a
+    centred sum sum g (v - v0) + v0 sum g (reference.sum_centred)."""
+    v0 = tl.load(ptr + offs_k.to(tl.int64) * s_c, mask=mask_k, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(v0) < float("inf"), v0, 0.0)
+
+
+@triton.jit
+def rows_tile(ptr, flat_offs, offs_k, mask, n, h, w, s_n, s_c, s_h, s_w, FLAT: tl.constexpr):
+    """One (rows x channels) tile of a 4-D tensor: at `ptr` + flat_offs (FLAT: this program's rows dense at
+    m * K + k from `ptr`), else at its strides from (n, h, w, k)."""
+    if FLAT:
+        v = tl.load(ptr + flat_offs, mask=mask, other=0.0)
+    else:
+        v = tl.load(ptr + tile_offsets(n, h, w, offs_k.to(tl.int64), s_n, s_c, s_h, s_w), mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def store_rows_tile(ptr, value, flat_offs, offs_k, mask, n, h, w, s_n, s_c, s_h, s_w, FLAT: tl.constexpr):
+    """Store `value` (cast to the tensor's dtype) into one tile of a 4-D tensor, addressed as rows_tile."""
+    value = value.to(ptr.dtype.element_ty)
+    if FLAT:
+        tl.store(ptr + flat_offs, value, mask=mask)
+    else:
+        tl.store(ptr + tile_offsets(n, h, w, offs_k.to(tl.int64), s_n, s_c, s_h, s_w), value, mask=mask)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["ROWS"])
 def _bn_apply_bwd_kernel(
     go_ptr,         # grad_out (N, K, H, W), any strides
     out_ptr,        # forward output (ReLU mask), any strides, or unused
@@ -117,8 +152,8 @@ def _bn_apply_bwd_kernel(
     rscale_ptr,     # (K,) residual_scale, contiguous, or unused
     dy_ptr,         # out: dy, any strides, or unused
     dres_ptr,       # out: d_residual, any strides, or unused
-    part_ptr,       # out: (cdiv(M, PART_M) + chunks, 3, K) fp32 [sum g*y, sum g, sum g*residual]: every slot
-                    # written, then the chunks' level-2 slots (slot_chunks)
+    part_ptr,       # out (SUMS): (programs along M + chunks, 3, K) fp32 [sum g (y - y0), sum g, sum g (r - r0)]:
+                    # one slot a program (the rows asked for), then the chunks' level-2 slots (slot_chunks)
     dscale_ptr,     # out: (K,) fp32 d_scale = sum g*y (SUM_GY), or unused
     dshift_ptr,     # out: (K,) fp32 d_shift = sum g (SUM_G), or unused
     drscale_ptr,    # out: (K,) fp32 d_residual_scale = sum g*residual (SUM_GR), or unused
@@ -126,6 +161,7 @@ def _bn_apply_bwd_kernel(
     sem_ptr,        # (chunk_counters(column blocks, chunks),) int32 counters, 0 at launch, left at 0 (SUMS), or
                     # unused
     K, H, W, M,                  # channels, height, width, M = N*H*W
+    ROWS,                        # rows a program: a multiple of BLOCK_M (its loop's steps)
     sgn, sgc, sgh, sgw,          # grad_out strides
     son, soc, soh, sow,          # out strides
     syn, syc, syh, syw,          # y strides
@@ -136,75 +172,117 @@ def _bn_apply_bwd_kernel(
     STORE_DY: tl.constexpr, SUM_GY: tl.constexpr, STORE_DRES: tl.constexpr, SUM_GR: tl.constexpr,
     SUM_G: tl.constexpr, SUM_G_RES: tl.constexpr,   # write d_shift / d_residual_shift
     SUMS: tl.constexpr,          # any of the four sums: the last program of each column block reduces the slots
-    PART_M: tl.constexpr,        # rows per partial-sum slot (BLOCK_M is a multiple of it)
+    FLAT: tl.constexpr,          # every tensor's element (m, k) at m * K + k (channels_last and its likes): no
+                                 # (n, h, w) from m, 32-bit offsets from the program's first row
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,       # slots per step of the reduction (REDUCE_SLOTS)
     CHUNK: tl.constexpr,         # slots per chunk of the two-level reduction (CHUNK_SLOTS)
 ):
     pid_m = tl.program_id(0)
-    offs_m, offs_k, mask_m, mask_k, n, h, w, k = nhwc_tile(pid_m, tl.program_id(1), M, K, H, W, BLOCK_M, BLOCK_K)
-    mask = mask_m[:, None] & mask_k[None, :]
-
-    g = tl.load(go_ptr + tile_offsets(n, h, w, k, sgn, sgc, sgh, sgw), mask=mask, other=0.0)
-    g = g.to(tl.float32)
-    if RELU:
-        o = tl.load(out_ptr + tile_offsets(n, h, w, k, son, soc, soh, sow), mask=mask, other=0.0)
-        g = tl.where(o <= 0, 0.0, g)
-    # Every slot of the three sums is written (zeros where unused): the buffer needs no zeroing.
-    zero = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    store_part(part_ptr + K, pid_m, M, 3 * K, offs_k, mask_k, tl.sum(g, axis=0), PART_M, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
     if STORE_DY:
-        dy = g * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-        tl.store(dy_ptr + tile_offsets(n, h, w, k, sdn, sdc, sdh, sdw),
-                 dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+    if STORE_DRES and HAS_RSCALE:
+        rscale = tl.load(rscale_ptr + offs_k, mask=mask_k, other=0.0)
+    # the sums accumulate element-wise over the program's rows, and are summed across rows once, at the end
+    acc_g = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_gy = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_gr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if SUM_GY:
-        yv = tl.load(y_ptr + tile_offsets(n, h, w, k, syn, syc, syh, syw), mask=mask, other=0.0)
-        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, sum_centred(g, yv.to(tl.float32), mask), PART_M,
-                   BLOCK_M)
-    else:
-        store_part(part_ptr, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
-    if STORE_DRES:
-        dr = g
-        if HAS_RSCALE:
-            dr = g * tl.load(rscale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-        tl.store(dres_ptr + tile_offsets(n, h, w, k, sen, sec, seh, sew),
-                 dr.to(dres_ptr.dtype.element_ty), mask=mask)
+        y0 = channel_centre(y_ptr, offs_k, mask_k, syc)
     if SUM_GR:
-        rv = tl.load(res_ptr + tile_offsets(n, h, w, k, srn, src, srh, srw), mask=mask, other=0.0)
-        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, sum_centred(g, rv.to(tl.float32), mask),
-                   PART_M, BLOCK_M)
-    else:
-        store_part(part_ptr + 2 * K, pid_m, M, 3 * K, offs_k, mask_k, zero, PART_M, BLOCK_M)
+        r0 = channel_centre(res_ptr, offs_k, mask_k, src)
+    row0 = pid_m * ROWS
+    go_rows, out_rows, y_rows, res_rows, dy_rows, dres_rows = go_ptr, out_ptr, y_ptr, res_ptr, dy_ptr, dres_ptr
+    if FLAT:   # the program's rows from here on: 32-bit offsets (ROWS * K < 2**31, the launcher checks)
+        first = row0.to(tl.int64) * K
+        go_rows += first
+        out_rows += first
+        y_rows += first
+        res_rows += first
+        dy_rows += first
+        dres_rows += first
+    rows = tl.arange(0, BLOCK_M)
+    for r in range(0, ROWS, BLOCK_M):
+        offs_m = row0 + r + rows
+        mask = (offs_m < M)[:, None] & mask_k[None, :]
+        if FLAT:
+            flat = (r + rows)[:, None] * K + offs_k[None, :]
+            n = 0
+            h = 0
+            w = 0
+        else:
+            flat = 0
+            n = (offs_m // (H * W)).to(tl.int64)
+            hw = offs_m % (H * W)
+            h = (hw // W).to(tl.int64)
+            w = (hw % W).to(tl.int64)
+        # every load of the step before any store (a store may alias a later load: the compiler keeps their order),
+        # so that a step waits for one memory round trip, not two
+        g = rows_tile(go_rows, flat, offs_k, mask, n, h, w, sgn, sgc, sgh, sgw, FLAT).to(tl.float32)
+        if RELU:
+            o = rows_tile(out_rows, flat, offs_k, mask, n, h, w, son, soc, soh, sow, FLAT)
+        if SUM_GY:
+            yv = rows_tile(y_rows, flat, offs_k, mask, n, h, w, syn, syc, syh, syw, FLAT).to(tl.float32)
+        if SUM_GR:
+            rv = rows_tile(res_rows, flat, offs_k, mask, n, h, w, srn, src, srh, srw, FLAT).to(tl.float32)
+        if RELU:
+            g = tl.where(o <= 0, 0.0, g)
+        if STORE_DY:
+            store_rows_tile(dy_rows, g * scale[None, :], flat, offs_k, mask, n, h, w, sdn, sdc, sdh, sdw, FLAT)
+        if STORE_DRES:
+            dr = g
+            if HAS_RSCALE:
+                dr = g * rscale[None, :]
+            store_rows_tile(dres_rows, dr, flat, offs_k, mask, n, h, w, sen, sec, seh, sew, FLAT)
+        if SUMS:
+            acc_g += g
+        if SUM_GY:
+            acc_gy += g * (yv - y0[None, :])
+        if SUM_GR:
+            acc_gr += g * (rv - r0[None, :])
     if SUMS:
-        _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, K, M, SUM_GY, SUM_G,
-                      SUM_GR, SUM_G_RES, PART_M, BLOCK_S, BLOCK_K, CHUNK)
+        # one slot a program: sum g always (the centred sums' v0 * sum g is added to the totals), the others asked
+        slot = part_ptr + pid_m.to(tl.int64) * 3 * K + offs_k
+        tl.store(slot + K, tl.sum(acc_g, axis=0), mask=mask_k)
+        if SUM_GY:
+            tl.store(slot, tl.sum(acc_gy, axis=0), mask=mask_k)
+        if SUM_GR:
+            tl.store(slot + 2 * K, tl.sum(acc_gr, axis=0), mask=mask_k)
+        _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, y_ptr, syc, res_ptr, src,
+                      K, SUM_GY, SUM_G, SUM_GR, SUM_G_RES, BLOCK_S, BLOCK_K, CHUNK)
 
 
 @triton.jit(noinline=True)
-def _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, K, M, SUM_GY: tl.constexpr,
-                  SUM_G: tl.constexpr, SUM_GR: tl.constexpr, SUM_G_RES: tl.constexpr, PART_M: tl.constexpr,
+def _sums_if_last(part_ptr, dscale_ptr, dshift_ptr, drscale_ptr, drshift_ptr, sem_ptr, y_ptr, syc, res_ptr, src, K,
+                  SUM_GY: tl.constexpr, SUM_G: tl.constexpr, SUM_GR: tl.constexpr, SUM_G_RES: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    """d_scale, d_shift, d_residual_scale, d_residual_shift of this column block from the (cdiv(M, PART_M), 3, K)
-    partials (those asked for), in two levels (sum_chunks_if_last: the last tile of each chunk of CHUNK slots, then
-    the last chunk; the level-2 slots after the slots), written by the last program; counters left at 0."""
+    """d_scale, d_shift, d_residual_scale, d_residual_shift of this column block (those asked for) from the
+    (programs along M, 3, K) slots [sum g (y - y0), sum g, sum g (r - r0)], in two levels (sum_chunks_if_last: the
+    last program of each chunk of CHUNK slots, then the last chunk; the level-2 slots after the slots), written by
+    the last program, the centred sums completed there: sum g*y = sum g (y - y0) + y0 sum g (y0 the channel's first
+    value, reference.sum_centred); counters left at 0."""
     pid_k = tl.program_id(1)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K
-    n_slots = tl.cdiv(M, PART_M)
-    chunk, arrivals, first, count = slot_chunk(tl.program_id(0), tl.num_programs(0), 0, n_slots, CHUNK, CHUNK)
+    n_slots = tl.num_programs(0)
+    chunk, arrivals, first, count = slot_chunk(tl.program_id(0), n_slots, 0, n_slots, CHUNK, CHUNK)
     level2 = part_ptr + tl.cast(n_slots, tl.int64) * 3 * K
     t_gy, t_g, t_gr, final = sum_chunks_if_last(part_ptr, level2, 3 * K, K, sem_ptr, pid_k, tl.num_programs(1),
                                                 tl.cdiv(n_slots, CHUNK), chunk, arrivals, first, count, offs, mask,
-                                                SUM_GY, SUM_G or SUM_G_RES, SUM_GR, BLOCK_S, BLOCK_K)
+                                                SUM_GY, True, SUM_GR, BLOCK_S, BLOCK_K)
     if final:
         if SUM_GY:
-            tl.store(dscale_ptr + offs, t_gy, mask=mask)
+            y0 = channel_centre(y_ptr, offs, mask, syc)
+            tl.store(dscale_ptr + offs, t_gy + tl.where(y0 == 0.0, 0.0, y0 * t_g), mask=mask)
         if SUM_G:
             tl.store(dshift_ptr + offs, t_g, mask=mask)
         if SUM_G_RES:
             tl.store(drshift_ptr + offs, t_g, mask=mask)
         if SUM_GR:
-            tl.store(drscale_ptr + offs, t_gr, mask=mask)
+            r0 = channel_centre(res_ptr, offs, mask, src)
+            tl.store(drscale_ptr + offs, t_gr + tl.where(r0 == 0.0, 0.0, r0 * t_g), mask=mask)
 
 
 def _tiles(K: int, tiles: Optional[dict]) -> tuple[int, int]:
@@ -345,6 +423,58 @@ def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, resi
     return out
 
 
+# The backward's tiles on a GPU: BLOCK_M x BLOCK_K = BWD_TILE_ELEMS elements a loop step (8 a thread on 4 warps: one
+# 16-byte load of each 2-byte input), and each program loops over ROWS = steps x BLOCK_M rows, the steps (at most
+# BWD_MAX_STEPS, a power of two) as many as leave BWD_PROGRAMS programs (~8 an H100 SM): the cross-row sums, their
+# shared-memory round trips and the slot's arrival at its counter come once a program, not once a tile. Half the
+# elements for 4-byte activations (the same bytes a step), half with the residual's sum (a third accumulator), a
+# quarter on the strided path (a 64-bit address an element and tensor: 2048 spilled 408 bytes with Triton 3.6;
+# bwd_tile_elems). Chosen by bench/kernel_audit.py's model over the PE-(2,4,1) shapes, fp16 (sum of floors over sum of
+# modelled times; 2048 / 2048: 83.7 %, 2048 / 1024: 87.8 %, 1024 / 1024: 88.9 %, 512 / 1024: 89.4 % with more
+# per-program overhead unmodelled); not measured.
+BWD_TILE_ELEMS = 1024
+BWD_PROGRAMS = 1024
+BWD_MAX_STEPS = 16
+BWD_TILE_KEYS = frozenset({"BLOCK_M", "BLOCK_K", "ROWS"})
+
+
+def bwd_tile_elems(flat: bool, sum_residual: bool, itemsize: int) -> int:
+    """Elements a loop step of the backward on a GPU: BWD_TILE_ELEMS for 2-byte activations, halved for 4-byte ones
+    and again with the residual's sum, quartered on the strided path (at least 128: one per thread)."""
+    return max(128, BWD_TILE_ELEMS * 2 // max(itemsize, 2) // (1 if flat else 4) // (2 if sum_residual else 1))
+
+
+def bwd_tiles(M: int, K: int, tiles: Optional[dict], elems: int = BWD_TILE_ELEMS) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, ROWS) of bn_apply's backward, `elems` a step on a GPU (bwd_tile_elems); `tiles` may set
+    any of them (ROWS a multiple of BLOCK_M; by default one step a program when a tile is set, else the steps
+    BWD_PROGRAMS leaves)."""
+    tiles = tiles or {}
+    unknown = set(tiles) - BWD_TILE_KEYS
+    if unknown:
+        raise ValueError(f"bn_apply backward tiles: unknown key(s) {sorted(unknown)}; known: {sorted(BWD_TILE_KEYS)}")
+    block_k = tiles.get("BLOCK_K") or pow2_tile(K, 16, 256 if INTERPRET else 128)
+    block_m = tiles.get("BLOCK_M") or max(1, (8192 if INTERPRET else elems) // block_k)
+    rows = tiles.get("ROWS")
+    if rows is None:
+        steps, m_tiles, n_cols = 1, cdiv(M, block_m), cdiv(K, block_k)
+        if not INTERPRET and not tiles:
+            while steps < BWD_MAX_STEPS and cdiv(m_tiles, 2 * steps) * n_cols >= BWD_PROGRAMS:
+                steps *= 2
+        rows = steps * block_m
+    if rows <= 0 or rows % block_m:
+        raise ValueError(f"bn_apply backward tiles: ROWS = {rows} must be a positive multiple of BLOCK_M = {block_m}")
+    return block_m, block_k, rows
+
+
+def flat_rows(t: Optional[Tensor], N: int, K: int, H: int, W: int) -> bool:
+    """Whether element (m, k) of an (N, K, H, W) tensor, m = (n H + h) W + w, lies at m * K + k (channels_last and
+    its likes); an absent tensor does not stand in the way."""
+    if t is None:
+        return True
+    _, sc, _, sw = t.stride()
+    return dense_rows(t.stride(), N, H, W) and sw == K and (sc == 1 or K == 1)
+
+
 class _ApplyBwdPlan:
     """bn_apply_backward's launch from its arguments' metadata (LaunchPlans); see _ApplyPlan."""
 
@@ -366,20 +496,23 @@ class _ApplyBwdPlan:
         N, K, H, W = y.shape
         self.shape, self.M = tuple(y.shape), N * H * W
         self.res_shape = tuple(residual.shape) if has_res else None
-        block_m, block_k = _tiles(K, tiles)
+        flat = all(flat_rows(t, N, K, H, W) for t in (grad_out, out if relu else None, y, residual))
+        block_m, block_k, rows = bwd_tiles(self.M, K, tiles, bwd_tile_elems(flat, need_rscale, y.element_size()))
         self.n_cols = cdiv(K, block_k)
-        # Slots of PART_M = block_m rows, all written by any BLOCK_M multiple of it (store_part), then the chunks'.
-        slots = cdiv(self.M, block_m)
+        # One slot a program along M, then the chunks' level-2 slots; no slot buffer without sums.
+        slots = cdiv(self.M, rows)
         self.n_sems = chunk_counters(self.n_cols, slot_chunks(slots))
-        self.part_shape = (slots + slot_chunks(slots), 3, K)
-        self.grid = (cdiv(self.M, block_m), self.n_cols)
+        self.part_shape = (slots + slot_chunks(slots), 3, K) if any(self.sums) else None
+        self.grid = (slots, self.n_cols)
         cl = channels_last_strides(y.shape)
-        self.scalars = (K, H, W, self.M, *strides4(grad_out), *strides4(out if relu else None), *strides4(y),
+        # FLAT: every tensor read at m * K + k (the outputs are channels_last); a program's rows * K in 32 bits
+        flat = flat and rows * K < 2**31
+        self.scalars = (K, H, W, self.M, rows, *strides4(grad_out), *strides4(out if relu else None), *strides4(y),
                         *strides4(residual), *(cl if need_y else (0, 0, 0, 0)),
                         *(channels_last_strides(residual.shape) if need_res else (0, 0, 0, 0)))
         self.meta = dict(RELU=bool(relu), HAS_RSCALE=has_rscale, STORE_DY=need_y, SUM_GY=need_scale,
                          STORE_DRES=need_res, SUM_GR=need_rscale, SUM_G=need_shift, SUM_G_RES=need_rshift,
-                         SUMS=any(self.sums), PART_M=block_m, BLOCK_M=block_m, BLOCK_K=block_k,
+                         SUMS=any(self.sums), FLAT=flat, BLOCK_M=block_m, BLOCK_K=block_k,
                          BLOCK_S=REDUCE_SLOTS, CHUNK=CHUNK_SLOTS)
         self.cast = not (_is_vec32(scale) and (not has_rscale or _is_vec32(residual_scale)))
 
@@ -410,7 +543,8 @@ def _run_apply_bwd(plan: _ApplyBwdPlan, grad_out, y, scale, shift, residual, res
     device = y.device
     dy = empty_channels_last(plan.shape, y.dtype, device) if need_y else None
     dres = empty_channels_last(plan.res_shape, residual.dtype, device) if need_res else None
-    part = torch.empty(*plan.part_shape, dtype=torch.float32, device=device)
+    part = dummy(device) if plan.part_shape is None else torch.empty(*plan.part_shape, dtype=torch.float32,
+                                                                     device=device)
     # d_scale, d_shift, d_residual_scale, d_residual_shift (= sum g again, a tensor of its own), summed in the
     # kernel; zeros for an empty input (no program runs)
     K = plan.shape[1]
