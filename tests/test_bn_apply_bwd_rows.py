@@ -139,3 +139,63 @@ def test_backward_tiles_refuse_what_they_cannot_run(bad, match, kernel_device):
     out = bn_apply_mod.bn_apply_fwd(*inputs, True)
     with pytest.raises(ValueError, match=match):
         bn_apply_mod.bn_apply_bwd(grad_out, *inputs, True, out, NEEDS_ALL, tiles=bad)
+
+
+def test_dgrad_prologue_and_tail_sums_are_centred_on_each_channels_first_value(kernel_device):
+    """The dgrad's prologue sums (d_in_scale = sum g x) and its tail's (d_scale = sum g y_t, d_residual_scale =
+    sum g r) are centred on each channel's first value as reference.sum_centred: at channels of constant value each
+    centred part is 0, so the scale sums are exactly fl(c * the shift sum) (several tiles, chunks, column blocks)."""
+    from pe_kernels.triton.conv_bwd import TailBwd, conv_bn_bwd_ext, conv_bwd
+
+    gen = torch.Generator().manual_seed(4)
+    N, C, K, H, W, groups = 2, 12, 12, 9, 9, 2
+    c = torch.tensor([1000.5, -3.25, 77.0, 0.0, 12.5, 2.0, -64.0, 0.5, 300.0, -1.0, 5.0, 9.0])
+    const = lambda v: (torch.zeros(N, C, H, W) + v[None, :, None, None]).to(kernel_device).contiguous(  # noqa: E731
+        memory_format=torch.channels_last)
+    x = const(c)
+    w = (torch.randn(K, C // groups, 3, 3, generator=gen) / 4).to(kernel_device)
+    vec = lambda: (torch.rand(C, generator=gen) + 0.5).to(kernel_device)  # noqa: E731
+    geo = ((1, 1), (1, 1), (1, 1), groups)
+    y = torch.randn(N, K, H, W, generator=gen).to(kernel_device).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(N, K, H, W, generator=gen).to(kernel_device).contiguous(memory_format=torch.channels_last)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=2)
+    got = conv_bwd(grad_y, None, x, w, None, vec(), vec() - 1, False, None, None, None, False, *geo, y,
+                   [True] * 5 + [False] * 3, None, tiles=tiles)
+    d_in_scale, d_in_shift = got[3], got[4]
+    assert d_in_shift.abs().max() > 0
+    assert torch.equal(d_in_scale, c.to(kernel_device) * d_in_shift)
+
+    out = torch.relu(torch.randn(N, C, H, W, generator=gen)).to(kernel_device).contiguous(
+        memory_format=torch.channels_last)
+    y_h = torch.randn(N, K, H, W, generator=gen).to(kernel_device).contiguous(memory_format=torch.channels_last)
+    stats_h = torch.stack([y_h.mean((0, 2, 3)), y_h.var((0, 2, 3), unbiased=False) * N * H * W]).float()
+    side = torch.randn(N, C, H, W, generator=gen).to(kernel_device)
+    y_t, res = const(c), const(-2 * c)
+    grad_scale, grad_shift, bn_w = vec(), vec(), vec()
+    _, sums = conv_bn_bwd_ext(grad_y, grad_scale, grad_shift, out, w, None, None, None, False, *geo, y_h, stats_h,
+                              bn_w, 1e-5, [True, True, False, False, False, True, True], tiles,
+                              tail=TailBwd(y_t, side, res, True))
+    d_scale, d_shift, d_res_scale = sums
+    assert d_shift.abs().max() > 0
+    assert torch.equal(d_scale, c.to(kernel_device) * d_shift)
+    assert torch.equal(d_res_scale, (-2 * c).to(kernel_device) * d_shift)
+
+
+def test_a_non_finite_first_value_is_no_centre(kernel_device):
+    """A channel whose first value is inf (or NaN) is summed plainly (its centre 0), as reference.sum_centred: the
+    inf reaches d_scale once, with its gradient's sign (centred on inf, every row's y - inf would make it NaN); a NaN
+    first value gives NaN; the other channels are finite, within the budget."""
+    N, K, H, W = 2, 3, 4, 4
+    inputs, grad_out = _inputs(N, K, H, W, kernel_device, seed=6)
+    y = inputs[0].clone()
+    y[0, 0, 0, 0], y[0, 1, 0, 0] = float("inf"), float("nan")
+    args = tuple(_channels_last(t) for t in (y, *inputs[1:]))
+    needs = [True, True, True, False, False, False]
+    got = bn_apply_mod.bn_apply_bwd(_channels_last(grad_out), *args[:3], None, None, None, False, None, needs,
+                                    tiles=dict(BLOCK_M=16, BLOCK_K=16))
+    want = ref.bn_apply_backward(grad_out.cpu().double(), y.cpu().double(), *(t.cpu().double() for t in args[1:3]),
+                                 None, None, None, False, None, needs)
+    d_scale, expected = got[1].cpu().double(), want[1]
+    assert torch.isinf(expected[0]) and torch.isnan(expected[1])
+    assert d_scale[0] == expected[0] and torch.isnan(d_scale[1])
+    torch.testing.assert_close(d_scale[2], expected[2], rtol=1e-4, atol=1e-4)

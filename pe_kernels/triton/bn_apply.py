@@ -11,7 +11,7 @@ Math (pe_kernels.reference.bn_apply / bn_apply_backward)::
 The scale sums are formed centred on the channel's first value (y0 of y, r0 of the residual: row 0; 0 where it is
 not finite), as reference.sum_centred: sum g (y - y0) + y0 sum g, so that the BN weight gradient,
 sum g*y - mean * sum g, keeps the accuracy of stock BatchNorm's sum g (y - mean). (sum_centred below, centred on a
-tile's mean, serves the conv backward's prologue sums.)
+tile's mean, serves the conv backward's epilogue kernel: d_out_scale.)
 
 Sums run over (n, h, w). The backward reads grad_out, out, y and residual once and writes dy and d_residual. Each of
 its programs loops over ROWS rows of one column block (bwd_tiles: ~1024 programs on a GPU), every load of a step

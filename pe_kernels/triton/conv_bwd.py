@@ -12,7 +12,8 @@ Math (gradients of pe_kernels.reference.conv_fused; g_y = grad_y, acc = conv(x')
     dx'       = conv_transpose(g_acc, w)                  (dgrad: implicit GEMM over (r, s, k))
     gm        = where(x * in_scale + in_shift <= 0, 0, dx')  (if in_relu, else dx')
     dx        = gm * in_scale,  d_in_scale[c] = sum gm * x,  d_in_shift[c] = sum gm
-    (the scale sums d_out_scale and d_in_scale are formed centred on each tile's mean: bn_apply.sum_centred)
+    (the scale sums are formed centred: d_out_scale on each tile's mean, bn_apply.sum_centred; d_in_scale and the
+    tail's on each channel's first value, as reference.sum_centred, bn_apply.channel_centre)
     dw[k,c,r,s] = sum_{n,p,q} g_acc[n,k,p,q] * x'[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]   (wgrad)
 
 Sums run over (n, p, q) or (n, h, w). All of them are deterministic: every program writes fp32 partial sums
@@ -97,7 +98,7 @@ from ._common import (CHUNK_SLOTS, INTERPRET, REDUCE_SLOTS, LaunchPlans, Tensor,
                       krsc_strides, last_arrival, launch, next_pow2, nhwc_tile, pack_groups, part_rows, pow2_tile,
                       prologue_values, reduce_slots, slot_chunk, slot_chunks, store_part, stream_counters, strides4,
                       sum_chunks_if_last, tap_steps, tensor_key, tile_offsets, upcast_bf16, wide_tiles)
-from .bn_apply import sum_centred
+from .bn_apply import channel_centre, sum_centred
 from .bn_finalize import bn_finalize_grads
 from .conv_fwd import (_NOT_SPECIALIZED, GPU_CONFIGS, ConvGeometry, conv_fwd, conv_geometry, forward_tiles,
                        has_prologue)
@@ -491,7 +492,10 @@ def _conv_dgrad_kernel(
             gm_m = tl.where(mask, gm, 0.0)
             # Each phase owns cdiv(M_PH, PART_M) slots (the layout does not depend on the config: store_part)
             part_ph = part_ptr + (phase * tl.cdiv(M_PH, PART_M)).to(tl.int64) * 2 * C
-            store_part(part_ph, tile, M_PH, 2 * C, c, mask_n, sum_centred(gm_m, xv, mask), PART_M, BLOCK_M)
+            # centred on each channel's first value (reference.sum_centred; its x0 * sum g added with the totals)
+            x0 = channel_centre(x_ptr, c, mask_n, sxc)
+            store_part(part_ph, tile, M_PH, 2 * C, c, mask_n, tl.sum(gm_m * (xv - x0[None, :]), axis=0), PART_M,
+                       BLOCK_M)
             store_part(part_ph + C, tile, M_PH, 2 * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
         gm = gm * scale[None, :]
     if TAIL:
@@ -515,22 +519,32 @@ def _conv_dgrad_kernel(
         part_ph = part_ptr + (phase * tl.cdiv(M_PH, PART_M)).to(tl.int64) * n_sums * C
         yt = tl.load(yt_ptr + (n64 * stn + h64 * sth + w64 * stw)[:, None] + (c64 * stc)[None, :], mask=mask,
                      other=0.0).to(tl.float32)
-        store_part(part_ph, tile, M_PH, n_sums * C, c, mask_n, sum_centred(gm_m, yt, mask), PART_M, BLOCK_M)
+        y0 = channel_centre(yt_ptr, c, mask_n, stc)   # centred as the prologue's sums
+        store_part(part_ph, tile, M_PH, n_sums * C, c, mask_n, tl.sum(gm_m * (yt - y0[None, :]), axis=0), PART_M,
+                   BLOCK_M)
         store_part(part_ph + C, tile, M_PH, n_sums * C, c, mask_n, tl.sum(gm_m, axis=0), PART_M, BLOCK_M)
         if TAIL_RES_SUM:
             rv = tl.load(res_ptr + (n64 * srn + h64 * srh + w64 * srw)[:, None] + (c64 * src)[None, :], mask=mask,
                          other=0.0).to(tl.float32)
-            store_part(part_ph + 2 * C, tile, M_PH, n_sums * C, c, mask_n, sum_centred(gm_m, rv, mask), PART_M,
-                       BLOCK_M)
+            r0 = channel_centre(res_ptr, c, mask_n, src)
+            store_part(part_ph + 2 * C, tile, M_PH, n_sums * C, c, mask_n, tl.sum(gm_m * (rv - r0[None, :]), axis=0),
+                       PART_M, BLOCK_M)
     if STORE_DX:
         tl.store(dx_ptr + (n64 * sdn + h64 * sdh + w64 * sdw)[:, None] + (c64 * sdc)[None, :],
                  gm.to(dx_ptr.dtype.element_ty), mask=mask)
     if (PROLOGUE and STATS) or TAIL:
-        # Two-level sums of the slots (after the dx store: the accumulator is dead, its registers free for them).
-        _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, drs_ptr, sem_ptr, grp * C_g + pid_n * BLOCK_N,
-                             tl.minimum(C_g * PACK - pid_n * BLOCK_N, BLOCK_N), tile, tiles_ph, phase,
-                             tl.cdiv(M_PH, PART_M), STRIDE_H * STRIDE_W, C, TAIL_RES_SUM, PART_M, BLOCK_M, BLOCK_S,
-                             BLOCK_N, CHUNK)
+        # Two-level sums of the slots (after the dx store: the accumulator is dead, its registers free for them); the
+        # centred sums completed with the centres' tensors: the tail's y (and residual), else x
+        if TAIL:
+            v_ptr = yt_ptr
+            s_v = stc
+        else:
+            v_ptr = x_ptr
+            s_v = sxc
+        _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, drs_ptr, sem_ptr, v_ptr, s_v, res_ptr, src,
+                             grp * C_g + pid_n * BLOCK_N, tl.minimum(C_g * PACK - pid_n * BLOCK_N, BLOCK_N), tile,
+                             tiles_ph, phase, tl.cdiv(M_PH, PART_M), STRIDE_H * STRIDE_W, C, TAIL_RES_SUM, PART_M,
+                             BLOCK_M, BLOCK_S, BLOCK_N, CHUNK)
 
 
 @triton.jit
@@ -548,13 +562,15 @@ def _x_prime_tile(x_ptr, in_scale_ptr, in_shift_ptr, rows, c, mask_m, mask_c, sx
 
 
 @triton.jit(noinline=True)
-def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, sem_ptr, c0, n_cols, tile, tiles_ph, phase,
-                         slots_ph, phases, C, THIRD: tl.constexpr, PART_M: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, sem_ptr, v_ptr, s_v, r_ptr, s_r, c0, n_cols,
+                         tile, tiles_ph, phase, slots_ph, phases, C, THIRD: tl.constexpr, PART_M: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """d_in_scale, d_in_shift (the tail's d_scale, d_shift; THIRD: and d_residual_scale) of columns c0 .. c0 +
-    n_cols - 1 from the (phases * slots_ph, 2 or 3, C) partials, in two levels (sum_chunks_if_last: chunks of CHUNK
-    slots within each stride phase, then the chunks; level-2 slots after the slots), written by the last program (a
-    function of its own: its registers do not add to the GEMM's)."""
+    n_cols - 1 from the (phases * slots_ph, 2 or 3, C) partials [sum g (v - v0), sum g, sum g (r - r0)], in two levels
+    (sum_chunks_if_last: chunks of CHUNK slots within each stride phase, then the chunks; level-2 slots after the
+    slots), written by the last program (a function of its own: its registers do not add to the GEMM's), the centred
+    sums completed: sum g v = sum g (v - v0) + v0 sum g, v0 the channel's first value of v (channel stride s_v; r, s_r
+    the residual's), as reference.sum_centred."""
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n_cols
     c = c0 + offs
@@ -566,9 +582,13 @@ def _dgrad_prologue_sums(part_ptr, dscale_ptr, dshift_ptr, third_ptr, sem_ptr, c
         phases * tl.cdiv(slots_ph, CHUNK), chunk, arrivals, first, count, c, mask, True, True, THIRD, BLOCK_S,
         BLOCK_N)
     if final:
+        v0 = channel_centre(v_ptr, c, mask, s_v)
+        d_scale += tl.where(v0 == 0.0, 0.0, v0 * d_shift)
         tl.store(dscale_ptr + c, d_scale.to(dscale_ptr.dtype.element_ty), mask=mask)
         tl.store(dshift_ptr + c, d_shift.to(dshift_ptr.dtype.element_ty), mask=mask)
         if THIRD:
+            r0 = channel_centre(r_ptr, c, mask, s_r)
+            third += tl.where(r0 == 0.0, 0.0, r0 * d_shift)
             tl.store(third_ptr + c, third.to(third_ptr.dtype.element_ty), mask=mask)
 
 
