@@ -572,8 +572,10 @@ SASS_PER_PTX = 1.4
 # warp issues one instruction every ELEMENTWISE_CPI cycles at SM_CLOCK_HZ (ncu's SM frequency), the busiest SM running
 # its programs' SASS (the kernel's own function once, its row loop once a step) over its resident warps. On that
 # launch it gives 131 us with the serial tail (1239 SASS a warp x 32 programs x 20.09 / 16 warps / 1.59 GHz + 6 us):
-# 10 % under the measured. Assumed, not measured: that a kernel with fewer shared-memory round trips stalls no less
-# (pessimistic where the loads dominate), and that loads in flight are enough for the bandwidth (min_bytes).
+# 10 % under the measured. The BN apply forward (no cross-row sums; ncu_cuda_20261123.log, the same layer) issued at
+# 17.27 cycles a warp instruction and ran at its floor (20.2 us): the stall rate of these kernels is the memory's as
+# much as the shared memory's. Assumed, not measured: that the rate holds for every element-wise kernel and tile, and
+# that loads in flight are enough for the bandwidth (min_bytes).
 ELEMENTWISE_CPI = 20.09
 SM_CLOCK_HZ = 1.59e9
 

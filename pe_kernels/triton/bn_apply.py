@@ -427,21 +427,21 @@ def _run_apply(plan: _ApplyPlan, y, scale, shift, residual, residual_scale, resi
 # 16-byte load of each 2-byte input), and each program loops over ROWS = steps x BLOCK_M rows, the steps (at most
 # BWD_MAX_STEPS, a power of two) as many as leave BWD_PROGRAMS programs (~8 an H100 SM): the cross-row sums, their
 # shared-memory round trips and the slot's arrival at its counter come once a program, not once a tile. Half the
-# elements for 4-byte activations (the same bytes a step), half with the residual's sum (a third accumulator), a
-# quarter on the strided path (a 64-bit address an element and tensor: 2048 spilled 408 bytes with Triton 3.6;
+# elements for 4-byte activations (the same bytes a step), half with the residual's sum (a third accumulator;
 # bwd_tile_elems). Chosen by bench/kernel_audit.py's model over the PE-(2,4,1) shapes, fp16 (sum of floors over sum of
 # modelled times; 2048 / 2048: 83.7 %, 2048 / 1024: 87.8 %, 1024 / 1024: 88.9 %, 512 / 1024: 89.4 % with more
-# per-program overhead unmodelled); not measured.
+# per-program overhead unmodelled); not measured. No variant spills (sm_90, Triton 3.6 and 3.9; the strided path at
+# 2048 elements did, 408 bytes).
 BWD_TILE_ELEMS = 1024
 BWD_PROGRAMS = 1024
 BWD_MAX_STEPS = 16
 BWD_TILE_KEYS = frozenset({"BLOCK_M", "BLOCK_K", "ROWS"})
 
 
-def bwd_tile_elems(flat: bool, sum_residual: bool, itemsize: int) -> int:
+def bwd_tile_elems(sum_residual: bool, itemsize: int) -> int:
     """Elements a loop step of the backward on a GPU: BWD_TILE_ELEMS for 2-byte activations, halved for 4-byte ones
-    and again with the residual's sum, quartered on the strided path (at least 128: one per thread)."""
-    return max(128, BWD_TILE_ELEMS * 2 // max(itemsize, 2) // (1 if flat else 4) // (2 if sum_residual else 1))
+    and again with the residual's sum."""
+    return BWD_TILE_ELEMS * 2 // max(itemsize, 2) // (2 if sum_residual else 1)
 
 
 def bwd_tiles(M: int, K: int, tiles: Optional[dict], elems: int = BWD_TILE_ELEMS) -> tuple[int, int, int]:
@@ -497,7 +497,7 @@ class _ApplyBwdPlan:
         self.shape, self.M = tuple(y.shape), N * H * W
         self.res_shape = tuple(residual.shape) if has_res else None
         flat = all(flat_rows(t, N, K, H, W) for t in (grad_out, out if relu else None, y, residual))
-        block_m, block_k, rows = bwd_tiles(self.M, K, tiles, bwd_tile_elems(flat, need_rscale, y.element_size()))
+        block_m, block_k, rows = bwd_tiles(self.M, K, tiles, bwd_tile_elems(need_rscale, y.element_size()))
         self.n_cols = cdiv(K, block_k)
         # One slot a program along M, then the chunks' level-2 slots; no slot buffer without sums.
         slots = cdiv(self.M, rows)
