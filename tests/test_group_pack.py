@@ -100,6 +100,23 @@ def test_gpu_plans(monkeypatch):
         assert (meta["BLOCK_N"], meta["PACK"], meta["GACC_ON_LOAD"]) == expect, (c_g, k_g, r, groups, meta)
 
 
+def test_gpu_forward_statistics_take_the_transposed_product(monkeypatch):
+    """On a GPU, a 2-byte training forward without a prologue computes acc^T (TRANS_ACC: a column's rows lie in the
+    MMA's N, inside a warp, so the statistics' per-tile sums need no shared memory) where its groups are not packed;
+    packed narrow groups keep PACK, fp32 and the eval forward keep the plain product."""
+    monkeypatch.setattr(conv_fwd_mod, "INTERPRET", False)
+    h = torch.float16
+    for c_g, groups, stats, dtype, expect in ((128, 4, True, h, (1, True)), (128, 4, True, torch.bfloat16, (1, True)),
+                                              (32, 3, True, h, (1, True)), (32, 4, True, h, (2, False)),
+                                              (128, 4, True, torch.float32, (1, False)),
+                                              (128, 4, False, h, (1, False))):
+        x = torch.empty(2, groups * c_g, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
+        w = torch.empty(groups * c_g, c_g, 3, 3, dtype=dtype)
+        plan = conv_fwd_mod._plan_fwd(x, w, None, None, None, False, None, None, None, False, (1, 1), (1, 1),
+                                      (1, 1), groups, stats, None, None, None)
+        assert (plan.meta["PACK"], plan.meta["TRANS_ACC"]) == expect, (c_g, groups, stats, dtype, plan.meta)
+
+
 @pytest.mark.parametrize("features", ["full", "plain"])
 @pytest.mark.parametrize("dtype", tc.DTYPES)
 @pytest.mark.parametrize("name", list(FWD_CASES))
@@ -131,7 +148,7 @@ def test_forward_equals_unpacked_and_keeps_groups_apart(dtype, kernel_device):
     """The packed launch gives the unpacked one's results: the eval forward (epilogue, residual, ReLU), and the
     training forward with BN's finalize (scale, shift, running statistics); an inf in group 0's input leaves groups 1
     to 3 finite (and group 0 as unpacked: inf or NaN where the reference has them). A prologue in fp32 (fp16's is
-    one group a program, TRANS_ACC)."""
+    one group a program, TRANS_ACC, as is fp16's unpacked forward with statistics: equal to rounding there)."""
     case = FWD_CASES["3x3_p1_g4"]
     args = tc.make_inputs(case, dtype, "channels_last", "full", kernel_device)
     if dtype != torch.float32:
@@ -154,7 +171,12 @@ def test_forward_equals_unpacked_and_keeps_groups_apart(dtype, kernel_device):
         assert dict(seen) == {"fwd_k": {pack}}, dict(seen)
         results.append((y, stats, *train, *running))
     for a, b in zip(*results):
-        _same(a.float().nan_to_num(), b.float().nan_to_num(), kernel_device)
+        if dtype == torch.float32:
+            _same(a.float().nan_to_num(), b.float().nan_to_num(), kernel_device)
+        else:   # the unpacked 2-byte forward with statistics computes acc^T (TRANS_ACC: its per-tile sums inside a
+            # warp), the packed one acc: the same products summed in another order, equal to rounding
+            torch.testing.assert_close(a.float().nan_to_num(), b.float().nan_to_num(), rtol=2 ** -8,
+                                       atol=2 ** -8 * float(b.float().nan_to_num().abs().max()))
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
     y = results[1][0]
     assert torch.isfinite(y[:, 16:]).all() and not torch.isfinite(y[:, :16]).all()
@@ -212,3 +234,20 @@ def test_dgrad_tail_epilogue_equals_unpacked(kernel_device):
         results.append([t for t in (*fused, *sums) if t is not None])
     for a, b in zip(*results):
         _same(a, b, kernel_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_forward_statistics_of_the_transposed_product_match_float64(dtype, kernel_device):
+    """The 2-byte training forward without a prologue and with unpacked groups runs TRANS_ACC with STATS (the flags
+    recorded): y and its statistics within the budget of the float64 reference (odd rows: masked tile rows)."""
+    case = FWD_CASES["3x3_p1_g4"]
+    args = tc.make_inputs(case, dtype, "channels_last", "full", kernel_device)
+    args.update(in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None)
+
+    def flags(name, kwargs):
+        if name == "_conv_fwd_kernel":
+            yield "fwd", (kwargs.get("PACK"), kwargs.get("TRANS_ACC"), kwargs.get("STATS"))
+
+    with recorded_flags(flags) as seen:
+        tc.check_forward(args, dtype, compute_stats=True, tiles=_tiles(16, 16, 1))
+    assert dict(seen) == {"fwd": {(1, True, True)}}, dict(seen)

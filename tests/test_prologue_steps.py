@@ -60,9 +60,9 @@ def _inputs(case, dtype, layout, device, in_relu=True):
 
 def test_gpu_flags(monkeypatch):
     """The tiles and flags of the forward a GPU launches (a prologue with statistics: training; neither: eval):
-    TRANS_ACC with a prologue on 2-byte operands; PRO_ONCE where C_g is the step's depth; 128-deep steps (deep_steps)
-    for 2-byte operands over 128-wide column tiles of groups a multiple of 128 channels, without a prologue or
-    statistics."""
+    TRANS_ACC with a prologue or statistics on 2-byte operands (unpacked groups: test_group_pack); PRO_ONCE where C_g
+    is the step's depth; 128-deep steps (deep_steps) for 2-byte operands over 128-wide column tiles of groups a
+    multiple of 128 channels, without a prologue or statistics."""
     monkeypatch.setattr(conv_fwd_mod, "INTERPRET", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     h, b, f = torch.float16, torch.bfloat16, torch.float32
@@ -73,7 +73,7 @@ def test_gpu_flags(monkeypatch):
             (128, 128, True, b, (64, 128, True, False, True)),
             (256, 256, True, h, (64, 128, True, False, True)),
             (256, 256, False, h, (128, 128, True, False, False)),  # deep steps without a prologue (eval)
-            (256, 256, None, b, (64, 128, True, False, False)),   # statistics without a prologue: 64 deep
+            (256, 256, None, b, (64, 128, True, False, True)),    # statistics without a prologue: 64 deep, acc^T
             (128, 64, False, h, (64, 64, True, False, False)),    # 64 columns: 64 deep
             (128, 128, False, f, (32, 128, True, False, False)),  # TF32: 32 deep
             (32, 32, True, f, (32, 64, True, True, False)),       # fp32: the plain product (TF32 B read transposed)

@@ -187,7 +187,8 @@ def _conv_fwd_kernel(
     EVEN_N: tl.constexpr,        # K_g % BLOCK_N == 0: no output-column mask
     TRANS_ACC: tl.constexpr,     # acc^T = w^T x'^T: x' (formed in registers: PROLOGUE) is the MMA's B operand, read
                                  # from shared memory (asynchronous wgmma; as A it was a register operand waited for
-                                 # at every step): fp16 sm_90, a 32-channel 3x3 training forward 332 -> 300 SASS a step
+                                 # at every step): fp16 sm_90, a 32-channel 3x3 training forward 332 -> 300 SASS a step;
+                                 # with STATS, a column's rows in the MMA's N: per-tile sums inside a warp
     PRO_ONCE: tl.constexpr,      # (PROLOGUE, TAP_STEPS) C_g == BLOCK_K: every step reads the same channels
     PACK: tl.constexpr,          # groups per program, 1 or 2 (pack_groups: TAP_STEPS, BLOCK_N = 2 K_g): a step's rows,
                                  # bounds and offsets serve both groups' loads and products (two exact products into
@@ -770,9 +771,13 @@ def _plan_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
     epilogue = out_scale is not None or out_shift is not None
     # a prologue on 2-byte operands: x' the MMA's B operand (TRANS_ACC), one group a program (two would make each
     # product's M a group's 32 columns: mma.sync, not wgmma; without TRANS_ACC, two groups' register-operand wgmma
-    # took longer, 176 -> 185 us modelled for the 32-channel 3x3 training forward)
-    trans_acc = prologue and x.dtype != torch.float32
-    pack = 1 if trans_acc else pack_groups(geo.groups, geo.K_g, geo.C_g, meta["BLOCK_N"], meta["BLOCK_K"])
+    # took longer, 176 -> 185 us modelled for the 32-channel 3x3 training forward). The statistics of a forward
+    # without a prologue too, where its groups are not packed: acc^T puts a column's rows in the MMA's N, inside a
+    # warp, so the per-tile sums need no shared memory (a 128-channel 3x3 training forward's epilogue: 2806 -> 1835
+    # SASS a program, 132 -> 2 shared stores, 255 -> 177 registers; Triton 3.6)
+    packed = pack_groups(geo.groups, geo.K_g, geo.C_g, meta["BLOCK_N"], meta["BLOCK_K"])
+    trans_acc = (prologue or (bool(compute_stats) and packed == 1)) and x.dtype != torch.float32
+    pack = 1 if trans_acc else packed
     # grid axis 1 (the configs vary BLOCK_M, warps): column blocks of PACK groups each
     n_cols = geo.groups // pack * cdiv(geo.K_g * pack, meta["BLOCK_N"])
     y_shape = (geo.N, geo.K, geo.P, geo.Q)
