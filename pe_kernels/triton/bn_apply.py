@@ -520,8 +520,9 @@ class _ApplyBwdPlan:
 def bn_apply_bwd(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                  residual_scale: Optional[Tensor], residual_shift: Optional[Tensor], relu: bool, out: Tensor,
                  needs_grad: Sequence[bool], tiles: Optional[dict] = None) -> list[Optional[Tensor]]:
-    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K. Its checks and launch configuration
-    are memoised on the arguments' metadata (_ApplyBwdPlan, LaunchPlans)."""
+    """Launcher of bn_apply_backward; `tiles` overrides BLOCK_M / BLOCK_K / ROWS (bwd_tiles; another key is a
+    ValueError). Its checks and launch configuration are memoised on the arguments' metadata (_ApplyBwdPlan,
+    LaunchPlans)."""
     needs_grad = tuple(bool(v) for v in needs_grad)
     args = (grad_out, y, scale, shift, residual, residual_scale, residual_shift, relu, out if relu else None)
     if not _plain_args(tiles, args):
